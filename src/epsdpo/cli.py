@@ -1,0 +1,45 @@
+"""The ``epsdpo`` command line: one verb per stage of the pipeline.
+
+Each verb lives in its own module and is registered in ``VERBS`` as ``name: (module, help)``; the module provides
+``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported only when their verb runs, so
+``epsdpo --help`` stays fast and a verb's heavy imports (transformers, datasets) cost nothing to the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from epsdpo import __version__
+
+#: verb -> (module implementing it, one-line help)
+VERBS: dict[str, tuple[str, str]] = {}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="epsdpo",
+        description="ε-DPO: preference alignment with a per-pair adaptive KL penalty.",
+    )
+    parser.add_argument("--version", action="version", version=f"epsdpo {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for name, (module, help_text) in VERBS.items():
+        verb_parser = sub.add_parser(name, help=help_text, description=help_text)
+        verb_parser.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(verb_parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verb is None:
+        parser.print_help()
+        return 0
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

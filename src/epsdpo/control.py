@@ -1,0 +1,153 @@
+"""The global KL penalty β of ε-DPO and its once-per-optimizer-step update (``../shared/SPEC.md`` §2).
+
+Every micro-batch reports its per-pair decisions s ∈ {−1, 0, +1} with :meth:`BetaController.observe`; once per
+optimizer step the loop calls :meth:`BetaController.step`, which averages them over *every pair seen since the last
+step* (all accumulation micro-batches, all processes) and moves β:
+
+    rule "inverse_mean_step" (default):  β ← β / (1 + ε · mean(s))
+    rule "mean_beta" (the paper's form): β ← mean(β̃) = β · mean(1 / (1 + ε s))
+
+The two agree to O(ε²). Because the average divides by the number of pairs actually observed, a shorter last
+accumulation window (end of an epoch) is not biased toward 0, unlike the published code, which divides by the full
+accumulation count. The state (β, the counts pending for the current step, and the history) is in ``state_dict()``,
+so resuming restores β instead of silently restarting from β₀ as the published code does. Evaluation batches must
+not be observed: they use β̃ for their loss but never move β.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from epsdpo.distributed import sum_across_processes
+
+Rule = Literal["inverse_mean_step", "mean_beta"]
+RULES: tuple[str, ...] = ("inverse_mean_step", "mean_beta")
+STATE_VERSION = 1
+
+
+class BetaController:
+    """Holds ε-DPO's global β; collects per-pair decisions and updates β once per optimizer step.
+
+    Args:
+        beta: the initial KL penalty β₀ (> 0).
+        epsilon: the perturbation size ε in [0, 1).
+        rule: ``"inverse_mean_step"`` (β / (1 + ε·mean s), default) or ``"mean_beta"`` (mean of β̃).
+        reduce_fn: sums a float64 tensor of counts over processes; default :func:`sum_across_processes`
+            (torch.distributed when initialised, identity otherwise). Pass your own to plug in another backend.
+    """
+
+    def __init__(
+        self,
+        beta: float,
+        epsilon: float,
+        rule: Rule = "inverse_mean_step",
+        reduce_fn: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        if not (math.isfinite(beta) and beta > 0):
+            raise ValueError(f"beta must be a positive finite number, got {beta}")
+        if not 0.0 <= epsilon < 1.0:
+            raise ValueError(f"epsilon must be in [0, 1), got {epsilon}")
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        self._beta = float(beta)
+        self.initial_beta = float(beta)
+        self.epsilon = float(epsilon)
+        self.rule: Rule = rule
+        self._reduce = reduce_fn or sum_across_processes
+        # Local counts of s = +1, 0, −1 observed since the last step (this process only).
+        self._pending = [0, 0, 0]
+        self.num_updates = 0
+        #: Global fractions (s=+1, s=0, s=−1) and pair count of the last completed step; None before the first.
+        self.last_fractions: tuple[float, float, float] | None = None
+        self.last_num_pairs = 0
+
+    @property
+    def beta(self) -> float:
+        """The β to use for the current optimizer step."""
+        return self._beta
+
+    @property
+    def pending_pairs(self) -> int:
+        """Pairs observed on this process since the last :meth:`step`."""
+        return sum(self._pending)
+
+    def observe(self, steps: Tensor) -> None:
+        """Record one micro-batch's decisions (a tensor of −1/0/+1, any shape). Call once per training micro-batch."""
+        values = steps.detach().reshape(-1)
+        if values.numel() and not bool(((values == 1) | (values == 0) | (values == -1)).all()):
+            raise ValueError(f"decisions must be -1, 0 or +1, got values {sorted(set(values.tolist()))}")
+        self._pending[0] += int((values == 1).sum())
+        self._pending[1] += int((values == 0).sum())
+        self._pending[2] += int((values == -1).sum())
+
+    def step(self) -> float:
+        """Average the decisions seen since the last call over all pairs and processes, update β, return the new β.
+
+        Every process must call it at the same optimizer step (it is a collective when distributed). With no pair
+        observed anywhere, β is unchanged.
+        """
+        counts = self._reduce(torch.tensor(self._pending, dtype=torch.float64))
+        relaxed, kept, tightened = (float(c) for c in counts)
+        self._pending = [0, 0, 0]
+        total = relaxed + kept + tightened
+        if total == 0:
+            return self._beta
+        eps = self.epsilon
+        if self.rule == "inverse_mean_step":
+            self._beta = self._beta / (1.0 + eps * (relaxed - tightened) / total)
+        else:  # "mean_beta": mean over pairs of β / (1 + ε s)
+            self._beta = self._beta * (relaxed / (1.0 + eps) + kept + tightened / (1.0 - eps)) / total
+        self.num_updates += 1
+        self.last_fractions = (relaxed / total, kept / total, tightened / total)
+        self.last_num_pairs = int(total)
+        return self._beta
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: β, ε, the rule, and the counts pending for the current step."""
+        return {
+            "version": STATE_VERSION,
+            "beta": self._beta,
+            "initial_beta": self.initial_beta,
+            "epsilon": self.epsilon,
+            "rule": self.rule,
+            "pending": list(self._pending),
+            "num_updates": self.num_updates,
+            "last_fractions": None if self.last_fractions is None else list(self.last_fractions),
+            "last_num_pairs": self.last_num_pairs,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        """Restore from :meth:`state_dict`.
+
+        With ``strict`` (default) a checkpoint made with another ε or rule is an error, because continuing it with
+        different settings is rarely what was meant; pass ``strict=False`` to keep this controller's ε and rule and
+        take only β and the counts.
+        """
+        missing = {"beta", "epsilon", "rule", "pending", "num_updates"} - set(state)
+        if missing:
+            raise KeyError(f"BetaController state is missing {sorted(missing)}; was it saved by BetaController?")
+        if strict and (state["epsilon"] != self.epsilon or state["rule"] != self.rule):
+            raise ValueError(
+                f"checkpoint has epsilon={state['epsilon']}, rule={state['rule']!r} but this controller has "
+                f"epsilon={self.epsilon}, rule={self.rule!r}; construct it with the checkpoint's values to resume, "
+                "or pass strict=False to keep the current ones"
+            )
+        self._beta = float(state["beta"])
+        self.initial_beta = float(state.get("initial_beta", state["beta"]))
+        self._pending = [int(c) for c in state["pending"]]
+        self.num_updates = int(state["num_updates"])
+        fractions = state.get("last_fractions")
+        self.last_fractions = None if fractions is None else (float(fractions[0]), float(fractions[1]),
+                                                              float(fractions[2]))
+        self.last_num_pairs = int(state.get("last_num_pairs", 0))
+
+    def __repr__(self) -> str:
+        return (
+            f"BetaController(beta={self._beta:.6g}, epsilon={self.epsilon}, rule={self.rule!r}, "
+            f"updates={self.num_updates}, pending={self.pending_pairs})"
+        )

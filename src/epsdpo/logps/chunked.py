@@ -1,0 +1,208 @@
+"""Chunked, fused perturbed log-probs: from hidden states and lm_head weights, never the full (N, T, V) logits.
+
+Why this exists: ε-DPO needs, at every completion token, the policy's *and* the reference's full-vocabulary logits to
+build the two perturbed distributions. The published implementation materialises the policy, reference and two mixed
+logit tensors and their log-softmaxes inside autograd (~+70% memory over DPO on a 152k vocabulary). But the extra work
+per token is O(V), so we stream it:
+
+- Only completion tokens are selected (prompt and padding positions are never projected to the vocabulary).
+- Tokens are processed ``chunk_size`` at a time: each chunk's policy logits f and reference logits g are computed,
+  and the four log-probs log softmax(f)[y], log softmax(g)[y], log softmax((1+ε)f−εg)[y], log softmax((1−ε)f+εg)[y]
+  are reduced to one number per token in float32 before the next chunk. Peak extra memory is O(chunk_size · V).
+- Only the policy term carries gradient. The forward keeps one float per token (the policy's log-sum-exp); the
+  backward recomputes each chunk's policy logits and applies d log p_y / d f = onehot(y) − softmax(f), then
+  grad_hidden = G W and grad_W = Gᵀ h, with G the upstream-scaled chunk gradient (Liger-Kernel's and
+  apple/ml-cross-entropy's recompute-in-backward idea, applied to ε-DPO's four distributions).
+
+Matrix products run in the compute dtype (the autocast dtype when autocast is on, else the inputs' dtype, as the model's
+own lm_head would); everything after the product runs in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from epsdpo.logps.common import LMHeadInput, PerturbedLogps, round_to
+
+# Elements of one (chunk, V) float32 buffer; a chunk holds about four of them at once (f, g, a mixture, scratch).
+DEFAULT_CHUNK_ELEMENTS = 1 << 24  # 16M elements = 64 MiB in float32
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Tokens per chunk so that one (chunk, V) float32 buffer holds ~16M elements (64 MiB)."""
+    return max(1, DEFAULT_CHUNK_ELEMENTS // vocab_size)
+
+
+def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """The dtype an lm_head matmul on these inputs would run in: autocast's if active, else the promoted dtype."""
+    present = [t for t in tensors if t is not None]
+    device_type = present[0].device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    dtype = present[0].dtype
+    for t in present[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _project(hidden: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """Logits of one chunk in float32. ``weight`` None means ``hidden`` already holds logits."""
+    if weight is None:
+        return hidden.float()
+    return F.linear(hidden.to(weight.dtype), weight, bias).float()
+
+
+def _token_logps(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(log softmax(logits)[label], logsumexp(logits)) per row of a float32 (c, V) chunk."""
+    lse = torch.logsumexp(logits, dim=-1)
+    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse, lse
+
+
+class _FusedPerturbedTokenLogps(torch.autograd.Function):
+    """Per-token log-probs of the selected completion tokens; gradient flows only into the policy's hidden/weight/bias."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        policy_hidden: Tensor,  # (N*T, H), or (N*T, V) logits when policy_weight is None
+        policy_weight: Tensor | None,  # (V, H)
+        policy_bias: Tensor | None,  # (V,)
+        ref_hidden: Tensor,
+        ref_weight: Tensor | None,
+        ref_bias: Tensor | None,
+        positions: Tensor,  # (M,) rows of the flattened (N*T) inputs that are completion tokens
+        labels: Tensor,  # (M,)
+        epsilon: float,
+        chunk_size: int,
+        decision_dtype: torch.dtype | None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        compute_dtype = _compute_dtype(policy_hidden, policy_weight, policy_bias)
+        ref_dtype = _compute_dtype(ref_hidden, ref_weight, ref_bias)
+        # Cast the heads once (autocast would cache the same casts), then run the chunks without autocast.
+        p_w = None if policy_weight is None else policy_weight.to(compute_dtype)
+        p_b = None if policy_bias is None else policy_bias.to(compute_dtype)
+        r_w = None if ref_weight is None else ref_weight.to(ref_dtype)
+        r_b = None if ref_bias is None else ref_bias.to(ref_dtype)
+
+        num = positions.numel()
+        out = [torch.empty(num, dtype=torch.float32, device=positions.device) for _ in range(5)]
+        policy_tok, ref_tok, weaker_tok, stronger_tok, decision_tok = out
+        policy_lse = torch.empty(num, dtype=torch.float32, device=positions.device)
+        with torch.autocast(positions.device.type, enabled=False):
+            for start in range(0, num, chunk_size):
+                sl = slice(start, start + chunk_size)
+                rows, y = positions[sl], labels[sl]
+                f = _project(policy_hidden[rows], p_w, p_b)  # (c, V) float32
+                g = _project(ref_hidden[rows], r_w, r_b)  # (c, V) float32
+                policy_tok[sl], policy_lse[sl] = _token_logps(f, y)
+                ref_tok[sl] = _token_logps(g, y)[0]
+                # weaker: (1+ε)f − εg; stronger: (1−ε)f + εg = f − ε(f − g). Reuse g's buffer for f − g.
+                diff = g.neg_().add_(f)  # f − g
+                weaker = round_to(torch.add(f, diff, alpha=epsilon), decision_dtype)
+                weaker_tok[sl] = _token_logps(weaker, y)[0]
+                del weaker
+                stronger = round_to(f.sub_(diff, alpha=epsilon), decision_dtype)
+                stronger_tok[sl] = _token_logps(stronger, y)[0]
+                del f, g, diff, stronger
+        if decision_dtype is None:
+            decision_tok.copy_(policy_tok)
+        else:
+            decision_tok.copy_(round_to(policy_tok, decision_dtype))
+            weaker_tok.copy_(round_to(weaker_tok, decision_dtype))
+            stronger_tok.copy_(round_to(stronger_tok, decision_dtype))
+
+        ctx.save_for_backward(policy_hidden, policy_weight, policy_bias, positions, labels, policy_lse)
+        ctx.compute_dtype = compute_dtype
+        ctx.chunk_size = chunk_size
+        ctx.mark_non_differentiable(ref_tok, weaker_tok, stronger_tok, decision_tok)
+        return policy_tok, ref_tok, weaker_tok, stronger_tok, decision_tok
+
+    @staticmethod
+    def backward(ctx: Any, grad_policy: Tensor, *unused: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        hidden, weight, bias, positions, labels, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        cd = ctx.compute_dtype
+        w = None if weight is None else weight.to(cd)
+        b = None if bias is None else bias.to(cd)
+        grad_hidden = torch.zeros_like(hidden) if need_h else None
+        # Accumulate the head's gradient over chunks in float32 whatever the compute dtype.
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        with torch.autocast(positions.device.type, enabled=False):
+            for start in range(0, positions.numel(), ctx.chunk_size):
+                sl = slice(start, start + ctx.chunk_size)
+                rows, y, g_up = positions[sl], labels[sl], grad_policy[sl].float()
+                h = hidden[rows]
+                # d log softmax(f)[y] / d f = onehot(y) − softmax(f); scaled by the upstream gradient of each token.
+                grad_logits = _project(h, w, b).sub_(lse[sl].unsqueeze(-1)).exp_().mul_(-g_up.unsqueeze(-1))
+                grad_logits.scatter_add_(-1, y.unsqueeze(-1), g_up.unsqueeze(-1))  # (c, V) float32
+                if grad_b is not None:
+                    grad_b += grad_logits.sum(0)
+                if w is None:  # the inputs were logits
+                    if grad_hidden is not None:
+                        grad_hidden[rows] = grad_logits.to(hidden.dtype)
+                    continue
+                gl = grad_logits.to(cd)
+                if grad_hidden is not None:
+                    grad_hidden[rows] = (gl @ w).to(hidden.dtype)
+                if grad_w is not None:
+                    if cd == torch.float32:
+                        grad_w.addmm_(gl.T, h.to(cd))
+                    else:
+                        grad_w += gl.T @ h.to(cd)
+        return (
+            grad_hidden,
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype),
+            *([None] * 8),
+        )
+
+
+def _flatten(side: Tensor | LMHeadInput) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(rows (N*T, H or V), weight, bias) for logits or an LMHeadInput."""
+    if isinstance(side, LMHeadInput):
+        return side.hidden.reshape(-1, side.hidden.shape[-1]), side.weight, side.bias
+    return side.reshape(-1, side.shape[-1]), None, None
+
+
+def chunked_perturbed_logps(
+    policy: Tensor | LMHeadInput,
+    reference: Tensor | LMHeadInput,
+    labels: Tensor,
+    completion_mask: Tensor,
+    epsilon: float,
+    decision_dtype: torch.dtype | None = None,
+    chunk_size: int | None = None,
+) -> PerturbedLogps:
+    """Same values and gradients as :func:`epsdpo.logps.eager.eager_perturbed_logps`, in O(chunk_size · V) memory.
+
+    ``policy``/``reference`` are either (N, T, V) logits or :class:`LMHeadInput` (hidden (N, T, H) and the head).
+    """
+    n, t = labels.shape
+    mask = completion_mask.reshape(-1).bool()
+    positions = mask.nonzero().squeeze(-1)  # (M,) indices into the flattened (N*T) token grid
+    sequence = torch.div(positions, t, rounding_mode="floor")  # (M,) which sequence each token belongs to
+    token_labels = labels.reshape(-1)[positions]
+    p_rows, p_w, p_b = _flatten(policy)
+    r_rows, r_w, r_b = _flatten(reference)
+    vocab = p_rows.shape[-1] if p_w is None else p_w.shape[0]
+    toks = _FusedPerturbedTokenLogps.apply(
+        p_rows, p_w, p_b, r_rows, r_w, r_b, positions, token_labels, float(epsilon),
+        chunk_size or default_chunk_size(vocab), decision_dtype,
+    )  # fmt: skip
+
+    def per_sequence(tok: Tensor) -> Tensor:
+        return torch.zeros(n, dtype=torch.float32, device=labels.device).index_add(0, sequence, tok)
+
+    policy_lp, ref_lp, weaker, stronger, decision = (per_sequence(x) for x in toks)
+    return PerturbedLogps(
+        policy_lp,
+        ref_lp,
+        round_to(weaker, decision_dtype),
+        round_to(stronger, decision_dtype),
+        round_to(decision, decision_dtype),
+    )

@@ -1,0 +1,49 @@
+"""Types shared by the log-prob implementations."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class PerturbedLogps(NamedTuple):
+    """Per-sequence log-probs, each (N,) float32, summed over completion tokens.
+
+    - ``policy``: log π_θ(y|x); the only field that carries gradient.
+    - ``reference``: log π_ref(y|x).
+    - ``weaker``: log-prob under softmax((1+ε) f_θ − ε f_ref), the policy at a weaker KL penalty β/(1+ε).
+    - ``stronger``: log-prob under softmax((1−ε) f_θ + ε f_ref), the policy at a stronger KL penalty β/(1−ε).
+    - ``decision_policy``: the policy log-prob at the precision the decisions are made in: ``policy.detach()`` by
+      default; rounded like ``weaker``/``stronger`` when ``decision_dtype`` emulates a model-dtype implementation.
+      Compare it, not ``policy``, with ``weaker``/``stronger``.
+    """
+
+    policy: Tensor
+    reference: Tensor
+    weaker: Tensor
+    stronger: Tensor
+    decision_policy: Tensor
+
+
+class LMHeadInput(NamedTuple):
+    """Final hidden states and the output projection that turns them into logits: logits = hidden @ weight.T + bias.
+
+    ``hidden`` is (N, T, H), ``weight`` (V, H) and ``bias`` (V,) or None. Pass these instead of logits so the chunked
+    implementation never materialises the (N, T, V) logits.
+    """
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None = None
+
+    def logits(self) -> Tensor:
+        """The full logits (N, T, V), for the eager implementation."""
+        out = self.hidden @ self.weight.T
+        return out if self.bias is None else out + self.bias
+
+
+def round_to(x: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """Round a float32 tensor through ``dtype`` and back (identity when ``dtype`` is None)."""
+    return x if dtype is None else x.to(dtype).to(x.dtype)
