@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -40,8 +41,8 @@ class LMHeadInput(NamedTuple):
 
     def logits(self) -> Tensor:
         """The full logits (N, T, V), for the eager implementation."""
-        out = self.hidden @ self.weight.T
-        return out if self.bias is None else out + self.bias
+        # F.linear, exactly as the model's nn.Linear head computes them (one rounding in low precision).
+        return F.linear(self.hidden, self.weight, self.bias)
 
 
 def round_to(x: Tensor, dtype: torch.dtype | None) -> Tensor:
