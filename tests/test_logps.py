@@ -50,7 +50,7 @@ def test_hand_worked_single_token():
     assert out.weaker.item() == pytest.approx(log_softmax0(3.0, 0.0))  # (1+ε)·2 − ε·0 = 3
     assert out.stronger.item() == pytest.approx(log_softmax0(1.0, 0.0))  # (1−ε)·2 + ε·0 = 1
     chunked = perturbed_logps(f, g, labels, mask, eps, impl="chunked")
-    for a, b in zip(out, chunked):
+    for a, b in zip(out, chunked, strict=True):
         assert a.item() == pytest.approx(b.item(), abs=1e-6)
 
 
@@ -103,7 +103,7 @@ def test_chunked_matches_eager_fp32(n, t, v, h, chunk, bias):
         torch.testing.assert_close(getattr(chunked, name), getattr(eager, name), atol=2e-5, rtol=1e-5, msg=name)
     assert eager.policy[1].item() == 0.0 and chunked.policy[1].item() == 0.0  # an all-prompt row
     upstream = torch.randn(n, generator=torch.Generator().manual_seed(1))
-    for ge, gc in zip(grads(eager, policy, upstream), grads(chunked, policy, upstream)):
+    for ge, gc in zip(grads(eager, policy, upstream), grads(chunked, policy, upstream), strict=True):
         torch.testing.assert_close(gc, ge, atol=1e-5, rtol=1e-4)
 
 
@@ -113,7 +113,7 @@ def test_chunked_matches_eager_on_logits_input():
     g = ref.logits().detach()
     eager = perturbed_logps(f, g, labels, mask, 0.02, impl="eager")
     chunked = perturbed_logps(f, g, labels, mask, 0.02, impl="chunked", chunk_size=5)
-    for a, b in zip(eager, chunked):
+    for a, b in zip(eager, chunked, strict=True):
         torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-5)
     up = torch.tensor([0.3, -1.0, 2.0])
     (ge,) = torch.autograd.grad((eager.policy * up).sum(), f)
@@ -125,7 +125,7 @@ def test_chunked_reference_may_be_logits_while_policy_is_fused():
     policy, ref, labels, mask = make_case(2, 6, 11, 4, seed=9)
     eager = perturbed_logps(policy, ref, labels, mask, 0.1, impl="eager")
     mixed = perturbed_logps(policy, ref.logits(), labels, mask, 0.1, impl="chunked", chunk_size=3)
-    for a, b in zip(eager, mixed):
+    for a, b in zip(eager, mixed, strict=True):
         torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-5)
 
 
@@ -135,10 +135,10 @@ def test_bf16_weights_chunked_matches_eager():
     chunked = perturbed_logps(policy, ref, labels, mask, 0.01, impl="chunked", chunk_size=7)
     assert all(x.dtype == torch.float32 for x in chunked)
     # Same bf16 logits, float32 afterwards: the values agree to float32 summation order.
-    for a, b in zip(eager, chunked):
+    for a, b in zip(eager, chunked, strict=True):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-5)
     up = torch.randn(4, generator=torch.Generator().manual_seed(2))
-    for ge, gc in zip(grads(eager, policy, up), grads(chunked, policy, up)):
+    for ge, gc in zip(grads(eager, policy, up), grads(chunked, policy, up), strict=True):
         assert gc.dtype == torch.bfloat16
         # bf16 products are rounded per chunk in one path and once in the other: a few bf16 ulps apart.
         torch.testing.assert_close(gc.float(), ge.float(), atol=2e-2, rtol=2e-2)
@@ -149,13 +149,13 @@ def test_cpu_autocast_bf16_matches_eager_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         eager = perturbed_logps(policy, ref, labels, mask, 0.01, impl="eager")
         chunked = perturbed_logps(policy, ref, labels, mask, 0.01, impl="chunked", chunk_size=4)
-    for a, b in zip(eager, chunked):
+    for a, b in zip(eager, chunked, strict=True):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-5)
     # The matmul really ran in bf16: values differ from the fp32 computation by more than float32 noise.
     exact = perturbed_logps(policy, ref, labels, mask, 0.01, impl="eager")
     assert (exact.reference - eager.reference).abs().max() > 1e-4
     up = torch.randn(3, generator=torch.Generator().manual_seed(4))
-    for ge, gc in zip(grads(eager, policy, up), grads(chunked, policy, up)):
+    for ge, gc in zip(grads(eager, policy, up), grads(chunked, policy, up), strict=True):
         assert gc.dtype == torch.float32
         torch.testing.assert_close(gc, ge, atol=2e-2, rtol=2e-2)
 
@@ -191,10 +191,10 @@ def test_chunked_matches_eager_property(n, t, v, chunk, eps, seed):
     policy, ref, labels, mask = make_case(n, t, v, 4, seed=seed)
     eager = perturbed_logps(policy, ref, labels, mask, eps, impl="eager")
     chunked = perturbed_logps(policy, ref, labels, mask, eps, impl="chunked", chunk_size=chunk)
-    for a, b in zip(eager, chunked):
+    for a, b in zip(eager, chunked, strict=True):
         torch.testing.assert_close(b, a, atol=5e-5, rtol=1e-5)
     up = torch.ones(n)
-    for ge, gc in zip(grads(eager, policy, up), grads(chunked, policy, up)):
+    for ge, gc in zip(grads(eager, policy, up), grads(chunked, policy, up), strict=True):
         torch.testing.assert_close(gc, ge, atol=2e-5, rtol=1e-4)
 
 

@@ -83,7 +83,7 @@ def test_epsilon_dpo_uses_per_pair_beta():
     steps = torch.tensor([1, -1])
     out = epsilon_dpo_loss(PC, PR, RC, RR, steps, beta=0.5, epsilon=0.2)
     betas = [0.5 / 1.2, 0.5 / 0.8]
-    expected = [-_log_sigmoid(b * h) for b, h in zip(betas, H)]
+    expected = [-_log_sigmoid(b * h) for b, h in zip(betas, H, strict=True)]
     assert out.losses.tolist() == pytest.approx(expected, rel=1e-6)
     assert out.chosen_rewards.tolist() == pytest.approx([betas[0] * 2.0, betas[1] * -1.0], rel=1e-6)
     assert out.rejected_rewards.tolist() == pytest.approx([betas[0] * -1.0, betas[1] * 1.0], rel=1e-6)
@@ -93,7 +93,7 @@ def test_epsilon_dpo_with_label_smoothing():
     steps = torch.tensor([-1, 0])
     out = epsilon_dpo_loss(PC, PR, RC, RR, steps, beta=0.5, epsilon=0.1, label_smoothing=0.2)
     betas = [0.5 / 0.9, 0.5]
-    expected = [-0.8 * _log_sigmoid(b * h) - 0.2 * _log_sigmoid(-b * h) for b, h in zip(betas, H)]
+    expected = [-0.8 * _log_sigmoid(b * h) - 0.2 * _log_sigmoid(-b * h) for b, h in zip(betas, H, strict=True)]
     assert out.losses.tolist() == pytest.approx(expected, rel=1e-6)
 
 
@@ -104,7 +104,7 @@ def test_epsilon_zero_is_dpo_exactly():
     for ls in (0.0, 0.1):
         eps = epsilon_dpo_loss(*args, steps, beta=0.1, epsilon=0.0, label_smoothing=ls)
         dpo = dpo_loss(*args, beta=0.1, label_smoothing=ls)
-        for a, b in zip(eps, dpo):
+        for a, b in zip(eps, dpo, strict=True):
             assert torch.equal(a, b)
     # ... and so is ε > 0 when every decision is 0.
     zero = epsilon_dpo_loss(*args, torch.zeros(16, dtype=torch.long), beta=0.1, epsilon=0.05)

@@ -2,7 +2,8 @@
 
 Notation (``../shared/SPEC.md`` §1–2), for a batch of B preference pairs:
 
-- ``policy_chosen_logps`` = log π_θ(y_w|x), ``policy_rejected_logps`` = log π_θ(y_l|x)   (B,), summed over completion tokens
+- ``policy_chosen_logps`` = log π_θ(y_w|x), ``policy_rejected_logps`` = log π_θ(y_l|x)   (B,), summed over completion
+  tokens
 - ``ref_chosen_logps``, ``ref_rejected_logps``: the same under the frozen reference π_ref   (B,)
 - z = log π_θ(y_w|x) − log π_θ(y_l|x),  γ = log π_ref(y_w|x) − log π_ref(y_l|x),  margin h = z − γ
 - implicit rewards r_w = β (log π_θ(y_w|x) − log π_ref(y_w|x)),  r_l likewise (returned detached)

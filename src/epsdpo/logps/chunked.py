@@ -63,7 +63,7 @@ def _token_logps(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class _FusedPerturbedTokenLogps(torch.autograd.Function):
-    """Per-token log-probs of the selected completion tokens; gradient flows only into the policy's hidden/weight/bias."""
+    """Per-token log-probs of the selected completion tokens; gradient flows only into the policy side."""
 
     @staticmethod
     def forward(  # type: ignore[override]
