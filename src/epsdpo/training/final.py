@@ -1,0 +1,79 @@
+"""The final model: Hugging Face format (safetensors) with its tokenizer and a model card."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from epsdpo import __version__
+from epsdpo.config import config_to_dict
+from epsdpo.training.config import RunConfig
+
+CARD_METRICS = (
+    "loss", "rewards/accuracies", "rewards/margins", "kl/beta", "eval/loss", "eval/rewards/accuracies",
+    "eval/rewards/margins",
+)  # fmt: skip
+
+
+def model_card(cfg: RunConfig, metrics: dict[str, float], steps: int, beta: float, seconds: float,
+               data_report: dict[str, Any]) -> str:  # fmt: skip
+    """A README.md for the saved model: what it was trained from, on what, how, and how it ended."""
+    base = cfg.models.model if cfg.models.model_config is None else f"random init from {cfg.models.model_config}"
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [epsdpo, dpo, preference-alignment" + (", lora" if cfg.models.use_lora else "") + "]",
+        "---",
+        "",
+        f"# {Path(cfg.train.output_dir).name}",
+        "",
+        f"Aligned with epsdpo {__version__}, loss `{cfg.loss.loss_type}`"
+        + (f" (ε = {cfg.loss.epsilon}, β₀ = {cfg.loss.beta} → final β = {beta:.6g})"
+           if cfg.loss.kind.needs_perturbation else f" (β = {cfg.loss.beta})")
+        + ".",
+        "",
+        f"- base model: `{base}`" + (" (LoRA adapters)" if cfg.models.use_lora else ""),
+        f"- data: `{cfg.data.dataset}` — {data_report.get('kept')} pairs kept of {data_report.get('rows')} rows",
+        f"- optimizer steps: {steps}, wall time {seconds / 60:.1f} min",
+        "",
+        "## Final metrics",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *[f"| {k} | {metrics[k]:.4g} |" for k in CARD_METRICS if k in metrics],
+        "",
+        "## Configuration",
+        "",
+        "```json",
+        json.dumps(config_to_dict({"models": cfg.models, "data": cfg.data, "loss": cfg.loss, "train": cfg.train}),
+                   indent=2),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def save_final_model(model: nn.Module, tokenizer: Any, final: Path, cfg: RunConfig, metrics: dict[str, float],
+                     steps: int, beta: float, seconds: float, data_report: dict[str, Any],
+                     state_dict: dict[str, Any] | None = None) -> None:  # fmt: skip
+    """Write ``final/`` (written beside it, then renamed): model or adapter, tokenizer, card, metrics; with LoRA
+    and ``save_merged_model``, also ``final/merged`` with the adapters merged into the base. ``state_dict``: the
+    gathered full weights of a sharded model."""
+    partial = final.with_name(final.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial, safe_serialization=True, state_dict=state_dict)
+    tokenizer.save_pretrained(partial)
+    if cfg.models.use_lora and cfg.models.save_merged_model:
+        merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        merged.save_pretrained(partial / "merged", safe_serialization=True)
+        tokenizer.save_pretrained(partial / "merged")
+    (partial / "README.md").write_text(model_card(cfg, metrics, steps, beta, seconds, data_report), encoding="utf-8")
+    (partial / "final_metrics.json").write_text(json.dumps({"step": steps, "beta": beta, **metrics}, indent=2) + "\n",
+                                                encoding="utf-8")
+    if final.exists():
+        shutil.rmtree(final)
+    partial.rename(final)

@@ -1,0 +1,71 @@
+"""Metrics: summed locally per micro-batch, reduced across processes once per logging step, written as JSON lines."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from epsdpo.distributed import sum_across_processes
+
+#: sums that are divided by the pair count to give means
+PER_PAIR = (
+    "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+    "logps/rejected", "logps/ref_chosen", "logps/ref_rejected", "kl/pair_beta", "kl/steps_weaker",
+    "kl/steps_stronger", "kl/steps_kept",
+)  # fmt: skip
+
+
+def add_sums(total: dict[str, float], part: Mapping[str, float]) -> None:
+    for key, value in part.items():
+        total[key] = total.get(key, 0.0) + value
+
+
+def reduce_sums(sums: Mapping[str, float], keys: tuple[str, ...]) -> dict[str, float]:
+    """Sum ``sums`` over processes (every process passes the same ``keys``; missing keys count as 0)."""
+    local = torch.tensor([float(sums.get(k, 0.0)) for k in keys], dtype=torch.float64)
+    return dict(zip(keys, sum_across_processes(local).tolist(), strict=True))
+
+
+def pair_means(sums: Mapping[str, float], prefix: str = "") -> dict[str, float]:
+    """Per-pair means of the summed metrics (``pairs`` itself is dropped)."""
+    pairs = sums.get("pairs", 0.0)
+    if pairs <= 0:
+        return {}
+    return {f"{prefix}{k}": sums[k] / pairs for k in PER_PAIR if k in sums}
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step to ``metrics.jsonl`` (main process only), and to trackers."""
+
+    def __init__(self, path: Path, enabled: bool, accelerator: Any = None) -> None:
+        self.path = path
+        self.enabled = enabled
+        self.accelerator = accelerator
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop lines logged after ``step`` (the resumed run writes them again)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]  # fmt: skip
+        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(clean) + "\n")
+        if self.accelerator is not None:
+            step = record.get("step")
+            self.accelerator.log({k: v for k, v in clean.items() if isinstance(v, int | float)}, step=step)
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` file."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,0 +1,82 @@
+"""Fixtures shared across the test suite: the offline SmolLM2 checkpoint/tokenizer and a tiny BOS-adding tokenizer."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "data" / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def model_cache_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The epsdpo model cache for this session, exported as ``EPSDPO_CACHE_DIR`` (subprocesses inherit it).
+
+    ``$EPSDPO_CACHE_DIR`` when set; else pytest's cache directory (``.pytest_cache``), so the one-off GGUF
+    conversion (~1 min) happens once per checkout rather than once per run.
+    """
+    configured = os.environ.get("EPSDPO_CACHE_DIR")
+    if configured:
+        path = Path(configured)
+    elif request.config.cache is not None:
+        path = Path(request.config.cache.mkdir("epsdpo-models"))
+    else:
+        path = tmp_path_factory.mktemp("epsdpo-models")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EPSDPO_CACHE_DIR", str(path))
+        yield path
+
+
+@pytest.fixture(scope="session")
+def smollm2_path(model_cache_dir: Path) -> str:
+    """Directory of the converted SmolLM2-135M-Instruct checkpoint (model + tokenizer)."""
+    from epsdpo.models import resolve_model_path
+
+    return resolve_model_path("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_path: str) -> Any:
+    """The real SmolLM2 tokenizer, with its chat template; no BOS added to plain text."""
+    from epsdpo.models import load_tokenizer
+
+    return load_tokenizer(smollm2_path)
+
+
+#: a Llama-2-like template that writes ``bos_token`` itself: with a BOS-adding tokenizer this is where double BOS
+#: comes from when the rendered text is tokenized with special tokens
+BOS_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]: {{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}[assistant]: {% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def bos_tokenizer() -> Any:
+    """A tiny byte-level BPE tokenizer built offline that puts ``<s>`` in front of every encode (like Llama).
+
+    Byte-level, so any unicode string decodes back exactly; ids: ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = [line for path in sorted(FIXTURES.glob("*.jsonl")) for line in path.read_text("utf-8").splitlines()]
+    backend.train_from_iterator(corpus * 5, trainer)
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    tokenizer.chat_template = BOS_CHAT_TEMPLATE
+    return tokenizer
