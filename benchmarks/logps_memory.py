@@ -81,7 +81,7 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     upstream = torch.linspace(-1.0, 1.0, args.n)  # a stand-in for dL/dlogp of each sequence
 
     def call() -> None:
-        out = perturbed_logps(policy, reference, labels, mask, 0.01, impl=args.impl)
+        out = perturbed_logps(policy, reference, labels, mask, 0.01, impl=args.impl, chunk_size=args.chunk_size)
         (out.policy * upstream).sum().backward()
         policy.hidden.grad = None
         policy.weight.grad = None
@@ -114,6 +114,7 @@ def main() -> None:
     parser.add_argument("--completion-fraction", type=float, default=0.75,
                         help="mean share of each row that is completion (the rest is prompt)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk (default: the library's)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--impl", choices=["eager", "chunked"], help=argparse.SUPPRESS)  # child process
     args = parser.parse_args()

@@ -254,6 +254,6 @@ def test_validation_errors():
 
 
 def test_default_chunk_size_bounds_memory():
-    assert default_chunk_size(151_936) * 151_936 <= 1 << 24
+    assert default_chunk_size(151_936) * 151_936 <= 1 << 26
     assert default_chunk_size(10**9) == 1
     assert chunked_perturbed_logps is not None and eager_perturbed_logps is not None

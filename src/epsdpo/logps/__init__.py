@@ -102,7 +102,7 @@ def perturbed_logps(
             the published implementation, which computed ``weaker``/``stronger`` and the policy's log-probs in the
             model dtype: mixed logits, per-token log-probs and sums are rounded to that dtype (see
             ``PerturbedLogps.decision_policy`` and SPEC §2 on why this changes which pairs move).
-        chunk_size: tokens per chunk for ``impl="chunked"``; default keeps one (chunk, V) float32 buffer ≈ 64 MiB.
+        chunk_size: tokens per chunk for ``impl="chunked"``; default keeps one (chunk, V) float32 buffer ≈ 256 MiB.
     """
     if not 0.0 <= epsilon < 1.0:
         raise ValueError(f"epsilon must be in [0, 1), got {epsilon}")

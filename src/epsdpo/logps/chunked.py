@@ -29,11 +29,13 @@ from torch import Tensor
 from epsdpo.logps.common import LMHeadInput, PerturbedLogps, round_to
 
 # Elements of one (chunk, V) float32 buffer; a chunk holds about four of them at once (f, g, a mixture, scratch).
-DEFAULT_CHUNK_ELEMENTS = 1 << 24  # 16M elements = 64 MiB in float32
+# Large enough that the (chunk, H) x (H, V) products run near full GEMM speed: on 2 CPU cores at V = 151,936,
+# 110-token chunks made the whole call 1.25x slower than 441-token chunks (benchmarks/logps_memory.py).
+DEFAULT_CHUNK_ELEMENTS = 1 << 26  # 64M elements = 256 MiB in float32
 
 
 def default_chunk_size(vocab_size: int) -> int:
-    """Tokens per chunk so that one (chunk, V) float32 buffer holds ~16M elements (64 MiB)."""
+    """Tokens per chunk so that one (chunk, V) float32 buffer holds ~64M elements (256 MiB)."""
     return max(1, DEFAULT_CHUNK_ELEMENTS // vocab_size)
 
 

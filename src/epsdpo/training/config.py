@@ -132,7 +132,7 @@ class TrainConfig:
         seed: seeds data order, initialisation of new weights and dropout.
         resume_from_checkpoint: ``auto`` (the latest checkpoint in ``output_dir``, if any), a checkpoint path, or None.
         logps_impl: ``chunked`` (fused, memory-efficient; default) or ``eager`` (full logits, the specification).
-        logps_chunk_size: tokens per chunk for the chunked path; None picks ~64 MiB per (chunk, V) buffer.
+        logps_chunk_size: tokens per chunk for the chunked path; None picks ~256 MiB per (chunk, V) buffer.
         report_to: experiment trackers through accelerate (``tensorboard``, ``wandb``), if installed.
         disable_tqdm: no progress bar (metrics still go to metrics.jsonl).
         use_cpu: run on the CPU even when a GPU is present (always the case when none is).
