@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from epsdpo.config import dump_config
+from epsdpo.config import config_to_dict, dump_config
 from epsdpo.control import BetaController
 from epsdpo.data import PreferenceCollator, TokenizedPair, batch_indices, load_eval_dataset, load_preference_dataset
 from epsdpo.models import load_tokenizer
@@ -188,12 +188,12 @@ class Trainer:
         acc = self.accelerator
         self.rank, self.world = acc.process_index, acc.num_processes
         self.output_dir = cfg.output_dir
+        self.sections = {"models": cfg.models, "data": cfg.data, "loss": cfg.loss, "train": cfg.train}
         self.resume_path = resolve_resume(t.resume_from_checkpoint, self.output_dir)
         _check_output_dir(cfg, self.resume_path)
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            dump_config({"models": cfg.models, "data": cfg.data, "loss": cfg.loss, "train": cfg.train},
-                        self.output_dir / "config.yaml")
+            dump_config(self.sections, self.output_dir / "config.yaml")
         acc.wait_for_everyone()
         set_seed(t.seed)
 
@@ -388,6 +388,10 @@ class Trainer:
 
     def train(self) -> TrainResult:
         acc, t = self.accelerator, self.cfg.train
+        if t.report_to:
+            flat = {f"{section}/{k}": v for section, values in config_to_dict(self.sections).items()
+                    for k, v in values.items() if isinstance(v, int | float | str | bool)}  # fmt: skip
+            acc.init_trackers(self.output_dir.name, config=flat)
         self._resume()
         self._check_fused_head()
         total = self.schedule.total_steps
