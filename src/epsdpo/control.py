@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from epsdpo.distributed import sum_across_processes
+from epsdpo.losses import beta_dpo_weights
 
 Rule = Literal["inverse_mean_step", "mean_beta"]
 RULES: tuple[str, ...] = ("inverse_mean_step", "mean_beta")
@@ -151,3 +152,95 @@ class BetaController:
             f"BetaController(beta={self._beta:.6g}, epsilon={self.epsilon}, rule={self.rule!r}, "
             f"updates={self.num_updates}, pending={self.pending_pairs})"
         )
+
+
+class BetaDPOController:
+    """β-DPO's batch-level β (Wu et al., "β-DPO: Direct Preference Optimization with Dynamic β", NeurIPS 2024).
+
+    For each training batch, with M_i the unscaled DPO margins of its pairs:
+
+    1. update running statistics with momentum m: M₀ ← m·M₀ + (1−m)·mean(M), σ ← m·σ + (1−m)·std(M), the batch
+       statistics taken over every process (the first batch initialises them; the authors' code starts both at 0,
+       which makes early weights far too peaked);
+    2. keep ⌊(1−ρ)·B⌋ pairs (at least one) sampled without replacement with weights exp(−½((M_i − M₀)/σ)²);
+    3. β_batch = β₀ · (1 + α · (mean of the kept M − M₀)), clamped at ≥ 1e-3, one β for the whole batch (the kept
+       mean is taken over every process).
+
+    Sampling uses torch's global generator, whose state epsdpo checkpoints per process, so a resumed run samples the
+    same pairs. Evaluation batches (``train=False``) keep every pair and do not move the statistics.
+
+    Args:
+        beta: β₀.
+        alpha: α, how strongly β follows the batch's margin (the authors' example: 0.6).
+        rho: ρ, the fraction of each batch filtered out (the authors' example: 0.2).
+        momentum: m for the running statistics (0.9).
+        reduce_fn: sums a float64 tensor over processes (default: torch.distributed when initialised).
+    """
+
+    def __init__(
+        self,
+        beta: float,
+        alpha: float = 0.6,
+        rho: float = 0.2,
+        momentum: float = 0.9,
+        reduce_fn: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        if not (math.isfinite(beta) and beta > 0):
+            raise ValueError(f"beta must be a positive finite number, got {beta}")
+        if not 0.0 <= rho < 1.0:
+            raise ValueError(f"rho (the filtered fraction) must be in [0, 1), got {rho}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.initial_beta = float(beta)
+        self.alpha, self.rho, self.momentum = float(alpha), float(rho), float(momentum)
+        self._reduce = reduce_fn or sum_across_processes
+        self.running_mean = 0.0
+        self.running_std = 0.0
+        self.initialized = False
+        self.last_beta = float(beta)
+
+    def batch(self, margins: Tensor, train: bool = True) -> tuple[float, Tensor]:
+        """(β for this batch, (B,) bool mask of the pairs to train on) from the batch's margins M (B,)."""
+        m = margins.detach().to(torch.float64)
+        stats = self._reduce(torch.stack([m.sum(), (m * m).sum(), torch.tensor(float(m.numel()), dtype=m.dtype)]))
+        total, total_sq, count = (float(x) for x in stats)
+        if count == 0:
+            return self.last_beta, torch.ones_like(margins, dtype=torch.bool)
+        mean = total / count
+        std = math.sqrt(max(total_sq - count * mean * mean, 0.0) / (count - 1)) if count > 1 else 0.0
+        if train:
+            if not self.initialized:
+                self.running_mean, self.running_std, self.initialized = mean, std, True
+            else:
+                k = self.momentum
+                self.running_mean = k * self.running_mean + (1 - k) * mean
+                self.running_std = k * self.running_std + (1 - k) * std
+        keep = torch.ones_like(margins, dtype=torch.bool)
+        if train and self.rho > 0 and margins.numel() > 1:
+            weights = beta_dpo_weights(margins, self.running_mean, self.running_std)
+            if not bool(torch.isfinite(weights).all()) or float(weights.sum()) <= 0:
+                weights = torch.ones_like(weights)  # every pair is an outlier: sample uniformly
+            n_keep = max(1, int(margins.numel() * (1 - self.rho)))
+            keep = torch.zeros_like(keep)
+            keep[torch.multinomial(weights, n_keep, replacement=False)] = True
+        kept = self._reduce(torch.stack([m[keep].sum(), torch.tensor(float(keep.sum()), dtype=m.dtype)]))
+        kept_mean = float(kept[0]) / max(float(kept[1]), 1.0)
+        reference_mean = self.running_mean if self.initialized else kept_mean
+        beta = max(self.initial_beta * (1.0 + self.alpha * (kept_mean - reference_mean)), 1e-3)
+        if train:
+            self.last_beta = beta
+        return beta, keep
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION, "beta": self.initial_beta, "alpha": self.alpha, "rho": self.rho,
+            "momentum": self.momentum, "running_mean": self.running_mean, "running_std": self.running_std,
+            "initialized": self.initialized, "last_beta": self.last_beta,
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("alpha", "rho", "momentum"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"checkpoint has beta_dpo {key}={state[key]} but this run has {getattr(self, key)}")
+        self.running_mean, self.running_std = float(state["running_mean"]), float(state["running_std"])
+        self.initialized, self.last_beta = bool(state["initialized"]), float(state["last_beta"])

@@ -24,6 +24,8 @@ from torch import Tensor
 
 __all__ = [
     "LossType",
+    "beta_dpo_loss",
+    "beta_dpo_weights",
     "PreferenceLoss",
     "dpo_loss",
     "epsilon_dpo_loss",
@@ -50,6 +52,7 @@ class LossType(str, enum.Enum):
     CDPO = "cdpo"
     IPO = "ipo"
     HINGE = "hinge"
+    BETA_DPO = "beta_dpo"
 
     @property
     def needs_perturbation(self) -> bool:
@@ -60,6 +63,11 @@ class LossType(str, enum.Enum):
     def uses_label_smoothing(self) -> bool:
         """Whether ``label_smoothing`` has a meaning for this loss (cDPO's conservative targets)."""
         return self in (LossType.EPSILON_DPO, LossType.DPO, LossType.CDPO)
+
+    @property
+    def has_batch_beta(self) -> bool:
+        """Whether β is recomputed for every batch from margin statistics (β-DPO)."""
+        return self is LossType.BETA_DPO
 
 
 def _margins(
@@ -222,3 +230,34 @@ def epsilon_dpo_loss(
         beta=pair_betas,
         label_smoothing=label_smoothing,
     )
+
+
+def beta_dpo_weights(margins: Tensor, running_mean: float, running_std: float) -> Tensor:
+    """β-DPO's sampling weights w_i = exp(−½ ((M_i − M₀) / σ)²) (Wu et al., NeurIPS 2024, arXiv 2407.08639).
+
+    ``margins`` are the unscaled DPO margins M_i = (log π_θ(y_w) − log π_θ(y_l)) − (log π_ref(y_w) − log π_ref(y_l));
+    M₀ and σ their running mean and standard deviation. Pairs far from the typical margin (outliers, likely noisy
+    labels or already-learnt pairs) get small weights and are less likely to be kept.
+    """
+    std = max(float(running_std), 1e-6)
+    return torch.exp(-0.5 * ((margins.detach().float() - running_mean) / std) ** 2)
+
+
+def beta_dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    keep: Tensor,
+    beta: float,
+) -> PreferenceLoss:
+    """β-DPO's loss for one batch: the DPO loss at the batch's β on the kept pairs, scaled so that the batch sum
+    divided by B is the mean over kept pairs; dropped pairs contribute 0.
+
+    ``keep`` is a (B,) bool mask (from sampling with :func:`beta_dpo_weights`); ``beta`` the batch β
+    β₀ (1 + α (mean of kept M − M₀)), computed by :class:`epsdpo.control.BetaDPOController`.
+    """
+    out = dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=beta)
+    kept = keep.to(out.losses.dtype)
+    scale = keep.numel() / kept.sum().clamp(min=1.0)
+    return PreferenceLoss(out.losses * kept * scale, out.chosen_rewards, out.rejected_rewards)

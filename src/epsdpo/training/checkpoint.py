@@ -31,6 +31,7 @@ from torch import nn
 
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.safetensors"
+REFERENCE_FILE = "reference.safetensors"  # TR-DPO: the moved reference
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 

@@ -15,7 +15,7 @@ from epsdpo.config import ConfigError, load_config
 from epsdpo.data.config import DataConfig
 from epsdpo.losses import LossType
 
-LossName = Literal["epsilon_dpo", "dpo", "cdpo", "ipo", "hinge"]
+LossName = Literal["epsilon_dpo", "dpo", "cdpo", "ipo", "hinge", "beta_dpo"]
 SchedulerName = Literal["cosine", "linear", "constant", "constant_with_warmup"]
 DecisionPrecision = Literal["float32", "bfloat16"]
 
@@ -41,6 +41,11 @@ class ModelConfig:
         lora_dropout: dropout on the LoRA branch.
         lora_target_modules: module names to adapt; ``all-linear`` adapts every linear layer but the head.
         save_merged_model: with LoRA, also save the base with the adapter merged in (``final/merged``).
+        sync_ref_model: TR-DPO (Gorbatovski et al. 2024): move the reference toward the policy every
+            ``ref_model_sync_steps`` steps, θ_ref ← α θ + (1 − α) θ_ref. Works with any loss_type, with a separate
+            reference and with LoRA (the adapter is partly folded into the base; see epsdpo/reference.py).
+        ref_model_mixup_alpha: α of the update; 1 copies the policy (hard update).
+        ref_model_sync_steps: τ, optimizer steps between reference updates.
     """
 
     model: str = "smollm2-135m-instruct"
@@ -55,8 +60,15 @@ class ModelConfig:
     lora_dropout: float = 0.0
     lora_target_modules: list[str] | str = "all-linear"
     save_merged_model: bool = False
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.ref_model_mixup_alpha <= 1.0:
+            raise ValueError(f"ref_model_mixup_alpha must be in (0, 1], got {self.ref_model_mixup_alpha}")
+        if self.ref_model_sync_steps < 1:
+            raise ValueError(f"ref_model_sync_steps must be >= 1, got {self.ref_model_sync_steps}")
         if self.model_config is not None and "model_type" not in self.model_config:
             raise ValueError("model_config needs a 'model_type' (e.g. llama, qwen2) and the architecture's fields")
         if self.use_lora and self.lora_r < 1:
@@ -68,7 +80,8 @@ class LossConfig:
     """The preference objective.
 
     Attributes:
-        loss_type: ``epsilon_dpo`` (default), ``dpo``, ``cdpo`` (DPO with ``label_smoothing``), ``ipo``, ``hinge``.
+        loss_type: ``epsilon_dpo`` (default), ``dpo``, ``cdpo`` (DPO with ``label_smoothing``), ``ipo``, ``hinge``,
+            ``beta_dpo`` (β-DPO: batch-level β and margin-based filtering).
         beta: the KL penalty β (for ε-DPO the initial β₀; it then moves once per optimizer step).
         epsilon: ε-DPO's perturbation size ε: pairs use β/(1+ε), β or β/(1−ε); 0 gives DPO.
         label_smoothing: cDPO's assumed probability of a flipped label, in [0, 0.5); also usable with ε-DPO.
@@ -76,6 +89,9 @@ class LossConfig:
         decision_precision: ``float32`` (exact decisions, default) or ``bfloat16`` (emulates the published code's
             model-dtype decisions); see docs/epsilon_dpo.md.
         decision_tolerance: a dead band τ in nats: a pair moves only when both perturbation gaps exceed τ.
+        beta_dpo_alpha: β-DPO's α: β_batch = β₀ (1 + α (mean kept margin − running mean margin)).
+        beta_dpo_rho: β-DPO's ρ: the fraction of each batch filtered out, sampled by Gaussian weights of the margin.
+        beta_dpo_momentum: β-DPO's momentum for the running mean and standard deviation of the margin.
     """
 
     loss_type: LossName = "epsilon_dpo"
@@ -85,8 +101,15 @@ class LossConfig:
     beta_update_rule: Literal["inverse_mean_step", "mean_beta"] = "inverse_mean_step"
     decision_precision: DecisionPrecision = "float32"
     decision_tolerance: float = 0.0
+    beta_dpo_alpha: float = 0.6
+    beta_dpo_rho: float = 0.2
+    beta_dpo_momentum: float = 0.9
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.beta_dpo_rho < 1.0:
+            raise ValueError(f"beta_dpo_rho must be in [0, 1), got {self.beta_dpo_rho}")
+        if not 0.0 <= self.beta_dpo_momentum < 1.0:
+            raise ValueError(f"beta_dpo_momentum must be in [0, 1), got {self.beta_dpo_momentum}")
         if not (math.isfinite(self.beta) and self.beta > 0):
             raise ValueError(f"beta must be positive, got {self.beta}")
         if not 0.0 <= self.epsilon < 1.0:

@@ -25,10 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from epsdpo.control import BetaDPOController
 from epsdpo.logps import LMHeadInput, PerturbedLogps, perturbed_logps
 from epsdpo.losses import (
     LossType,
     PreferenceLoss,
+    beta_dpo_loss,
     dpo_loss,
     epsilon_dpo_loss,
     hinge_loss,
@@ -162,13 +164,15 @@ class MicroBatchResult:
     steps: Tensor | None  # ε-DPO decisions, None for other losses
     logps: PerturbedLogps
     beta: Tensor  # (B,) the β each pair used
+    keep: Tensor | None = None  # β-DPO: the pairs kept by its filtering
 
 
-def compute_pair_losses(logps: PerturbedLogps, completion_tokens: Tensor, cfg: LossConfig, beta: float
-                        ) -> MicroBatchResult:  # fmt: skip
+def compute_pair_losses(logps: PerturbedLogps, completion_tokens: Tensor, cfg: LossConfig, beta: float,
+                        beta_dpo: BetaDPOController | None = None, train: bool = True) -> MicroBatchResult:  # fmt: skip
     """Per-pair losses from the sequence log-probs of 2B rows (0..B−1 chosen, B..2B−1 rejected).
 
-    ``completion_tokens`` (2B,) counts each row's completion tokens (IPO's length normalisation).
+    ``completion_tokens`` (2B,) counts each row's completion tokens (IPO's length normalisation). ``beta_dpo`` holds
+    β-DPO's running statistics (moved only when ``train``).
     """
     kind = cfg.kind
     b = logps.policy.shape[0] // 2
@@ -190,6 +194,14 @@ def compute_pair_losses(logps: PerturbedLogps, completion_tokens: Tensor, cfg: L
         pair_beta = beta / (1.0 + cfg.epsilon * steps.to(torch.float32))
     elif kind in (LossType.DPO, LossType.CDPO):
         loss = dpo_loss(*args, beta=beta, label_smoothing=cfg.label_smoothing)
+    elif kind is LossType.BETA_DPO:
+        if beta_dpo is None:
+            raise ValueError("loss_type=beta_dpo needs a BetaDPOController")
+        margins = (policy[c] - policy[r]) - (reference[c] - reference[r])
+        batch_beta, keep = beta_dpo.batch(margins, train=train)
+        loss = beta_dpo_loss(*args, keep=keep, beta=batch_beta)
+        pair_beta.fill_(batch_beta)
+        return MicroBatchResult(loss, None, logps, pair_beta, keep)
     elif kind is LossType.IPO:
         loss = ipo_loss(*args, beta=beta)
     else:
@@ -215,6 +227,8 @@ def pair_metric_sums(result: MicroBatchResult) -> dict[str, float]:
         "logps/ref_rejected": float(logps.reference[b:].sum()),
         "kl/pair_beta": float(result.beta.sum()),
     }
+    if result.keep is not None:
+        sums["kl/pairs_kept"] = float(result.keep.sum())
     if result.steps is not None:
         sums["kl/steps_weaker"] = float((result.steps == 1).sum())
         sums["kl/steps_stronger"] = float((result.steps == -1).sum())

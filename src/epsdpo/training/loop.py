@@ -24,18 +24,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from epsdpo.config import config_to_dict, dump_config
-from epsdpo.control import BetaController
+from epsdpo.control import BetaController, BetaDPOController
 from epsdpo.data import PreferenceCollator, TokenizedPair, batch_indices, load_eval_dataset, load_preference_dataset
 from epsdpo.models import load_tokenizer
+from epsdpo.reference import fold_adapters_into_base, soft_update_reference
 from epsdpo.training.checkpoint import (
+    REFERENCE_FILE,
     load_checkpoint,
+    load_trainable_state,
     read_local_weights,
     resolve_resume,
     save_checkpoint,
+    trainable_state,
     write_local_weights,
 )
 from epsdpo.training.config import RunConfig, load_run_config, tokenizer_name
@@ -214,6 +219,9 @@ class Trainer:
         # Sharded runs (FSDP, DeepSpeed) keep a whole frozen copy of the reference head: outside its own forward a
         # sharded module's weight is only a shard. Taken before prepare() shards anything.
         self.sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        if self.sharded and cfg.models.sync_ref_model:
+            raise TrainingError("sync_ref_model (TR-DPO) is not supported with FSDP/DeepSpeed yet: the reference "
+                                "update would need the sharded policy's full weights; use DDP or one process")
         self.reference_head = None
         if self.sharded:
             self.reference_head = frozen_head_copy(self.models.reference or self.models.policy)
@@ -228,6 +236,9 @@ class Trainer:
         if self.reference_head is not None:
             self.reference_head = tuple(None if x is None else x.to(acc.device) for x in self.reference_head)
         self.controller = BetaController(cfg.loss.beta, cfg.loss.epsilon, rule=cfg.loss.beta_update_rule)
+        loss = cfg.loss
+        self.beta_dpo = (BetaDPOController(loss.beta, loss.beta_dpo_alpha, loss.beta_dpo_rho, loss.beta_dpo_momentum)
+                         if loss.kind.has_batch_beta else None)  # fmt: skip
         self.metrics = MetricsWriter(self.output_dir / "metrics.jsonl", enabled=acc.is_main_process,
                                      accelerator=acc if t.report_to else None)
         self.global_step = 0
@@ -237,7 +248,11 @@ class Trainer:
         self.fused = t.logps_impl == "chunked"
         self.decision_dtype = torch.bfloat16 if cfg.loss.decision_precision == "bfloat16" else None
         decisions = ("kl/steps_weaker", "kl/steps_stronger", "kl/steps_kept")
-        self.metric_keys = tuple(k for k in PER_PAIR if cfg.loss.kind.needs_perturbation or k not in decisions)
+        self.metric_keys = tuple(
+            k for k in PER_PAIR
+            if (cfg.loss.kind.needs_perturbation or k not in decisions)
+            and (cfg.loss.kind.has_batch_beta or k != "kl/pairs_kept")
+        )  # fmt: skip
 
     # ---- one micro-batch ------------------------------------------------------------------------------------
     @property
@@ -263,7 +278,7 @@ class Trainer:
                     loss_cfg.epsilon if loss_cfg.kind.needs_perturbation else 0.0, fused=self.fused,
                     impl=t.logps_impl, decision_dtype=self.decision_dtype, chunk_size=t.logps_chunk_size,
                 )  # fmt: skip
-                result = compute_pair_losses(logps, mask.sum(-1), loss_cfg, beta)
+                result = compute_pair_losses(logps, mask.sum(-1), loss_cfg, beta, self.beta_dpo, train=train)
         return result, int(attention.sum())
 
     def _check_fused_head(self) -> None:
@@ -291,6 +306,8 @@ class Trainer:
                 f"(now {self.world} and {self.global_batch})"
             )
         self.controller.load_state_dict(state["beta_controller"])
+        if self.beta_dpo is not None:
+            self.beta_dpo.load_state_dict(state["beta_dpo"])
         self.global_step, self.epoch, self.window_in_epoch = state["global_step"], state["epoch"], state["window"]
         self.last_checkpoint = self.resume_path
         self.metrics.truncate_after(self.global_step)
@@ -300,19 +317,27 @@ class Trainer:
         if self.sharded:  # a collective: accelerate writes each process's shard of model and optimizer
             self.accelerator.save_state(str(directory / "sharded"))
         elif self.rank == 0:
-            write_local_weights(directory, self.unwrapped, not self.models.uses_lora, self.optimizer)
+            # With TR-DPO the reference moves: a separate one is saved beside the policy, and with LoRA the base
+            # (the reference) changes under the adapters, so the whole model is saved.
+            full = not self.models.uses_lora or self.cfg.models.sync_ref_model
+            write_local_weights(directory, self.unwrapped, full, self.optimizer)
+            if self.cfg.models.sync_ref_model and self.models.reference is not None:
+                save_file(trainable_state(self.models.reference, full=True), str(directory / REFERENCE_FILE))
 
     def _read_weights(self, directory: Path) -> None:
         if self.sharded:
             self.accelerator.load_state(str(directory / "sharded"))
         else:
             read_local_weights(directory, self.unwrapped, self.optimizer)
+            if self.cfg.models.sync_ref_model and self.models.reference is not None:
+                load_trainable_state(self.models.reference, directory / REFERENCE_FILE)
 
     def _save(self) -> Path:
         state = {
             "global_step": self.global_step, "epoch": self.epoch, "window": self.window_in_epoch,
             "world_size": self.world, "global_batch": self.global_batch, "total_steps": self.schedule.total_steps,
             "beta_controller": self.controller.state_dict(),
+            "beta_dpo": None if self.beta_dpo is None else self.beta_dpo.state_dict(),
         }  # fmt: skip
         path = save_checkpoint(
             self.output_dir, self.global_step, rank=self.rank, barrier=self.accelerator.wait_for_everyone,
@@ -367,9 +392,19 @@ class Trainer:
         if self.cfg.loss.kind.needs_perturbation:
             self.controller.step()
         self.global_step += 1
+        m = self.cfg.models
+        if m.sync_ref_model and self.global_step % m.ref_model_sync_steps == 0:
+            self._sync_reference(m.ref_model_mixup_alpha)
         sums["grad_norm"] = grad_norm
         sums["kl/beta"] = beta
         return sums
+
+    def _sync_reference(self, alpha: float) -> None:
+        """TR-DPO: θ_ref ← α θ + (1 − α) θ_ref (every process holds the same weights, so no communication)."""
+        if self.models.reference is None:  # LoRA: the reference is the base under the adapters
+            fold_adapters_into_base(self.unwrapped, alpha)
+        else:
+            soft_update_reference(self.unwrapped, self.models.reference, alpha)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

@@ -16,7 +16,7 @@ from epsdpo.distributed import sum_across_processes
 PER_PAIR = (
     "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
     "logps/rejected", "logps/ref_chosen", "logps/ref_rejected", "kl/pair_beta", "kl/steps_weaker",
-    "kl/steps_stronger", "kl/steps_kept",
+    "kl/steps_stronger", "kl/steps_kept", "kl/pairs_kept",
 )  # fmt: skip
 
 
