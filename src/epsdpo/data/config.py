@@ -38,6 +38,15 @@ class DataConfig:
         on_invalid: ``error`` stops at the first invalid row; ``skip`` drops it and counts it by reason.
         pad_to_multiple_of: pad each batch's length up to a multiple of this (e.g. 8 for tensor cores).
         group_by_length: batch pairs of similar length together (less padding; order stays random across groups).
+        selection: train on a selected subset (SPEC §3): ``alignment_potential`` (z(m_ex) − w·z(m_im)), the
+            single-term baselines ``explicit`` and ``implicit``, ``random``, or ``none`` (all pairs). Implicit
+            margins come from the reference model; see epsdpo/select.py and docs/select.md.
+        select_ratio: the fraction of pairs kept by ``selection`` (0.4 in Huang et al. 2025).
+        select_implicit_weight: w, the weight of the implicit-margin term.
+        select_reward: compute explicit margins with this reward (``sentiment``, a reward model, ``module:fn``)
+            instead of the data's score columns.
+        select_cache_dir: where implicit margins are cached (keyed by model and data); default
+            ``$EPSDPO_CACHE_DIR/margins``.
         tokenizer: tokenizer name or path (a built-in alias such as ``smollm2-135m-instruct``, a directory, a Hub id).
             ``None``: the model's own tokenizer (the run config's ``model``), or ``DEFAULT_TOKENIZER`` where no
             model is configured (``epsdpo check-data`` on a bare data file). Never a different model's tokenizer
@@ -62,9 +71,16 @@ class DataConfig:
     on_invalid: OnInvalid = "error"
     pad_to_multiple_of: int | None = None
     group_by_length: bool = False
+    selection: Literal["none", "alignment_potential", "explicit", "implicit", "random"] = "none"
+    select_ratio: float = 0.4
+    select_implicit_weight: float = 1.0
+    select_reward: str | None = None
+    select_cache_dir: str | None = None
     tokenizer: str | None = None
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.select_ratio <= 1.0:
+            raise ValueError(f"select_ratio must be in (0, 1], got {self.select_ratio}")
         for name in ("max_length", "max_prompt_length", "max_completion_length", "pad_to_multiple_of"):
             value = getattr(self, name)
             if value is not None and value < 1:

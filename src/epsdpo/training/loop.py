@@ -33,6 +33,7 @@ from epsdpo.control import BetaController, BetaDPOController
 from epsdpo.data import PreferenceCollator, TokenizedPair, batch_indices, load_eval_dataset, load_preference_dataset
 from epsdpo.models import load_tokenizer
 from epsdpo.reference import fold_adapters_into_base, soft_update_reference
+from epsdpo.select import model_identity, select_for_config
 from epsdpo.training.checkpoint import (
     REFERENCE_FILE,
     load_checkpoint,
@@ -210,6 +211,8 @@ class Trainer:
         self.collate = PreferenceCollator(self.tokenizer.pad_token_id, cfg.data.pad_to_multiple_of)
 
         self.models: PolicyAndReference = build_policy_and_reference(cfg.models, len(self.tokenizer), t.seed)
+        if cfg.data.selection != "none":
+            self.train_pairs = self._select(self.train_pairs)
         self.global_batch = t.per_device_train_batch_size * self.world
         self.schedule = _schedule(len(self.train_pairs), self.global_batch, t.gradient_accumulation_steps,
                                   self.world, t.max_steps, t.num_train_epochs)
@@ -253,6 +256,19 @@ class Trainer:
             if (cfg.loss.kind.needs_perturbation or k not in decisions)
             and (cfg.loss.kind.has_batch_beta or k != "kl/pairs_kept")
         )  # fmt: skip
+
+    def _select(self, pairs: list[TokenizedPair]) -> list[TokenizedPair]:
+        """Data selection before training (SPEC §3); implicit margins from the initial policy, which is π_ref."""
+        m, acc = self.cfg.models, self.accelerator
+        reference = self.models.reference if self.models.reference is not None else self.models.policy
+        selection = select_for_config(
+            self.cfg.data, pairs, self.tokenizer, reference, model_identity(m.ref_model or m.model, m.model_config,
+            self.cfg.train.seed), seed=self.cfg.train.seed, out_dir=self.output_dir if acc.is_main_process else None,
+        )  # fmt: skip
+        if acc.is_main_process:
+            logger.info("selection %s kept %d of %d pairs (select_ratio %g); scores in %s", selection.method,
+                        len(selection.kept), len(pairs), self.cfg.data.select_ratio, self.output_dir)
+        return [pairs[i] for i in selection.kept]
 
     # ---- one micro-batch ------------------------------------------------------------------------------------
     @property

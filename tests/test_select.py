@@ -1,0 +1,146 @@
+"""Alignment-potential selection: hand-computed scores, deterministic ties, the margin cache, the verb, training."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from epsdpo.cli import main as cli_main
+from epsdpo.data import PreferenceCollator, TokenizedPair, load_preference_dataset
+from epsdpo.data.config import DataConfig
+from epsdpo.select import (
+    implicit_margins,
+    mean_token_logps,
+    select_pairs,
+    selection_scores,
+    top_fraction,
+    zscore,
+)
+from epsdpo.training import load_run_config, train
+from epsdpo.training.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+DATA = ROOT / "configs" / "data" / "tiny_preferences.jsonl"
+
+
+def pair(index: int, score_chosen: float | None = None, score_rejected: float | None = None) -> TokenizedPair:
+    return TokenizedPair([1, 2], [3 + index % 5, 9], [4 + index % 3, 9], score_chosen, score_rejected, index)
+
+
+def test_zscore_hand_values():
+    assert zscore([1.0, 2.0, 3.0]) == pytest.approx([-math.sqrt(1.5), 0.0, math.sqrt(1.5)])
+    assert zscore([2.0, 2.0]) == [0.0, 0.0]
+
+
+def test_alignment_potential_matches_a_hand_computation():
+    explicit = [3.0, 1.0, 2.0, 2.0, 0.0]
+    implicit = [0.5, 0.1, 0.5, 0.3, 0.2]
+    # z(m_ex): mean 1.6, population std sqrt(1.04)
+    s_ex = math.sqrt(((3 - 1.6) ** 2 + (1 - 1.6) ** 2 + 2 * (2 - 1.6) ** 2 + 1.6**2) / 5)
+    z_ex = [(e - 1.6) / s_ex for e in explicit]
+    s_im = math.sqrt(sum((i - 0.32) ** 2 for i in implicit) / 5)
+    z_im = [(i - 0.32) / s_im for i in implicit]
+    expected = [e - 1.0 * i for e, i in zip(z_ex, z_im, strict=True)]
+    scores = selection_scores("alignment_potential", explicit, implicit)
+    assert scores == pytest.approx(expected)
+    # ranking: pair 0 (3.0, 0.5) → 1.373 − 1.091 = 0.28; pair 3 (2.0, 0.3) → 0.392 + 0.121 = 0.51 → best
+    assert top_fraction(scores, 5, 0.4) == sorted(sorted(range(5), key=lambda i: -expected[i])[:2])
+    assert selection_scores("explicit", explicit, implicit) == pytest.approx(z_ex)
+    assert selection_scores("implicit", explicit, implicit) == pytest.approx([-z for z in z_im])
+    assert selection_scores("alignment_potential", explicit, implicit, implicit_weight=0.0) == pytest.approx(z_ex)
+
+
+def test_top_k_ties_are_deterministic_and_random_is_seeded():
+    assert top_fraction([1.0, 2.0, 2.0, 2.0, 0.0], 5, 0.4) == [1, 2]  # ⌈0.4·5⌉ = 2; ties: lower position first
+    assert top_fraction([5.0] * 7, 7, 0.3) == [0, 1, 2]
+    a, b = top_fraction(None, 100, 0.4, seed=3), top_fraction(None, 100, 0.4, seed=3)
+    assert a == b and len(a) == 40 and a != top_fraction(None, 100, 0.4, seed=4)
+    with pytest.raises(ValueError, match="select_ratio"):
+        top_fraction([1.0], 1, 0.0)
+
+
+def test_explicit_margins_come_from_score_columns_and_missing_scores_are_errors():
+    sel = select_pairs("explicit", [pair(0, 1.0, 0.0), pair(1, 5.0, 1.0), pair(2, 0.5, 0.4)], 0.3)
+    assert sel.explicit == pytest.approx([1.0, 4.0, 0.1]) and sel.kept == [1]
+    with pytest.raises(ValueError, match="row 1 has no scores"):
+        select_pairs("explicit", [pair(0, 1.0, 0.0), pair(1)], 0.5)
+    with pytest.raises(ValueError, match="needs explicit margins"):
+        select_pairs("alignment_potential", [pair(0), pair(1)], 0.5, implicit=[0.1, 0.2])
+
+
+def tiny_model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def test_implicit_margins_by_hand_and_from_the_cache(tmp_path):
+    model = tiny_model()
+    pairs = [pair(i) for i in range(5)]
+    collate = PreferenceCollator(pad_token_id=0)
+    margins, cached = implicit_margins(model, "tiny", pairs, collate, tmp_path, batch_size=2)
+    assert not cached
+    with torch.no_grad():  # one pair by hand: mean-token log-probs of each completion
+        p = pairs[3]
+        hand = []
+        for completion in (p.chosen_ids, p.rejected_ids):
+            ids = torch.tensor([p.prompt_ids + completion])
+            logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+            targets = ids[0, 1:]
+            token = logp[torch.arange(len(targets)), targets][len(p.prompt_ids) - 1 :]
+            hand.append(token.mean().item())
+    assert margins[3] == pytest.approx(abs(hand[0] - hand[1]), rel=1e-5)
+
+    class Exploding(torch.nn.Module):
+        def forward(self, *args, **kwargs):
+            raise AssertionError("the cache should have answered")
+
+    again, cached = implicit_margins(Exploding(), "tiny", pairs, collate, tmp_path)
+    assert cached and again == margins
+    _, cached = implicit_margins(model, "another-model", pairs, collate, tmp_path)  # the key includes the model
+    assert not cached
+    chosen, rejected = mean_token_logps(model, pairs[:2], collate)
+    assert len(chosen) == len(rejected) == 2
+
+
+@pytest.mark.slow
+def test_select_verb_writes_the_selected_dataset_scores_and_histogram(tmp_path, capsys):
+    out = tmp_path / "sel"
+    code = cli_main(["select", str(TINY), f"dataset={DATA}", f"select_cache_dir={tmp_path / 'cache'}",
+                     "--out", str(out)])  # fmt: skip
+    assert code == 0, capsys.readouterr()
+    rows = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
+    assert len(rows) == math.ceil(0.4 * 64)
+    scores = [json.loads(line) for line in (out / "selection_scores.jsonl").read_text().splitlines()]
+    assert len(scores) == 64 and sum(r["selected"] for r in scores) == 26
+    # the tiny data has equal explicit margins (1 − 0), so alignment potential ranks by the implicit margin alone
+    kept = [r["implicit_margin"] for r in scores if r["selected"]]
+    dropped = [r["implicit_margin"] for r in scores if not r["selected"]]
+    assert max(kept) <= min(dropped)
+    assert (out / "selection_histogram.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pairs, _ = load_preference_dataset(DataConfig(dataset=str(out / "selected.jsonl")), _tokenizer())
+    assert len(pairs) == 26
+
+
+def _tokenizer():
+    from epsdpo.models import load_tokenizer
+
+    return load_tokenizer("smollm2-135m-instruct")
+
+
+@pytest.mark.slow
+def test_selection_as_a_training_data_option(tmp_path):
+    cfg = load_run_config(TINY, [f"output_dir={tmp_path / 'run'}", f"dataset={DATA}", "disable_tqdm=true",
+                                 "selection=random", "select_ratio=0.5", "max_steps=2", "save_steps=0"])  # fmt: skip
+    result = train(cfg)
+    scores = [json.loads(line) for line in (result.output_dir / "selection_scores.jsonl").read_text().splitlines()]
+    assert sum(r["selected"] for r in scores) == 32
+    # 32 pairs in batches of 4: 8 steps per epoch
+    assert read_metrics(result.output_dir / "metrics.jsonl")[0]["epoch"] == pytest.approx(1 / 8)
