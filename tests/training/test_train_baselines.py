@@ -80,3 +80,15 @@ def test_baseline_options_are_validated(tmp_path, capsys):
     assert "beta_dpo_rho" in capsys.readouterr().out
     assert cli_main(["train", str(TINY), "ref_model_mixup_alpha=0", f"output_dir={tmp_path}"]) == 2
     assert "ref_model_mixup_alpha" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_beta_dpo_with_tr_dpo_through_the_cli(tmp_path, capsys):
+    out = tmp_path / "cli"
+    code = cli_main(["train", str(TINY), f"output_dir={out}", f"dataset={DATA}", "disable_tqdm=true",
+                     "loss_type=beta_dpo", "sync_ref_model=true", "ref_model_sync_steps=2", "max_steps=4",
+                     "save_steps=4"])  # fmt: skip
+    assert code == 0, capsys.readouterr().out
+    records = read_metrics(out / "metrics.jsonl")
+    assert len(records) == 4 and all("kl/pairs_kept" in r for r in records)
+    assert (out / "checkpoint-4" / "reference.safetensors").is_file()
