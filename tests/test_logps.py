@@ -257,3 +257,12 @@ def test_default_chunk_size_bounds_memory():
     assert default_chunk_size(151_936) * 151_936 <= 1 << 26
     assert default_chunk_size(10**9) == 1
     assert chunked_perturbed_logps is not None and eager_perturbed_logps is not None
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_epsilon_zero_shortcut_matches_eager(dtype):
+    policy, ref, labels, mask = make_case(3, 9, 23, 5, seed=31)
+    eager = perturbed_logps(policy, ref, labels, mask, 0.0, impl="eager", decision_dtype=dtype)
+    chunked = perturbed_logps(policy, ref, labels, mask, 0.0, impl="chunked", chunk_size=4, decision_dtype=dtype)
+    for a, b in zip(eager, chunked, strict=True):
+        torch.testing.assert_close(b, a, atol=2e-5 if dtype is None else 0.5, rtol=1e-5 if dtype is None else 1 / 128)

@@ -102,6 +102,9 @@ class _FusedPerturbedTokenLogps(torch.autograd.Function):
                 g = _project(ref_hidden[rows], r_w, r_b)  # (c, V) float32
                 policy_tok[sl], policy_lse[sl] = _token_logps(f, y)
                 ref_tok[sl] = _token_logps(g, y)[0]
+                if epsilon == 0.0 and decision_dtype is None:  # both mixtures are f itself (DPO & co.): same values
+                    weaker_tok[sl] = stronger_tok[sl] = policy_tok[sl]
+                    continue
                 # weaker: (1+ε)f − εg; stronger: (1−ε)f + εg = f − ε(f − g). Reuse g's buffer for f − g.
                 diff = g.neg_().add_(f)  # f − g
                 weaker = round_to(torch.add(f, diff, alpha=epsilon), decision_dtype)
