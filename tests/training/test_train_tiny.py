@@ -248,3 +248,19 @@ def test_bf16_autocast_and_gradient_checkpointing_train(tmp_path):
     records = read_metrics(result.output_dir / "metrics.jsonl")
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records)
     assert records[-1]["rewards/margins"] > 0 and result.beta < 0.1
+
+
+@pytest.mark.slow
+def test_eval_metrics_and_tensorboard(tmp_path):
+    result = train(tiny(tmp_path, "eval", "max_steps=4", "save_steps=0", "eval_steps=2", f"eval_dataset={DATA}",
+                        "per_device_eval_batch_size=16", "report_to=[tensorboard]"))  # fmt: skip
+    records = read_metrics(result.output_dir / "metrics.jsonl")
+    evals = [r for r in records if "eval/loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]  # every eval_steps, and once at the end
+    for r in evals:
+        assert {"eval/rewards/accuracies", "eval/rewards/margins", "eval/kl/steps_weaker"} <= set(r)
+        assert not any(k.startswith("rewards/") for k in r)  # eval records carry only eval/ keys
+    assert evals[-1]["eval/loss"] < evals[0]["eval/loss"] < math.log(2)  # held-out loss falls as training goes
+    assert "eval/loss" in (result.final_model_dir / "final_metrics.json").read_text()
+    events = list((result.output_dir).rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
