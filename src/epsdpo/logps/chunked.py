@@ -64,6 +64,14 @@ def _token_logps(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse, lse
 
 
+def _token_logps_consuming(logits: Tensor, labels: Tensor) -> Tensor:
+    """log softmax(logits)[label] per row, computing the log-sum-exp in place (``logits`` is destroyed)."""
+    picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    top = logits.amax(dim=-1, keepdim=True)
+    lse = logits.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(-1))
+    return picked - lse
+
+
 class _FusedPerturbedTokenLogps(torch.autograd.Function):
     """Per-token log-probs of the selected completion tokens; gradient flows only into the policy side."""
 
@@ -105,14 +113,21 @@ class _FusedPerturbedTokenLogps(torch.autograd.Function):
                 if epsilon == 0.0 and decision_dtype is None:  # both mixtures are f itself (DPO & co.): same values
                     weaker_tok[sl] = stronger_tok[sl] = policy_tok[sl]
                     continue
-                # weaker: (1+ε)f − εg; stronger: (1−ε)f + εg = f − ε(f − g). Reuse g's buffer for f − g.
-                diff = g.neg_().add_(f)  # f − g
-                weaker = round_to(torch.add(f, diff, alpha=epsilon), decision_dtype)
-                weaker_tok[sl] = _token_logps(weaker, y)[0]
-                del weaker
-                stronger = round_to(f.sub_(diff, alpha=epsilon), decision_dtype)
-                stronger_tok[sl] = _token_logps(stronger, y)[0]
-                del f, g, diff, stronger
+                diff = g.neg_().add_(f)  # f − g, in g's buffer
+                if decision_dtype is None:
+                    # weaker = f + ε(f − g) in f's buffer; stronger = weaker − 2ε(f − g) in the same buffer after
+                    # weaker is read, so a chunk never holds more than f, g and one temporary (like DPO's path).
+                    weaker = f.add_(diff, alpha=epsilon)
+                    weaker_tok[sl] = _token_logps(weaker, y)[0]
+                    stronger = weaker.sub_(diff, alpha=2 * epsilon)
+                    stronger_tok[sl] = _token_logps_consuming(stronger, y)
+                else:  # emulated low-precision decisions: each mixture rounded from f and g as written
+                    weaker = round_to(torch.add(f, diff, alpha=epsilon), decision_dtype)
+                    weaker_tok[sl] = _token_logps(weaker, y)[0]
+                    del weaker
+                    stronger = round_to(f.sub_(diff, alpha=epsilon), decision_dtype)
+                    stronger_tok[sl] = _token_logps(stronger, y)[0]
+                del f, g, diff
         if decision_dtype is None:
             decision_tok.copy_(policy_tok)
         else:
