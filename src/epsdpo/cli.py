@@ -17,11 +17,16 @@ from epsdpo import __version__
 #: verb -> (module implementing it, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
     "check-data": ("epsdpo.check_data", "check and tokenize preference data"),
+    "generate": ("epsdpo.generate_cli", "sample responses, score them with a gold reward, write preference pairs"),
     "train": ("epsdpo.train_cli", "align a model with ε-DPO or a baseline"),
+    "select": ("epsdpo.select_cli", "keep the pairs with the highest alignment potential"),
+    "eval": ("epsdpo.eval_cli", "gold reward, KL, win rate and preference accuracy of a trained model"),
+    "plot": ("epsdpo.plot_cli", "training curves, β trajectory and the reward-vs-KL frontier as PNGs"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``verb``'s module is imported (to add its arguments), so one verb never breaks another."""
     parser = argparse.ArgumentParser(
         prog="epsdpo",
         description="ε-DPO: preference alignment with a per-pair adaptive KL penalty.",
@@ -31,12 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_text) in VERBS.items():
         verb_parser = sub.add_parser(name, help=help_text, description=help_text)
         verb_parser.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(verb_parser)
+        if name == verb:
+            importlib.import_module(module).add_arguments(verb_parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
     if args.verb is None:
         parser.print_help()

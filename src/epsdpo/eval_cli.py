@@ -1,0 +1,38 @@
+"""``epsdpo eval RUN_DIR_OR_CONFIG [key=value …]``: gold reward, KL, win rate and preference accuracy of a policy.
+
+See :mod:`epsdpo.evaluate` and docs/generate.md. Writes ``eval.json`` (default ``RUN_DIR/eval.json``) and prints a
+table. Exit status: 0 done, 1 a data or model problem, 2 a bad config or command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", nargs="?", metavar="RUN_DIR_OR_CONFIG",
+                        help="a run directory of `epsdpo train`, or an eval config YAML (omit: overrides only)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="override any eval key, e.g. num_prompts=128 eval_dataset=bundled output=eval.json")
+
+
+def run(args: argparse.Namespace) -> int:
+    from epsdpo.config import ConfigError
+    from epsdpo.data import DataError
+    from epsdpo.evaluate import evaluate, format_table
+
+    source, overrides = args.source, list(args.overrides)
+    if source is not None and "=" in source:  # `epsdpo eval model=… ref_model=…` without a file or directory
+        overrides.insert(0, source)
+        source = None
+    try:
+        result = evaluate(source, overrides)
+    except ConfigError as err:
+        print(f"epsdpo eval: error: {err}")
+        return 2
+    except (DataError, ValueError, OSError) as err:
+        print(f"epsdpo eval: error: {err}")
+        return 1
+    print(format_table(result))
+    print(f"written: {result['output']}")
+    return 0

@@ -1,0 +1,419 @@
+"""Evaluating an aligned model honestly (``../shared/SPEC.md`` §5): gold reward against KL, win rate, accuracy.
+
+For held-out prompts x (the bundled test split by default) the policy π and the reference π_ref each sample
+``samples_per_prompt`` responses, sample j of prompt x drawn by both from the same random stream (see
+:mod:`epsdpo.generate`), and the gold reward scores every response. Then, over the n sampled pairs:
+
+- ``policy/gold_reward``, ``reference/gold_reward``: mean gold reward r(x, y) of each model's samples (and ``_std``);
+- ``kl`` = mean over y ~ π of log π(y|x) − log π_ref(y|x), the Monte-Carlo estimate of KL(π‖π_ref) from the
+  policy's own samples (``kl/std``: the spread of the per-sample values; its standard error is std/√n);
+- ``kl/forward`` = mean over y ~ π_ref of log π_ref(y|x) − log π(y|x), KL(π_ref‖π) from the reference's samples;
+- ``win_rate``: the share of (prompt, sample index) pairs where the policy's response gets the higher gold reward,
+  ties counting ½, as in the DPO paper's win rates (Rafailov et al. 2023, §6);
+- on held-out preference pairs (``eval_dataset``), with implicit reward r̂(x, y) = β (log π(y|x) − log π_ref(y|x)):
+  ``reward_margin`` = mean r̂(x, y_w) − r̂(x, y_l), and ``preference_accuracy`` = the share of pairs where it is > 0.
+
+Log-probabilities are sums over the sampled completion tokens (the end token included when it was sampled) of the
+model's raw log-softmax, i.e. at temperature 1 without top-p. With the defaults ``temperature=1`` and ``top_p=1`` the
+responses are samples of π itself and ``kl`` estimates the model's own KL(π‖π_ref) without bias. With other settings
+the responses come from the tempered/truncated sampling policy, and ``kl`` is E_{y ~ sampler}[log π − log π_ref]: a
+number to compare between runs evaluated with the same settings, not a KL of the models (the table says so).
+
+The reward-vs-KL pair (``kl``, ``policy/gold_reward``) is one point of the frontier of the DPO paper's Figure 2 and
+ε-DPO's Pareto plot; ``epsdpo plot`` draws it for several runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from epsdpo.config import ConfigError, load_config
+from epsdpo.generate import (
+    Completion,
+    check_sampling,
+    decode_completion,
+    encode_prompt,
+    end_token_ids,
+    load_prompts,
+    sample_completions,
+    sample_seed,
+    wants_chat_template,
+)
+
+__all__ = ["EvalConfig", "evaluate", "evaluate_models", "format_table", "load_eval_config", "sequence_logps"]
+
+#: ``eval_dataset=bundled``: the held-out pairs shipped with the package (from the test prompts)
+BUNDLED_TEST_PAIRS = "data/sentiment_pairs_test.jsonl"
+
+
+@dataclass
+class EvalConfig:
+    """Settings of ``epsdpo eval`` (section ``eval``; every key also works flat and as ``key=value``).
+
+    Attributes:
+        run_dir: a run directory of ``epsdpo train``: its ``final/`` model is the policy (base + LoRA adapter for
+            LoRA runs), its initial model the reference, its data and β the defaults below.
+        model: the policy (alias, directory or Hub id) when there is no run directory; overrides the run's.
+        ref_model: the reference; default: the run's reference (its ``ref_model``, else its initial model).
+        tokenizer: tokenizer name or path; default: the run's (``final/``), else the model's own.
+        trust_remote_code: allow model repositories to run their own Python code.
+        eval_dataset: held-out preference pairs for accuracy and margin (any source ``epsdpo.data`` reads, or
+            ``bundled`` for the package's test pairs); default: the run's ``eval_dataset``/``eval_split``, else none.
+        prompts: held-out prompts to sample on: ``bundled`` or a data source with a prompt column.
+        prompt_split: which split of ``prompts`` (``test`` holds out whole subjects of the bundled set); None: all.
+        prompt_column: the column holding the prompt text.
+        num_prompts: use the first this many prompts; ``None``: all of them.
+        samples_per_prompt: responses sampled per prompt and model.
+        max_new_tokens: longest sampled response in tokens.
+        temperature: sampling temperature; keep 1 for an unbiased KL estimate (see the module docstring).
+        top_p: nucleus sampling; keep 1 for an unbiased KL estimate.
+        reward: the gold reward, a spec for :func:`epsdpo.rewards.load_reward`.
+        beta: β of the implicit reward in ``reward_margin``; default: the run's final β (ε-DPO) or its ``beta``.
+        batch_size: prompts per sampling batch, and pairs per scoring batch.
+        seed: seeds the sampling streams (policy and reference share them).
+        output: the JSON file written; default ``RUN_DIR/eval.json`` (``eval.json`` without a run directory).
+            The per-sample responses, rewards and log-probs go beside it (``…_samples.jsonl``).
+        bf16: sample and score under bfloat16 autocast.
+        use_chat_template: as for ``epsdpo generate``; ``None``: when the tokenizer has a template.
+        device: ``cuda``, ``cpu``, …; ``None``: a GPU when there is one.
+        disable_tqdm: no progress bars.
+    """
+
+    run_dir: str | None = None
+    model: str | None = None
+    ref_model: str | None = None
+    tokenizer: str | None = None
+    trust_remote_code: bool = False
+    eval_dataset: str | None = None
+    prompts: str = "bundled"
+    prompt_split: str | None = "test"
+    prompt_column: str = "prompt"
+    num_prompts: int | None = 64
+    samples_per_prompt: int = 1
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    reward: str = "sentiment"
+    beta: float | None = None
+    batch_size: int = 8
+    seed: int = 0
+    output: str | None = None
+    bf16: bool = False
+    use_chat_template: bool | None = None
+    device: str | None = None
+    disable_tqdm: bool = False
+
+    def __post_init__(self) -> None:
+        check_sampling(self.temperature, self.top_p, self.max_new_tokens, self.batch_size)
+        if self.samples_per_prompt < 1:
+            raise ValueError(f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
+        if self.num_prompts is not None and self.num_prompts < 1:
+            raise ValueError(f"num_prompts must be >= 1 or null (all prompts), got {self.num_prompts}")
+        if self.beta is not None and not (math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"beta must be positive, got {self.beta}")
+
+
+def load_eval_config(source: str | Path | Mapping[str, Any] | EvalConfig | None = None,
+                     overrides: Sequence[str] = ()) -> EvalConfig:  # fmt: skip
+    """An :class:`EvalConfig` from a run directory, a YAML file, a mapping or ``None``, plus ``key=value`` overrides.
+
+    A directory holding ``config.yaml`` is read as ``run_dir=DIRECTORY``.
+    """
+    if isinstance(source, EvalConfig):
+        if overrides:
+            raise ConfigError("overrides need a YAML file or mapping, not an EvalConfig; use dataclasses.replace")
+        return source
+    if source is not None and not isinstance(source, Mapping) and Path(source).is_dir():
+        if not (Path(source) / "config.yaml").is_file():
+            raise ConfigError(f"{source} is a directory without config.yaml, so not a run directory of `epsdpo "
+                              "train`; give a run directory, an eval config YAML, or model=… ref_model=…")
+        source = {"run_dir": str(source)}
+    return load_config(source, overrides, {"eval": EvalConfig})["eval"]
+
+
+# ---- log-probs ----------------------------------------------------------------------------------------------------
+def _autocast(model: nn.Module, enabled: bool) -> contextlib.AbstractContextManager[Any]:
+    device = next(model.parameters()).device.type
+    return torch.autocast(device, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def sequence_logps(policy: nn.Module, reference: nn.Module, pairs: Sequence[Any], pad_id: int, *,
+                   batch_size: int = 8, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Summed completion log-probs under both models of every row of ``pairs`` (:class:`TokenizedPair`).
+
+    Returns ``(policy, reference)``, each (2P,) float32: rows 0..P−1 for the ``chosen_ids``, P..2P−1 for the
+    ``rejected_ids``. Batches are built by :class:`epsdpo.data.PreferenceCollator` and scored by
+    :func:`epsdpo.perturbed_logps` from the models' final hidden states and output heads (full logits only for
+    models whose logits are not their linear head's output), as in training.
+    """
+    from epsdpo.data import PreferenceCollator, shift_for_logps
+    from epsdpo.logps import perturbed_logps
+    from epsdpo.training.forward import fused_head_matches, reference_side
+
+    collate = PreferenceCollator(pad_id)
+    device = next(policy.parameters()).device
+    chosen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    rejected: list[tuple[torch.Tensor, torch.Tensor]] = []
+    fused: tuple[bool, bool] | None = None
+    for start in range(0, len(pairs), batch_size):
+        batch = {k: v.to(device) for k, v in collate(pairs[start : start + batch_size]).items()}
+        ids, attention = batch["input_ids"], batch["attention_mask"]
+        if fused is None:  # once: is head(final hidden state) exactly what each model returns as logits?
+            fused = (fused_head_matches(policy, ids, attention), fused_head_matches(reference, ids, attention))
+        labels, mask = shift_for_logps(ids, batch["completion_mask"])
+        with _autocast(policy, bf16):
+            sides = [reference_side(m, ids, attention, f) for m, f in zip((policy, reference), fused, strict=True)]
+            out = perturbed_logps(sides[0], sides[1], labels, mask, 0.0)  # (2B,) each
+        b = ids.shape[0] // 2
+        chosen.append((out.policy[:b].float().cpu(), out.reference[:b].float().cpu()))
+        rejected.append((out.policy[b:].float().cpu(), out.reference[b:].float().cpu()))
+    rows = chosen + rejected
+    return torch.cat([p for p, _ in rows]), torch.cat([r for _, r in rows])
+
+
+# ---- sampling -----------------------------------------------------------------------------------------------------
+def _sample_all(model: nn.Module, tokenizer: Any, encoded: Sequence[list[int]], prompt_ids: Sequence[str],
+                cfg: EvalConfig, end_ids: Sequence[int], desc: str) -> list[Completion]:  # fmt: skip
+    """``samples_per_prompt`` completions per prompt (prompt-major), sample j of a prompt seeded by (seed, id, j)."""
+    from tqdm.auto import tqdm
+
+    k = cfg.samples_per_prompt
+    out: list[Completion] = []
+    for start in tqdm(range(0, len(encoded), cfg.batch_size), desc=desc, disable=cfg.disable_tqdm, leave=False):
+        ids = [p for p in encoded[start : start + cfg.batch_size] for _ in range(k)]
+        seeds = [sample_seed(cfg.seed, pid, j) for pid in prompt_ids[start : start + cfg.batch_size] for j in range(k)]
+        with _autocast(model, cfg.bf16):
+            out.extend(sample_completions(model, ids, seeds, max_new_tokens=cfg.max_new_tokens, end_ids=end_ids,
+                                          pad_id=tokenizer.pad_token_id, temperature=cfg.temperature,
+                                          top_p=cfg.top_p))  # fmt: skip
+    return out
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+def evaluate_models(policy: nn.Module, reference: nn.Module, tokenizer: Any, prompts: Sequence[tuple[str, str]],
+                    reward: Any, cfg: EvalConfig, *, pairs: Sequence[Any] | None = None, beta: float = 0.1
+                    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
+    """The metrics of the module docstring for loaded models; also one record per sampled (prompt, j).
+
+    ``prompts``: ``(prompt_id, text)``; ``reward``: a :class:`epsdpo.rewards.Reward`; ``pairs``: held-out
+    :class:`TokenizedPair` s (or None); ``beta``: β of the implicit reward.
+    """
+    from epsdpo.data import TokenizedPair
+
+    chat = wants_chat_template(tokenizer, cfg.use_chat_template)
+    end_ids = end_token_ids(tokenizer)
+    encoded = [encode_prompt(tokenizer, text, chat) for _, text in prompts]
+    ids = [pid for pid, _ in prompts]
+    samples = {name: _sample_all(model, tokenizer, encoded, ids, cfg, end_ids, f"sample ({name})")
+               for name, model in (("policy", policy), ("reference", reference))}  # fmt: skip
+    k = cfg.samples_per_prompt
+    texts = {name: [decode_completion(tokenizer, c) for c in done] for name, done in samples.items()}
+    prompt_texts = [text for _, text in prompts for _ in range(k)]
+    rewards = {name: reward(prompt_texts, texts[name]) for name in texts}
+    # one TokenizedPair per (prompt, j): "chosen" = the policy's sample, "rejected" = the reference's, so one batch
+    # scores both samples under both models
+    sampled = [TokenizedPair(encoded[i // k], p.ids, r.ids, None, None, i)
+               for i, (p, r) in enumerate(zip(samples["policy"], samples["reference"], strict=True))]  # fmt: skip
+    lp_pol, lp_ref = sequence_logps(policy, reference, sampled, tokenizer.pad_token_id, batch_size=cfg.batch_size,
+                                    bf16=cfg.bf16)  # fmt: skip
+    n = len(sampled)
+    kl_values = (lp_pol[:n] - lp_ref[:n]).tolist()  # y ~ π: log π − log π_ref
+    forward_values = (lp_ref[n:] - lp_pol[n:]).tolist()  # y ~ π_ref: log π_ref − log π
+    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(rewards["policy"], rewards["reference"],
+                                                                      strict=True)]  # fmt: skip
+    metrics: dict[str, Any] = {}
+    for name in ("policy", "reference"):
+        mean, std = _mean_std(rewards[name])
+        metrics[f"{name}/gold_reward"], metrics[f"{name}/gold_reward_std"] = mean, std
+        metrics[f"{name}/response_tokens"] = statistics.fmean(len(c.ids) for c in samples[name])
+        metrics[f"{name}/finished"] = statistics.fmean(c.finished for c in samples[name])
+    metrics["kl"], metrics["kl/std"] = _mean_std(kl_values)
+    metrics["kl/forward"], metrics["kl/forward_std"] = _mean_std(forward_values)
+    metrics["win_rate"] = statistics.fmean(wins)
+    metrics.update(_pair_metrics(policy, reference, pairs, tokenizer.pad_token_id, beta, cfg))
+    metrics["num_prompts"], metrics["num_samples"] = len(prompts), n
+    records = [{"prompt_id": ids[i // k], "sample": i % k, "prompt": prompt_texts[i],
+                "policy": texts["policy"][i], "reference": texts["reference"][i],
+                "policy_reward": rewards["policy"][i], "reference_reward": rewards["reference"][i],
+                "policy_logp": float(lp_pol[i]), "policy_ref_logp": float(lp_ref[i]),
+                "reference_logp": float(lp_ref[n + i]), "reference_policy_logp": float(lp_pol[n + i])}
+               for i in range(n)]  # fmt: skip
+    return metrics, records
+
+
+def _pair_metrics(policy: nn.Module, reference: nn.Module, pairs: Sequence[Any] | None, pad_id: int, beta: float,
+                  cfg: EvalConfig) -> dict[str, Any]:  # fmt: skip
+    """Preference accuracy and mean implicit reward margin on held-out pairs (None without pairs)."""
+    if not pairs:
+        return {"preference_accuracy": None, "reward_margin": None, "num_pairs": 0, "beta": beta}
+    lp_pol, lp_ref = sequence_logps(policy, reference, pairs, pad_id, batch_size=cfg.batch_size, bf16=cfg.bf16)
+    p = len(pairs)
+    margins = beta * ((lp_pol[:p] - lp_ref[:p]) - (lp_pol[p:] - lp_ref[p:]))  # r̂(y_w) − r̂(y_l)
+    return {"preference_accuracy": float((margins > 0).float().mean()), "reward_margin": float(margins.mean()),
+            "num_pairs": p, "beta": beta}  # fmt: skip
+
+
+# ---- loading ------------------------------------------------------------------------------------------------------
+@dataclass
+class _Loaded:
+    policy: nn.Module
+    reference: nn.Module
+    tokenizer: Any
+    beta: float
+    data: Any  # the run's DataConfig, or None
+    names: dict[str, str]
+
+
+def _load_from_run(cfg: EvalConfig) -> _Loaded:
+    from epsdpo.models import load_tokenizer
+    from epsdpo.training.config import load_run_config, tokenizer_name
+    from epsdpo.training.policy import build_from_config, load_causal_lm
+
+    run = Path(str(cfg.run_dir))
+    run_cfg = load_run_config(run / "config.yaml")
+    final = run / "final"
+    if cfg.model is None and not final.is_dir():
+        raise FileNotFoundError(f"{run} has no final/ model (training did not finish); finish or resume the run "
+                                "(resume_from_checkpoint=auto), or give model=PATH.")
+    tokenizer = load_tokenizer(cfg.tokenizer or (str(final) if final.is_dir() else tokenizer_name(run_cfg)),
+                               cfg.trust_remote_code)  # fmt: skip
+    m = run_cfg.models
+
+    def initial_model() -> nn.Module:  # the run's starting point, rebuilt exactly as the trainer built it
+        if m.model_config is not None:
+            return build_from_config(m.model_config, len(tokenizer), run_cfg.train.seed)
+        return load_causal_lm(m.model, cfg.trust_remote_code or m.trust_remote_code)
+
+    if cfg.model is not None:
+        policy, policy_name = load_causal_lm(cfg.model, cfg.trust_remote_code), cfg.model
+    elif (final / "adapter_config.json").is_file():  # LoRA: the base with the adapter merged in
+        from peft import PeftModel
+
+        policy = PeftModel.from_pretrained(initial_model(), str(final)).merge_and_unload()
+        policy_name = f"{m.model} + LoRA adapter {final}"
+    else:
+        policy, policy_name = load_causal_lm(str(final), cfg.trust_remote_code), str(final)
+    ref_name = cfg.ref_model or m.ref_model
+    reference = load_causal_lm(ref_name, cfg.trust_remote_code) if ref_name else initial_model()
+    ref_label = ref_name or (m.model if m.model_config is None else f"{m.model} (random init, seed "
+                                                                   f"{run_cfg.train.seed})")  # fmt: skip
+    return _Loaded(policy, reference, tokenizer, cfg.beta or _run_beta(run, run_cfg), run_cfg.data,
+                   {"policy": policy_name, "reference": ref_label})  # fmt: skip
+
+
+def _run_beta(run: Path, run_cfg: Any) -> float:
+    """The β that the run's implicit reward uses at the end: the final β of an ε-DPO run, else its ``beta``."""
+    metrics = run / "final" / "final_metrics.json"
+    if run_cfg.loss.kind.needs_perturbation and metrics.is_file():
+        recorded = json.loads(metrics.read_text(encoding="utf-8")).get("beta")
+        if isinstance(recorded, int | float) and recorded > 0:
+            return float(recorded)
+    return float(run_cfg.loss.beta)
+
+
+def _load_models(cfg: EvalConfig) -> _Loaded:
+    from epsdpo.models import load_tokenizer
+    from epsdpo.training.policy import load_causal_lm
+
+    if cfg.run_dir is not None:
+        loaded = _load_from_run(cfg)
+    else:
+        if cfg.model is None or cfg.ref_model is None:
+            raise ConfigError("give a run directory (epsdpo eval RUN_DIR), or both model=… and ref_model=…")
+        loaded = _Loaded(load_causal_lm(cfg.model, cfg.trust_remote_code),
+                         load_causal_lm(cfg.ref_model, cfg.trust_remote_code),
+                         load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code), cfg.beta or 0.1, None,
+                         {"policy": cfg.model, "reference": cfg.ref_model})  # fmt: skip
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    for model in (loaded.policy, loaded.reference):
+        model.requires_grad_(False).eval().to(device)
+    return loaded
+
+
+def _held_out_pairs(cfg: EvalConfig, run_data: Any, tokenizer: Any) -> tuple[list[Any] | None, str | None]:
+    """The held-out pairs (tokenized as in training, with the run's length limits) and where they came from."""
+    from importlib.resources import files
+
+    from epsdpo.data import DataConfig, load_eval_dataset, load_preference_dataset
+
+    base = run_data if run_data is not None else DataConfig()
+    if cfg.eval_dataset is None:
+        if run_data is None:
+            return None, None
+        loaded = load_eval_dataset(run_data, tokenizer)
+        source = run_data.eval_dataset or f"{run_data.dataset}[{run_data.eval_split}]"
+        return (loaded[0], source) if loaded else (None, None)
+    source = cfg.eval_dataset
+    if source == "bundled":
+        source = str(files("epsdpo.assets").joinpath(BUNDLED_TEST_PAIRS))
+    pairs, _ = load_preference_dataset(replace(base, dataset=source, split="train"), tokenizer)
+    return pairs, source
+
+
+def evaluate(config: EvalConfig | str | Path | Mapping[str, Any] | None = None,
+             overrides: Sequence[str] = ()) -> dict[str, Any]:  # fmt: skip
+    """Load the models, sample, score and write ``eval.json`` (and ``…_samples.jsonl``); returns the metrics.
+
+    ``config``: an :class:`EvalConfig`, a run directory, a YAML file, a mapping or ``None``, plus overrides.
+    """
+    from epsdpo.rewards import load_reward
+
+    cfg = load_eval_config(config, overrides)
+    started = time.perf_counter()
+    loaded = _load_models(cfg)
+    prompts = load_prompts(cfg.prompts, cfg.prompt_split, cfg.prompt_column, cfg.num_prompts)
+    pairs, pairs_source = _held_out_pairs(cfg, loaded.data, loaded.tokenizer)
+    metrics, records = evaluate_models(loaded.policy, loaded.reference, loaded.tokenizer, prompts,
+                                       load_reward(cfg.reward), cfg, pairs=pairs, beta=loaded.beta)  # fmt: skip
+    output = Path(cfg.output) if cfg.output else Path(cfg.run_dir or ".") / "eval.json"
+    samples_path = output.with_name(output.stem + "_samples.jsonl")
+    result = {
+        **metrics,
+        "policy": loaded.names["policy"], "reference": loaded.names["reference"], "eval_dataset": pairs_source,
+        "samples_file": samples_path.name, "seconds": time.perf_counter() - started,
+        "settings": {k: v for k, v in asdict(cfg).items() if k not in ("disable_tqdm", "output")},
+    }  # fmt: skip
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    samples_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    result["output"] = str(output)
+    return result
+
+
+def format_table(result: Mapping[str, Any]) -> str:
+    """A small text table of an eval result (the dict :func:`evaluate` returns or ``eval.json`` holds)."""
+
+    def num(key: str) -> str:
+        value = result.get(key)
+        return "—" if value is None else f"{value:.4f}"
+
+    settings = result.get("settings", {})
+    lines = [
+        f"{'':<22}{'policy':>10}{'reference':>12}",
+        f"{'gold reward (mean)':<22}{num('policy/gold_reward'):>10}{num('reference/gold_reward'):>12}",
+        f"{'gold reward (std)':<22}{num('policy/gold_reward_std'):>10}{num('reference/gold_reward_std'):>12}",
+        f"{'response tokens':<22}{num('policy/response_tokens'):>10}{num('reference/response_tokens'):>12}",
+        f"KL(π‖π_ref) = {num('kl')} ± {num('kl/std')} (std)   KL(π_ref‖π) = {num('kl/forward')}",
+        f"win rate vs reference = {num('win_rate')}   "
+        f"({result.get('num_prompts')} prompts, {result.get('num_samples')} samples per model)",
+        f"held-out pairs: {result.get('num_pairs', 0)}   preference accuracy = {num('preference_accuracy')}   "
+        f"reward margin = {num('reward_margin')} (β = {result.get('beta', float('nan')):.4g})",
+    ]
+    if settings.get("temperature", 1.0) != 1.0 or settings.get("top_p", 1.0) != 1.0:
+        lines.append("note: temperature/top_p ≠ 1, so `kl` is measured on the sampler's responses, not KL(π‖π_ref)")
+    return "\n".join(lines)

@@ -1,0 +1,35 @@
+"""``epsdpo generate [CONFIG.yaml] [key=value …]``: sample k responses per prompt, score them, write best/worst pairs.
+
+See :mod:`epsdpo.generate` and docs/generate.md. Exit status: 0 done, 1 a data or model problem, 2 a bad config.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="YAML config (omit to use defaults and overrides only)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="override any config key, e.g. prompts=my.jsonl num_samples=8 output=pairs.jsonl")
+
+
+def run(args: argparse.Namespace) -> int:
+    from epsdpo.config import ConfigError
+    from epsdpo.data import DataError
+    from epsdpo.generate import generate
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config:  # `epsdpo generate key=value …` without a config file
+        overrides.insert(0, config)
+        config = None
+    try:
+        summary = generate(config, overrides)
+    except ConfigError as err:
+        print(f"epsdpo generate: error: {err}")
+        return 2
+    except (DataError, ValueError, OSError) as err:
+        print(f"epsdpo generate: error: {err}")
+        return 1
+    print(summary.text())
+    return 0

@@ -1,0 +1,46 @@
+"""``epsdpo plot RUN_DIR [RUN_DIR …] [--out DIR]``: training curves, β trajectory and reward-vs-KL PNGs.
+
+Per run with ``metrics.jsonl``: ``RUN_DIR/plots/training_curves.png`` and ``RUN_DIR/plots/beta.png``. For the runs
+with an ``eval.json`` (from ``epsdpo eval``): ``reward_vs_kl.png`` in ``--out``, by default ``RUN_DIR/plots/`` for
+a single run and the first run's parent directory (e.g. ``runs/``) for several. Exit status: 0 done, 1 a missing or
+unreadable file.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories of `epsdpo train`")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where reward_vs_kl.png goes (default: RUN_DIR/plots for one run, else the first "
+                             "run's parent directory)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from epsdpo.plots import PLOTS_DIR, plot_reward_vs_kl, plot_training
+
+    runs = [Path(r) for r in args.runs]
+    written: list[Path] = []
+    try:
+        for run_dir in runs:
+            if not run_dir.is_dir():
+                raise FileNotFoundError(f"{run_dir} is not a directory; give run directories of `epsdpo train`")
+            if (run_dir / "metrics.jsonl").is_file():
+                written.extend(plot_training(run_dir))
+            else:
+                print(f"note: {run_dir} has no metrics.jsonl; no training curves for it")
+        evaluated = [r for r in runs if (r / "eval.json").is_file()]
+        if evaluated:
+            out = args.out or (runs[0] / PLOTS_DIR if len(runs) == 1 else runs[0].resolve().parent)
+            written.append(plot_reward_vs_kl(evaluated, out))
+        elif len(runs) > 1:
+            print("note: no run has an eval.json, so there is no reward-vs-KL plot; run `epsdpo eval RUN_DIR` first")
+    except (FileNotFoundError, ValueError) as err:
+        print(f"epsdpo plot: error: {err}")
+        return 1
+    for path in written:
+        print(f"written: {path}")
+    return 0

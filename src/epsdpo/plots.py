@@ -1,0 +1,194 @@
+"""PNG plots of runs: training curves, the β trajectory, and the reward-vs-KL frontier (matplotlib, Agg backend).
+
+- :func:`plot_training` reads ``RUN_DIR/metrics.jsonl`` and writes ``RUN_DIR/plots/training_curves.png`` (loss,
+  implicit reward margin and preference accuracy per step; held-out values, the records with ``eval/`` keys, as
+  points) and ``RUN_DIR/plots/beta.png`` (β per step, ``kl/beta``, above the shares of pairs whose decision was a
+  weaker or a stronger penalty, ``kl/steps_weaker`` / ``kl/steps_stronger``; a run without them has a constant β).
+- :func:`plot_reward_vs_kl` reads ``eval.json`` of several runs (``epsdpo eval``) and writes ``reward_vs_kl.png``:
+  mean gold reward of sampled responses (± one standard deviation of the per-sample rewards) against the estimated
+  KL(π‖π_ref), one labelled marker per run and the reference model at KL 0, as in the DPO paper's Figure 2 and
+  ε-DPO's Pareto plot.
+
+Missing optional metrics leave a panel with a note instead of failing; a run without ``metrics.jsonl`` is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["plot_reward_vs_kl", "plot_training", "read_eval", "read_metrics_file"]
+
+PLOTS_DIR = "plots"
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed, safe on servers and in tests
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_metrics_file(run_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The training records and the held-out (``eval/``) records of ``RUN_DIR/metrics.jsonl``."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; give the run directory of `epsdpo train` (it holds metrics.jsonl)")
+    train, held_out = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg})") from err
+        (held_out if any(k.startswith("eval/") for k in record) else train).append(record)
+    return train, held_out
+
+
+def _series(records: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), int | float) and "step" in r]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def _empty(ax: Any, message: str) -> None:
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="0.4")
+
+
+def _integer_steps(ax: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def plot_training(run_dir: str | Path) -> list[Path]:
+    """Write ``plots/training_curves.png`` and ``plots/beta.png`` into the run directory; returns their paths."""
+    plt = _pyplot()
+    run = Path(run_dir)
+    records, held_out = read_metrics_file(run)
+    out = run / PLOTS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    name = run.resolve().name
+
+    panels = (("loss", "loss"), ("rewards/margins", "reward margin"), ("rewards/accuracies", "preference accuracy"))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), constrained_layout=True)
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        steps, values = _series(records, key)
+        if steps:
+            ax.plot(steps, values, color="tab:blue", linewidth=1.2, label="train")
+        eval_steps, eval_values = _series(held_out, f"eval/{key}")
+        if eval_steps:
+            ax.plot(eval_steps, eval_values, "o-", color="tab:orange", markersize=5, label="held-out")
+        if not steps and not eval_steps:
+            _empty(ax, f"no {label} recorded")
+        if key == "rewards/accuracies":
+            ax.set_ylim(-0.02, 1.02)
+        ax.set(title=label, xlabel="optimizer step", ylabel=label)
+        ax.grid(alpha=0.3)
+        _integer_steps(ax)
+        if steps or eval_steps:
+            ax.legend(loc="best", fontsize=8)
+    fig.suptitle(f"{name}: training curves (per-pair means over each logging interval)")
+    curves = out / "training_curves.png"
+    fig.savefig(curves, dpi=110)
+    plt.close(fig)
+    return [curves, _plot_beta(plt, records, out / "beta.png", name)]
+
+
+def _plot_beta(plt: Any, records: Sequence[dict[str, Any]], path: Path, name: str) -> Path:
+    steps, betas = _series(records, "kl/beta")
+    w_steps, weaker = _series(records, "kl/steps_weaker")
+    s_steps, stronger = _series(records, "kl/steps_stronger")
+    adaptive = bool(w_steps or s_steps)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 5.5), sharex=True, constrained_layout=True,
+                                      gridspec_kw={"height_ratios": [3, 2]})  # fmt: skip
+    if steps:
+        top.plot(steps, betas, color="tab:purple", linewidth=1.5)
+        top.annotate(f"{betas[-1]:.4g}", (steps[-1], betas[-1]), textcoords="offset points", xytext=(4, 4),
+                     fontsize=8)  # fmt: skip
+    else:
+        _empty(top, "no β (kl/beta) recorded")
+    top.set(ylabel="β (KL penalty)")
+    top.grid(alpha=0.3)
+    if adaptive:
+        bottom.plot(w_steps, weaker, color="tab:green", label="weaker penalty (s = +1)")
+        bottom.plot(s_steps, stronger, color="tab:red", label="stronger penalty (s = −1)")
+        bottom.set_ylim(-0.02, 1.02)
+        bottom.legend(loc="best", fontsize=8)
+    else:
+        _empty(bottom, "no per-pair decisions: not an ε-DPO run")
+    bottom.set(xlabel="optimizer step", ylabel="share of pairs")
+    bottom.grid(alpha=0.3)
+    _integer_steps(bottom)
+    if adaptive:
+        title = f"{name}: β trajectory (ε-DPO)"
+    elif betas and len(set(betas)) <= 1:
+        title = f"{name}: β constant ({betas[0]:.4g})"
+    else:
+        title = f"{name}: β"
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def read_eval(run_dir: str | Path) -> dict[str, Any]:
+    """``eval.json`` of a run directory (or the file itself when given one)."""
+    path = Path(run_dir)
+    path = path if path.is_file() else path / "eval.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; run `epsdpo eval {path.parent}` first")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def plot_reward_vs_kl(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
+    """Write the reward-vs-KL plot of the runs' ``eval.json`` files to ``out`` (a directory or a ``.png`` path).
+
+    The reference point is the mean of the runs' ``reference/gold_reward`` (equal when the runs were evaluated
+    with the same reference, prompts and seeds; the spread is noted in the legend otherwise).
+    """
+    plt = _pyplot()
+    if not run_dirs:
+        raise ValueError("give at least one run directory with an eval.json")
+    target = Path(out)
+    if target.suffix.lower() != ".png":
+        target = target / "reward_vs_kl.png"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 5), constrained_layout=True)
+    references: list[float] = []
+    for i, run in enumerate(run_dirs):
+        result = read_eval(run)
+        label = Path(run).resolve().name if Path(run).is_dir() else Path(run).resolve().parent.name
+        kl, reward = _number(result.get("kl")), _number(result.get("policy/gold_reward"))
+        if kl is None or reward is None:
+            raise ValueError(f"{run}: eval.json lacks 'kl' or 'policy/gold_reward'; rerun `epsdpo eval`")
+        std = _number(result.get("policy/gold_reward_std")) or 0.0
+        ax.errorbar(kl, reward, yerr=std, fmt="o", markersize=7, capsize=4, color=f"C{i % 10}", label=label)
+        ax.annotate(label, (kl, reward), textcoords="offset points", xytext=(6, 6), fontsize=8)
+        ref = _number(result.get("reference/gold_reward"))
+        if ref is not None:
+            references.append(ref)
+    if references:
+        mean = sum(references) / len(references)
+        spread = max(references) - min(references)
+        note = f" (runs differ by {spread:.3g})" if spread > 1e-9 else ""
+        ax.plot(0.0, mean, marker="*", markersize=14, color="black", linestyle="none", label=f"reference{note}")
+        ax.axhline(mean, color="0.6", linestyle=":", linewidth=1)
+    ax.axvline(0.0, color="0.8", linewidth=1)
+    ax.set(xlabel="KL(π ‖ π_ref) estimated from the policy's samples (nats)",
+           ylabel="gold reward of sampled responses (mean ± std)",
+           title="Reward vs KL on held-out prompts")  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+    return target

@@ -1,0 +1,198 @@
+"""`epsdpo eval` on constructed models with known answers, and end to end on a tiny training run."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from epsdpo.cli import main as cli_main
+from epsdpo.data import load_preference_dataset
+from epsdpo.evaluate import EvalConfig, evaluate_models, format_table
+from epsdpo.generate import encode_prompt, load_prompts
+from epsdpo.rewards import load_reward
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+TINY_DATA = ROOT / "configs" / "data" / "tiny_preferences.jsonl"
+REQUIRED = {"policy/gold_reward", "reference/gold_reward", "kl", "win_rate", "preference_accuracy",
+            "policy/gold_reward_std", "reference/gold_reward_std", "kl/forward", "kl/std", "reward_margin",
+            "num_prompts", "num_samples", "settings"}  # fmt: skip
+
+
+def tiny_llama(vocab_size: int, seed: int = 0) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False)  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def constant_logits(model: nn.Module, bias: torch.Tensor) -> nn.Module:
+    """The model's logits become ``bias`` at every position: a zero-weight head with that bias."""
+    head = nn.Linear(model.config.hidden_size, bias.numel(), bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(bias)
+    model.lm_head = head
+    return model
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return load_prompts("bundled", "test", limit=3)
+
+
+@pytest.fixture
+def length_reward(tmp_path, monkeypatch):
+    (tmp_path / "eval_hooks.py").write_text(textwrap.dedent("""
+        def length(prompts, responses):
+            return [float(len(r)) for r in responses]
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield load_reward("eval_hooks:length")
+    sys.modules.pop("eval_hooks", None)
+
+
+def test_a_model_against_itself_has_zero_kl_and_only_ties(smollm2_tokenizer, prompts):
+    policy = tiny_llama(len(smollm2_tokenizer))
+    reference = copy.deepcopy(policy)  # the same weights, another object
+    cfg = EvalConfig(samples_per_prompt=2, max_new_tokens=6, batch_size=2, disable_tqdm=True)
+    metrics, records = evaluate_models(policy, reference, smollm2_tokenizer, prompts, load_reward("sentiment"), cfg)
+    # the same seeds give the same samples, so every comparison ties and every log-ratio is exactly 0
+    assert metrics["kl"] == 0.0 and metrics["kl/forward"] == 0.0 and metrics["kl/std"] == 0.0
+    assert metrics["win_rate"] == 0.5
+    assert metrics["policy/gold_reward"] == metrics["reference/gold_reward"]
+    assert metrics["preference_accuracy"] is None and metrics["reward_margin"] is None
+    assert (metrics["num_prompts"], metrics["num_samples"]) == (3, 6) and len(records) == 6
+    assert all(r["policy"] == r["reference"] for r in records)
+
+
+def test_known_win_rate_and_kl_for_constructed_models(smollm2_tokenizer, prompts, length_reward):
+    """Policy: always the token "good" (never ends); reference: always ends at once. Both KLs have closed forms."""
+    vocab = len(smollm2_tokenizer)
+    good = smollm2_tokenizer.encode("good", add_special_tokens=False)[0]
+    end = smollm2_tokenizer.eos_token_id  # SmolLM2: <|im_end|> is both EOS and the end of an assistant turn
+    pol_bias, ref_bias = torch.zeros(vocab), torch.zeros(vocab)
+    pol_bias[good], pol_bias[end] = 40.0, -40.0
+    ref_bias[end] = 40.0
+    policy = constant_logits(tiny_llama(vocab, seed=1), pol_bias)
+    reference = constant_logits(tiny_llama(vocab, seed=2), ref_bias)
+    n = 6
+    cfg = EvalConfig(max_new_tokens=n, batch_size=3, disable_tqdm=True)
+    metrics, records = evaluate_models(policy, reference, smollm2_tokenizer, prompts, length_reward, cfg)
+    assert all(r["policy"] == "good" * n and r["reference"] == "" for r in records)
+    assert metrics["win_rate"] == 1.0  # longer responses win under the length reward
+    assert metrics["policy/gold_reward"] == 4.0 * n and metrics["reference/gold_reward"] == 0.0
+    lp_pol, lp_ref = pol_bias.log_softmax(-1), ref_bias.log_softmax(-1)
+    # y ~ π is "good" n times: KL = n (log π(good) − log π_ref(good)); y ~ π_ref is the end token alone
+    assert metrics["kl"] == pytest.approx(n * float(lp_pol[good] - lp_ref[good]), rel=1e-5)
+    assert metrics["kl/forward"] == pytest.approx(float(lp_ref[end] - lp_pol[end]), rel=1e-5)
+    assert metrics["policy/finished"] == 0.0 and metrics["reference/finished"] == 1.0
+    assert metrics["policy/response_tokens"] == n and metrics["reference/response_tokens"] == 1
+
+
+def test_preference_accuracy_and_margin_are_exact(smollm2_tokenizer, prompts):
+    rows = [{"prompt": f"Question {i}?", "chosen": c, "rejected": r}
+            for i, (c, r) in enumerate([("good day", "bad day"), ("very good", "awful"), ("fine", "not fine at all")])]
+    pairs, _ = load_preference_dataset(rows, smollm2_tokenizer, warn=False)
+    vocab = len(smollm2_tokenizer)
+    favoured = {t for p in pairs for t in p.chosen_ids} - {t for p in pairs for t in p.rejected_ids}
+    bias = torch.zeros(vocab)
+    bias[sorted(favoured)] = 2.0
+    policy = constant_logits(tiny_llama(vocab), bias)
+    reference = constant_logits(tiny_llama(vocab), torch.zeros(vocab))
+    beta = 0.25
+    cfg = EvalConfig(max_new_tokens=1, disable_tqdm=True)
+    metrics, _ = evaluate_models(policy, reference, smollm2_tokenizer, prompts[:1], load_reward("sentiment"), cfg,
+                                 pairs=pairs, beta=beta)  # fmt: skip
+    ratio = bias.log_softmax(-1) - torch.zeros(vocab).log_softmax(-1)  # log π(t) − log π_ref(t), per token
+    margins = [beta * float(ratio[p.chosen_ids].sum() - ratio[p.rejected_ids].sum()) for p in pairs]
+    assert all(m > 0 for m in margins)
+    assert metrics["preference_accuracy"] == 1.0 and metrics["num_pairs"] == 3
+    assert metrics["reward_margin"] == pytest.approx(sum(margins) / 3, rel=1e-4)
+    # the reverse preference: a policy that favours the rejected tokens gets every pair wrong
+    swapped = [type(p)(p.prompt_ids, p.rejected_ids, p.chosen_ids, None, None, p.index) for p in pairs]
+    metrics, _ = evaluate_models(policy, reference, smollm2_tokenizer, prompts[:1], load_reward("sentiment"), cfg,
+                                 pairs=swapped, beta=beta)  # fmt: skip
+    assert metrics["preference_accuracy"] == 0.0
+    assert metrics["reward_margin"] == pytest.approx(-sum(margins) / 3, rel=1e-4)
+
+
+def test_samples_are_scored_where_generation_sampled_them(smollm2_tokenizer, prompts):
+    """The log-prob of a sampled response equals the sum of the per-step log-probs of the tokens drawn."""
+    from epsdpo.data import TokenizedPair
+    from epsdpo.evaluate import sequence_logps
+    from epsdpo.generate import end_token_ids, sample_completions
+
+    model = tiny_llama(len(smollm2_tokenizer), seed=3)
+    ids = encode_prompt(smollm2_tokenizer, prompts[0][1], True)
+    (done,) = sample_completions(model, [ids], [7], max_new_tokens=5, end_ids=end_token_ids(smollm2_tokenizer),
+                                 pad_id=smollm2_tokenizer.pad_token_id)  # fmt: skip
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + done.ids])).logits[0, len(ids) - 1 : -1]  # scores each completion token
+    expected = float(logits.log_softmax(-1).gather(-1, torch.tensor(done.ids)[:, None]).sum())
+    lp_pol, lp_ref = sequence_logps(model, model, [TokenizedPair(ids, done.ids, done.ids, None, None, 0)],
+                                    smollm2_tokenizer.pad_token_id)  # fmt: skip
+    assert float(lp_pol[0]) == pytest.approx(expected, abs=1e-4) and torch.equal(lp_pol, lp_ref)
+
+
+@pytest.mark.slow
+def test_eval_and_plot_a_tiny_training_run_through_the_cli(tmp_path, model_cache_dir, capsys):
+    from epsdpo.training import train
+
+    run = tmp_path / "tiny-run"
+    train(TINY, [f"output_dir={run}", f"dataset={TINY_DATA}", "max_steps=3", "save_steps=0", "disable_tqdm=true"])
+    assert cli_main(["eval", str(run), "num_prompts=3", "samples_per_prompt=2", "max_new_tokens=8",
+                     f"eval_dataset={TINY_DATA}", "disable_tqdm=true"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "win rate" in printed and "preference accuracy" in printed
+    result = json.loads((run / "eval.json").read_text())
+    assert REQUIRED <= set(result)
+    assert result["num_prompts"] == 3 and result["num_samples"] == 6 and result["num_pairs"] == 64
+    assert 0.0 <= result["preference_accuracy"] <= 1.0 and 0.0 <= result["win_rate"] <= 1.0
+    # the policy moved away from the reference (a 6-sample estimate of a small KL may still be below 0)
+    assert result["kl"] != 0.0 and result["kl/forward"] != 0.0
+    final_beta = json.loads((run / "final" / "final_metrics.json").read_text())["beta"]
+    assert result["beta"] == final_beta  # ε-DPO's implicit reward uses the final β
+    assert len((run / "eval_samples.jsonl").read_text().splitlines()) == 6
+    assert cli_main(["plot", str(run)]) == 0
+    for name in ("training_curves.png", "beta.png", "reward_vs_kl.png"):
+        assert (run / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_eval_of_a_lora_run_loads_base_plus_adapter(tmp_path, model_cache_dir):
+    from epsdpo.evaluate import evaluate
+    from epsdpo.training import train
+
+    run = tmp_path / "lora-run"
+    train(TINY, [f"output_dir={run}", f"dataset={TINY_DATA}", "max_steps=2", "save_steps=0", "disable_tqdm=true",
+                 "use_lora=true", "lora_r=4", "learning_rate=0.05", "loss_type=dpo"])  # fmt: skip
+    assert (run / "final" / "adapter_config.json").is_file()
+    result = evaluate(run, ["num_prompts=2", "max_new_tokens=6", "disable_tqdm=true", "output=" + str(run / "e.json")])
+    assert json.loads((run / "e.json").read_text())["kl"] == result["kl"]
+    assert result["beta"] == 0.1 and "LoRA adapter" in result["policy"]
+    assert result["kl"] != 0.0  # the merged adapter changed the model
+    assert result["preference_accuracy"] is None  # the run had no held-out pairs and none were given
+
+
+def test_config_errors(tmp_path):
+    from epsdpo.config import ConfigError
+    from epsdpo.evaluate import evaluate
+
+    with pytest.raises(ConfigError, match="model=… and ref_model=…"):
+        evaluate(None, ["model=x"])
+    with pytest.raises(ConfigError, match="not a run directory"):
+        evaluate(tmp_path)
+    with pytest.raises(ConfigError, match="temperature"):
+        evaluate(None, ["temperature=0"])
+    assert "—" in format_table({"settings": {}, "beta": 0.1})

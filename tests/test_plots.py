@@ -1,0 +1,89 @@
+"""`epsdpo plot`: PNG files from constructed metrics.jsonl / eval.json, with and without the optional keys."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from epsdpo.cli import main as cli_main
+from epsdpo.plots import plot_reward_vs_kl, plot_training, read_metrics_file
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def is_png(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 1000 and path.read_bytes()[:8] == PNG
+
+
+def write_run(run: Path, epsilon_dpo: bool = True, held_out: bool = True, eval_result: dict | None = None) -> Path:
+    run.mkdir(parents=True)
+    records = []
+    beta = 0.1
+    for step in range(1, 21):
+        record = {"step": step, "loss": 0.69 - 0.02 * step, "rewards/margins": 0.05 * step,
+                  "rewards/accuracies": min(1.0, 0.5 + 0.03 * step), "kl/beta": beta}  # fmt: skip
+        if epsilon_dpo:
+            record.update({"kl/steps_weaker": 0.6, "kl/steps_stronger": 0.1, "kl/steps_kept": 0.3})
+            beta /= 1 + 0.01 * 0.5
+        records.append(record)
+        if held_out and step % 10 == 0:
+            records.append({"step": step, "eval/loss": 0.7 - 0.01 * step, "eval/rewards/margins": 0.03 * step,
+                            "eval/rewards/accuracies": 0.6})  # fmt: skip
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if eval_result is not None:
+        (run / "eval.json").write_text(json.dumps(eval_result))
+    return run
+
+
+def result(kl: float, reward: float) -> dict:
+    return {"kl": kl, "policy/gold_reward": reward, "policy/gold_reward_std": 0.2, "reference/gold_reward": 0.1}
+
+
+def test_training_plots_of_an_epsilon_dpo_run(tmp_path):
+    run = write_run(tmp_path / "eps")
+    train, held_out = read_metrics_file(run)
+    assert len(train) == 20 and len(held_out) == 2
+    paths = plot_training(run)
+    assert [p.name for p in paths] == ["training_curves.png", "beta.png"]
+    assert all(p.parent == run / "plots" and is_png(p) for p in paths)
+
+
+def test_training_plots_without_optional_keys(tmp_path):
+    run = write_run(tmp_path / "dpo", epsilon_dpo=False, held_out=False)
+    assert all(is_png(p) for p in plot_training(run))
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 0.7}) + "\n")  # no margins, no β
+    assert all(is_png(p) for p in plot_training(bare))
+
+
+def test_reward_vs_kl_for_several_runs_and_missing_pieces(tmp_path):
+    runs = [write_run(tmp_path / "a", eval_result=result(0.5, 0.4)),
+            write_run(tmp_path / "b", eval_result=result(1.5, 0.7))]  # fmt: skip
+    path = plot_reward_vs_kl(runs, tmp_path / "out")
+    assert path == tmp_path / "out" / "reward_vs_kl.png" and is_png(path)
+    single = {"kl": 0.2, "policy/gold_reward": 0.3}  # no std, no reference point
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "eval.json").write_text(json.dumps(single))
+    assert is_png(plot_reward_vs_kl([tmp_path / "c"], tmp_path / "c.png"))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "eval.json").write_text(json.dumps({"kl": 0.2}))
+    with pytest.raises(ValueError, match="lacks 'kl' or 'policy/gold_reward'"):
+        plot_reward_vs_kl([tmp_path / "d"], tmp_path)
+    with pytest.raises(FileNotFoundError, match="epsdpo eval"):
+        plot_reward_vs_kl([tmp_path / "nothing"], tmp_path)
+
+
+def test_cli_writes_per_run_plots_and_the_frontier_beside_the_runs(tmp_path, capsys):
+    a = write_run(tmp_path / "runs" / "a", eval_result=result(0.5, 0.4))
+    b = write_run(tmp_path / "runs" / "b", epsilon_dpo=False)  # not evaluated: no point for it
+    assert cli_main(["plot", str(a), str(b)]) == 0
+    assert is_png(tmp_path / "runs" / "reward_vs_kl.png")
+    for run in (a, b):
+        assert is_png(run / "plots" / "training_curves.png") and is_png(run / "plots" / "beta.png")
+    assert cli_main(["plot", str(a), "--out", str(tmp_path / "figs")]) == 0
+    assert is_png(tmp_path / "figs" / "reward_vs_kl.png")
+    assert cli_main(["plot", str(tmp_path / "missing")]) == 1
+    assert "is not a directory" in capsys.readouterr().out
