@@ -74,6 +74,7 @@ class EvalConfig:
         prompt_split: which split of ``prompts`` (``test`` holds out whole subjects of the bundled set); None: all.
         prompt_column: the column holding the prompt text.
         num_prompts: use the first this many prompts; ``None``: all of them.
+        max_pairs: score at most the first this many held-out pairs for preference accuracy; ``None``: all.
         samples_per_prompt: responses sampled per prompt and model.
         max_new_tokens: longest sampled response in tokens.
         temperature: sampling temperature; keep 1 for an unbiased KL estimate (see the module docstring).
@@ -100,6 +101,7 @@ class EvalConfig:
     prompt_split: str | None = "test"
     prompt_column: str = "prompt"
     num_prompts: int | None = 64
+    max_pairs: int | None = None
     samples_per_prompt: int = 1
     max_new_tokens: int = 48
     temperature: float = 1.0
@@ -346,6 +348,14 @@ def _load_models(cfg: EvalConfig) -> _Loaded:
 
 
 def _held_out_pairs(cfg: EvalConfig, run_data: Any, tokenizer: Any) -> tuple[list[Any] | None, str | None]:
+    """The held-out pairs (the first ``max_pairs``) and where they came from."""
+    pairs, source = _all_held_out_pairs(cfg, run_data, tokenizer)
+    if pairs is not None and cfg.max_pairs is not None:
+        pairs = pairs[: cfg.max_pairs]
+    return pairs, source
+
+
+def _all_held_out_pairs(cfg: EvalConfig, run_data: Any, tokenizer: Any) -> tuple[list[Any] | None, str | None]:
     """The held-out pairs (tokenized as in training, with the run's length limits) and where they came from."""
     from importlib.resources import files
 

@@ -7,7 +7,8 @@ import logging
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", help="YAML config (omit to use defaults and overrides only)")
+    parser.add_argument("config", nargs="?",
+                        help="YAML config; omitted: the bundled default (SmolLM2-135M-Instruct, ε-DPO, sentiment)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="override any config key, e.g. max_steps=50 output_dir=runs/x beta=0.05")
 
@@ -22,14 +23,24 @@ def run(args: argparse.Namespace) -> int:
     if config is not None and "=" in config:  # `epsdpo train key=value …` without a config file
         overrides.insert(0, config)
         config = None
+    if config is None:
+        from epsdpo.assets import bundled_config
+
+        config = bundled_config("default")
+        print(f"epsdpo train: no config given, running the bundled default {config}")
     try:
         cfg = load_run_config(config, overrides)
         result = train(cfg)
     except (ConfigError, DataError, TrainingError, FileNotFoundError) as err:
         print(f"epsdpo train: error: {err}")
         return 2
-    where = result.final_model_dir or result.output_dir
     state = "interrupted; checkpoint saved" if result.interrupted else "done"
-    print(f"epsdpo train: {state} after {result.global_step} steps, β = {result.beta:.6g}. Run directory: "
-          f"{result.output_dir} (model: {where})")
+    print(f"epsdpo train: {state} after {result.global_step} steps, β = {result.beta:.6g}")
+    print(f"  run directory: {result.output_dir} (config.yaml, metrics.jsonl, checkpoints)")
+    if result.final_model_dir is not None:
+        print(f"  model:         {result.final_model_dir}")
+    if result.eval_metrics is not None:
+        print(f"  evaluation:    {result.output_dir / 'eval.json'}")
+    for plot in result.plots:
+        print(f"  plot:          {plot}")
     return 130 if result.interrupted else 0

@@ -20,7 +20,8 @@ DATA = ROOT / "configs" / "data" / "tiny_preferences.jsonl"
 
 
 def tiny(tmp_path: Path, name: str, *overrides: str):
-    return load_run_config(TINY, [f"output_dir={tmp_path / name}", f"dataset={DATA}", "disable_tqdm=true", *overrides])
+    fixed = [f"output_dir={tmp_path / name}", f"dataset={DATA}", "disable_tqdm=true", "plot_after_training=false"]
+    return load_run_config(TINY, [*fixed, *overrides])
 
 
 def without_timing(records):

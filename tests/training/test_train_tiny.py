@@ -29,7 +29,8 @@ TIMING = {"tokens_per_second"}
 
 def tiny(tmp_path: Path, name: str, *overrides: str):
     return load_run_config(
-        TINY, [f"output_dir={tmp_path / name}", f"dataset={DATA}", "disable_tqdm=true", *overrides]
+        TINY, [f"output_dir={tmp_path / name}", f"dataset={DATA}", "disable_tqdm=true", "plot_after_training=false",
+               *overrides]
     )
 
 
@@ -39,7 +40,7 @@ def comparable(records: list[dict]) -> list[dict]:
 
 @pytest.mark.slow
 def test_tiny_config_learns_and_moves_beta(tmp_path):
-    result = train(tiny(tmp_path, "run", "max_steps=24", "save_steps=0"))
+    result = train(tiny(tmp_path, "run", "max_steps=24", "save_steps=0", "plot_after_training=true"))
     records = read_metrics(result.output_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 25))
     assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # the policy starts as the reference
@@ -56,6 +57,8 @@ def test_tiny_config_learns_and_moves_beta(tmp_path):
     card = (final / "README.md").read_text()
     assert "epsilon_dpo" in card and "final β" in card
     assert (result.output_dir / "config.yaml").is_file() and (result.output_dir / "data_report.json").is_file()
+    assert {p.name for p in result.plots} == {"training_curves.png", "beta.png"}  # training draws its own curves
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in result.plots)
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from epsdpo.assets import BUNDLED_PREFIX, bundled_dataset
 from epsdpo.data.errors import WHOLE_ROW, DataError, RowProblem, RowRef
 
 __all__ = ["RawRows", "load_rows"]
@@ -196,6 +197,11 @@ def load_rows(source: Any, *, dataset_config: str | None = None, split: str = "t
             "datasets.Dataset or a list of dicts.",
             source=repr(source)[:80], reason="unreadable",
         )
+    if isinstance(source, str) and source.startswith(BUNDLED_PREFIX):
+        try:
+            source = bundled_dataset(source)
+        except FileNotFoundError as err:
+            raise DataError(str(err), source=str(source), reason="unreadable") from err
     path = Path(source)
     suffix = path.suffix.lower()
     if path.is_file():

@@ -159,6 +159,10 @@ class TrainConfig:
         report_to: experiment trackers through accelerate (``tensorboard``, ``wandb``), if installed.
         disable_tqdm: no progress bar (metrics still go to metrics.jsonl).
         use_cpu: run on the CPU even when a GPU is present (always the case when none is).
+        plot_after_training: write ``plots/training_curves.png`` and ``plots/beta.png`` into the run directory.
+        eval_after_training: run ``epsdpo eval`` on the final model (gold reward and KL of sampled responses on
+            held-out prompts, win rate against the reference, held-out preference accuracy) and write ``eval.json``.
+        eval_options: keys for that evaluation (see ``epsdpo eval``; e.g. ``{num_prompts: 64, max_new_tokens: 48}``).
         overwrite_output_dir: allow training into a directory that already holds a finished run.
     """
 
@@ -188,6 +192,9 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=list)
     disable_tqdm: bool = False
     use_cpu: bool = False
+    plot_after_training: bool = True
+    eval_after_training: bool = False
+    eval_options: dict[str, Any] = field(default_factory=dict)
     overwrite_output_dir: bool = False
 
     def __post_init__(self) -> None:
