@@ -509,11 +509,11 @@ class Trainer:
                 self.metrics.write({"step": self.global_step, **eval_metrics})
                 last = {**last, **eval_metrics}
             final_dir = self._save_final(last, time.perf_counter() - started)
-        acc.end_training()
         result = TrainResult(self.output_dir, final_dir, self.global_step, self.controller.beta, last, interrupted)
         if not interrupted and acc.is_main_process:
             self._after_training(result)
         acc.wait_for_everyone()
+        acc.end_training()  # last: it also tears down the process group
         return result
 
     def _after_training(self, result: TrainResult) -> None:
