@@ -29,13 +29,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import psutil
 import torch
+
+from logps_memory import PeakRSS  # the same resident-memory sampler (benchmarks/ is on sys.path)
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "a": {"model": "smollm2-135m-instruct", "model_config": None, "bf16": True, "pairs": 4, "tokens": 256},
@@ -47,28 +48,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 CONTENDERS = ("epsdpo-epsilon", "epsdpo-dpo", "naive-epsilon", "trl-dpo")
 BETA, EPSILON, LR = 0.1, 0.01, 1e-6
-
-
-class PeakRSS:
-    """Resident set size sampled every millisecond in a background thread."""
-
-    def __init__(self) -> None:
-        self.process, self.peak, self._stop = psutil.Process(), 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(0.001)
-
-    def __enter__(self) -> PeakRSS:
-        self.peak = self.process.memory_info().rss
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def synthetic_pairs(path: Path, tokenizer: Any, pairs: int, tokens: int) -> None:
