@@ -25,6 +25,15 @@ VERBS: dict[str, tuple[str, str]] = {
 }
 
 
+def config_and_overrides(source: str | None, overrides: Sequence[str]) -> tuple[str | None, list[str]]:
+    """``(config, overrides)`` for verbs whose config is optional: a first positional with ``=`` is an override
+    (``epsdpo train max_steps=5``), not a config path."""
+    rest = list(overrides)
+    if source is not None and "=" in source:
+        return None, [source, *rest]
+    return source, rest
+
+
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     """The parser; only ``verb``'s module is imported (to add its arguments), so one verb never breaks another."""
     parser = argparse.ArgumentParser(

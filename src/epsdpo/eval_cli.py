@@ -17,14 +17,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from epsdpo.cli import config_and_overrides
     from epsdpo.config import ConfigError
     from epsdpo.data import DataError
     from epsdpo.evaluate import evaluate, format_table
 
-    source, overrides = args.source, list(args.overrides)
-    if source is not None and "=" in source:  # `epsdpo eval model=… ref_model=…` without a file or directory
-        overrides.insert(0, source)
-        source = None
+    source, overrides = config_and_overrides(args.source, args.overrides)  # `epsdpo eval model=… ref_model=…`
     try:
         result = evaluate(source, overrides)
     except ConfigError as err:

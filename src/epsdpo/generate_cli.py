@@ -15,14 +15,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from epsdpo.cli import config_and_overrides
     from epsdpo.config import ConfigError
     from epsdpo.data import DataError
     from epsdpo.generate import generate
 
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config:  # `epsdpo generate key=value …` without a config file
-        overrides.insert(0, config)
-        config = None
+    config, overrides = config_and_overrides(args.config, args.overrides)
     try:
         summary = generate(config, overrides)
     except ConfigError as err:

@@ -14,15 +14,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from epsdpo.cli import config_and_overrides
     from epsdpo.config import ConfigError
     from epsdpo.data import DataError
     from epsdpo.training import TrainingError, load_run_config, train
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config:  # `epsdpo train key=value …` without a config file
-        overrides.insert(0, config)
-        config = None
+    config, overrides = config_and_overrides(args.config, args.overrides)
     if config is None:
         from epsdpo.assets import bundled_config
 
