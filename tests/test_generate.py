@@ -128,6 +128,7 @@ def test_make_row_picks_best_and_worst_and_skips_what_cannot_be_trained_on():
     chat, _ = make_row("p", "x", ["a", "b"], [0.0, 1.0], [True, False], conversational=True)
     assert chat is not None and chat["prompt"] == [{"role": "user", "content": "x"}]
     assert chat["chosen"] == [{"role": "assistant", "content": "b"}] and chat["finished"] == [True, False]
+    assert (chat["chosen_finished"], chat["rejected_finished"]) == (False, True)
 
 
 # ---- the verb on a tiny model ---------------------------------------------------------------------------------------
@@ -147,7 +148,7 @@ def test_cli_writes_valid_pairs_scored_by_vader(tiny_model_dir, smollm2_tokenize
     vader = load_reward("sentiment")
     for row in rows:
         assert set(row) == {"prompt_id", "prompt", "chosen", "rejected", "score_chosen", "score_rejected",
-                            "responses", "scores", "finished"}  # fmt: skip
+                            "chosen_finished", "rejected_finished", "responses", "scores", "finished"}  # fmt: skip
         chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
         assert chosen != rejected and row["score_chosen"] > row["score_rejected"]
         assert row["scores"] == vader([""] * 4, row["responses"])  # the real reward, recomputable

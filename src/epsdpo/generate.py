@@ -400,6 +400,7 @@ def make_row(prompt_id: str, prompt: str, texts: list[str], scores: list[float],
         "prompt_id": prompt_id, "prompt": as_turn(prompt, "user"),
         "chosen": as_turn(texts[best], "assistant"), "rejected": as_turn(texts[worst], "assistant"),
         "score_chosen": scores[best], "score_rejected": scores[worst],
+        "chosen_finished": finished[best], "rejected_finished": finished[worst],
         "responses": texts, "scores": scores, "finished": finished,
     }, None  # fmt: skip
 

@@ -173,3 +173,40 @@ def test_nothing_left_is_an_error(smollm2_tokenizer: Any) -> None:
         load_preference_dataset([{**GOOD, "chosen": ""}], smollm2_tokenizer, config=DataConfig(on_invalid="skip"))
     with pytest.raises(DataError, match="no rows"):
         load_preference_dataset([], smollm2_tokenizer)
+
+
+# ---- responses cut at generation (chosen_finished / rejected_finished) ---------------------------------------------
+def test_unfinished_completions_get_no_end_token(smollm2_tokenizer: Any, tmp_path: Path) -> None:
+    eos, im_end = smollm2_tokenizer.eos_token_id, smollm2_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    rows = [{**GOOD, "chosen_finished": False, "rejected_finished": True},
+            {**CONV_GOOD, "chosen_finished": True, "rejected_finished": False},
+            {**GOOD, "chosen": "Hi there<|endoftext|>", "chosen_finished": False, "rejected_finished": False}]
+    (a, b, c), report = load_preference_dataset(rows, smollm2_tokenizer, warn=False)
+    (plain,), _ = load_preference_dataset([GOOD], smollm2_tokenizer, warn=False)
+    (chat,), _ = load_preference_dataset([CONV_GOOD], smollm2_tokenizer, warn=False)
+    # the same ids as a finished completion, minus its end token, and only on the side marked unfinished
+    assert a.chosen_ids == plain.chosen_ids[:-1] and a.rejected_ids == plain.rejected_ids
+    assert plain.chosen_ids[-1] == eos and a.chosen_truncated and not a.rejected_truncated
+    assert chat.rejected_ids[-1] == im_end and b.rejected_ids == chat.rejected_ids[:-1]
+    assert b.chosen_ids == chat.chosen_ids and b.rejected_truncated and not b.chosen_truncated
+    assert c.chosen_ids[-1] != eos and c.rejected_ids[-1] != eos  # a written end token is taken off too
+    assert report.truncated == {"chosen_unfinished": 2, "rejected_unfinished": 2}
+
+
+def test_finished_flags_are_checked(smollm2_tokenizer: Any, tmp_path: Path) -> None:
+    error = _error(smollm2_tokenizer, tmp_path, {**GOOD, "chosen_finished": "no", "rejected_finished": True},
+                   good={**GOOD, "chosen_finished": True, "rejected_finished": True})
+    assert error.reason == "bad_flag" and error.column == "chosen_finished" and "got 'no'" in str(error)
+    with pytest.raises(DataError, match="'rejected_finished' is not; give both"):
+        load_preference_dataset([{**GOOD, "chosen_finished": False}], smollm2_tokenizer)
+    csv = tmp_path / "prefs.csv"
+    csv.write_text("prompt,chosen,rejected,chosen_finished,rejected_finished\nHello?,Hi.,Go.,false,TRUE\n")
+    (pair,), _ = load_preference_dataset(csv, smollm2_tokenizer, warn=False)
+    assert pair.chosen_truncated and not pair.rejected_truncated
+
+
+def test_bundled_pairs_mark_their_cut_responses(smollm2_tokenizer: Any) -> None:
+    pairs, report = load_preference_dataset("bundled:sentiment_pairs", smollm2_tokenizer, warn=False)
+    assert report.truncated["chosen_unfinished"] + report.truncated["rejected_unfinished"] > len(pairs)
+    ends = {p.chosen_ids[-1] for p in pairs if not p.chosen_truncated}
+    assert ends == {smollm2_tokenizer.convert_tokens_to_ids("<|im_end|>")}

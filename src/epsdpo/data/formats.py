@@ -12,6 +12,10 @@ Accepted shapes (per row; the report counts how many rows had each):
 
 Scores (optional): ``score_chosen``/``score_rejected`` numbers, or one ``scores`` column holding
 ``[chosen, rejected]`` or ``{"chosen": …, "rejected": …}``.
+
+Completion ends (optional): boolean ``chosen_finished``/``rejected_finished`` columns, as ``epsdpo generate`` writes
+them. ``false`` says the response was cut at a generation limit rather than ended by the model, so it must not be
+given an end token (training on one would teach the model to stop wherever sampling was cut). Absent: finished.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ class Example:
     format: Format
     score_chosen: float | None = None
     score_rejected: float | None = None
+    chosen_finished: bool = True
+    rejected_finished: bool = True
 
     @property
     def is_conversational(self) -> bool:
@@ -61,6 +67,10 @@ class Columns:
     score_chosen: str | None = None
     score_rejected: str | None = None
     scores: str | None = None
+    finished: bool = False
+
+
+FINISHED_COLUMNS = ("chosen_finished", "rejected_finished")
 
 
 def resolve_columns(raw: RawRows, config: DataConfig) -> Columns:
@@ -99,6 +109,14 @@ def resolve_columns(raw: RawRows, config: DataConfig) -> Columns:
     ):
         if column is not None and column not in present:
             raise missing(column, option)
+    finished = [c for c in FINISHED_COLUMNS if c in present]
+    if len(finished) == 1:
+        other = (set(FINISHED_COLUMNS) - set(finished)).pop()
+        raise DataError(
+            f"{raw.source}: column {finished[0]!r} is present but {other!r} is not; give both (true when the "
+            f"response ended on its own, false when generation cut it), or neither.",
+            source=raw.source, reason="missing_column", column=other,
+        )
     return Columns(
         prompt=config.prompt_column,
         chosen=config.chosen_column,
@@ -107,6 +125,7 @@ def resolve_columns(raw: RawRows, config: DataConfig) -> Columns:
         score_chosen=score_chosen,
         score_rejected=score_rejected,
         scores=config.scores_column,
+        finished=bool(finished),
     )
 
 
@@ -229,6 +248,15 @@ def _scores(row: Mapping[str, Any], columns: Columns, from_csv: bool) -> tuple[f
     return _score(pair[0], columns.scores, from_csv), _score(pair[1], columns.scores, from_csv)
 
 
+def _flag(value: Any, column: str, from_csv: bool) -> bool:
+    if from_csv and isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    if not isinstance(value, bool):
+        raise RowProblem("bad_flag", column, f"expected true or false, got {value!r}",
+                         "Give true when the response ended on its own and false when generation cut it.")
+    return value
+
+
 def normalize_row(row: Any, columns: Columns, from_csv: bool = False) -> Example:
     """Check one row and return it as an :class:`Example`; raises :class:`RowProblem` naming the column."""
     if not isinstance(row, Mapping):
@@ -253,4 +281,6 @@ def normalize_row(row: Any, columns: Columns, from_csv: bool = False) -> Example
                          "the rejected response is identical to the chosen one",
                          "Remove the row: a pair with two equal responses carries no preference.")
     score_chosen, score_rejected = _scores(row, columns, from_csv)
-    return Example(example.prompt, example.chosen, example.rejected, example.format, score_chosen, score_rejected)
+    ends = [_flag(_value(row, c), c, from_csv) for c in FINISHED_COLUMNS] if columns.finished else [True, True]
+    return Example(example.prompt, example.chosen, example.rejected, example.format, score_chosen, score_rejected,
+                   *ends)

@@ -87,7 +87,8 @@ def _pairs(examples: dict[int, Example], rendered: dict[int, RenderedPair], toke
     indices = list(rendered)
     columns = (config.chosen_column, config.rejected_column)
     texts = tokenize_rendered([rendered[i] for i in indices], [examples[i].is_conversational for i in indices],
-                              tokenizer, spec, columns)
+                              tokenizer, spec, columns,
+                              [(examples[i].chosen_finished, examples[i].rejected_finished) for i in indices])
     limits = Truncation(config.max_length, config.max_prompt_length, config.max_completion_length,
                         config.truncation_mode)
     keep_bos = spec.bos_id if spec.adds_bos else None
@@ -117,11 +118,14 @@ def _truncate(index: int, tokens: TokenizedText, example: Example, limits: Trunc
         return None
     if tokens.duplicate_bos:
         reasons.append("duplicate_bos_removed")
+    unfinished = [name for name, done in (("chosen", example.chosen_finished), ("rejected", example.rejected_finished))
+                  if not done]
+    reasons += [f"{name}_unfinished" for name in unfinished]
     for reason in reasons:
         report.truncate(reason, f"{where}: {reason.replace('_', ' ')} ({lengths})")
     return TokenizedPair(prompt, chosen, rejected, example.score_chosen, example.score_rejected, index,
-                         chosen_truncated="chosen_truncated" in reasons,
-                         rejected_truncated="rejected_truncated" in reasons)
+                         chosen_truncated="chosen_truncated" in reasons or "chosen" in unfinished,
+                         rejected_truncated="rejected_truncated" in reasons or "rejected" in unfinished)
 
 
 def load_preference_dataset(

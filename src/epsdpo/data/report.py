@@ -28,7 +28,9 @@ class DataReport:
         dropped: reason -> rows dropped for it (invalid rows under ``on_invalid=skip``; completions truncated to
             nothing; pairs identical after truncation).
         truncated: reason -> kept rows changed for it (``prompt_truncated``, ``chosen_truncated``,
-            ``rejected_truncated``; ``duplicate_bos_removed`` when a prompt started with two BOS tokens).
+            ``rejected_truncated``; ``chosen_unfinished``/``rejected_unfinished`` for completions the data marks as cut
+            at generation, which get no end token; ``duplicate_bos_removed`` when a prompt started with two BOS
+            tokens).
         formats: format -> rows of that format (``standard``, ``conversational``, ``implicit_prompt``).
         lengths: ``prompt``/``chosen``/``rejected`` -> token counts before truncation, one per valid row.
         messages: reason -> the first few full messages (row, column, problem) for that reason.

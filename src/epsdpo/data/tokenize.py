@@ -13,7 +13,9 @@ Rules (the invariants the tests check):
   conversational data, the end-of-turn marker the chat template writes after an assistant message (found once by
   rendering a probe conversation; ``<|im_end|>`` for SmolLM2). What a template writes after that marker (usually a
   newline) is not part of the completion: generation stops at the marker. A completion that already ends with the
-  end token does not get a second one; one that contains it earlier is invalid (``end_token_in_text``).
+  end token does not get a second one; one that contains it earlier is invalid (``end_token_in_text``). A completion
+  the data marks as unfinished (``chosen_finished``/``rejected_finished`` false: generation cut it at a length limit)
+  gets no end token, and the one a chat template writes after it is removed: the model did not stop there.
 - Conversational rendering: prompt text = ``apply_chat_template(prompt, add_generation_prompt=True)``, completion
   text = ``apply_chat_template(prompt + [response])`` minus that prefix. A template whose full rendering does not
   start with the prompt rendering (``template_mismatch``) cannot be split exactly and the row is invalid.
@@ -173,10 +175,13 @@ def _prompt_ids(ids: list[int], spec: TokenizerSpec) -> tuple[list[int], bool]:
     return ids, False
 
 
-def _completion_ids(ids: list[int], spec: TokenizerSpec, conversational: bool, column: str) -> list[int]:
+def _completion_ids(ids: list[int], spec: TokenizerSpec, conversational: bool, column: str,
+                    finished: bool = True) -> list[int]:
     end_id = spec.chat_end_id if conversational and spec.chat_end_id is not None else spec.eos_id
-    if not ids or ids[-1] not in spec.end_ids:
-        ids = [*ids, end_id]
+    if not finished and ids and ids[-1] in spec.end_ids:
+        ids = ids[:-1]  # an end token a chat template wrote after a response that was cut
+    if not ids or ids[-1] not in spec.end_ids or not finished:
+        ids = [*ids, end_id]  # (an unfinished one is checked like a finished one, then loses it again below)
     early = [i for i, t in enumerate(ids[:-1]) if t in spec.end_ids]
     if early:
         raise RowProblem(
@@ -185,7 +190,7 @@ def _completion_ids(ids: list[int], spec: TokenizerSpec, conversational: bool, c
             "Remove special tokens such as EOS or end-of-turn markers from the response text: epsdpo ends every "
             "response with one end token itself.",
         )
-    return ids
+    return ids if finished else ids[:-1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,12 +199,13 @@ class TokenizedPair:
 
     Attributes:
         prompt_ids: the shared prompt; BOS at most once, at the start, when the tokenizer wants one.
-        chosen_ids: completion tokens only; ends with one end token unless ``chosen_truncated``.
+        chosen_ids: completion tokens only; ends with one end token unless ``chosen_truncated`` (cut here, or
+            marked unfinished by the data).
         rejected_ids: likewise.
         score_chosen: the chosen response's score from the data, or ``None``.
         score_rejected: likewise.
         index: the row's 0-based position in its source.
-        chosen_truncated: the chosen completion was cut (so it does not end with EOS).
+        chosen_truncated: the chosen completion was cut, here or at generation (so it does not end with EOS).
         rejected_truncated: likewise.
     """
 
@@ -229,8 +235,12 @@ class TokenizedText:
 
 
 def tokenize_rendered(rendered: Sequence[RenderedPair], conversational: Sequence[bool], tokenizer: Any,
-                      spec: TokenizerSpec, columns: tuple[str, str]) -> list[TokenizedText | RowProblem]:
-    """Tokenize many rendered pairs in one batched call; a pair that breaks an EOS rule gives its RowProblem."""
+                      spec: TokenizerSpec, columns: tuple[str, str],
+                      finished: Sequence[tuple[bool, bool]] | None = None) -> list[TokenizedText | RowProblem]:
+    """Tokenize many rendered pairs in one batched call; a pair that breaks an EOS rule gives its RowProblem.
+
+    ``finished``: per pair, whether (chosen, rejected) ended on their own (default: both did).
+    """
     prompts = _encode(tokenizer, [r.prompt for r in rendered])
     chosen = _encode(tokenizer, [r.chosen for r in rendered])
     rejected = _encode(tokenizer, [r.rejected for r in rendered])
@@ -238,8 +248,9 @@ def tokenize_rendered(rendered: Sequence[RenderedPair], conversational: Sequence
     for i, conv in enumerate(conversational):
         try:
             prompt, duplicate = _prompt_ids(prompts[i], spec)
-            out.append(TokenizedText(prompt, _completion_ids(chosen[i], spec, conv, columns[0]),
-                                     _completion_ids(rejected[i], spec, conv, columns[1]), duplicate))
+            ends = finished[i] if finished is not None else (True, True)
+            out.append(TokenizedText(prompt, _completion_ids(chosen[i], spec, conv, columns[0], ends[0]),
+                                     _completion_ids(rejected[i], spec, conv, columns[1], ends[1]), duplicate))
         except RowProblem as problem:
             out.append(problem)
     return out
