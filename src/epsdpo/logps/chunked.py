@@ -51,25 +51,29 @@ def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
     return dtype
 
 
-def _project(hidden: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-    """Logits of one chunk in float32. ``weight`` None means ``hidden`` already holds logits."""
+def _project(out: Tensor, hidden: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """Logits of one chunk, written into the float32 buffer ``out`` (c, V). ``weight`` None: ``hidden`` is logits.
+
+    Writing into buffers reused across chunks matters on CPUs: a fresh (c, V) tensor per chunk is a new ~256 MiB
+    allocation whose pages are faulted in again every time.
+    """
     if weight is None:
-        return hidden.float()
-    return F.linear(hidden.to(weight.dtype), weight, bias).float()
+        return out.copy_(hidden)
+    if weight.dtype == torch.float32:  # the same GEMM F.linear runs (mm, or addmm with a bias), into ``out``
+        h = hidden.to(torch.float32)
+        return torch.mm(h, weight.T, out=out) if bias is None else torch.addmm(bias, h, weight.T, out=out)
+    return out.copy_(F.linear(hidden.to(weight.dtype), weight, bias))
 
 
-def _token_logps(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """(log softmax(logits)[label], logsumexp(logits)) per row of a float32 (c, V) chunk."""
-    lse = torch.logsumexp(logits, dim=-1)
-    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse, lse
+def _token_logps(logits: Tensor, labels: Tensor, scratch: Tensor) -> tuple[Tensor, Tensor]:
+    """(log softmax(logits)[label], logsumexp(logits)) per row of a float32 (c, V) chunk.
 
-
-def _token_logps_consuming(logits: Tensor, labels: Tensor) -> Tensor:
-    """log softmax(logits)[label] per row, computing the log-sum-exp in place (``logits`` is destroyed)."""
+    The exponentials are written into ``scratch`` (same shape); pass ``logits`` itself when it is not needed again.
+    """
     picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     top = logits.amax(dim=-1, keepdim=True)
-    lse = logits.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(-1))
-    return picked - lse
+    lse = torch.sub(logits, top, out=scratch).exp_().sum(-1).log_().add_(top.squeeze(-1))
+    return picked - lse, lse
 
 
 class _FusedPerturbedTokenLogps(torch.autograd.Function):
@@ -102,32 +106,38 @@ class _FusedPerturbedTokenLogps(torch.autograd.Function):
         out = [torch.empty(num, dtype=torch.float32, device=positions.device) for _ in range(5)]
         policy_tok, ref_tok, weaker_tok, stronger_tok, decision_tok = out
         policy_lse = torch.empty(num, dtype=torch.float32, device=positions.device)
+        vocab = policy_hidden.shape[-1] if policy_weight is None else policy_weight.shape[0]
+        # three (chunk, V) buffers for the whole call: policy logits f, reference logits g, exponentials
+        f_buf, g_buf, scratch = (torch.empty((min(chunk_size, num), vocab), dtype=torch.float32,
+                                             device=positions.device) for _ in range(3))  # fmt: skip
         with torch.autocast(positions.device.type, enabled=False):
             for start in range(0, num, chunk_size):
                 sl = slice(start, start + chunk_size)
                 rows, y = positions[sl], labels[sl]
-                f = _project(policy_hidden[rows], p_w, p_b)  # (c, V) float32
-                g = _project(ref_hidden[rows], r_w, r_b)  # (c, V) float32
-                policy_tok[sl], policy_lse[sl] = _token_logps(f, y)
-                ref_tok[sl] = _token_logps(g, y)[0]
+                c = rows.numel()
+                f = _project(f_buf[:c], policy_hidden[rows], p_w, p_b)
+                g = _project(g_buf[:c], ref_hidden[rows], r_w, r_b)
+                policy_tok[sl], policy_lse[sl] = _token_logps(f, y, scratch[:c])
                 if epsilon == 0.0 and decision_dtype is None:  # both mixtures are f itself (DPO & co.): same values
+                    ref_tok[sl] = _token_logps(g, y, g)[0]
                     weaker_tok[sl] = stronger_tok[sl] = policy_tok[sl]
                     continue
-                diff = g.neg_().add_(f)  # f − g, in g's buffer
+                ref_tok[sl] = _token_logps(g, y, scratch[:c])[0]
+                diff = torch.sub(f, g, out=g)  # f − g, in g's buffer
                 if decision_dtype is None:
                     # weaker = f + ε(f − g) in f's buffer; stronger = weaker − 2ε(f − g) in the same buffer after
-                    # weaker is read, so a chunk never holds more than f, g and one temporary (like DPO's path).
+                    # weaker is read: no buffer beyond the three.
                     weaker = f.add_(diff, alpha=epsilon)
-                    weaker_tok[sl] = _token_logps(weaker, y)[0]
+                    weaker_tok[sl] = _token_logps(weaker, y, scratch[:c])[0]
                     stronger = weaker.sub_(diff, alpha=2 * epsilon)
-                    stronger_tok[sl] = _token_logps_consuming(stronger, y)
+                    stronger_tok[sl] = _token_logps(stronger, y, stronger)[0]
                 else:  # emulated low-precision decisions: each mixture rounded from f and g as written
                     weaker = round_to(torch.add(f, diff, alpha=epsilon), decision_dtype)
-                    weaker_tok[sl] = _token_logps(weaker, y)[0]
+                    weaker_tok[sl] = _token_logps(weaker, y, scratch[:c])[0]
                     del weaker
                     stronger = round_to(f.sub_(diff, alpha=epsilon), decision_dtype)
-                    stronger_tok[sl] = _token_logps(stronger, y)[0]
-                del f, g, diff
+                    stronger_tok[sl] = _token_logps(stronger, y, stronger)[0]
+        del f_buf, g_buf, scratch
         if decision_dtype is None:
             decision_tok.copy_(policy_tok)
         else:
@@ -152,13 +162,17 @@ class _FusedPerturbedTokenLogps(torch.autograd.Function):
         # Accumulate the head's gradient over chunks in float32 whatever the compute dtype.
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        num = positions.numel()
+        vocab = hidden.shape[-1] if weight is None else weight.shape[0]
+        buf = torch.empty((min(ctx.chunk_size, num), vocab), dtype=torch.float32, device=positions.device)
         with torch.autocast(positions.device.type, enabled=False):
-            for start in range(0, positions.numel(), ctx.chunk_size):
+            for start in range(0, num, ctx.chunk_size):
                 sl = slice(start, start + ctx.chunk_size)
                 rows, y, g_up = positions[sl], labels[sl], grad_policy[sl].float()
                 h = hidden[rows]
                 # d log softmax(f)[y] / d f = onehot(y) − softmax(f); scaled by the upstream gradient of each token.
-                grad_logits = _project(h, w, b).sub_(lse[sl].unsqueeze(-1)).exp_().mul_(-g_up.unsqueeze(-1))
+                grad_logits = _project(buf[: rows.numel()], h, w, b).sub_(lse[sl].unsqueeze(-1)).exp_()
+                grad_logits.mul_(-g_up.unsqueeze(-1))
                 grad_logits.scatter_add_(-1, y.unsqueeze(-1), g_up.unsqueeze(-1))  # (c, V) float32
                 if grad_b is not None:
                     grad_b += grad_logits.sum(0)
