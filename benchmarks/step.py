@@ -10,6 +10,8 @@ Configurations (issue #8):
 Contenders, each in its own process on the same synthetic text pairs (every row exactly the configured length):
   epsdpo-epsilon  epsdpo's Trainer._train_step, loss_type=epsilon_dpo (chunked fused log-probs)
   epsdpo-dpo      the same with loss_type=dpo
+  epsdpo-epsilon-cached  epsdpo-epsilon with precompute_ref_hidden_states=true: the reference's hidden states are
+                  computed once before timing (reported: that time and the file's size) and no reference forward runs
   naive-epsilon   ε-DPO built like the published code: four full-vocabulary tensors in autograd (naive_epsilon_dpo.py)
   trl-dpo         TRL's DPOTrainer, loss_type="sigmoid" (needs `pip install trl`; skipped if missing)
 
@@ -46,7 +48,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
                            "max_position_embeddings": 1024, "tie_word_embeddings": True},
           "bf16": False, "pairs": 2, "tokens": 512},
 }  # fmt: skip
-CONTENDERS = ("epsdpo-epsilon", "epsdpo-dpo", "naive-epsilon", "trl-dpo")
+CONTENDERS = ("epsdpo-epsilon", "epsdpo-dpo", "epsdpo-epsilon-cached", "naive-epsilon", "trl-dpo")
 BETA, EPSILON, LR = 0.1, 0.01, 1e-6
 
 
@@ -65,7 +67,7 @@ def synthetic_pairs(path: Path, tokenizer: Any, pairs: int, tokens: int) -> None
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
-def run_config(spec: dict[str, Any], data: Path, out_dir: Path, loss_type: str) -> Any:
+def run_config(spec: dict[str, Any], data: Path, out_dir: Path, loss_type: str, cached: bool = False) -> Any:
     from epsdpo.training import load_run_config
 
     overrides = {
@@ -74,6 +76,7 @@ def run_config(spec: dict[str, Any], data: Path, out_dir: Path, loss_type: str) 
         "max_prompt_length": spec["tokens"], "loss_type": loss_type, "beta": BETA, "epsilon": EPSILON,
         "output_dir": str(out_dir), "per_device_train_batch_size": spec["pairs"], "learning_rate": LR,
         "lr_scheduler_type": "constant", "warmup_ratio": 0.0, "max_steps": 1000, "disable_tqdm": True, "seed": 0,
+        "precompute_ref_hidden_states": cached, "ref_cache_dir": str(out_dir.parent / "ref_cache"),
     }  # fmt: skip
     return load_run_config({k: v for k, v in overrides.items() if v is not None})
 
@@ -109,22 +112,30 @@ def time_steps(step: Any, warmup: int, steps: int) -> tuple[list[float], int, in
     return times, before, peak.peak
 
 
-def measure(config: str, contender: str, warmup: int, steps: int) -> dict[str, Any]:
-    """Child process: build one contender and time it."""
+def measure(config: str, contender: str, warmup: int, steps: int, fp32: bool = False) -> dict[str, Any]:
+    """Child process: build one contender and time it (``fp32``: ignore the configuration's bf16)."""
     from epsdpo.models import load_tokenizer
 
-    spec = CONFIGS[config]
+    spec = {**CONFIGS[config], "bf16": CONFIGS[config]["bf16"] and not fp32}
     work = Path(tempfile.mkdtemp(prefix=f"epsdpo-step-{config}-{contender}-"))
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     data = work / "pairs.jsonl"
     synthetic_pairs(data, tokenizer, spec["pairs"], spec["tokens"])
-    cfg = run_config(spec, data, work / "run", "dpo" if contender == "epsdpo-dpo" else "epsilon_dpo")
+    cached = contender == "epsdpo-epsilon-cached"
+    cfg = run_config(spec, data, work / "run", "dpo" if contender == "epsdpo-dpo" else "epsilon_dpo", cached)
     tokens = 2 * spec["pairs"] * spec["tokens"]
+    extra: dict[str, Any] = {}
     if contender.startswith("epsdpo"):
         from epsdpo.training.loop import Trainer
 
         trainer = Trainer(cfg)
         trainer._check_fused_head()
+        if cached:
+            start = time.perf_counter()
+            trainer._prepare_reference_cache()
+            extra["cache_build_s"] = time.perf_counter() - start
+            extra["cache_mib"] = sum(f.stat().st_size for f in (work / "ref_cache").glob("*.safetensors")) / 2**20
+            extra["cache_pairs"] = len(trainer.train_pairs)
         window = [list(range(spec["pairs"]))]
         times, before, peak = time_steps(lambda: trainer._train_step(window), warmup, steps)
         model = trainer.unwrapped
@@ -148,10 +159,11 @@ def measure(config: str, contender: str, warmup: int, steps: int) -> dict[str, A
         times, before, peak, model = _trl(cfg, spec, data, tokenizer, warmup, steps)
     flops = model_flops(model, tokens)
     median = statistics.median(times)
-    return {"config": config, "contender": contender, "times": times, "median_s": median,
+    return {"config": config, "contender": contender, "bf16": spec["bf16"], "times": times, "median_s": median,
             "tokens_per_s": tokens / median, "rss_before_mib": before / 2**20, "peak_mib": peak / 2**20,
             "excess_mib": (peak - before) / 2**20, "model_gflops_per_s": flops / median / 1e9,
-            "peak_gflops_per_s": matmul_peak(torch.bfloat16 if spec["bf16"] else torch.float32) / 1e9}  # fmt: skip
+            "peak_gflops_per_s": matmul_peak(torch.bfloat16 if spec["bf16"] else torch.float32) / 1e9,
+            **extra}  # fmt: skip
 
 
 def _trl(cfg: Any, spec: dict[str, Any], data: Path, tokenizer: Any, warmup: int, steps: int) -> tuple:
@@ -200,17 +212,20 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--fp32", action="store_true",
+                        help="run every configuration in float32 (for CPUs without native bf16 matmuls, where "
+                             "bf16 autocast falls back to a slow generic GEMM)")  # fmt: skip
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "CONTENDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(measure(args.child[0], args.child[1], args.warmup, args.steps)))
+        print("RESULT " + json.dumps(measure(args.child[0], args.child[1], args.warmup, args.steps, args.fp32)))
         return
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
     results = []
     for config in args.configs.split(","):
         for contender in args.contenders.split(","):
             cmd = [sys.executable, __file__, "--child", config, contender, "--warmup", str(args.warmup),
-                   "--steps", str(args.steps)]  # fmt: skip
+                   "--steps", str(args.steps), *(["--fp32"] if args.fp32 else [])]  # fmt: skip
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if proc.returncode != 0 or line is None:
@@ -225,7 +240,8 @@ def main() -> None:
 
 
 def report(results: list[dict[str, Any]]) -> None:
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
+    dtypes = ", ".join(sorted({"bf16" if r.get("bf16") else "fp32" for r in results}))
+    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores; {dtypes}")
     header = f"{'cfg':<4}{'contender':<16}{'step s':>8}{'tok/s':>9}{'peak MiB':>10}{'excess MiB':>11}" \
              f"{'GFLOP/s':>9}{'% peak':>8}"  # fmt: skip
     print(header)
@@ -233,11 +249,20 @@ def report(results: list[dict[str, Any]]) -> None:
         print(f"{r['config']:<4}{r['contender']:<16}{r['median_s']:>8.2f}{r['tokens_per_s']:>9.0f}"
               f"{r['peak_mib']:>10.0f}{r['excess_mib']:>11.0f}{r['model_gflops_per_s']:>9.1f}"
               f"{100 * r['model_gflops_per_s'] / r['peak_gflops_per_s']:>7.1f}%")  # fmt: skip
+    for r in results:
+        if "cache_build_s" in r:
+            print(f"[{r['config']}] reference cache: built in {r['cache_build_s']:.1f} s for {r['cache_pairs']} pairs, "
+                  f"{r['cache_mib']:.1f} MiB on disk ({r['cache_mib'] / r['cache_pairs']:.2f} MiB per pair)")
     by = {(r["config"], r["contender"]): r for r in results}
     for config in sorted({r["config"] for r in results}):
         ours, dpo = by.get((config, "epsdpo-epsilon")), by.get((config, "epsdpo-dpo"))
         naive, trl = by.get((config, "naive-epsilon")), by.get((config, "trl-dpo"))
+        cached = by.get((config, "epsdpo-epsilon-cached"))
         checks = []
+        if ours and cached:
+            time_ratio, memory_ratio = cached["median_s"] / ours["median_s"], cached["peak_mib"] / ours["peak_mib"]
+            print(f"[{config}] ε-DPO with the reference cache / without: step time {time_ratio:.2f}, "
+                  f"peak memory {memory_ratio:.2f}")
         if ours and dpo:
             checks += [("ε-DPO / DPO step time", ours["median_s"] / dpo["median_s"], 1.05),
                        ("ε-DPO / DPO peak memory", ours["peak_mib"] / dpo["peak_mib"], 1.10)]  # fmt: skip

@@ -46,6 +46,12 @@ class ModelConfig:
             reference and with LoRA (the adapter is partly folded into the base; see epsdpo/reference.py).
         ref_model_mixup_alpha: α of the update; 1 copies the policy (hard update).
         ref_model_sync_steps: τ, optimizer steps between reference updates.
+        precompute_ref_hidden_states: run the frozen reference over the training (and eval) pairs once before
+            training, keep its final hidden states at completion positions on disk, and train without a reference
+            forward pass (the frozen copy is then released). Exact: the cached states and the frozen head give the
+            reference's logits, which ε-DPO needs in full (see epsdpo/refcache.py). Not with ``sync_ref_model``.
+        ref_cache_dir: where those caches are kept (keyed by reference, precision and data, so runs on the same
+            data share one); default ``$EPSDPO_CACHE_DIR/reference``.
     """
 
     model: str = "smollm2-135m-instruct"
@@ -63,10 +69,15 @@ class ModelConfig:
     sync_ref_model: bool = False
     ref_model_mixup_alpha: float = 0.6
     ref_model_sync_steps: int = 512
+    precompute_ref_hidden_states: bool = False
+    ref_cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ref_model_mixup_alpha <= 1.0:
             raise ValueError(f"ref_model_mixup_alpha must be in (0, 1], got {self.ref_model_mixup_alpha}")
+        if self.precompute_ref_hidden_states and self.sync_ref_model:
+            raise ValueError("precompute_ref_hidden_states cannot be used with sync_ref_model: TR-DPO moves the "
+                             "reference during training, so its hidden states cannot be computed in advance")
         if self.ref_model_sync_steps < 1:
             raise ValueError(f"ref_model_sync_steps must be >= 1, got {self.ref_model_sync_steps}")
         if self.model_config is not None and "model_type" not in self.model_config:

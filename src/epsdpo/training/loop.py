@@ -32,6 +32,7 @@ from epsdpo.config import config_to_dict, dump_config
 from epsdpo.control import BetaController, BetaDPOController
 from epsdpo.data import PreferenceCollator, TokenizedPair, batch_indices, load_eval_dataset, load_preference_dataset
 from epsdpo.models import load_tokenizer
+from epsdpo.refcache import ReferenceHiddenCache, load_or_compute_reference_hidden
 from epsdpo.reference import fold_adapters_into_base, soft_update_reference
 from epsdpo.select import model_identity, select_for_config
 from epsdpo.training.checkpoint import (
@@ -264,6 +265,7 @@ class Trainer:
         self.window_in_epoch = 0
         self.last_checkpoint: Path | None = None
         self.fused = t.logps_impl == "chunked"
+        self.ref_caches: dict[str, ReferenceHiddenCache] | None = None  # "train"/"eval" -> cache, once prepared
         self.decision_dtype = torch.bfloat16 if cfg.loss.decision_precision == "bfloat16" else None
         decisions = ("kl/steps_weaker", "kl/steps_stronger", "kl/steps_kept")
         self.metric_keys = tuple(
@@ -290,19 +292,24 @@ class Trainer:
     def unwrapped(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
-    def _micro_batch(self, pairs: list[TokenizedPair], beta: float, train: bool) -> tuple[MicroBatchResult, int]:
-        """Per-pair losses of one micro-batch and its non-padding token count.
+    def _micro_batch(self, pairs: list[TokenizedPair], beta: float, train: bool,
+                     split: str = "train") -> tuple[MicroBatchResult, int]:  # fmt: skip
+        """Per-pair losses of one micro-batch of ``split`` ("train"/"eval") and its non-padding token count.
 
-        The reference runs first (no grad; with LoRA, the policy with its adapters disabled), then the policy
-        through its (DDP/FSDP-wrapped) forward. Both under autocast when bf16.
+        The reference runs first (no grad; with LoRA, the policy with its adapters disabled) or comes from the
+        hidden-state cache, then the policy through its (DDP/FSDP-wrapped) forward. Both under autocast when bf16.
         """
         batch = {k: v.to(self.accelerator.device) for k, v in self.collate(pairs).items()}
         ids, attention = batch["input_ids"], batch["attention_mask"]
         labels, mask = ids[:, 1:], batch["completion_mask"][:, 1:]  # logits[:, t] scores ids[:, t + 1]
         loss_cfg, t = self.cfg.loss, self.cfg.train
         with self.accelerator.autocast():
-            with self.models.reference_mode(self.unwrapped) as reference:
-                ref_side = reference_side(reference, ids, attention, self.fused, self.reference_head)
+            if self.ref_caches is not None:
+                assert self.reference_head is not None
+                ref_side: Any = self.ref_caches[split].side(pairs, mask, *self.reference_head)
+            else:
+                with self.models.reference_mode(self.unwrapped) as reference:
+                    ref_side = reference_side(reference, ids, attention, self.fused, self.reference_head)
             with torch.set_grad_enabled(train):
                 logps = policy_logps(
                     self.model if train else self.unwrapped, ids, attention, ref_side, labels, mask,
@@ -323,6 +330,46 @@ class Trainer:
             self.reference_head = None
             logger.warning("this model's logits are not its linear head's output (soft-capping, scaling or an "
                            "adapted head): using its full logits, chunked, instead of the fused path")
+
+    def _prepare_reference_cache(self) -> None:
+        """``precompute_ref_hidden_states``: load or compute the reference's hidden states, then free the reference.
+
+        The main process computes and writes a missing cache; the others wait and read it.
+        """
+        m, acc = self.cfg.models, self.accelerator
+        if not m.precompute_ref_hidden_states or self.ref_caches is not None:
+            return
+        if not self.fused:
+            raise TrainingError("precompute_ref_hidden_states needs the fused log-prob path (logps_impl=chunked and "
+                                "a plain linear output head); turn it off for this model")  # fmt: skip
+        if self.sharded:
+            raise TrainingError("precompute_ref_hidden_states is not supported with FSDP/DeepSpeed yet (the sharded "
+                                "reference would have to run on every process); use DDP or one process")  # fmt: skip
+        from epsdpo.models import cache_dir
+
+        directory = Path(m.ref_cache_dir) if m.ref_cache_dir else cache_dir() / "reference"
+        model_id = model_identity(m.ref_model or m.model, m.model_config, self.cfg.train.seed)
+        precision = f"{'bf16' if m.bf16 else 'fp32'}-{acc.device.type}"
+        splits = {"train": self.train_pairs, "eval": self.eval_pairs}
+        caches: dict[str, ReferenceHiddenCache] = {}
+        with self.models.reference_mode(self.unwrapped) as reference:
+            for main_pass in (True, False):  # the main process fills the cache first, then everyone reads it
+                if main_pass == acc.is_main_process:
+                    for split, pairs in splits.items():
+                        if pairs:
+                            caches[split], path, hit = load_or_compute_reference_hidden(
+                                reference, model_id, precision, pairs, self.collate, directory,
+                                self.cfg.train.per_device_train_batch_size, acc.autocast,
+                            )  # fmt: skip
+                            if acc.is_main_process:
+                                logger.info("reference hidden states (%s, %d pairs): %s %s (%.1f MiB)", split,
+                                            len(pairs), "read from" if hit else "written to", path,
+                                            caches[split].nbytes / 2**20)
+                acc.wait_for_everyone()
+            self.reference_head = frozen_head_copy(reference)
+        self.reference_head = tuple(None if x is None else x.to(acc.device) for x in self.reference_head)
+        self.ref_caches = caches
+        self.models.reference = None  # never run again: a frozen copy's memory is released (LoRA: nothing held)
 
     # ---- the loop --------------------------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -447,7 +494,8 @@ class Trainer:
         mine = self.eval_pairs[self.rank :: self.world]
         sums: dict[str, float] = {}
         for start in range(0, len(mine), per_device):
-            result, _ = self._micro_batch(mine[start : start + per_device], self.controller.beta, train=False)
+            result, _ = self._micro_batch(mine[start : start + per_device], self.controller.beta, train=False,
+                                          split="eval")
             add_sums(sums, pair_metric_sums(result))
         self.model.train()
         return pair_means(reduce_sums(sums, ("pairs", *self.metric_keys)), prefix="eval/")
@@ -460,6 +508,7 @@ class Trainer:
             acc.init_trackers(self.output_dir.name, config=flat)
         self._resume()
         self._check_fused_head()
+        self._prepare_reference_cache()
         total = self.schedule.total_steps
         progress = tqdm(total=total, initial=self.global_step, disable=t.disable_tqdm or not acc.is_main_process,
                         desc="train", dynamic_ncols=True)  # fmt: skip
