@@ -40,6 +40,17 @@ def test_beta_dpo_filters_a_fifth_and_resumes_exactly(tmp_path):
     shutil.copytree(full.output_dir / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
     resumed = train(tiny(tmp_path, "resumed", *args, "resume_from_checkpoint=auto"))
     assert without_timing(read_metrics(resumed.output_dir / "metrics.jsonl")) == without_timing(records[3:])
+    # the base moved during training, so final/ is the whole policy (not an adapter for the original base)
+    from epsdpo.training.policy import load_causal_lm
+
+    final = full.final_model_dir
+    assert final is not None and not (final / "adapter_config.json").exists()
+    ids = torch.tensor([[1, 17, 300, 42, 9]])
+    policy = load_causal_lm(str(final))
+    resumed_policy = load_causal_lm(str(resumed.final_model_dir))
+    assert torch.equal(policy(input_ids=ids).logits, resumed_policy(input_ids=ids).logits)
+    initial = build_from_config(tiny(tmp_path, "x").models.model_config, policy.config.vocab_size, 0)
+    assert not torch.allclose(policy(input_ids=ids).logits, initial(input_ids=ids).logits)
 
 
 @pytest.mark.slow

@@ -62,12 +62,18 @@ def save_final_model(model: nn.Module, tokenizer: Any, final: Path, cfg: RunConf
                      state_dict: dict[str, Any] | None = None) -> None:  # fmt: skip
     """Write ``final/`` (written beside it, then renamed): model or adapter, tokenizer, card, metrics; with LoRA
     and ``save_merged_model``, also ``final/merged`` with the adapters merged into the base. ``state_dict``: the
-    gathered full weights of a sharded model."""
+    gathered full weights of a sharded model.
+
+    LoRA with TR-DPO (``sync_ref_model``) folds part of the adapter into the base during training, so the adapter
+    alone no longer describes the policy: ``final/`` then holds the whole merged model (the run is over, so the
+    in-memory model is merged in place)."""
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
+    if cfg.models.use_lora and cfg.models.sync_ref_model and hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
     model.save_pretrained(partial, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(partial)
-    if cfg.models.use_lora and cfg.models.save_merged_model:
+    if cfg.models.use_lora and cfg.models.save_merged_model and not cfg.models.sync_ref_model:
         merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
         merged.save_pretrained(partial / "merged", safe_serialization=True)
         tokenizer.save_pretrained(partial / "merged")
