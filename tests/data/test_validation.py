@@ -210,3 +210,13 @@ def test_bundled_pairs_mark_their_cut_responses(smollm2_tokenizer: Any) -> None:
     assert report.truncated["chosen_unfinished"] + report.truncated["rejected_unfinished"] > len(pairs)
     ends = {p.chosen_ids[-1] for p in pairs if not p.chosen_truncated}
     assert ends == {smollm2_tokenizer.convert_tokens_to_ids("<|im_end|>")}
+
+
+def test_unfinished_completions_alone_do_not_warn(smollm2_tokenizer: Any, caplog: pytest.LogCaptureFixture) -> None:
+    row = {**GOOD, "chosen_finished": False, "rejected_finished": False}
+    with caplog.at_level("WARNING", logger="epsdpo.data.pipeline"):
+        load_preference_dataset([row], smollm2_tokenizer)
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="epsdpo.data.pipeline"):
+        load_preference_dataset([row], smollm2_tokenizer, config=DataConfig(max_length=4, max_prompt_length=2))
+    assert "chosen_truncated" in caplog.text and "chosen_unfinished" in caplog.text

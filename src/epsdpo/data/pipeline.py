@@ -172,7 +172,8 @@ def load_preference_dataset(
         raise AssertionError(f"row accounting is off: {report.to_dict()}")
     if report_dir is not None:
         report.write(report_dir, report_name)
-    if warn and (report.dropped or report.truncated):
+    # completions the data itself marks as cut at generation are information, not a problem: no warning for them
+    if warn and (report.dropped or set(report.truncated) - {"chosen_unfinished", "rejected_unfinished"}):
         logger.warning("%s", report.summary())
     if not pairs:
         raise DataError(
