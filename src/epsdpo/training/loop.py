@@ -52,6 +52,7 @@ from epsdpo.training.forward import (
     compute_pair_losses,
     frozen_head_copy,
     fused_head_matches,
+    output_head,
     pair_metric_sums,
     policy_logps,
     reference_side,
@@ -366,8 +367,10 @@ class Trainer:
                                             len(pairs), "read from" if hit else "written to", path,
                                             caches[split].nbytes / 2**20)
                 acc.wait_for_everyone()
-            self.reference_head = frozen_head_copy(reference)
-        self.reference_head = tuple(None if x is None else x.to(acc.device) for x in self.reference_head)
+            head = output_head(reference)  # frozen: a frozen copy's, or the base's under LoRA (not adapted)
+            bias = getattr(head, "bias", None)
+            # detached views, not copies: they keep only the head alive once the frozen copy is dropped below
+            self.reference_head = (head.weight.detach(), None if bias is None else bias.detach())
         self.ref_caches = caches
         self.models.reference = None  # never run again: a frozen copy's memory is released (LoRA: nothing held)
 
