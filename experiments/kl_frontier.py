@@ -1,0 +1,361 @@
+"""The controlled experiment: gold reward against KL for DPO, ε-DPO, β-DPO and TR-DPO on SmolLM2 (issue #7).
+
+    .venv/bin/python experiments/kl_frontier.py                 # every run not yet done, then the report
+    .venv/bin/python experiments/kl_frontier.py --list          # the plan and what is done
+    .venv/bin/python experiments/kl_frontier.py --only 'dpo-b0.1-*' --max-runs 2
+    .venv/bin/python experiments/kl_frontier.py --report        # rebuild docs/results/kl_frontier.{md,png} only
+
+Each run is ``epsdpo train experiments/kl_frontier.yaml KEY=VALUE…`` into ``runs/kl_frontier/NAME`` followed by
+``epsdpo eval runs/kl_frontier/NAME …`` (both as subprocesses, exactly the commands recorded), then a small summary
+``docs/results/runs/NAME.json``: the commands, the settings, ``eval.json``'s metrics, the training metrics that matter
+(final loss/accuracy, the β trajectory, the shares of s = +1/0/−1) and the wall time. A run whose summary exists is
+skipped; an interrupted training resumes from its last checkpoint; a trained run without a summary is only evaluated.
+Commit the summaries (the script does not touch git unless ``--commit``): the report is rebuilt from them alone, so
+the grid continues on another machine where it stopped.
+
+The plan:
+
+- grid: β ∈ {0.01, 0.05, 0.1, 0.5} × {DPO, ε-DPO (ε = 0.01), β-DPO, TR-DPO} × seeds {0, 1};
+- ε ablation: ε-DPO with ε ∈ {0.005, 0.02} at β = 0.1, seed 0 (ε = 0.01 is in the grid);
+- decision precision (SPEC §2): ε-DPO at β = 0.1, seed 0, trained with the published code's bfloat16 decisions
+  (``decision_precision=bfloat16``), and, on every ε-DPO β = 0.1 final checkpoint, the shares of s = +1/0/−1 that
+  float32 and bfloat16 decisions give on the same training pairs.
+
+What is held fixed for every run is in ``experiments/kl_frontier.yaml`` (model, LoRA, data subset, steps, learning
+rate, lengths) and in ``EVAL`` below (prompts, samples, seed): the seed of the evaluation sampler is the same for all
+runs, so every policy is compared with the same reference samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = Path("experiments/kl_frontier.yaml")  # relative to ROOT, as recorded in the commands
+RUNS = Path("runs/kl_frontier")
+RESULTS = ROOT / "docs" / "results"
+SUMMARIES = RESULTS / "runs"
+BETAS = (0.01, 0.05, 0.1, 0.5)
+SEEDS = (0, 1)
+METHODS: dict[str, list[str]] = {
+    "dpo": ["loss_type=dpo"],
+    "epsilon_dpo": ["loss_type=epsilon_dpo", "epsilon=0.01"],
+    "beta_dpo": ["loss_type=beta_dpo"],
+    "tr_dpo": ["loss_type=dpo", "sync_ref_model=true", "precompute_ref_hidden_states=false"],
+}
+LABELS = {"dpo": "DPO", "epsilon_dpo": "ε-DPO", "beta_dpo": "β-DPO", "tr_dpo": "TR-DPO"}
+#: the subset of the bundled pairs every run trains on (its first TRAIN_PAIRS rows)
+TRAIN_PAIRS = 96
+EVAL = ["eval_dataset=bundled", "num_prompts=48", "max_pairs=32", "samples_per_prompt=1", "max_new_tokens=48",
+        "batch_size=16", "seed=0", "disable_tqdm=true"]  # fmt: skip
+#: training metrics kept in the summary (the last step's value)
+FINAL_KEYS = ("loss", "rewards/margins", "rewards/accuracies", "kl/beta", "grad_norm")
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    group: str  # grid | epsilon | precision
+    method: str
+    beta: float
+    seed: int
+    overrides: list[str] = field(default_factory=list)
+
+
+def plan() -> list[Run]:
+    # seed-major, so a partly finished grid already covers every (method, β) once
+    runs = [Run(f"{m}-b{b:g}-s{s}", "grid", m, b, s, [*METHODS[m], f"beta={b}", f"seed={s}"])
+            for s in SEEDS for b in BETAS for m in METHODS]  # fmt: skip
+    # the ablation and the precision run use seed 0 (compare with the grid's seed-0 ε-DPO run at β = 0.1)
+    runs += [Run(f"epsilon_dpo-b0.1-e{e:g}-s0", "epsilon", "epsilon_dpo", 0.1, 0,
+                 ["loss_type=epsilon_dpo", f"epsilon={e}", "beta=0.1", "seed=0"]) for e in (0.005, 0.02)]  # fmt: skip
+    runs.append(Run("epsilon_dpo-b0.1-bf16dec-s0", "precision", "epsilon_dpo", 0.1, 0,
+                    ["loss_type=epsilon_dpo", "epsilon=0.01", "beta=0.1", "decision_precision=bfloat16", "seed=0"]))
+    return runs
+
+
+def _train_data() -> Path:
+    """The first TRAIN_PAIRS rows of the bundled pairs, written once (the same bytes on every machine)."""
+    from importlib.resources import files
+
+    path = ROOT / RUNS / f"train_pairs_{TRAIN_PAIRS}.jsonl"
+    lines = (files("epsdpo") / "assets" / "data" / "sentiment_pairs.jsonl").read_text(encoding="utf-8").splitlines()
+    text = "".join(line + "\n" for line in lines[:TRAIN_PAIRS])
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    return path.relative_to(ROOT)
+
+
+def _epsdpo() -> str:
+    return str(Path(sys.executable).with_name("epsdpo"))
+
+
+def _call(args: list[str], log: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
+    with log.open("a", encoding="utf-8") as f:
+        f.write(f"$ {' '.join(args)}\n")
+        f.flush()
+        code = subprocess.call(args, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if code != 0:
+        raise RuntimeError(f"`{' '.join(args)}` exited with {code}; see {log}")
+
+
+def run_one(run: Run) -> dict[str, Any]:
+    """Train (or resume), evaluate and summarise one run; returns the summary written."""
+    out = RUNS / run.name
+    (ROOT / out).mkdir(parents=True, exist_ok=True)
+    log = ROOT / out / "experiment.log"
+    train_cmd = ["epsdpo", "train", str(CONFIG), f"dataset={_train_data()}", *run.overrides, f"output_dir={out}"]
+    eval_cmd = ["epsdpo", "eval", str(out), *EVAL]
+    started = time.perf_counter()
+    if not (ROOT / out / "final").is_dir():
+        resume = ["resume_from_checkpoint=auto"] if any((ROOT / out).glob("checkpoint-*")) else []
+        _call([_epsdpo(), *train_cmd[1:], *resume], log)
+    trained = time.perf_counter()
+    if not (ROOT / out / "eval.json").is_file():
+        _call([_epsdpo(), *eval_cmd[1:]], log)
+    evaluated = time.perf_counter()
+    summary = summarise(run, ROOT / out, {"train": " ".join(train_cmd), "eval": " ".join(eval_cmd)})
+    summary["seconds"] = {"train": round(trained - started, 1), "eval": round(evaluated - trained, 1)}
+    if run.method == "epsilon_dpo" and run.beta == 0.1:
+        summary["decision_precision"] = decision_shares(ROOT / out)
+    SUMMARIES.mkdir(parents=True, exist_ok=True)
+    (SUMMARIES / f"{run.name}.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+def summarise(run: Run, run_dir: Path, commands: dict[str, str]) -> dict[str, Any]:
+    from epsdpo.training.metrics import read_metrics
+
+    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    ev = json.loads((run_dir / "eval.json").read_text(encoding="utf-8"))
+    metrics = {k: v for k, v in ev.items() if isinstance(v, int | float)}
+    shares = {}
+    if "kl/steps_weaker" in records[-1]:
+        for key, name in (("kl/steps_weaker", "s=+1"), ("kl/steps_kept", "s=0"), ("kl/steps_stronger", "s=-1")):
+            shares[name] = statistics.fmean(r[key] for r in records)
+    return {
+        "name": run.name, "group": run.group, "method": run.method, "beta": run.beta, "seed": run.seed,
+        "overrides": run.overrides, "commands": commands, "eval": metrics,
+        "train": {"steps": records[-1]["step"], **{k: records[-1][k] for k in FINAL_KEYS if k in records[-1]},
+                  "beta_trajectory": [r["kl/beta"] for r in records], "decision_shares": shares},
+        "commit": _commit(),
+    }  # fmt: skip
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def decision_shares(run_dir: Path, pairs: int = 32) -> dict[str, Any]:
+    """Shares of s = +1/0/−1 with float32 and with bfloat16 decisions, for the final policy on the same pairs."""
+    import torch
+
+    from epsdpo.data import PreferenceCollator, load_preference_dataset
+    from epsdpo.evaluate import EvalConfig, _load_from_run
+    from epsdpo.logps import perturbed_logps
+    from epsdpo.losses import perturbation_steps
+    from epsdpo.training.config import load_run_config
+
+    cfg = load_run_config(run_dir / "config.yaml")
+    loaded = _load_from_run(EvalConfig(run_dir=str(run_dir)))
+    data, _ = load_preference_dataset(cfg.data, loaded.tokenizer, warn=False)
+    collate = PreferenceCollator(loaded.tokenizer.pad_token_id)
+    counts: dict[str, list[int]] = {"float32": [0, 0, 0], "bfloat16": [0, 0, 0]}
+    with torch.no_grad():
+        for start in range(0, min(pairs, len(data)), 4):
+            batch = collate(data[start : start + 4])
+            ids, attention = batch["input_ids"], batch["attention_mask"]
+            labels, mask = ids[:, 1:], batch["completion_mask"][:, 1:]
+            pol = loaded.policy(input_ids=ids, attention_mask=attention).logits[:, :-1]
+            ref = loaded.reference(input_ids=ids, attention_mask=attention).logits[:, :-1]
+            b = ids.shape[0] // 2
+            for name, dtype in (("float32", None), ("bfloat16", torch.bfloat16)):
+                lp = perturbed_logps(pol, ref, labels, mask, cfg.loss.epsilon, decision_dtype=dtype)
+                s = perturbation_steps(lp.decision_policy[:b] - lp.decision_policy[b:],
+                                       lp.weaker[:b] - lp.weaker[b:], lp.stronger[:b] - lp.stronger[b:],
+                                       tolerance=cfg.loss.decision_tolerance)  # fmt: skip
+                for i, value in enumerate((1, 0, -1)):
+                    counts[name][i] += int((s == value).sum())
+    total = sum(counts["float32"])
+    names = ("s=+1", "s=0", "s=-1")
+    return {"pairs": total, **{precision: {k: c / total for k, c in zip(names, n, strict=True)}
+                               for precision, n in counts.items()}}  # fmt: skip
+
+
+# ---- the report ------------------------------------------------------------------------------------------------
+def load_summaries() -> list[dict[str, Any]]:
+    return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(SUMMARIES.glob("*.json"))]
+
+
+def _se(ev: dict[str, Any], key: str) -> float:
+    return ev.get(f"{key}_std", 0.0) / math.sqrt(max(ev.get("num_samples", 1), 1))
+
+
+def _mean_spread(values: list[float]) -> tuple[float, float]:
+    """Mean and half the range across seeds (0 for one seed)."""
+    return statistics.fmean(values), (max(values) - min(values)) / 2
+
+
+def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    md, png = RESULTS / "kl_frontier.md", RESULTS / "kl_frontier.png"
+    done = {s["name"] for s in summaries}
+    missing = [r.name for r in plan() if r.name not in done]
+    lines = ["# Gold reward against KL: DPO, ε-DPO, β-DPO, TR-DPO on SmolLM2-135M-Instruct", "",
+             "Generated by `experiments/kl_frontier.py` from the run summaries in `docs/results/runs/` (each holds the "
+             "exact `epsdpo train` and `epsdpo eval` commands). Do not edit by hand.", "",
+             _setup_text(), "",
+             f"Runs done: {len(done)} of {len(plan())}." + (f" Not yet run: {', '.join(missing)}." if missing else ""),
+             ""]  # fmt: skip
+    grid = [s for s in summaries if s["group"] == "grid"]
+    if grid:
+        lines += ["## Per method and β (mean over seeds ± half the range across seeds)", "",
+                  "| method | β | seeds | gold reward | KL(π‖π_ref) | win rate | pref. acc. | final β |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for method in METHODS:
+            for beta in BETAS:
+                rows = [s for s in grid if s["method"] == method and s["beta"] == beta]
+                if not rows:
+                    continue
+                cells = []
+                for key in ("policy/gold_reward", "kl", "win_rate", "preference_accuracy"):
+                    m, h = _mean_spread([s["eval"][key] for s in rows])
+                    cells.append(f"{m:.3f} ± {h:.3f}")
+                fb = _mean_spread([s["train"]["kl/beta"] for s in rows])[0]
+                lines.append(f"| {LABELS[method]} | {beta:g} | {len(rows)} | " + " | ".join(cells) + f" | {fb:.4g} |")
+        ref = statistics.fmean(s["eval"]["reference/gold_reward"] for s in grid)
+        lines += ["", f"Reference model (the same samples for every run): gold reward {ref:.3f}.", ""]
+    lines += ["## Every run", "",
+              "| run | method | β | ε | seed | gold reward ± s.e. | KL ± s.e. | win rate | pref. acc. | final β | "
+              "s=+1 / 0 / −1 | train s | eval s |", "|---" * 13 + "|"]  # fmt: skip
+    for s in summaries:
+        ev, tr = s["eval"], s["train"]
+        eps = next((o.split("=")[1] for o in s["overrides"] if o.startswith("epsilon=")), "")
+        shares = tr.get("decision_shares") or {}
+        share_text = " / ".join(f"{shares[k]:.2f}" for k in ("s=+1", "s=0", "s=-1")) if shares else ""
+        lines.append(
+            f"| {s['name']} | {LABELS[s['method']]} | {s['beta']:g} | {eps} | {s['seed']} | "
+            f"{ev['policy/gold_reward']:.3f} ± {_se(ev, 'policy/gold_reward'):.3f} | {ev['kl']:.3f} ± "
+            f"{_se(ev, 'kl'):.3f} | {ev['win_rate']:.3f} | {ev['preference_accuracy']:.3f} | {tr['kl/beta']:.4g} | "
+            f"{share_text} | {s['seconds']['train']:.0f} | {s['seconds']['eval']:.0f} |"
+        )
+    precision = [s for s in summaries if "decision_precision" in s]
+    if precision:
+        lines += ["", "## Decision precision (SPEC §2): float32 vs bfloat16 decisions on the same final checkpoints",
+                  "", "| run (trained with) | pairs | float32 s=+1 / 0 / −1 | bfloat16 s=+1 / 0 / −1 | final β |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for s in precision:
+            d = s["decision_precision"]
+
+            def fmt(x: dict[str, float]) -> str:
+                return " / ".join(f"{x[k]:.2f}" for k in ("s=+1", "s=0", "s=-1"))
+
+            lines.append(f"| {s['name']} | {d['pairs']} | {fmt(d['float32'])} | {fmt(d['bfloat16'])} | "
+                         f"{s['train']['kl/beta']:.4g} |")  # fmt: skip
+    lines += ["", "## Commands", "", "```", *(f"{s['commands']['train']}\n{s['commands']['eval']}" for s in summaries),
+              "```", ""]  # fmt: skip
+    md.write_text("\n".join(lines), encoding="utf-8")
+    plot(summaries, png)
+    return md, png
+
+
+def _setup_text() -> str:
+    return (f"Setting: SmolLM2-135M-Instruct, LoRA (the same for every method; `{CONFIG}`), trained on the first "
+            f"{TRAIN_PAIRS} pairs of the bundled on-policy sentiment pairs (`bundled:sentiment_pairs`); evaluated with "
+            f"`epsdpo eval` ({' '.join(e for e in EVAL if not e.startswith('disable'))}) on held-out prompts: gold "
+            "reward = VADER compound score of one sampled response per prompt, KL(π‖π_ref) = mean sequence "
+            "log-ratio of the policy's own samples, win rate against the reference's samples (ties ½), preference "
+            "accuracy on held-out pairs. s.e. = standard deviation of the per-sample values / √n.")
+
+
+def plot(summaries: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    markers = {"dpo": "o", "epsilon_dpo": "*", "beta_dpo": "s", "tr_dpo": "^"}
+    fig, ax = plt.subplots(figsize=(8, 5.5), constrained_layout=True)
+    grid = [s for s in summaries if s["group"] == "grid"]
+    for i, method in enumerate(METHODS):
+        rows = [s for s in grid if s["method"] == method]
+        if not rows:
+            continue
+        kl = [s["eval"]["kl"] for s in rows]
+        reward = [s["eval"]["policy/gold_reward"] for s in rows]
+        ax.scatter(kl, reward, marker=markers[method], s=80 if method == "epsilon_dpo" else 45, color=f"C{i}",
+                   label=LABELS[method], alpha=0.85)  # fmt: skip
+        for s in rows:
+            ax.annotate(f"{s['beta']:g}", (s["eval"]["kl"], s["eval"]["policy/gold_reward"]), fontsize=7,
+                        textcoords="offset points", xytext=(4, 3), color=f"C{i}")  # fmt: skip
+        front = pareto_front(list(zip(kl, reward, strict=True)))
+        ax.plot([p[0] for p in front], [p[1] for p in front], color=f"C{i}", linewidth=1.2, alpha=0.8)
+    if grid:
+        ref = statistics.fmean(s["eval"]["reference/gold_reward"] for s in grid)
+        ax.plot(0.0, ref, marker="P", markersize=11, color="black", linestyle="none", label="reference")
+    ax.set(xlabel="KL(π ‖ π_ref) from the policy's samples (nats)", ylabel="mean gold reward (VADER) of samples",
+           title="Reward vs KL, every run of the grid (labels: β; lines: each method's frontier)")  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both axes (lower KL and higher reward), by increasing KL."""
+    front: list[tuple[float, float]] = []
+    for kl, reward in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or reward > front[-1][1]:
+            front.append((kl, reward))
+    return front
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="*", help="run names matching this glob (default: all)")
+    parser.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
+    parser.add_argument("--list", action="store_true", help="print the plan and what is done")
+    parser.add_argument("--report", action="store_true", help="only rebuild the report from the summaries")
+    parser.add_argument("--commit", action="store_true", help="git-commit each new summary and the report")
+    args = parser.parse_args()
+    os.chdir(ROOT)  # the recorded commands and the runs' configs use paths relative to the repository root
+    done = {s["name"] for s in load_summaries()}
+    todo = [r for r in plan() if fnmatch.fnmatch(r.name, args.only) and r.name not in done]
+    if args.list:
+        for r in plan():
+            print(f"{'done' if r.name in done else 'todo'}  {r.name}")
+        return
+    if not args.report:
+        for i, run in enumerate(todo[: args.max_runs]):
+            print(f"[{i + 1}/{len(todo)}] {run.name} ...", flush=True)
+            summary = run_one(run)
+            ev = summary["eval"]
+            print(f"    reward {ev['policy/gold_reward']:.3f} (ref {ev['reference/gold_reward']:.3f}), "
+                  f"KL {ev['kl']:.3f}, win {ev['win_rate']:.3f}, {summary['seconds']}", flush=True)  # fmt: skip
+            if args.commit:
+                md, png = report(load_summaries())
+                files = [str(SUMMARIES / f"{run.name}.json"), str(md), str(png)]
+                subprocess.run(["git", "add", *files], cwd=ROOT, check=True)
+                subprocess.run(["git", "commit", "-q", "-m", f"kl_frontier: run {run.name}"], cwd=ROOT, check=True)
+    md, png = report(load_summaries())
+    print(f"wrote {md} and {png}")
+
+
+if __name__ == "__main__":
+    main()
