@@ -1,0 +1,68 @@
+"""experiments/kl_frontier.py: the plan, the frontier, and the report rebuilt from run summaries alone."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def kf():
+    spec = importlib.util.spec_from_file_location("kl_frontier", ROOT / "experiments" / "kl_frontier.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kl_frontier"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plan_covers_the_grid_once(kf):
+    runs = kf.plan()
+    names = [r.name for r in runs]
+    assert len(names) == len(set(names))
+    grid = {(r.method, r.beta, r.seed) for r in runs if r.group == "grid"}
+    assert grid == {(m, b, s) for m in kf.METHODS for b in kf.BETAS for s in kf.SEEDS}
+    # seed-major: every (method, β) appears once before any second seed
+    assert all(r.seed == 0 for r in runs[: len(kf.METHODS) * len(kf.BETAS)])
+    assert {r.name for r in runs if r.group == "epsilon"} == {"epsilon_dpo-b0.1-e0.005-s0", "epsilon_dpo-b0.1-e0.02-s0"}
+    tr = next(r for r in runs if r.method == "tr_dpo")
+    assert "sync_ref_model=true" in tr.overrides and "precompute_ref_hidden_states=false" in tr.overrides
+
+
+def test_pareto_front_keeps_the_points_nothing_beats(kf):
+    points = [(0.5, 0.6), (0.1, 0.5), (0.3, 0.4), (0.9, 0.7), (0.2, 0.55), (0.95, 0.65)]
+    assert kf.pareto_front(points) == [(0.1, 0.5), (0.2, 0.55), (0.5, 0.6), (0.9, 0.7)]
+    assert kf.pareto_front([]) == []
+
+
+def _summary(name: str, method: str, beta: float, seed: int, reward: float, kl: float) -> dict:
+    ev = {"policy/gold_reward": reward, "policy/gold_reward_std": 0.4, "reference/gold_reward": 0.44, "kl": kl,
+          "kl/std": 1.0, "win_rate": 0.55, "preference_accuracy": 0.6, "num_samples": 16}  # fmt: skip
+    shares = {"s=+1": 0.5, "s=0": 0.2, "s=-1": 0.3} if method == "epsilon_dpo" else {}
+    return {"name": name, "group": "grid", "method": method, "beta": beta, "seed": seed, "overrides": [],
+            "commands": {"train": f"epsdpo train {name}", "eval": f"epsdpo eval {name}"}, "eval": ev,
+            "train": {"steps": 8, "kl/beta": beta, "beta_trajectory": [beta], "decision_shares": shares},
+            "seconds": {"train": 100.0, "eval": 200.0}}  # fmt: skip
+
+
+def test_report_is_rebuilt_from_the_summaries(kf, tmp_path, monkeypatch):
+    monkeypatch.setattr(kf, "RESULTS", tmp_path)
+    monkeypatch.setattr(kf, "SUMMARIES", tmp_path / "runs")
+    (tmp_path / "runs").mkdir()
+    rows = [_summary("dpo-b0.1-s0", "dpo", 0.1, 0, 0.50, 0.8), _summary("dpo-b0.1-s1", "dpo", 0.1, 1, 0.60, 1.0),
+            _summary("epsilon_dpo-b0.1-s0", "epsilon_dpo", 0.1, 0, 0.55, 0.7)]  # fmt: skip
+    for r in rows:
+        (tmp_path / "runs" / f"{r['name']}.json").write_text(json.dumps(r))
+    md, png = kf.report(kf.load_summaries())
+    text = md.read_text()
+    assert "| DPO | 0.1 | 2 | 0.550 ± 0.050 | 0.900 ± 0.100 |" in text  # mean ± half the range over seeds
+    assert "| ε-DPO | 0.1 | 1 | 0.550 ± 0.000 |" in text
+    assert "0.50 / 0.20 / 0.30" in text  # ε-DPO's shares of s = +1 / 0 / −1
+    assert "0.550 ± 0.100" in text  # a run's reward ± s.e. (0.4 / √16)
+    assert "Runs done: 3 of 35" in text and "epsdpo train dpo-b0.1-s1" in text
+    assert png.read_bytes()[:4] == b"\x89PNG"
