@@ -23,7 +23,6 @@ Not usable when the reference moves during training (TR-DPO's ``sync_ref_model``
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -39,7 +38,6 @@ from epsdpo.select import cache_key
 
 __all__ = ["ReferenceHiddenCache", "compute_reference_hidden", "load_or_compute_reference_hidden"]
 
-logger = logging.getLogger(__name__)
 CACHE_FORMAT = 1
 
 
@@ -155,6 +153,4 @@ def load_or_compute_reference_hidden(model: nn.Module, model_id: str, precision:
         return load_cache(path), path, True
     cache = compute_reference_hidden(model, pairs, collate, batch_size, autocast)
     save_cache(cache, path, model_id)
-    logger.info("reference hidden states for %d pairs cached in %s (%.1f MiB)", len(pairs), path,
-                cache.nbytes / 2**20)
     return cache, path, False
