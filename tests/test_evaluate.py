@@ -196,3 +196,35 @@ def test_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="temperature"):
         evaluate(None, ["temperature=0"])
     assert "—" in format_table({"settings": {}, "beta": 0.1})
+
+
+@pytest.mark.slow
+def test_reference_cache_gives_the_same_evaluation_without_touching_the_reference(tmp_path, model_cache_dir,
+                                                                                  monkeypatch):  # fmt: skip
+    import epsdpo.evaluate as ev
+    from epsdpo.training import train
+
+    runs = []
+    for name, lr in (("a", "0.01"), ("b", "0.02")):  # two policies, one reference
+        runs.append(tmp_path / name)
+        train(TINY, [f"output_dir={runs[-1]}", f"dataset={TINY_DATA}", "max_steps=2", "save_steps=0",
+                     "disable_tqdm=true", f"learning_rate={lr}"])  # fmt: skip
+    common = ["num_prompts=3", "max_new_tokens=6", "disable_tqdm=true", f"eval_dataset={TINY_DATA}", "max_pairs=8"]
+    plain = ev.evaluate(runs[0], [*common, f"output={tmp_path / 'plain.json'}"])
+    cache = f"reference_cache_dir={tmp_path / 'cache'}"
+    first = ev.evaluate(runs[0], [*common, cache, f"output={tmp_path / 'first.json'}"])
+    files = list((tmp_path / "cache").glob("eval_reference-*.json"))
+    assert len(files) == 1 and first["reference_cache"] == str(files[0])
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("the reference was sampled again")
+
+    monkeypatch.setattr(ev, "compute_reference_part", no_reference)
+    again = ev.evaluate(runs[0], [*common, cache, f"output={tmp_path / 'again.json'}"])
+    other = ev.evaluate(runs[1], [*common, cache, f"output={tmp_path / 'other.json'}"])  # another policy, a hit
+    keys = ("policy/gold_reward", "reference/gold_reward", "kl", "kl/forward", "win_rate", "preference_accuracy",
+            "reward_margin")  # fmt: skip
+    assert all(plain[k] == first[k] == again[k] for k in keys)
+    assert other["reference/gold_reward"] == first["reference/gold_reward"] and other["kl"] != first["kl"]
+    with pytest.raises(AssertionError, match="sampled again"):  # another seed is another key
+        ev.evaluate(runs[0], [*common, cache, "seed=1", f"output={tmp_path / 'seed1.json'}"])

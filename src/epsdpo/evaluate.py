@@ -51,7 +51,8 @@ from epsdpo.generate import (
     wants_chat_template,
 )
 
-__all__ = ["EvalConfig", "evaluate", "evaluate_models", "format_table", "load_eval_config", "sequence_logps"]
+__all__ = ["EvalConfig", "ReferencePart", "compute_reference_part", "evaluate", "evaluate_models", "format_table",
+           "load_eval_config", "row_logps", "sequence_logps"]
 
 #: ``eval_dataset=bundled``: the held-out pairs shipped with the package (from the test prompts)
 BUNDLED_TEST_PAIRS = "data/sentiment_pairs_test.jsonl"
@@ -83,6 +84,11 @@ class EvalConfig:
         beta: β of the implicit reward in ``reward_margin``; default: the run's final β (ε-DPO) or its ``beta``.
         batch_size: prompts per sampling batch, and pairs per scoring batch.
         seed: seeds the sampling streams (policy and reference share them).
+        reference_cache_dir: keep the reference's part of the evaluation (its samples, their rewards and log-probs,
+            its log-probs of the held-out pairs) in this directory, under a key over the reference's identity, the
+            prompts, every sampling and scoring setting, the reward and the pairs' token ids; evaluations of other
+            policies against the same reference with the same settings (a sweep, ``experiments/kl_frontier.py``)
+            read it instead of sampling and scoring the reference again. None: always computed.
         output: the JSON file written; default ``RUN_DIR/eval.json`` (``eval.json`` without a run directory).
             The per-sample responses, rewards and log-probs go beside it (``…_samples.jsonl``).
         bf16: sample and score under bfloat16 autocast.
@@ -110,6 +116,7 @@ class EvalConfig:
     beta: float | None = None
     batch_size: int = 8
     seed: int = 0
+    reference_cache_dir: str | None = None
     output: str | None = None
     bf16: bool = False
     use_chat_template: bool | None = None
@@ -151,38 +158,69 @@ def _autocast(model: nn.Module, enabled: bool) -> contextlib.AbstractContextMana
 
 
 @torch.no_grad()
+def row_logps(model: nn.Module, rows: Sequence[tuple[list[int], list[int]]], pad_id: int, *, batch_size: int = 8,
+              bf16: bool = False) -> torch.Tensor:  # fmt: skip
+    """Summed log π(completion | prompt) under ``model`` of each ``(prompt_ids, completion_ids)`` row, (N,) float32.
+
+    Rows are right-padded in batches of ``batch_size``; the log-probs come from the final hidden states and the
+    linear head, a chunk of completion positions at a time (the model's full logits only where its logits are not its
+    linear head's output), as in training.
+    """
+    from epsdpo.data import shift_for_logps
+    from epsdpo.logps import LMHeadInput
+    from epsdpo.logps.chunked import default_chunk_size
+    from epsdpo.training.forward import fused_head_matches, reference_side
+
+    device = next(model.parameters()).device
+    out: list[torch.Tensor] = []
+    fused: bool | None = None
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        width = max(len(p) + len(c) for p, c in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        completion = torch.zeros((len(chunk), width), dtype=torch.long)
+        attention = torch.zeros((len(chunk), width), dtype=torch.long)
+        for r, (prompt, comp) in enumerate(chunk):
+            ids[r, : len(prompt) + len(comp)] = torch.tensor([*prompt, *comp], dtype=torch.long)
+            completion[r, len(prompt) : len(prompt) + len(comp)] = 1
+            attention[r, : len(prompt) + len(comp)] = 1
+        ids, completion, attention = ids.to(device), completion.to(device), attention.to(device)
+        if fused is None:  # once: is head(final hidden state) exactly what the model returns as logits?
+            fused = fused_head_matches(model, ids, attention)
+        labels, mask = shift_for_logps(ids, completion)
+        where = mask.bool()
+        with _autocast(model, bf16):
+            side = reference_side(model, ids, attention, fused)
+            rows_of = where.nonzero()[:, 0]
+            targets = labels[where]
+            if isinstance(side, LMHeadInput):
+                hidden = side.hidden[where]
+                step = default_chunk_size(side.weight.shape[0])
+                tok = torch.cat([
+                    torch.nn.functional.linear(hidden[i : i + step], side.weight, side.bias).float().log_softmax(-1)
+                    .gather(-1, targets[i : i + step, None]).squeeze(-1) for i in range(0, hidden.shape[0], step)
+                ]) if hidden.shape[0] else hidden.new_zeros(0, dtype=torch.float32)  # fmt: skip
+            else:
+                tok = side[where].float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+        seq = torch.zeros(len(chunk), dtype=torch.float32, device=device).index_add(0, rows_of, tok.float())
+        out.append(seq.cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
 def sequence_logps(policy: nn.Module, reference: nn.Module, pairs: Sequence[Any], pad_id: int, *,
                    batch_size: int = 8, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Summed completion log-probs under both models of every row of ``pairs`` (:class:`TokenizedPair`).
 
     Returns ``(policy, reference)``, each (2P,) float32: rows 0..P−1 for the ``chosen_ids``, P..2P−1 for the
-    ``rejected_ids``. Batches are built by :class:`epsdpo.data.PreferenceCollator` and scored by
-    :func:`epsdpo.perturbed_logps` from the models' final hidden states and output heads (full logits only for
-    models whose logits are not their linear head's output), as in training.
+    ``rejected_ids`` (see :func:`row_logps`).
     """
-    from epsdpo.data import PreferenceCollator, shift_for_logps
-    from epsdpo.logps import perturbed_logps
-    from epsdpo.training.forward import fused_head_matches, reference_side
+    rows = _pair_rows(pairs)
+    return (row_logps(policy, rows, pad_id, batch_size=batch_size, bf16=bf16),
+            row_logps(reference, rows, pad_id, batch_size=batch_size, bf16=bf16))  # fmt: skip
 
-    collate = PreferenceCollator(pad_id)
-    device = next(policy.parameters()).device
-    chosen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    rejected: list[tuple[torch.Tensor, torch.Tensor]] = []
-    fused: tuple[bool, bool] | None = None
-    for start in range(0, len(pairs), batch_size):
-        batch = {k: v.to(device) for k, v in collate(pairs[start : start + batch_size]).items()}
-        ids, attention = batch["input_ids"], batch["attention_mask"]
-        if fused is None:  # once: is head(final hidden state) exactly what each model returns as logits?
-            fused = (fused_head_matches(policy, ids, attention), fused_head_matches(reference, ids, attention))
-        labels, mask = shift_for_logps(ids, batch["completion_mask"])
-        with _autocast(policy, bf16):
-            sides = [reference_side(m, ids, attention, f) for m, f in zip((policy, reference), fused, strict=True)]
-            out = perturbed_logps(sides[0], sides[1], labels, mask, 0.0)  # (2B,) each
-        b = ids.shape[0] // 2
-        chosen.append((out.policy[:b].float().cpu(), out.reference[:b].float().cpu()))
-        rejected.append((out.policy[b:].float().cpu(), out.reference[b:].float().cpu()))
-    rows = chosen + rejected
-    return torch.cat([p for p, _ in rows]), torch.cat([r for _, r in rows])
+
+def _pair_rows(pairs: Sequence[Any]) -> list[tuple[list[int], list[int]]]:
+    return [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
 
 
 # ---- sampling -----------------------------------------------------------------------------------------------------
@@ -207,35 +245,85 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
 
 
+@dataclass
+class ReferencePart:
+    """What an evaluation computes from the reference alone: the same for every policy evaluated against this
+    reference with the same prompts, settings and held-out pairs (see ``reference_cache_dir``).
+
+    Attributes:
+        samples: the reference's sampled responses, prompt-major (:class:`Completion` ids and finished flags).
+        rewards: their gold rewards.
+        self_logps: log π_ref of each of its own samples.
+        pair_logps: log π_ref of the held-out pairs' rows (chosen rows, then rejected rows), or None without pairs.
+    """
+
+    samples: list[Completion]
+    rewards: list[float]
+    self_logps: list[float]
+    pair_logps: list[float] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"samples": [[c.ids, c.finished] for c in self.samples], "rewards": self.rewards,
+                "self_logps": self.self_logps, "pair_logps": self.pair_logps}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ReferencePart:
+        return cls([Completion(list(ids), bool(done)) for ids, done in d["samples"]], list(d["rewards"]),
+                   list(d["self_logps"]), None if d["pair_logps"] is None else list(d["pair_logps"]))  # fmt: skip
+
+
+def _encoded_prompts(tokenizer: Any, prompts: Sequence[tuple[str, str]], cfg: EvalConfig) -> list[list[int]]:
+    chat = wants_chat_template(tokenizer, cfg.use_chat_template)
+    return [encode_prompt(tokenizer, text, chat) for _, text in prompts]
+
+
+def _prompt_texts(prompts: Sequence[tuple[str, str]], k: int) -> list[str]:
+    return [text for _, text in prompts for _ in range(k)]
+
+
+def compute_reference_part(reference: nn.Module, tokenizer: Any, prompts: Sequence[tuple[str, str]], reward: Any,
+                   cfg: EvalConfig, pairs: Sequence[Any] | None = None) -> ReferencePart:  # fmt: skip
+    """Sample, score and take the log-probs the evaluation needs from the reference alone."""
+    encoded = _encoded_prompts(tokenizer, prompts, cfg)
+    samples = _sample_all(reference, tokenizer, encoded, [pid for pid, _ in prompts], cfg, end_token_ids(tokenizer),
+                          "sample (reference)")  # fmt: skip
+    k = cfg.samples_per_prompt
+    texts = [decode_completion(tokenizer, c) for c in samples]
+    rows = [(encoded[i // k], c.ids) for i, c in enumerate(samples)]
+    pad, opts = tokenizer.pad_token_id, {"batch_size": cfg.batch_size, "bf16": cfg.bf16}
+    pair_logps = row_logps(reference, _pair_rows(pairs), pad, **opts).tolist() if pairs else None
+    return ReferencePart(samples, list(reward(_prompt_texts(prompts, k), texts)),
+                         row_logps(reference, rows, pad, **opts).tolist(), pair_logps)  # fmt: skip
+
+
 def evaluate_models(policy: nn.Module, reference: nn.Module, tokenizer: Any, prompts: Sequence[tuple[str, str]],
-                    reward: Any, cfg: EvalConfig, *, pairs: Sequence[Any] | None = None, beta: float = 0.1
+                    reward: Any, cfg: EvalConfig, *, pairs: Sequence[Any] | None = None, beta: float = 0.1,
+                    reference_part: ReferencePart | None = None
                     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
     """The metrics of the module docstring for loaded models; also one record per sampled (prompt, j).
 
     ``prompts``: ``(prompt_id, text)``; ``reward``: a :class:`epsdpo.rewards.Reward`; ``pairs``: held-out
-    :class:`TokenizedPair` s (or None); ``beta``: β of the implicit reward.
+    :class:`TokenizedPair` s (or None); ``beta``: β of the implicit reward; ``reference_part``: the reference's part,
+    computed earlier with the same settings (:func:`compute_reference_part`), or None to compute it here.
     """
-    from epsdpo.data import TokenizedPair
-
-    chat = wants_chat_template(tokenizer, cfg.use_chat_template)
-    end_ids = end_token_ids(tokenizer)
-    encoded = [encode_prompt(tokenizer, text, chat) for _, text in prompts]
+    ref_side = reference_part or compute_reference_part(reference, tokenizer, prompts, reward, cfg, pairs)
+    encoded = _encoded_prompts(tokenizer, prompts, cfg)
     ids = [pid for pid, _ in prompts]
-    samples = {name: _sample_all(model, tokenizer, encoded, ids, cfg, end_ids, f"sample ({name})")
-               for name, model in (("policy", policy), ("reference", reference))}  # fmt: skip
     k = cfg.samples_per_prompt
+    samples = {"policy": _sample_all(policy, tokenizer, encoded, ids, cfg, end_token_ids(tokenizer),
+                                     "sample (policy)"), "reference": ref_side.samples}  # fmt: skip
     texts = {name: [decode_completion(tokenizer, c) for c in done] for name, done in samples.items()}
-    prompt_texts = [text for _, text in prompts for _ in range(k)]
-    rewards = {name: reward(prompt_texts, texts[name]) for name in texts}
-    # one TokenizedPair per (prompt, j): "chosen" = the policy's sample, "rejected" = the reference's, so one batch
-    # scores both samples under both models
-    sampled = [TokenizedPair(encoded[i // k], p.ids, r.ids, None, None, i)
-               for i, (p, r) in enumerate(zip(samples["policy"], samples["reference"], strict=True))]  # fmt: skip
-    lp_pol, lp_ref = sequence_logps(policy, reference, sampled, tokenizer.pad_token_id, batch_size=cfg.batch_size,
-                                    bf16=cfg.bf16)  # fmt: skip
-    n = len(sampled)
-    kl_values = (lp_pol[:n] - lp_ref[:n]).tolist()  # y ~ π: log π − log π_ref
-    forward_values = (lp_ref[n:] - lp_pol[n:]).tolist()  # y ~ π_ref: log π_ref − log π
+    prompt_texts = _prompt_texts(prompts, k)
+    rewards = {"policy": list(reward(prompt_texts, texts["policy"])), "reference": ref_side.rewards}
+    n = len(samples["policy"])
+    pad, opts = tokenizer.pad_token_id, {"batch_size": cfg.batch_size, "bf16": cfg.bf16}
+    own = [(encoded[i // k], c.ids) for i, c in enumerate(samples["policy"])]
+    theirs = [(encoded[i // k], c.ids) for i, c in enumerate(samples["reference"])]
+    lp_pol = row_logps(policy, own + theirs, pad, **opts)  # the policy on its samples, then on the reference's
+    lp_ref_own = row_logps(reference, own, pad, **opts)  # the reference on the policy's samples
+    lp_ref_theirs = torch.tensor(ref_side.self_logps)
+    kl_values = (lp_pol[:n] - lp_ref_own).tolist()  # y ~ π: log π − log π_ref
+    forward_values = (lp_ref_theirs - lp_pol[n:]).tolist()  # y ~ π_ref: log π_ref − log π
     wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(rewards["policy"], rewards["reference"],
                                                                       strict=True)]  # fmt: skip
     metrics: dict[str, Any] = {}
@@ -247,23 +335,24 @@ def evaluate_models(policy: nn.Module, reference: nn.Module, tokenizer: Any, pro
     metrics["kl"], metrics["kl/std"] = _mean_std(kl_values)
     metrics["kl/forward"], metrics["kl/forward_std"] = _mean_std(forward_values)
     metrics["win_rate"] = statistics.fmean(wins)
-    metrics.update(_pair_metrics(policy, reference, pairs, tokenizer.pad_token_id, beta, cfg))
+    metrics.update(_pair_metrics(policy, pairs, ref_side.pair_logps, pad, beta, cfg))
     metrics["num_prompts"], metrics["num_samples"] = len(prompts), n
     records = [{"prompt_id": ids[i // k], "sample": i % k, "prompt": prompt_texts[i],
                 "policy": texts["policy"][i], "reference": texts["reference"][i],
                 "policy_reward": rewards["policy"][i], "reference_reward": rewards["reference"][i],
-                "policy_logp": float(lp_pol[i]), "policy_ref_logp": float(lp_ref[i]),
-                "reference_logp": float(lp_ref[n + i]), "reference_policy_logp": float(lp_pol[n + i])}
+                "policy_logp": float(lp_pol[i]), "policy_ref_logp": float(lp_ref_own[i]),
+                "reference_logp": float(lp_ref_theirs[i]), "reference_policy_logp": float(lp_pol[n + i])}
                for i in range(n)]  # fmt: skip
     return metrics, records
 
 
-def _pair_metrics(policy: nn.Module, reference: nn.Module, pairs: Sequence[Any] | None, pad_id: int, beta: float,
-                  cfg: EvalConfig) -> dict[str, Any]:  # fmt: skip
+def _pair_metrics(policy: nn.Module, pairs: Sequence[Any] | None, ref_logps: list[float] | None, pad_id: int,
+                  beta: float, cfg: EvalConfig) -> dict[str, Any]:  # fmt: skip
     """Preference accuracy and mean implicit reward margin on held-out pairs (None without pairs)."""
-    if not pairs:
+    if not pairs or ref_logps is None:
         return {"preference_accuracy": None, "reward_margin": None, "num_pairs": 0, "beta": beta}
-    lp_pol, lp_ref = sequence_logps(policy, reference, pairs, pad_id, batch_size=cfg.batch_size, bf16=cfg.bf16)
+    lp_pol = row_logps(policy, _pair_rows(pairs), pad_id, batch_size=cfg.batch_size, bf16=cfg.bf16)
+    lp_ref = torch.tensor(ref_logps)
     p = len(pairs)
     margins = beta * ((lp_pol[:p] - lp_ref[:p]) - (lp_pol[p:] - lp_ref[p:]))  # r̂(y_w) − r̂(y_l)
     return {"preference_accuracy": float((margins > 0).float().mean()), "reward_margin": float(margins.mean()),
@@ -279,10 +368,12 @@ class _Loaded:
     beta: float
     data: Any  # the run's DataConfig, or None
     names: dict[str, str]
+    reference_id: str  # what determines the reference's weights (epsdpo.select.model_identity)
 
 
 def _load_from_run(cfg: EvalConfig) -> _Loaded:
     from epsdpo.models import load_tokenizer
+    from epsdpo.select import model_identity
     from epsdpo.training.config import load_run_config, tokenizer_name
     from epsdpo.training.policy import build_from_config, load_causal_lm
 
@@ -314,8 +405,9 @@ def _load_from_run(cfg: EvalConfig) -> _Loaded:
     reference = load_causal_lm(ref_name, cfg.trust_remote_code) if ref_name else initial_model()
     ref_label = ref_name or (m.model if m.model_config is None else f"{m.model} (random init, seed "
                                                                    f"{run_cfg.train.seed})")  # fmt: skip
+    ref_id = model_identity(ref_name) if ref_name else model_identity(m.model, m.model_config, run_cfg.train.seed)
     return _Loaded(policy, reference, tokenizer, cfg.beta or _run_beta(run, run_cfg), run_cfg.data,
-                   {"policy": policy_name, "reference": ref_label})  # fmt: skip
+                   {"policy": policy_name, "reference": ref_label}, ref_id)  # fmt: skip
 
 
 def _run_beta(run: Path, run_cfg: Any) -> float:
@@ -330,6 +422,7 @@ def _run_beta(run: Path, run_cfg: Any) -> float:
 
 def _load_models(cfg: EvalConfig) -> _Loaded:
     from epsdpo.models import load_tokenizer
+    from epsdpo.select import model_identity
     from epsdpo.training.policy import load_causal_lm
 
     if cfg.run_dir is not None:
@@ -340,7 +433,7 @@ def _load_models(cfg: EvalConfig) -> _Loaded:
         loaded = _Loaded(load_causal_lm(cfg.model, cfg.trust_remote_code),
                          load_causal_lm(cfg.ref_model, cfg.trust_remote_code),
                          load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code), cfg.beta or 0.1, None,
-                         {"policy": cfg.model, "reference": cfg.ref_model})  # fmt: skip
+                         {"policy": cfg.model, "reference": cfg.ref_model}, model_identity(cfg.ref_model))  # fmt: skip
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     for model in (loaded.policy, loaded.reference):
         model.requires_grad_(False).eval().to(device)
@@ -388,14 +481,28 @@ def evaluate(config: EvalConfig | str | Path | Mapping[str, Any] | None = None,
     loaded = _load_models(cfg)
     prompts = load_prompts(cfg.prompts, cfg.prompt_split, cfg.prompt_column, cfg.num_prompts)
     pairs, pairs_source = _held_out_pairs(cfg, loaded.data, loaded.tokenizer)
-    metrics, records = evaluate_models(loaded.policy, loaded.reference, loaded.tokenizer, prompts,
-                                       load_reward(cfg.reward), cfg, pairs=pairs, beta=loaded.beta)  # fmt: skip
+    reward = load_reward(cfg.reward)
+    part, cache_file = None, None
+    if cfg.reference_cache_dir:
+        cache_file = _reference_cache_file(cfg, loaded, prompts, pairs)
+        if cache_file.is_file():
+            part = ReferencePart.from_dict(json.loads(cache_file.read_text(encoding="utf-8")))
+    if part is None:
+        part = compute_reference_part(loaded.reference, loaded.tokenizer, prompts, reward, cfg, pairs)
+        if cache_file is not None:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_name(cache_file.name + ".partial")
+            tmp.write_text(json.dumps(part.to_dict()), encoding="utf-8")
+            tmp.replace(cache_file)
+    metrics, records = evaluate_models(loaded.policy, loaded.reference, loaded.tokenizer, prompts, reward, cfg,
+                                       pairs=pairs, beta=loaded.beta, reference_part=part)  # fmt: skip
     output = Path(cfg.output) if cfg.output else Path(cfg.run_dir or ".") / "eval.json"
     samples_path = output.with_name(output.stem + "_samples.jsonl")
     result = {
         **metrics,
         "policy": loaded.names["policy"], "reference": loaded.names["reference"], "eval_dataset": pairs_source,
         "samples_file": samples_path.name, "seconds": time.perf_counter() - started,
+        "reference_cache": None if cache_file is None else str(cache_file),
         "settings": {k: v for k, v in asdict(cfg).items() if k not in ("disable_tqdm", "output")},
     }  # fmt: skip
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -403,6 +510,23 @@ def evaluate(config: EvalConfig | str | Path | Mapping[str, Any] | None = None,
     samples_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     result["output"] = str(output)
     return result
+
+
+def _reference_cache_file(cfg: EvalConfig, loaded: _Loaded, prompts: Sequence[tuple[str, str]],
+                          pairs: Sequence[Any] | None) -> Path:  # fmt: skip
+    """The cache file of the reference's part: a key over everything that determines it."""
+    import hashlib
+
+    determines = {
+        "format": 1, "reference": loaded.reference_id, "prompts": list(prompts), "reward": cfg.reward,
+        "prompt_ids": _encoded_prompts(loaded.tokenizer, prompts, cfg), "pad": loaded.tokenizer.pad_token_id,
+        "end_ids": list(end_token_ids(loaded.tokenizer)), "device": str(next(loaded.reference.parameters()).device),
+        "settings": {k: getattr(cfg, k) for k in ("samples_per_prompt", "max_new_tokens", "temperature", "top_p",
+                                                   "batch_size", "seed", "bf16", "use_chat_template")},
+        "pairs": None if not pairs else [[p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in pairs],
+    }  # fmt: skip
+    key = hashlib.sha256(json.dumps(determines, sort_keys=True).encode()).hexdigest()[:24]
+    return Path(cfg.reference_cache_dir or ".") / f"eval_reference-{key}.json"
 
 
 def format_table(result: Mapping[str, Any]) -> str:
