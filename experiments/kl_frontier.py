@@ -58,7 +58,7 @@ LABELS = {"dpo": "DPO", "epsilon_dpo": "ε-DPO", "beta_dpo": "β-DPO", "tr_dpo":
 #: the subset of the bundled pairs every run trains on (its first TRAIN_PAIRS rows)
 TRAIN_PAIRS = 96
 EVAL = ["eval_dataset=bundled", "num_prompts=48", "max_pairs=32", "samples_per_prompt=1", "max_new_tokens=48",
-        "batch_size=16", "seed=0", "disable_tqdm=true"]  # fmt: skip
+        "batch_size=16", "seed=0", "disable_tqdm=true", f"reference_cache_dir={RUNS / 'eval_reference'}"]  # fmt: skip
 #: training metrics kept in the summary (the last step's value)
 FINAL_KEYS = ("loss", "rewards/margins", "rewards/accuracies", "kl/beta", "grad_norm")
 
@@ -276,9 +276,10 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
 
 
 def _setup_text() -> str:
+    settings = " ".join(e for e in EVAL if not e.startswith(("disable", "reference")))
     return (f"Setting: SmolLM2-135M-Instruct, LoRA (the same for every method; `{CONFIG}`), trained on the first "
             f"{TRAIN_PAIRS} pairs of the bundled on-policy sentiment pairs (`bundled:sentiment_pairs`); evaluated with "
-            f"`epsdpo eval` ({' '.join(e for e in EVAL if not e.startswith('disable'))}) on held-out prompts: gold "
+            f"`epsdpo eval` ({settings}) on held-out prompts: gold "
             "reward = VADER compound score of one sampled response per prompt, KL(π‖π_ref) = mean sequence "
             "log-ratio of the policy's own samples, win rate against the reference's samples (ties ½), preference "
             "accuracy on held-out pairs. s.e. = standard deviation of the per-sample values / √n.")
