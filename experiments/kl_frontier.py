@@ -120,6 +120,7 @@ def run_one(run: Run) -> dict[str, Any]:
     train_cmd = ["epsdpo", "train", str(CONFIG), f"dataset={_train_data()}", *run.overrides, f"output_dir={out}"]
     eval_cmd = ["epsdpo", "eval", str(out), *EVAL]
     started = time.perf_counter()
+    commit = _commit()  # the code that runs (a run resumed later may record a later commit)
     if not (ROOT / out / "final").is_dir():
         resume = ["resume_from_checkpoint=auto"] if any((ROOT / out).glob("checkpoint-*")) else []
         _call([_epsdpo(), *train_cmd[1:], *resume], log)
@@ -128,6 +129,7 @@ def run_one(run: Run) -> dict[str, Any]:
         _call([_epsdpo(), *eval_cmd[1:]], log)
     evaluated = time.perf_counter()
     summary = summarise(run, ROOT / out, {"train": " ".join(train_cmd), "eval": " ".join(eval_cmd)})
+    summary["commit"] = commit
     summary["seconds"] = {"train": round(trained - started, 1), "eval": round(evaluated - trained, 1)}
     if run.method == "epsilon_dpo" and run.beta == 0.1:
         summary["decision_precision"] = decision_shares(ROOT / out)
@@ -151,7 +153,6 @@ def summarise(run: Run, run_dir: Path, commands: dict[str, str]) -> dict[str, An
         "overrides": run.overrides, "commands": commands, "eval": metrics,
         "train": {"steps": records[-1]["step"], **{k: records[-1][k] for k in FINAL_KEYS if k in records[-1]},
                   "beta_trajectory": [r["kl/beta"] for r in records], "decision_shares": shares},
-        "commit": _commit(),
     }  # fmt: skip
 
 
