@@ -204,8 +204,9 @@ def load_summaries() -> list[dict[str, Any]]:
     return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(SUMMARIES.glob("*.json"))]
 
 
-def _se(ev: dict[str, Any], key: str) -> float:
-    return ev.get(f"{key}_std", 0.0) / math.sqrt(max(ev.get("num_samples", 1), 1))
+def _se(ev: dict[str, Any], std_key: str) -> float:
+    """Standard error of a per-sample mean whose standard deviation ``eval.json`` holds under ``std_key``."""
+    return ev[std_key] / math.sqrt(max(ev.get("num_samples", 1), 1))
 
 
 def _mean_spread(values: list[float]) -> tuple[float, float]:
@@ -252,8 +253,8 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
         share_text = " / ".join(f"{shares[k]:.2f}" for k in ("s=+1", "s=0", "s=-1")) if shares else ""
         lines.append(
             f"| {s['name']} | {LABELS[s['method']]} | {s['beta']:g} | {eps} | {s['seed']} | "
-            f"{ev['policy/gold_reward']:.3f} ± {_se(ev, 'policy/gold_reward'):.3f} | {ev['kl']:.3f} ± "
-            f"{_se(ev, 'kl'):.3f} | {ev['win_rate']:.3f} | {ev['preference_accuracy']:.3f} | {tr['kl/beta']:.4g} | "
+            f"{ev['policy/gold_reward']:.3f} ± {_se(ev, 'policy/gold_reward_std'):.3f} | {ev['kl']:.3f} ± "
+            f"{_se(ev, 'kl/std'):.3f} | {ev['win_rate']:.3f} | {ev['preference_accuracy']:.3f} | {tr['kl/beta']:.4g} | "
             f"{share_text} | {s['seconds']['train']:.0f} | {s['seconds']['eval']:.0f} |"
         )
     precision = [s for s in summaries if "decision_precision" in s]
