@@ -296,6 +296,7 @@ def plot(summaries: list[dict[str, Any]], path: Path) -> None:
     markers = {"dpo": "o", "epsilon_dpo": "*", "beta_dpo": "s", "tr_dpo": "^"}
     fig, ax = plt.subplots(figsize=(8, 5.5), constrained_layout=True)
     grid = [s for s in summaries if s["group"] == "grid"]
+    ref = statistics.fmean(s["eval"]["reference/gold_reward"] for s in grid) if grid else 0.0
     for i, method in enumerate(METHODS):
         rows = [s for s in grid if s["method"] == method]
         if not rows:
@@ -307,13 +308,12 @@ def plot(summaries: list[dict[str, Any]], path: Path) -> None:
         for s in rows:
             ax.annotate(f"{s['beta']:g}", (s["eval"]["kl"], s["eval"]["policy/gold_reward"]), fontsize=7,
                         textcoords="offset points", xytext=(4, 3), color=f"C{i}")  # fmt: skip
-        front = pareto_front(list(zip(kl, reward, strict=True)))
+        front = pareto_front([(0.0, ref), *zip(kl, reward, strict=True)])  # every frontier starts at π_ref
         ax.plot([p[0] for p in front], [p[1] for p in front], color=f"C{i}", linewidth=1.2, alpha=0.8)
     if grid:
-        ref = statistics.fmean(s["eval"]["reference/gold_reward"] for s in grid)
         ax.plot(0.0, ref, marker="P", markersize=11, color="black", linestyle="none", label="reference")
     ax.set(xlabel="KL(π ‖ π_ref) from the policy's samples (nats)", ylabel="mean gold reward (VADER) of samples",
-           title="Reward vs KL, every run of the grid (labels: β; lines: each method's frontier)")  # fmt: skip
+           title="Reward vs KL, every run (labels: β; lines: each method's frontier from π_ref)")  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=9)
     fig.savefig(path, dpi=110)
