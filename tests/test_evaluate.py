@@ -228,3 +228,14 @@ def test_reference_cache_gives_the_same_evaluation_without_touching_the_referenc
     assert other["reference/gold_reward"] == first["reference/gold_reward"] and other["kl"] != first["kl"]
     with pytest.raises(AssertionError, match="sampled again"):  # another seed is another key
         ev.evaluate(runs[0], [*common, cache, "seed=1", f"output={tmp_path / 'seed1.json'}"])
+
+
+def test_a_reference_part_from_other_settings_is_refused(smollm2_tokenizer, prompts):
+    from epsdpo.evaluate import compute_reference_part
+
+    model = tiny_llama(len(smollm2_tokenizer))
+    reward = load_reward("sentiment")
+    cfg = EvalConfig(max_new_tokens=4, batch_size=3, disable_tqdm=True)
+    part = compute_reference_part(model, smollm2_tokenizer, prompts[:2], reward, cfg)
+    with pytest.raises(ValueError, match="holds 2 samples and None pair rows, this evaluation needs 3"):
+        evaluate_models(model, model, smollm2_tokenizer, prompts, reward, cfg, reference_part=part)

@@ -144,3 +144,13 @@ def test_selection_as_a_training_data_option(tmp_path):
     assert sum(r["selected"] for r in scores) == 32
     # 32 pairs in batches of 4: 8 steps per epoch
     assert read_metrics(result.output_dir / "metrics.jsonl")[0]["epoch"] == pytest.approx(1 / 8)
+
+
+def test_reference_identity_follows_ref_model_even_for_a_random_policy():
+    from epsdpo.select import model_identity, reference_identity
+    from epsdpo.training.config import ModelConfig
+
+    arch = {"model_type": "llama", "hidden_size": 8}
+    assert reference_identity(ModelConfig(model="x", model_config=arch), 3) == model_identity("x", arch, 3)
+    with_ref = ModelConfig(model="x", model_config=arch, ref_model="some/hub-id")
+    assert reference_identity(with_ref, 3) == model_identity("some/hub-id") != model_identity("x", arch, 3)

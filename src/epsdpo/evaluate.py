@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import statistics
 import time
 from collections.abc import Mapping, Sequence
@@ -307,6 +308,11 @@ def evaluate_models(policy: nn.Module, reference: nn.Module, tokenizer: Any, pro
     computed earlier with the same settings (:func:`compute_reference_part`), or None to compute it here.
     """
     ref_side = reference_part or compute_reference_part(reference, tokenizer, prompts, reward, cfg, pairs)
+    expected = (len(prompts) * cfg.samples_per_prompt, None if not pairs else 2 * len(pairs))
+    got = (len(ref_side.samples), None if ref_side.pair_logps is None else len(ref_side.pair_logps))
+    if got != expected:
+        raise ValueError(f"the reference part holds {got[0]} samples and {got[1]} pair rows, this evaluation needs "
+                         f"{expected[0]} and {expected[1]}: it was computed for other prompts, settings or pairs")
     encoded = _encoded_prompts(tokenizer, prompts, cfg)
     ids = [pid for pid, _ in prompts]
     k = cfg.samples_per_prompt
@@ -373,7 +379,7 @@ class _Loaded:
 
 def _load_from_run(cfg: EvalConfig) -> _Loaded:
     from epsdpo.models import load_tokenizer
-    from epsdpo.select import model_identity
+    from epsdpo.select import model_identity, reference_identity
     from epsdpo.training.config import load_run_config, tokenizer_name
     from epsdpo.training.policy import build_from_config, load_causal_lm
 
@@ -405,7 +411,7 @@ def _load_from_run(cfg: EvalConfig) -> _Loaded:
     reference = load_causal_lm(ref_name, cfg.trust_remote_code) if ref_name else initial_model()
     ref_label = ref_name or (m.model if m.model_config is None else f"{m.model} (random init, seed "
                                                                    f"{run_cfg.train.seed})")  # fmt: skip
-    ref_id = model_identity(ref_name) if ref_name else model_identity(m.model, m.model_config, run_cfg.train.seed)
+    ref_id = model_identity(ref_name) if cfg.ref_model else reference_identity(m, run_cfg.train.seed)
     return _Loaded(policy, reference, tokenizer, cfg.beta or _run_beta(run, run_cfg), run_cfg.data,
                    {"policy": policy_name, "reference": ref_label}, ref_id)  # fmt: skip
 
@@ -491,7 +497,7 @@ def evaluate(config: EvalConfig | str | Path | Mapping[str, Any] | None = None,
         part = compute_reference_part(loaded.reference, loaded.tokenizer, prompts, reward, cfg, pairs)
         if cache_file is not None:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_name(cache_file.name + ".partial")
+            tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.partial")  # concurrent writers: own files
             tmp.write_text(json.dumps(part.to_dict()), encoding="utf-8")
             tmp.replace(cache_file)
     metrics, records = evaluate_models(loaded.policy, loaded.reference, loaded.tokenizer, prompts, reward, cfg,

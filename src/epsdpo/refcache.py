@@ -23,6 +23,7 @@ Not usable when the reference moves during training (TR-DPO's ``sync_ref_model``
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -120,7 +121,7 @@ def save_cache(cache: ReferenceHiddenCache, path: Path, model_id: str) -> None:
     rows = sorted(cache.table)
     table = torch.tensor([[r, *cache.table[r]] for r in rows], dtype=torch.long).reshape(-1, 5)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # runs filling the same key: their own files
     save_file({"hidden": cache.hidden.contiguous(), "table": table}, str(partial),
               metadata={"format": str(CACHE_FORMAT), "model": json.dumps(model_id)})  # fmt: skip
     partial.replace(path)

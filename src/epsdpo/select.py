@@ -151,6 +151,14 @@ def model_identity(name_or_path: str, model_config: dict[str, Any] | None = None
     return str(path) + "".join(f"|{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files)
 
 
+def reference_identity(models: Any, seed: int) -> str:
+    """:func:`model_identity` of the reference a :class:`~epsdpo.training.config.ModelConfig` trains against:
+    ``ref_model`` when given (even for a randomly initialised policy), else the initial policy."""
+    if models.ref_model:
+        return model_identity(models.ref_model)
+    return model_identity(models.model, models.model_config, seed)
+
+
 @dataclass
 class Selection:
     """The outcome of a selection: kept positions plus every per-pair quantity, in the pairs' order."""

@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from epsdpo.data import DataError, load_preference_dataset
     from epsdpo.data.loading import load_rows
     from epsdpo.models import load_tokenizer
-    from epsdpo.select import model_identity, select_for_config
+    from epsdpo.select import reference_identity, select_for_config
     from epsdpo.training.config import load_run_config, tokenizer_name
     from epsdpo.training.policy import build_from_config, load_causal_lm
 
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     if method in ("alignment_potential", "implicit"):
         reference = (build_from_config(m.model_config, len(tokenizer), cfg.train.seed) if m.model_config
                      else load_causal_lm(m.ref_model or m.model, m.trust_remote_code))  # fmt: skip
-    model_id = model_identity(m.ref_model or m.model, m.model_config, cfg.train.seed)
+    model_id = reference_identity(m, cfg.train.seed)
     data_path = Path(str(cfg.data.dataset))
     out = Path(args.out) if args.out else (data_path.parent if data_path.exists() else Path(".")) / "selection"
     raw = load_rows(cfg.data.dataset, dataset_config=cfg.data.dataset_config, split=cfg.data.split)

@@ -36,7 +36,7 @@ def model_card(cfg: RunConfig, metrics: dict[str, float], steps: int, beta: floa
            if cfg.loss.kind.needs_perturbation else f" (β = {cfg.loss.beta})")
         + ".",
         "",
-        f"- base model: `{base}`" + (" (LoRA adapters)" if cfg.models.use_lora else ""),
+        f"- base model: `{base}`" + _lora_note(cfg),
         f"- data: `{cfg.data.dataset}` — {data_report.get('kept')} pairs kept of {data_report.get('rows')} rows",
         f"- optimizer steps: {steps}, wall time {seconds / 60:.1f} min",
         "",
@@ -57,6 +57,14 @@ def model_card(cfg: RunConfig, metrics: dict[str, float], steps: int, beta: floa
     return "\n".join(lines)
 
 
+def _lora_note(cfg: RunConfig) -> str:
+    if not cfg.models.use_lora:
+        return ""
+    if cfg.models.sync_ref_model:
+        return " (LoRA, saved merged: TR-DPO folded part of the adapter into the base during training)"
+    return " (LoRA adapters)"
+
+
 def save_final_model(model: nn.Module, tokenizer: Any, final: Path, cfg: RunConfig, metrics: dict[str, float],
                      steps: int, beta: float, seconds: float, data_report: dict[str, Any],
                      state_dict: dict[str, Any] | None = None) -> None:  # fmt: skip
@@ -66,7 +74,7 @@ def save_final_model(model: nn.Module, tokenizer: Any, final: Path, cfg: RunConf
 
     LoRA with TR-DPO (``sync_ref_model``) folds part of the adapter into the base during training, so the adapter
     alone no longer describes the policy: ``final/`` then holds the whole merged model (the run is over, so the
-    in-memory model is merged in place)."""
+    in-memory model is merged in place), and ``save_merged_model`` writes nothing more (``final/`` is that model)."""
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     if cfg.models.use_lora and cfg.models.sync_ref_model and hasattr(model, "merge_and_unload"):

@@ -34,7 +34,7 @@ from epsdpo.data import PreferenceCollator, TokenizedPair, batch_indices, load_e
 from epsdpo.models import load_tokenizer
 from epsdpo.refcache import ReferenceHiddenCache, load_or_compute_reference_hidden
 from epsdpo.reference import fold_adapters_into_base, soft_update_reference
-from epsdpo.select import model_identity, select_for_config
+from epsdpo.select import reference_identity, select_for_config
 from epsdpo.training.checkpoint import (
     REFERENCE_FILE,
     load_checkpoint,
@@ -280,8 +280,8 @@ class Trainer:
         m, acc = self.cfg.models, self.accelerator
         reference = self.models.reference if self.models.reference is not None else self.models.policy
         selection = select_for_config(
-            self.cfg.data, pairs, self.tokenizer, reference, model_identity(m.ref_model or m.model, m.model_config,
-            self.cfg.train.seed), seed=self.cfg.train.seed, out_dir=self.output_dir if acc.is_main_process else None,
+            self.cfg.data, pairs, self.tokenizer, reference, reference_identity(m, self.cfg.train.seed),
+            seed=self.cfg.train.seed, out_dir=self.output_dir if acc.is_main_process else None,
         )  # fmt: skip
         if acc.is_main_process:
             logger.info("selection %s kept %d of %d pairs (select_ratio %g); scores in %s", selection.method,
@@ -349,7 +349,7 @@ class Trainer:
         from epsdpo.models import cache_dir
 
         directory = Path(m.ref_cache_dir) if m.ref_cache_dir else cache_dir() / "reference"
-        model_id = model_identity(m.ref_model or m.model, m.model_config, self.cfg.train.seed)
+        model_id = reference_identity(m, self.cfg.train.seed)
         precision = f"{'bf16' if m.bf16 else 'fp32'}-{acc.device.type}"
         splits = {"train": self.train_pairs, "eval": self.eval_pairs}
         caches: dict[str, ReferenceHiddenCache] = {}
