@@ -243,6 +243,13 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
                 lines.append(f"| {LABELS[method]} | {beta:g} | {len(rows)} | " + " | ".join(cells) + f" | {fb:.4g} |")
         ref = statistics.fmean(s["eval"]["reference/gold_reward"] for s in grid)
         lines += ["", f"Reference model (the same samples for every run): gold reward {ref:.3f}.", ""]
+        moved = [abs(s["train"]["kl/beta"] / s["beta"] - 1) for s in summaries if s["method"] == "epsilon_dpo"]
+        if moved:
+            lines += [f"ε-DPO's global β moved by at most {100 * max(moved):.2f}% from β₀ in these runs (a step "
+                      "changes it by a factor between 1/(1+ε) and 1/(1−ε)), and a pair's β̃ differs from β by a "
+                      "factor 1/(1±ε): in runs this short ε-DPO trains almost exactly like DPO at the same β, so "
+                      "differences between the two are mostly the sampling noise of the evaluation (compare them "
+                      "with the s.e. column and the spread across seeds).", ""]  # fmt: skip
     lines += ["## Every run", "",
               "| run | method | β | ε | seed | gold reward ± s.e. | KL ± s.e. | win rate | pref. acc. | final β | "
               "s=+1 / 0 / −1 | train s | eval s |", "|---" * 13 + "|"]  # fmt: skip
@@ -278,8 +285,14 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
 
 
 def _setup_text() -> str:
+    import yaml
+
+    y = yaml.safe_load((ROOT / CONFIG).read_text(encoding="utf-8"))
     settings = " ".join(e for e in EVAL if not e.startswith(("disable", "reference")))
-    return (f"Setting: SmolLM2-135M-Instruct, LoRA (the same for every method; `{CONFIG}`), trained on the first "
+    pairs = y["per_device_train_batch_size"] * y["gradient_accumulation_steps"]
+    return (f"Setting: SmolLM2-135M-Instruct, LoRA r {y['lora_r']} (the same for every method; `{CONFIG}`), "
+            f"{y['max_steps']} float32 steps of {pairs} pairs at learning rate {y['learning_rate']:g} (cosine), "
+            f"TR-DPO α {y['ref_model_mixup_alpha']} every {y['ref_model_sync_steps']} steps, trained on the first "
             f"{TRAIN_PAIRS} pairs of the bundled on-policy sentiment pairs (`bundled:sentiment_pairs`); evaluated with "
             f"`epsdpo eval` ({settings}) on held-out prompts: gold "
             "reward = VADER compound score of one sampled response per prompt, KL(π‖π_ref) = mean sequence "
