@@ -80,8 +80,16 @@ def plan() -> list[Run]:
     # the ablation and the precision run use seed 0 (compare with the grid's seed-0 ε-DPO run at β = 0.1)
     runs += [Run(f"epsilon_dpo-b0.1-e{e:g}-s0", "epsilon", "epsilon_dpo", 0.1, 0,
                  ["loss_type=epsilon_dpo", f"epsilon={e}", "beta=0.1", "seed=0"]) for e in (0.005, 0.02)]  # fmt: skip
-    runs.append(Run("epsilon_dpo-b0.1-bf16dec-s0", "precision", "epsilon_dpo", 0.1, 0,
-                    ["loss_type=epsilon_dpo", "epsilon=0.01", "beta=0.1", "decision_precision=bfloat16", "seed=0"]))
+    runs.append(
+        Run(
+            "epsilon_dpo-b0.1-bf16dec-s0",
+            "precision",
+            "epsilon_dpo",
+            0.1,
+            0,
+            ["loss_type=epsilon_dpo", "epsilon=0.01", "beta=0.1", "decision_precision=bfloat16", "seed=0"],
+        )
+    )
     return runs
 
 
@@ -130,6 +138,7 @@ def run_one(run: Run) -> dict[str, Any]:
     evaluated = time.perf_counter()
     summary = summarise(run, ROOT / out, {"train": " ".join(train_cmd), "eval": " ".join(eval_cmd)})
     summary["commit"] = commit
+    summary["machine"] = machine()
     summary["seconds"] = {"train": round(trained - started, 1), "eval": round(evaluated - trained, 1)}
     if run.method == "epsilon_dpo" and run.beta == 0.1:
         summary["decision_precision"] = decision_shares(ROOT / out)
@@ -154,6 +163,27 @@ def summarise(run: Run, run_dir: Path, commands: dict[str, str]) -> dict[str, An
         "train": {"steps": records[-1]["step"], **{k: records[-1][k] for k in FINAL_KEYS if k in records[-1]},
                   "beta_trajectory": [r["kl/beta"] for r in records], "decision_shares": shares},
     }  # fmt: skip
+
+
+def machine() -> str:
+    """The CPU model, its bf16 support and the torch build: sampling and timings depend on them."""
+    import platform
+
+    import torch
+
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and cpu in ("", platform.machine(), platform.processor()):
+                cpu = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    bf16 = "native bf16" if flags & {"avx512_bf16", "amx_bf16"} else "no native bf16" if flags else "bf16 unknown"
+    return f"{cpu} ({bf16}), {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def _commit() -> str | None:
@@ -241,8 +271,7 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
                     cells.append(f"{m:.3f} ± {h:.3f}")
                 fb = _mean_spread([s["train"]["kl/beta"] for s in rows])[0]
                 lines.append(f"| {LABELS[method]} | {beta:g} | {len(rows)} | " + " | ".join(cells) + f" | {fb:.4g} |")
-        ref = statistics.fmean(s["eval"]["reference/gold_reward"] for s in grid)
-        lines += ["", f"Reference model (the same samples for every run): gold reward {ref:.3f}.", ""]
+        lines += ["", *_reference_text(summaries), ""]
         moved = [abs(s["train"]["kl/beta"] / s["beta"] - 1) for s in summaries if s["method"] == "epsilon_dpo"]
         if moved:
             lines += [f"ε-DPO's global β moved by at most {100 * max(moved):.2f}% from β₀ in these runs (a step "
@@ -284,20 +313,47 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
     return md, png
 
 
+def _reference_text(summaries: list[dict[str, Any]]) -> list[str]:
+    """The reference's gold reward, and which runs share which reference samples."""
+    by_value: dict[float, list[dict[str, Any]]] = {}
+    for s in summaries:
+        by_value.setdefault(round(s["eval"]["reference/gold_reward"], 4), []).append(s)
+    if len(by_value) == 1:
+        value = next(iter(by_value))
+        return [f"Reference model (the same samples for every run): gold reward {value:.3f}."]
+    lines = [
+        "Reference model: the sampler's seed is the same for every run, but the samples depend on the machine's "
+        "floating-point kernels (a last-bit difference in a logit changes a sampled token, and the rest of the "
+        "response with it), so runs made on different machines were compared with different reference samples; "
+        "a policy's own samples move the same way. Win rates across such groups differ by this sampling noise "
+        "too; gold reward and KL are computed from each policy's own samples and are unaffected.",
+        "",
+    ]
+    for value, rows in sorted(by_value.items()):
+        machines = sorted({s.get("machine", "machine not recorded") for s in rows})
+        lines.append(
+            f"- reference gold reward {value:.3f} ({len(rows)} runs; {'; '.join(machines)}): "
+            + ", ".join(s["name"] for s in rows)
+        )
+    return lines
+
+
 def _setup_text() -> str:
     import yaml
 
     y = yaml.safe_load((ROOT / CONFIG).read_text(encoding="utf-8"))
     settings = " ".join(e for e in EVAL if not e.startswith(("disable", "reference")))
     pairs = y["per_device_train_batch_size"] * y["gradient_accumulation_steps"]
-    return (f"Setting: SmolLM2-135M-Instruct, LoRA r {y['lora_r']} (the same for every method; `{CONFIG}`), "
-            f"{y['max_steps']} float32 steps of {pairs} pairs at learning rate {y['learning_rate']:g} (cosine), "
-            f"TR-DPO α {y['ref_model_mixup_alpha']} every {y['ref_model_sync_steps']} steps, trained on the first "
-            f"{TRAIN_PAIRS} pairs of the bundled on-policy sentiment pairs (`bundled:sentiment_pairs`); evaluated with "
-            f"`epsdpo eval` ({settings}) on held-out prompts: gold "
-            "reward = VADER compound score of one sampled response per prompt, KL(π‖π_ref) = mean sequence "
-            "log-ratio of the policy's own samples, win rate against the reference's samples (ties ½), preference "
-            "accuracy on held-out pairs. s.e. = standard deviation of the per-sample values / √n.")
+    return (
+        f"Setting: SmolLM2-135M-Instruct, LoRA r {y['lora_r']} (the same for every method; `{CONFIG}`), "
+        f"{y['max_steps']} float32 steps of {pairs} pairs at learning rate {y['learning_rate']:g} (cosine), "
+        f"TR-DPO α {y['ref_model_mixup_alpha']} every {y['ref_model_sync_steps']} steps, trained on the first "
+        f"{TRAIN_PAIRS} pairs of the bundled on-policy sentiment pairs (`bundled:sentiment_pairs`); evaluated with "
+        f"`epsdpo eval` ({settings}) on held-out prompts: gold "
+        "reward = VADER compound score of one sampled response per prompt, KL(π‖π_ref) = mean sequence "
+        "log-ratio of the policy's own samples, win rate against the reference's samples (ties ½), preference "
+        "accuracy on held-out pairs. s.e. = standard deviation of the per-sample values / √n."
+    )
 
 
 def plot(summaries: list[dict[str, Any]], path: Path) -> None:

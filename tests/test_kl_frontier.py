@@ -66,3 +66,21 @@ def test_report_is_rebuilt_from_the_summaries(kf, tmp_path, monkeypatch):
     assert "0.550 ± 0.100 | 0.700 ± 0.250 |" in text  # a run's reward and KL ± s.e. (0.4 / √16, 1.0 / √16)
     assert "Runs done: 3 of 35" in text and "epsdpo train dpo-b0.1-s1" in text
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_reference_text_names_which_runs_share_reference_samples(kf):
+    same = [_summary("dpo-b0.1-s0", "dpo", 0.1, 0, 0.5, 0.8), _summary("dpo-b0.1-s1", "dpo", 0.1, 1, 0.6, 1.0)]
+    assert kf._reference_text(same) == ["Reference model (the same samples for every run): gold reward 0.440."]
+    other = _summary("dpo-b0.5-s0", "dpo", 0.5, 0, 0.4, 0.3)
+    other["eval"]["reference/gold_reward"] = 0.33
+    other["machine"] = "CPU X (native bf16), 2 threads, torch 2"
+    text = "\n".join(kf._reference_text([*same, other]))
+    assert "- reference gold reward 0.330 (1 runs; CPU X (native bf16), 2 threads, torch 2): dpo-b0.5-s0" in text
+    assert "- reference gold reward 0.440 (2 runs; machine not recorded): dpo-b0.1-s0, dpo-b0.1-s1" in text
+
+
+def test_machine_names_the_cpu_and_torch(kf):
+    import torch
+
+    text = kf.machine()
+    assert f"torch {torch.__version__}" in text and "threads" in text
