@@ -59,6 +59,9 @@ LABELS = {"dpo": "DPO", "epsilon_dpo": "ε-DPO", "beta_dpo": "β-DPO", "tr_dpo":
 TRAIN_PAIRS = 96
 EVAL = ["eval_dataset=bundled", "num_prompts=48", "max_pairs=32", "samples_per_prompt=1", "max_new_tokens=48",
         "batch_size=16", "seed=0", "disable_tqdm=true", f"reference_cache_dir={RUNS / 'eval_reference'}"]  # fmt: skip
+#: the evalseed group: these methods' seed-1 β = 0.1 models, evaluated again with these sampler seeds (the grid uses 0)
+EVALSEED_METHODS = ("dpo", "epsilon_dpo")
+EVAL_SEEDS = (1, 2, 3)
 #: training metrics kept in the summary (the last step's value)
 FINAL_KEYS = ("loss", "rewards/margins", "rewards/accuracies", "kl/beta", "grad_norm")
 
@@ -66,11 +69,14 @@ FINAL_KEYS = ("loss", "rewards/margins", "rewards/accuracies", "kl/beta", "grad_
 @dataclass(frozen=True)
 class Run:
     name: str
-    group: str  # grid | epsilon | precision
+    group: str  # grid | epsilon | precision | evalseed
     method: str
     beta: float
     seed: int
     overrides: list[str] = field(default_factory=list)
+    #: evalseed runs: the run whose trained model is evaluated again, and the evaluation's sampler seed
+    base: str | None = None
+    eval_seed: int = 0
 
 
 def plan() -> list[Run]:
@@ -90,6 +96,11 @@ def plan() -> list[Run]:
             ["loss_type=epsilon_dpo", "epsilon=0.01", "beta=0.1", "decision_precision=bfloat16", "seed=0"],
         )
     )
+    # the evaluation's own noise: the seed-1 β = 0.1 DPO and ε-DPO models evaluated again with other sampler seeds
+    for base in runs[:]:
+        if base.group == "grid" and base.beta == 0.1 and base.seed == 1 and base.method in EVALSEED_METHODS:
+            runs += [Run(f"{base.name}-evalseed{k}", "evalseed", base.method, base.beta, base.seed, base.overrides,
+                         base=base.name, eval_seed=k) for k in EVAL_SEEDS]  # fmt: skip
     return runs
 
 
@@ -122,36 +133,39 @@ def _call(args: list[str], log: Path) -> None:
 
 def run_one(run: Run) -> dict[str, Any]:
     """Train (or resume), evaluate and summarise one run; returns the summary written."""
-    out = RUNS / run.name
+    out = RUNS / (run.base or run.name)  # an evalseed run evaluates its base run's model
     (ROOT / out).mkdir(parents=True, exist_ok=True)
     log = ROOT / out / "experiment.log"
     train_cmd = ["epsdpo", "train", str(CONFIG), f"dataset={_train_data()}", *run.overrides, f"output_dir={out}"]
-    eval_cmd = ["epsdpo", "eval", str(out), *EVAL]
+    eval_json = out / "eval.json" if run.base is None else out / f"eval-seed{run.eval_seed}.json"
+    eval_args = [e if not e.startswith("seed=") else f"seed={run.eval_seed}" for e in EVAL]
+    eval_cmd = ["epsdpo", "eval", str(out), *eval_args, *([f"output={eval_json}"] if run.base else [])]
     started = time.perf_counter()
     commit = _commit()  # the code that runs (a run resumed later may record a later commit)
     if not (ROOT / out / "final").is_dir():
         resume = ["resume_from_checkpoint=auto"] if any((ROOT / out).glob("checkpoint-*")) else []
         _call([_epsdpo(), *train_cmd[1:], *resume], log)
     trained = time.perf_counter()
-    if not (ROOT / out / "eval.json").is_file():
+    if not (ROOT / eval_json).is_file():
         _call([_epsdpo(), *eval_cmd[1:]], log)
     evaluated = time.perf_counter()
-    summary = summarise(run, ROOT / out, {"train": " ".join(train_cmd), "eval": " ".join(eval_cmd)})
+    commands = {"train": " ".join(train_cmd), "eval": " ".join(eval_cmd)}
+    summary = summarise(run, ROOT / out, commands, ROOT / eval_json)
     summary["commit"] = commit
     summary["machine"] = machine()
     summary["seconds"] = {"train": round(trained - started, 1), "eval": round(evaluated - trained, 1)}
-    if run.method == "epsilon_dpo" and run.beta == 0.1:
+    if run.method == "epsilon_dpo" and run.beta == 0.1 and run.group != "evalseed":
         summary["decision_precision"] = decision_shares(ROOT / out)
     SUMMARIES.mkdir(parents=True, exist_ok=True)
     (SUMMARIES / f"{run.name}.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
 
 
-def summarise(run: Run, run_dir: Path, commands: dict[str, str]) -> dict[str, Any]:
+def summarise(run: Run, run_dir: Path, commands: dict[str, str], eval_json: Path | None = None) -> dict[str, Any]:
     from epsdpo.training.metrics import read_metrics
 
     records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
-    ev = json.loads((run_dir / "eval.json").read_text(encoding="utf-8"))
+    ev = json.loads((eval_json or run_dir / "eval.json").read_text(encoding="utf-8"))
     metrics = {k: v for k, v in ev.items() if isinstance(v, int | float)}
     shares = {}
     if "kl/steps_weaker" in records[-1]:
@@ -160,6 +174,7 @@ def summarise(run: Run, run_dir: Path, commands: dict[str, str]) -> dict[str, An
     return {
         "name": run.name, "group": run.group, "method": run.method, "beta": run.beta, "seed": run.seed,
         "overrides": run.overrides, "commands": commands, "eval": metrics,
+        **({"base": run.base, "eval_seed": run.eval_seed} if run.base else {}),
         "train": {"steps": records[-1]["step"], **{k: records[-1][k] for k in FINAL_KEYS if k in records[-1]},
                   "beta_trajectory": [r["kl/beta"] for r in records], "decision_shares": shares},
     }  # fmt: skip
@@ -271,7 +286,7 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
                     cells.append(f"{m:.3f} ± {h:.3f}")
                 fb = _mean_spread([s["train"]["kl/beta"] for s in rows])[0]
                 lines.append(f"| {LABELS[method]} | {beta:g} | {len(rows)} | " + " | ".join(cells) + f" | {fb:.4g} |")
-        lines += ["", *_reference_text(summaries), ""]
+        lines += ["", *_reference_text([s for s in summaries if s["group"] != "evalseed"]), ""]
         moved = [abs(s["train"]["kl/beta"] / s["beta"] - 1) for s in summaries if s["method"] == "epsilon_dpo"]
         if moved:
             lines += [f"ε-DPO's global β moved by at most {100 * max(moved):.2f}% from β₀ in these runs (a step "
@@ -282,7 +297,7 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
     lines += ["## Every run", "",
               "| run | method | β | ε | seed | gold reward ± s.e. | KL ± s.e. | win rate | pref. acc. | final β | "
               "s=+1 / 0 / −1 | train s | eval s |", "|---" * 13 + "|"]  # fmt: skip
-    for s in summaries:
+    for s in (s for s in summaries if s["group"] != "evalseed"):
         ev, tr = s["eval"], s["train"]
         eps = next((o.split("=")[1] for o in s["overrides"] if o.startswith("epsilon=")), "")
         shares = tr.get("decision_shares") or {}
@@ -306,11 +321,48 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
 
             lines.append(f"| {s['name']} | {d['pairs']} | {fmt(d['float32'])} | {fmt(d['bfloat16'])} | "
                          f"{s['train']['kl/beta']:.4g} |")  # fmt: skip
+    lines += _noise_text(summaries)
     lines += ["", "## Commands", "", "```", *(f"{s['commands']['train']}\n{s['commands']['eval']}" for s in summaries),
               "```", ""]  # fmt: skip
     md.write_text("\n".join(lines), encoding="utf-8")
     plot(summaries, png)
     return md, png
+
+
+def _noise_text(summaries: list[dict[str, Any]]) -> list[str]:
+    """Models evaluated with several sampler seeds: how much of a difference between runs is evaluation noise."""
+    by_name = {s["name"]: s for s in summaries}
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for s in summaries:
+        if s["group"] == "evalseed" and s["base"] in by_name:
+            groups.setdefault(s["base"], [by_name[s["base"]]]).append(s)
+    if not groups:
+        return []
+    seeds_text = ", ".join(map(str, EVAL_SEEDS))
+    lines = ["", "## Evaluation noise: the same model, other sampler seeds", "",
+             "Each model below was trained once and evaluated with the grid's sampler seed (0) and with the seeds "
+             f"{seeds_text} (everything else as in the grid; the reference is sampled with the same seed as the "
+             "policy). Mean ± standard deviation across the evaluation seeds:", "",
+             "| model | evaluations | gold reward | KL(π‖π_ref) | win rate | reference gold reward |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for base, rows in sorted(groups.items()):
+        cells = []
+        for key in ("policy/gold_reward", "kl", "win_rate", "reference/gold_reward"):
+            values = [s["eval"][key] for s in rows]
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.fmean(values):.3f} ± {sd:.3f}")
+        lines.append(f"| {base} | {len(rows)} | " + " | ".join(cells) + " |")
+    bases = sorted(groups)
+    if len(bases) == 2:  # the paired difference, seed by seed
+        seeds = {b: {s.get("eval_seed", 0): s["eval"] for s in groups[b]} for b in bases}
+        common = sorted(set(seeds[bases[0]]) & set(seeds[bases[1]]))
+        if len(common) > 1:
+            a, b = (bases[0], bases[1]) if bases[1].startswith("dpo") else (bases[1], bases[0])
+            diffs = {key: [seeds[a][k][key] - seeds[b][k][key] for k in common] for key in ("policy/gold_reward", "kl")}
+            named = (("gold reward", diffs["policy/gold_reward"]), ("KL", diffs["kl"]))
+            text = ", ".join(f"{name} {statistics.fmean(v):+.3f} ± {statistics.stdev(v):.3f}" for name, v in named)
+            lines += ["", f"{a} − {b}, evaluation seed by seed ({len(common)} seeds, mean ± sd): {text}."]
+    return lines
 
 
 def _reference_text(summaries: list[dict[str, Any]]) -> list[str]:

@@ -64,7 +64,7 @@ def test_report_is_rebuilt_from_the_summaries(kf, tmp_path, monkeypatch):
     assert "| ε-DPO | 0.1 | 1 | 0.550 ± 0.000 |" in text
     assert "0.50 / 0.20 / 0.30" in text  # ε-DPO's shares of s = +1 / 0 / −1
     assert "0.550 ± 0.100 | 0.700 ± 0.250 |" in text  # a run's reward and KL ± s.e. (0.4 / √16, 1.0 / √16)
-    assert "Runs done: 3 of 35" in text and "epsdpo train dpo-b0.1-s1" in text
+    assert f"Runs done: 3 of {len(kf.plan())}" in text and "epsdpo train dpo-b0.1-s1" in text
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -84,3 +84,31 @@ def test_machine_names_the_cpu_and_torch(kf):
 
     text = kf.machine()
     assert f"torch {torch.__version__}" in text and "threads" in text
+
+
+def test_evalseed_runs_reevaluate_a_grid_model_with_other_seeds(kf):
+    runs = {r.name: r for r in kf.plan()}
+    extra = [r for r in runs.values() if r.group == "evalseed"]
+    assert len(extra) == len(kf.EVALSEED_METHODS) * len(kf.EVAL_SEEDS)
+    for r in extra:
+        base = runs[r.base]
+        assert base.group == "grid" and (r.method, r.beta, r.seed, r.overrides) == (
+            base.method, base.beta, base.seed, base.overrides)  # fmt: skip
+        assert r.eval_seed != 0
+
+
+def test_noise_text_pairs_the_methods_seed_by_seed(kf):
+    rows = []
+    for method, rewards in (("dpo", (0.40, 0.50, 0.45)), ("epsilon_dpo", (0.50, 0.55, 0.60))):
+        base = _summary(f"{method}-b0.1-s1", method, 0.1, 1, rewards[0], 1.0)
+        rows.append(base)
+        for k, reward in enumerate(rewards[1:], start=1):
+            s = _summary(f"{base['name']}-evalseed{k}", method, 0.1, 1, reward, 1.0 + k / 10)
+            rows.append({**s, "group": "evalseed", "base": base["name"], "eval_seed": k})
+    text = "\n".join(kf._noise_text(rows))
+    assert "| dpo-b0.1-s1 | 3 | 0.450 ± 0.050 |" in text
+    assert "| epsilon_dpo-b0.1-s1 | 3 | 0.550 ± 0.050 |" in text
+    # differences 0.10, 0.05, 0.15: mean +0.100, sd 0.050; KL identical per seed
+    paired = "epsilon_dpo-b0.1-s1 − dpo-b0.1-s1, evaluation seed by seed (3 seeds, mean ± sd): "
+    assert paired + "gold reward +0.100 ± 0.050, KL +0.000 ± 0.000." in text
+    assert kf._noise_text([r for r in rows if r["group"] == "grid"]) == []
