@@ -296,7 +296,7 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
                       "with the s.e. column and the spread across seeds).", ""]  # fmt: skip
     lines += ["## Every run", "",
               "| run | method | β | ε | seed | gold reward ± s.e. | KL ± s.e. | win rate | pref. acc. | final β | "
-              "s=+1 / 0 / −1 | train s | eval s |", "|---" * 13 + "|"]  # fmt: skip
+              "s=+1 / 0 / −1 | train s | eval s | machine |", "|---" * 14 + "|"]  # fmt: skip
     for s in (s for s in summaries if s["group"] != "evalseed"):
         ev, tr = s["eval"], s["train"]
         eps = next((o.split("=")[1] for o in s["overrides"] if o.startswith("epsilon=")), "")
@@ -306,7 +306,7 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
             f"| {s['name']} | {LABELS[s['method']]} | {s['beta']:g} | {eps} | {s['seed']} | "
             f"{ev['policy/gold_reward']:.3f} ± {_se(ev, 'policy/gold_reward_std'):.3f} | {ev['kl']:.3f} ± "
             f"{_se(ev, 'kl/std'):.3f} | {ev['win_rate']:.3f} | {ev['preference_accuracy']:.3f} | {tr['kl/beta']:.4g} | "
-            f"{share_text} | {s['seconds']['train']:.0f} | {s['seconds']['eval']:.0f} |"
+            f"{share_text} | {s['seconds']['train']:.0f} | {s['seconds']['eval']:.0f} | {_short_machine(s)} |"
         )
     precision = [s for s in summaries if "decision_precision" in s]
     if precision:
@@ -321,12 +321,38 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
 
             lines.append(f"| {s['name']} | {d['pairs']} | {fmt(d['float32'])} | {fmt(d['bfloat16'])} | "
                          f"{s['train']['kl/beta']:.4g} |")  # fmt: skip
+    lines += _paired_text(summaries)
     lines += _noise_text(summaries)
     lines += ["", "## Commands", "", "```", *(f"{s['commands']['train']}\n{s['commands']['eval']}" for s in summaries),
               "```", ""]  # fmt: skip
     md.write_text("\n".join(lines), encoding="utf-8")
     plot(summaries, png)
     return md, png
+
+
+def _paired_text(summaries: list[dict[str, Any]]) -> list[str]:
+    """ε-DPO minus DPO on the same β and seed (the same data order and initialisation), and the mean over the grid."""
+    grid = {(s["method"], s["beta"], s["seed"]): s["eval"] for s in summaries if s["group"] == "grid"}
+    keys = [(b, sd) for b in BETAS for sd in SEEDS if ("dpo", b, sd) in grid and ("epsilon_dpo", b, sd) in grid]
+    if not keys:
+        return []
+    metrics = (("policy/gold_reward", "gold reward"), ("kl", "KL"), ("win_rate", "win rate"))
+    lines = ["", "## ε-DPO against DPO, same β and seed", "",
+             "Each row: the ε-DPO run minus the DPO run with the same β, seed, data order and initialisation.", "",
+             "| β | seed | Δ gold reward | Δ KL | Δ win rate |", "|---|---|---|---|---|"]  # fmt: skip
+    diffs: dict[str, list[float]] = {key: [] for key, _ in metrics}
+    for b, sd in keys:
+        row = []
+        for key, _ in metrics:
+            d = grid[("epsilon_dpo", b, sd)][key] - grid[("dpo", b, sd)][key]
+            diffs[key].append(d)
+            row.append(f"{d:+.3f}")
+        lines.append(f"| {b:g} | {sd} | " + " | ".join(row) + " |")
+    if len(keys) > 1:
+        se = {key: statistics.stdev(v) / math.sqrt(len(v)) for key, v in diffs.items()}
+        text = ", ".join(f"{name} {statistics.fmean(diffs[key]):+.3f} ± {se[key]:.3f}" for key, name in metrics)
+        lines += ["", f"Mean over the {len(keys)} pairs of runs ± standard error: {text}."]
+    return lines
 
 
 def _noise_text(summaries: list[dict[str, Any]]) -> list[str]:
@@ -363,6 +389,12 @@ def _noise_text(summaries: list[dict[str, Any]]) -> list[str]:
             text = ", ".join(f"{name} {statistics.fmean(v):+.3f} ± {statistics.stdev(v):.3f}" for name, v in named)
             lines += ["", f"{a} − {b}, evaluation seed by seed ({len(common)} seeds, mean ± sd): {text}."]
     return lines
+
+
+def _short_machine(summary: dict[str, Any]) -> str:
+    """``Intel(R) Xeon(R) Processor (native bf16), 2 threads, …`` → ``Intel Xeon``."""
+    cpu = summary.get("machine", "").split(" (native")[0].split(" (no native")[0].split(" (bf16")[0]
+    return " ".join(w for w in cpu.replace("(R)", "").replace("(TM)", "").split() if w not in ("Processor", "CPU"))
 
 
 def _reference_text(summaries: list[dict[str, Any]]) -> list[str]:

@@ -112,3 +112,21 @@ def test_noise_text_pairs_the_methods_seed_by_seed(kf):
     paired = "epsilon_dpo-b0.1-s1 − dpo-b0.1-s1, evaluation seed by seed (3 seeds, mean ± sd): "
     assert paired + "gold reward +0.100 ± 0.050, KL +0.000 ± 0.000." in text
     assert kf._noise_text([r for r in rows if r["group"] == "grid"]) == []
+
+
+def test_short_machine_keeps_the_cpu_name(kf):
+    assert kf._short_machine({"machine": "Intel(R) Xeon(R) Processor (native bf16), 2 threads"}) == "Intel Xeon"
+    assert kf._short_machine({"machine": "AMD EPYC 7B13 (no native bf16), 2 threads"}) == "AMD EPYC 7B13"
+    assert kf._short_machine({}) == ""
+
+
+def test_paired_text_subtracts_dpo_from_epsilon_dpo_per_beta_and_seed(kf):
+    rows = [_summary("dpo-b0.1-s0", "dpo", 0.1, 0, 0.40, 1.0), _summary("dpo-b0.1-s1", "dpo", 0.1, 1, 0.40, 1.0),
+            _summary("epsilon_dpo-b0.1-s0", "epsilon_dpo", 0.1, 0, 0.50, 1.2),
+            _summary("epsilon_dpo-b0.1-s1", "epsilon_dpo", 0.1, 1, 0.34, 0.8),
+            _summary("dpo-b0.5-s0", "dpo", 0.5, 0, 0.40, 1.0)]  # fmt: skip
+    text = "\n".join(kf._paired_text(rows))
+    assert "| 0.1 | 0 | +0.100 | +0.200 | +0.000 |" in text and "| 0.1 | 1 | -0.060 | -0.200 | +0.000 |" in text
+    assert "| 0.5 |" not in text  # no ε-DPO run to pair with
+    assert "Mean over the 2 pairs of runs ± standard error: gold reward +0.020 ± 0.080, KL +0.000 ± 0.200" in text
+    assert kf._paired_text(rows[:1]) == []
