@@ -286,6 +286,17 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
                     cells.append(f"{m:.3f} ± {h:.3f}")
                 fb = _mean_spread([s["train"]["kl/beta"] for s in rows])[0]
                 lines.append(f"| {LABELS[method]} | {beta:g} | {len(rows)} | " + " | ".join(cells) + f" | {fb:.4g} |")
+        lines += ["", "Per method over every β and seed (mean ± standard error over the runs):", "",
+                  "| method | runs | gold reward | KL(π‖π_ref) | win rate |", "|---|---|---|---|---|"]  # fmt: skip
+        for method in METHODS:
+            rows = [s for s in grid if s["method"] == method]
+            if len(rows) > 1:
+                cells = []
+                for key in ("policy/gold_reward", "kl", "win_rate"):
+                    values = [s["eval"][key] for s in rows]
+                    se = statistics.stdev(values) / math.sqrt(len(values))
+                    cells.append(f"{statistics.fmean(values):.3f} ± {se:.3f}")
+                lines.append(f"| {LABELS[method]} | {len(rows)} | " + " | ".join(cells) + " |")
         lines += ["", *_reference_text([s for s in summaries if s["group"] != "evalseed"]), ""]
         moved = [abs(s["train"]["kl/beta"] / s["beta"] - 1) for s in summaries if s["method"] == "epsilon_dpo"]
         if moved:
@@ -332,14 +343,15 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
 
 def _paired_text(summaries: list[dict[str, Any]]) -> list[str]:
     """ε-DPO minus DPO on the same β and seed (the same data order and initialisation), and the mean over the grid."""
-    grid = {(s["method"], s["beta"], s["seed"]): s["eval"] for s in summaries if s["group"] == "grid"}
+    runs = {(s["method"], s["beta"], s["seed"]): s for s in summaries if s["group"] == "grid"}
+    grid = {key: s["eval"] for key, s in runs.items()}
     keys = [(b, sd) for b in BETAS for sd in SEEDS if ("dpo", b, sd) in grid and ("epsilon_dpo", b, sd) in grid]
     if not keys:
         return []
     metrics = (("policy/gold_reward", "gold reward"), ("kl", "KL"), ("win_rate", "win rate"))
     lines = ["", "## ε-DPO against DPO, same β and seed", "",
              "Each row: the ε-DPO run minus the DPO run with the same β, seed, data order and initialisation.", "",
-             "| β | seed | Δ gold reward | Δ KL | Δ win rate |", "|---|---|---|---|---|"]  # fmt: skip
+             "| β | seed | Δ gold reward | Δ KL | Δ win rate | machines |", "|---|---|---|---|---|---|"]  # fmt: skip
     diffs: dict[str, list[float]] = {key: [] for key, _ in metrics}
     for b, sd in keys:
         row = []
@@ -347,6 +359,8 @@ def _paired_text(summaries: list[dict[str, Any]]) -> list[str]:
             d = grid[("epsilon_dpo", b, sd)][key] - grid[("dpo", b, sd)][key]
             diffs[key].append(d)
             row.append(f"{d:+.3f}")
+        pair = [_short_machine(runs[(m, b, sd)]) for m in ("dpo", "epsilon_dpo")]
+        row.append("same" if pair[0] == pair[1] else " / ".join(pair))
         lines.append(f"| {b:g} | {sd} | " + " | ".join(row) + " |")
     if len(keys) > 1:
         se = {key: statistics.stdev(v) / math.sqrt(len(v)) for key, v in diffs.items()}

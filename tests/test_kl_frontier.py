@@ -62,6 +62,8 @@ def test_report_is_rebuilt_from_the_summaries(kf, tmp_path, monkeypatch):
     text = md.read_text()
     assert "| DPO | 0.1 | 2 | 0.550 ± 0.050 | 0.900 ± 0.100 |" in text  # mean ± half the range over seeds
     assert "| ε-DPO | 0.1 | 1 | 0.550 ± 0.000 |" in text
+    assert "| DPO | 2 | 0.550 ± 0.050 | 0.900 ± 0.100 | 0.550 ± 0.000 |" in text  # over every β and seed ± s.e.
+    assert "| 0.1 | 0 | +0.050 | -0.100 | +0.000 | same |" in text  # ε-DPO − DPO, seed 0
     assert "0.50 / 0.20 / 0.30" in text  # ε-DPO's shares of s = +1 / 0 / −1
     assert "0.550 ± 0.100 | 0.700 ± 0.250 |" in text  # a run's reward and KL ± s.e. (0.4 / √16, 1.0 / √16)
     assert f"Runs done: 3 of {len(kf.plan())}" in text and "epsdpo train dpo-b0.1-s1" in text
