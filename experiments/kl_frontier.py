@@ -62,6 +62,8 @@ EVAL = ["eval_dataset=bundled", "num_prompts=48", "max_pairs=32", "samples_per_p
 #: the evalseed group: these methods' seed-1 β = 0.1 models, evaluated again with these sampler seeds (the grid uses 0)
 EVALSEED_METHODS = ("dpo", "epsilon_dpo")
 EVAL_SEEDS = (1, 2, 3)
+#: the long runs' steps: one epoch of the 520 bundled pairs at 8 pairs a step
+LONG_STEPS = 64
 #: training metrics kept in the summary (the last step's value)
 FINAL_KEYS = ("loss", "rewards/margins", "rewards/accuracies", "kl/beta", "grad_norm")
 
@@ -69,7 +71,7 @@ FINAL_KEYS = ("loss", "rewards/margins", "rewards/accuracies", "kl/beta", "grad_
 @dataclass(frozen=True)
 class Run:
     name: str
-    group: str  # grid | epsilon | precision | evalseed
+    group: str  # grid | epsilon | precision | evalseed | long
     method: str
     beta: float
     seed: int
@@ -77,6 +79,8 @@ class Run:
     #: evalseed runs: the run whose trained model is evaluated again, and the evaluation's sampler seed
     base: str | None = None
     eval_seed: int = 0
+    #: the training data when not the grid's subset (the long runs train on every bundled pair)
+    dataset: str | None = None
 
 
 def plan() -> list[Run]:
@@ -101,6 +105,10 @@ def plan() -> list[Run]:
         if base.group == "grid" and base.beta == 0.1 and base.seed == 1 and base.method in EVALSEED_METHODS:
             runs += [Run(f"{base.name}-evalseed{k}", "evalseed", base.method, base.beta, base.seed, base.overrides,
                          base=base.name, eval_seed=k) for k in EVAL_SEEDS]  # fmt: skip
+    # longer training: one epoch of every bundled pair (LONG_STEPS steps), DPO and ε-DPO at β = 0.1, seed 0
+    runs += [Run(f"{m}-b0.1-long{LONG_STEPS}-s0", "long", m, 0.1, 0,
+                 [*METHODS[m], "beta=0.1", "seed=0", f"max_steps={LONG_STEPS}", f"save_steps={LONG_STEPS // 2}"],
+                 dataset="bundled:sentiment_pairs") for m in ("dpo", "epsilon_dpo")]  # fmt: skip
     return runs
 
 
@@ -136,7 +144,8 @@ def run_one(run: Run) -> dict[str, Any]:
     out = RUNS / (run.base or run.name)  # an evalseed run evaluates its base run's model
     (ROOT / out).mkdir(parents=True, exist_ok=True)
     log = ROOT / out / "experiment.log"
-    train_cmd = ["epsdpo", "train", str(CONFIG), f"dataset={_train_data()}", *run.overrides, f"output_dir={out}"]
+    data = run.dataset or _train_data()
+    train_cmd = ["epsdpo", "train", str(CONFIG), f"dataset={data}", *run.overrides, f"output_dir={out}"]
     eval_json = out / "eval.json" if run.base is None else out / f"eval-seed{run.eval_seed}.json"
     eval_args = [e if not e.startswith("seed=") else f"seed={run.eval_seed}" for e in EVAL]
     eval_cmd = ["epsdpo", "eval", str(out), *eval_args, *([f"output={eval_json}"] if run.base else [])]
@@ -298,7 +307,8 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
                     cells.append(f"{statistics.fmean(values):.3f} ± {se:.3f}")
                 lines.append(f"| {LABELS[method]} | {len(rows)} | " + " | ".join(cells) + " |")
         lines += ["", *_reference_text([s for s in summaries if s["group"] != "evalseed"]), ""]
-        moved = [abs(s["train"]["kl/beta"] / s["beta"] - 1) for s in summaries if s["method"] == "epsilon_dpo"]
+        moved = [abs(s["train"]["kl/beta"] / s["beta"] - 1) for s in summaries
+                 if s["method"] == "epsilon_dpo" and s["group"] in ("grid", "epsilon", "precision")]  # fmt: skip
         if moved:
             lines += [f"ε-DPO's global β moved by at most {100 * max(moved):.2f}% from β₀ in these runs (a step "
                       "changes it by a factor between 1/(1+ε) and 1/(1−ε)), and a pair's β̃ differs from β by a "
@@ -333,6 +343,7 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
             lines.append(f"| {s['name']} | {d['pairs']} | {fmt(d['float32'])} | {fmt(d['bfloat16'])} | "
                          f"{s['train']['kl/beta']:.4g} |")  # fmt: skip
     lines += _paired_text(summaries)
+    lines += _long_text(summaries)
     lines += _noise_text(summaries)
     lines += ["", "## Commands", "", "```", *(f"{s['commands']['train']}\n{s['commands']['eval']}" for s in summaries),
               "```", ""]  # fmt: skip
@@ -366,6 +377,32 @@ def _paired_text(summaries: list[dict[str, Any]]) -> list[str]:
         se = {key: statistics.stdev(v) / math.sqrt(len(v)) for key, v in diffs.items()}
         text = ", ".join(f"{name} {statistics.fmean(diffs[key]):+.3f} ± {se[key]:.3f}" for key, name in metrics)
         lines += ["", f"Mean over the {len(keys)} pairs of runs ± standard error: {text}."]
+    return lines
+
+
+def _long_text(summaries: list[dict[str, Any]]) -> list[str]:
+    """DPO and ε-DPO trained for a whole epoch of the bundled pairs: does β move, and do the two separate?"""
+    runs = {s["method"]: s for s in summaries if s["group"] == "long"}
+    if not runs:
+        return []
+    lines = ["", f"## Longer training: {LONG_STEPS} steps, one epoch of every bundled pair (β₀ = 0.1, seed 0)", "",
+             "| run | gold reward ± s.e. | KL ± s.e. | win rate | pref. acc. | final β | s=+1 / 0 / −1 |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for method in ("dpo", "epsilon_dpo"):
+        if method in runs:
+            s = runs[method]
+            ev, shares = s["eval"], s["train"].get("decision_shares") or {}
+            share_text = " / ".join(f"{shares[k]:.2f}" for k in ("s=+1", "s=0", "s=-1")) if shares else ""
+            lines.append(f"| {s['name']} | {ev['policy/gold_reward']:.3f} ± {_se(ev, 'policy/gold_reward_std'):.3f} | "
+                         f"{ev['kl']:.3f} ± {_se(ev, 'kl/std'):.3f} | {ev['win_rate']:.3f} | "
+                         f"{ev['preference_accuracy']:.3f} | {s['train']['kl/beta']:.4g} | {share_text} |")  # fmt: skip
+    if "epsilon_dpo" in runs:
+        s = runs["epsilon_dpo"]
+        final, change = s["train"]["kl/beta"], 100 * (s["train"]["kl/beta"] / s["beta"] - 1)
+        lines += [
+            "",
+            f"ε-DPO's β went from {s['beta']:g} to {final:.4g} ({change:+.1f}%) over {s['train']['steps']} steps.",
+        ]
     return lines
 
 

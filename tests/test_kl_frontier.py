@@ -132,3 +132,19 @@ def test_paired_text_subtracts_dpo_from_epsilon_dpo_per_beta_and_seed(kf):
     assert "| 0.5 |" not in text  # no ε-DPO run to pair with
     assert "Mean over the 2 pairs of runs ± standard error: gold reward +0.020 ± 0.080, KL +0.000 ± 0.200" in text
     assert kf._paired_text(rows[:1]) == []
+
+
+def test_long_runs_train_dpo_and_epsilon_dpo_on_every_bundled_pair(kf):
+    long = [r for r in kf.plan() if r.group == "long"]
+    assert {r.method for r in long} == {"dpo", "epsilon_dpo"}
+    for r in long:
+        assert r.dataset == "bundled:sentiment_pairs" and f"max_steps={kf.LONG_STEPS}" in r.overrides
+    rows = []
+    for method, beta_end in (("dpo", 0.1), ("epsilon_dpo", 0.08)):
+        s = _summary(f"{method}-b0.1-long64-s0", method, 0.1, 0, 0.5, 1.0)
+        s["group"], s["train"]["kl/beta"], s["train"]["steps"] = "long", beta_end, 64
+        rows.append(s)
+    text = "\n".join(kf._long_text(rows))
+    assert "| dpo-b0.1-long64-s0 | 0.500 ± 0.100 |" in text and "| epsilon_dpo-b0.1-long64-s0 |" in text
+    assert "ε-DPO's β went from 0.1 to 0.08 (-20.0%) over 64 steps." in text
+    assert kf._long_text([{**r, "group": "grid"} for r in rows]) == []
