@@ -481,7 +481,8 @@ def _setup_text() -> str:
     pairs = y["per_device_train_batch_size"] * y["gradient_accumulation_steps"]
     return (
         f"Setting: SmolLM2-135M-Instruct, LoRA r {y['lora_r']} (the same for every method; `{CONFIG}`), "
-        f"{y['max_steps']} float32 steps of {pairs} pairs at learning rate {y['learning_rate']:g} (cosine), "
+        f"{y['max_steps']} float32 steps of {pairs} pairs at learning rate {y['learning_rate']:g} (cosine), rows "
+        f"of at most {y['max_length']} tokens (prompt ≤ {y['max_prompt_length']}), "
         f"TR-DPO α {y['ref_model_mixup_alpha']} every {y['ref_model_sync_steps']} steps, trained on the first "
         f"{TRAIN_PAIRS} pairs of the bundled on-policy sentiment pairs (`bundled:sentiment_pairs`); evaluated with "
         f"`epsdpo eval` ({settings}) on held-out prompts: gold "
