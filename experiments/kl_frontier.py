@@ -19,7 +19,9 @@ The plan:
 - ε ablation: ε-DPO with ε ∈ {0.005, 0.02} at β = 0.1, seed 0 (ε = 0.01 is in the grid);
 - decision precision (SPEC §2): ε-DPO at β = 0.1, seed 0, trained with the published code's bfloat16 decisions
   (``decision_precision=bfloat16``), and, on every ε-DPO β = 0.1 final checkpoint, the shares of s = +1/0/−1 that
-  float32 and bfloat16 decisions give on the same training pairs.
+  float32 and bfloat16 decisions give on the same training pairs;
+- evaluation noise: the seed-1 β = 0.1 DPO and ε-DPO models evaluated again with sampler seeds 1, 2, 3;
+- longer training: DPO and ε-DPO at β = 0.1, seed 0, for 64 steps on every bundled pair (512 of the 520 seen once).
 
 What is held fixed for every run is in ``experiments/kl_frontier.yaml`` (model, LoRA, data subset, steps, learning
 rate, lengths) and in ``EVAL`` below (prompts, samples, seed): the seed of the evaluation sampler is the same for all
@@ -62,7 +64,7 @@ EVAL = ["eval_dataset=bundled", "num_prompts=48", "max_pairs=32", "samples_per_p
 #: the evalseed group: these methods' seed-1 β = 0.1 models, evaluated again with these sampler seeds (the grid uses 0)
 EVALSEED_METHODS = ("dpo", "epsilon_dpo")
 EVAL_SEEDS = (1, 2, 3)
-#: the long runs' steps: one epoch of the 520 bundled pairs at 8 pairs a step
+#: the long runs' steps: 512 of the 520 bundled pairs, each seen once, at 8 pairs a step
 LONG_STEPS = 64
 #: training metrics kept in the summary (the last step's value)
 FINAL_KEYS = ("loss", "rewards/margins", "rewards/accuracies", "kl/beta", "grad_norm")
@@ -105,7 +107,7 @@ def plan() -> list[Run]:
         if base.group == "grid" and base.beta == 0.1 and base.seed == 1 and base.method in EVALSEED_METHODS:
             runs += [Run(f"{base.name}-evalseed{k}", "evalseed", base.method, base.beta, base.seed, base.overrides,
                          base=base.name, eval_seed=k) for k in EVAL_SEEDS]  # fmt: skip
-    # longer training: one epoch of every bundled pair (LONG_STEPS steps), DPO and ε-DPO at β = 0.1, seed 0
+    # longer training: LONG_STEPS steps on the whole bundled set (512 of 520 pairs seen once), DPO and ε-DPO at β = 0.1
     runs += [Run(f"{m}-b0.1-long{LONG_STEPS}-s0", "long", m, 0.1, 0,
                  [*METHODS[m], "beta=0.1", "seed=0", f"max_steps={LONG_STEPS}", f"save_steps={LONG_STEPS // 2}"],
                  dataset="bundled:sentiment_pairs") for m in ("dpo", "epsilon_dpo")]  # fmt: skip
@@ -282,7 +284,7 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
     grid = [s for s in summaries if s["group"] == "grid"]
     if grid:
         lines += ["## Per method and β (mean over seeds ± half the range across seeds)", "",
-                  "| method | β | seeds | gold reward | KL(π‖π_ref) | win rate | pref. acc. | final β |",
+                  "| method | β | seeds | gold reward | KL(π‖π_ref) | win rate | pref. acc. | β at the last step |",
                   "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for method in METHODS:
             for beta in BETAS:
@@ -316,8 +318,8 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
                       "differences between the two are mostly the sampling noise of the evaluation (compare them "
                       "with the s.e. column and the spread across seeds).", ""]  # fmt: skip
     lines += ["## Every run", "",
-              "| run | method | β | ε | seed | gold reward ± s.e. | KL ± s.e. | win rate | pref. acc. | final β | "
-              "s=+1 / 0 / −1 | train s | eval s | machine |", "|---" * 14 + "|"]  # fmt: skip
+              "| run | method | β | ε | seed | gold reward ± s.e. | KL ± s.e. | win rate | pref. acc. | "
+              "β at the last step | s=+1 / 0 / −1 | train s | eval s | machine |", "|---" * 14 + "|"]  # fmt: skip
     for s in (s for s in summaries if s["group"] != "evalseed"):
         ev, tr = s["eval"], s["train"]
         eps = next((o.split("=")[1] for o in s["overrides"] if o.startswith("epsilon=")), "")
@@ -332,7 +334,8 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
     precision = [s for s in summaries if "decision_precision" in s]
     if precision:
         lines += ["", "## Decision precision (SPEC §2): float32 vs bfloat16 decisions on the same final checkpoints",
-                  "", "| run (trained with) | pairs | float32 s=+1 / 0 / −1 | bfloat16 s=+1 / 0 / −1 | final β |",
+                  "", "| run (trained with) | pairs | float32 s=+1 / 0 / −1 | bfloat16 s=+1 / 0 / −1 | "
+                  "β at the last step |",
                   "|---|---|---|---|---|"]  # fmt: skip
         for s in precision:
             d = s["decision_precision"]
@@ -371,7 +374,7 @@ def _paired_text(summaries: list[dict[str, Any]]) -> list[str]:
             diffs[key].append(d)
             row.append(f"{d:+.3f}")
         pair = [_short_machine(runs[(m, b, sd)]) for m in ("dpo", "epsilon_dpo")]
-        row.append("same" if pair[0] == pair[1] else " / ".join(pair))
+        row.append("same" if pair[0] == pair[1] and pair[0] else " / ".join(m or "unknown" for m in pair))
         lines.append(f"| {b:g} | {sd} | " + " | ".join(row) + " |")
     if len(keys) > 1:
         se = {key: statistics.stdev(v) / math.sqrt(len(v)) for key, v in diffs.items()}
@@ -385,8 +388,10 @@ def _long_text(summaries: list[dict[str, Any]]) -> list[str]:
     runs = {s["method"]: s for s in summaries if s["group"] == "long"}
     if not runs:
         return []
-    lines = ["", f"## Longer training: {LONG_STEPS} steps, one epoch of every bundled pair (β₀ = 0.1, seed 0)", "",
-             "| run | gold reward ± s.e. | KL ± s.e. | win rate | pref. acc. | final β | s=+1 / 0 / −1 |",
+    lines = ["", f"## Longer training: {LONG_STEPS} steps on every bundled pair (β₀ = 0.1, seed 0)", "",
+             f"{LONG_STEPS} steps of 8 pairs see {8 * LONG_STEPS} of the 520 bundled training pairs once; everything "
+             "else as in the grid.", "",
+             "| run | gold reward ± s.e. | KL ± s.e. | win rate | pref. acc. | β at the last step | s=+1 / 0 / −1 |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for method in ("dpo", "epsilon_dpo"):
         if method in runs:
@@ -434,7 +439,8 @@ def _noise_text(summaries: list[dict[str, Any]]) -> list[str]:
         seeds = {b: {s.get("eval_seed", 0): s["eval"] for s in groups[b]} for b in bases}
         common = sorted(set(seeds[bases[0]]) & set(seeds[bases[1]]))
         if len(common) > 1:
-            a, b = (bases[0], bases[1]) if bases[1].startswith("dpo") else (bases[1], bases[0])
+            method = {base: by_name[base]["method"] for base in bases}
+            a, b = sorted(bases, key=lambda base: method[base] == "dpo")  # ε-DPO (or the other method) − DPO
             diffs = {key: [seeds[a][k][key] - seeds[b][k][key] for k in common] for key in ("policy/gold_reward", "kl")}
             named = (("gold reward", diffs["policy/gold_reward"]), ("KL", diffs["kl"]))
             text = ", ".join(f"{name} {statistics.fmean(v):+.3f} ± {statistics.stdev(v):.3f}" for name, v in named)
@@ -461,7 +467,8 @@ def _reference_text(summaries: list[dict[str, Any]]) -> list[str]:
         "floating-point kernels (a last-bit difference in a logit changes a sampled token, and the rest of the "
         "response with it), so runs made on different machines were compared with different reference samples; "
         "a policy's own samples move the same way. Win rates across such groups differ by this sampling noise "
-        "too; gold reward and KL are computed from each policy's own samples and are unaffected.",
+        "too; gold reward and KL come from each policy's own samples, so they do not depend on the reference's "
+        "samples, but they move with the machine in the same way.",
         "",
     ]
     for value, rows in sorted(by_value.items()):

@@ -63,7 +63,7 @@ def test_report_is_rebuilt_from_the_summaries(kf, tmp_path, monkeypatch):
     assert "| DPO | 0.1 | 2 | 0.550 ± 0.050 | 0.900 ± 0.100 |" in text  # mean ± half the range over seeds
     assert "| ε-DPO | 0.1 | 1 | 0.550 ± 0.000 |" in text
     assert "| DPO | 2 | 0.550 ± 0.050 | 0.900 ± 0.100 | 0.550 ± 0.000 |" in text  # over every β and seed ± s.e.
-    assert "| 0.1 | 0 | +0.050 | -0.100 | +0.000 | same |" in text  # ε-DPO − DPO, seed 0
+    assert "| 0.1 | 0 | +0.050 | -0.100 | +0.000 | unknown / unknown |" in text  # ε-DPO − DPO, no machine recorded
     assert "0.50 / 0.20 / 0.30" in text  # ε-DPO's shares of s = +1 / 0 / −1
     assert "0.550 ± 0.100 | 0.700 ± 0.250 |" in text  # a run's reward and KL ± s.e. (0.4 / √16, 1.0 / √16)
     assert f"Runs done: 3 of {len(kf.plan())}" in text and "epsdpo train dpo-b0.1-s1" in text
@@ -127,7 +127,10 @@ def test_paired_text_subtracts_dpo_from_epsilon_dpo_per_beta_and_seed(kf):
             _summary("epsilon_dpo-b0.1-s0", "epsilon_dpo", 0.1, 0, 0.50, 1.2),
             _summary("epsilon_dpo-b0.1-s1", "epsilon_dpo", 0.1, 1, 0.34, 0.8),
             _summary("dpo-b0.5-s0", "dpo", 0.5, 0, 0.40, 1.0)]  # fmt: skip
+    for r in rows:
+        r["machine"] = "Chip A (native bf16)" if r["name"] != "epsilon_dpo-b0.1-s1" else "Chip B (no native bf16)"
     text = "\n".join(kf._paired_text(rows))
+    assert "| 0.1 | 0 | +0.100 | +0.200 | +0.000 | same |" in text and "| Chip A / Chip B |" in text
     assert "| 0.1 | 0 | +0.100 | +0.200 | +0.000 |" in text and "| 0.1 | 1 | -0.060 | -0.200 | +0.000 |" in text
     assert "| 0.5 |" not in text  # no ε-DPO run to pair with
     assert "Mean over the 2 pairs of runs ± standard error: gold reward +0.020 ± 0.080, KL +0.000 ± 0.200" in text
