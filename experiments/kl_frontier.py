@@ -197,18 +197,15 @@ def machine() -> str:
 
     import torch
 
-    cpu, flags = platform.processor() or platform.machine(), set()
+    from epsdpo.training.loop import cpu_has_native_bf16
+
     try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and cpu in ("", platform.machine(), platform.processor()):
-                cpu = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
+        info = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
-        pass
-    bf16 = "native bf16" if flags & {"avx512_bf16", "amx_bf16"} else "no native bf16" if flags else "bf16 unknown"
+        info = ""
+    names = (line.partition(":")[2].strip() for line in info.splitlines() if line.startswith("model name"))
+    cpu = next(names, "") or platform.processor() or platform.machine()
+    bf16 = ("native bf16" if cpu_has_native_bf16() else "no native bf16") if info else "bf16 unknown"
     return f"{cpu} ({bf16}), {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
@@ -321,15 +318,10 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
               "| run | method | β | ε | seed | gold reward ± s.e. | KL ± s.e. | win rate | pref. acc. | "
               "β at the last step | s=+1 / 0 / −1 | train s | eval s | machine |", "|---" * 14 + "|"]  # fmt: skip
     for s in (s for s in summaries if s["group"] != "evalseed"):
-        ev, tr = s["eval"], s["train"]
         eps = next((o.split("=")[1] for o in s["overrides"] if o.startswith("epsilon=")), "")
-        shares = tr.get("decision_shares") or {}
-        share_text = " / ".join(f"{shares[k]:.2f}" for k in ("s=+1", "s=0", "s=-1")) if shares else ""
         lines.append(
-            f"| {s['name']} | {LABELS[s['method']]} | {s['beta']:g} | {eps} | {s['seed']} | "
-            f"{ev['policy/gold_reward']:.3f} ± {_se(ev, 'policy/gold_reward_std'):.3f} | {ev['kl']:.3f} ± "
-            f"{_se(ev, 'kl/std'):.3f} | {ev['win_rate']:.3f} | {ev['preference_accuracy']:.3f} | {tr['kl/beta']:.4g} | "
-            f"{share_text} | {s['seconds']['train']:.0f} | {s['seconds']['eval']:.0f} | {_short_machine(s)} |"
+            f"| {s['name']} | {LABELS[s['method']]} | {s['beta']:g} | {eps} | {s['seed']} | {_result_cells(s)} | "
+            f"{s['seconds']['train']:.0f} | {s['seconds']['eval']:.0f} | {_short_machine(s)} |"
         )
     precision = [s for s in summaries if "decision_precision" in s]
     if precision:
@@ -339,12 +331,8 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
                   "|---|---|---|---|---|"]  # fmt: skip
         for s in precision:
             d = s["decision_precision"]
-
-            def fmt(x: dict[str, float]) -> str:
-                return " / ".join(f"{x[k]:.2f}" for k in ("s=+1", "s=0", "s=-1"))
-
-            lines.append(f"| {s['name']} | {d['pairs']} | {fmt(d['float32'])} | {fmt(d['bfloat16'])} | "
-                         f"{s['train']['kl/beta']:.4g} |")  # fmt: skip
+            lines.append(f"| {s['name']} | {d['pairs']} | {_shares_text(d['float32'])} | "
+                         f"{_shares_text(d['bfloat16'])} | {s['train']['kl/beta']:.4g} |")  # fmt: skip
     lines += _paired_text(summaries)
     lines += _long_text(summaries)
     lines += _noise_text(summaries)
@@ -353,6 +341,19 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
     md.write_text("\n".join(lines), encoding="utf-8")
     plot(summaries, png)
     return md, png
+
+
+def _shares_text(shares: dict[str, float]) -> str:
+    """``s=+1 / 0 / −1`` shares as ``0.42 / 0.25 / 0.33``; empty for a run without decisions."""
+    return " / ".join(f"{shares[k]:.2f}" for k in ("s=+1", "s=0", "s=-1")) if shares else ""
+
+
+def _result_cells(summary: dict[str, Any]) -> str:
+    """A run's table cells: gold reward ± s.e. | KL ± s.e. | win rate | pref. acc. | β at the last step | shares."""
+    ev, tr = summary["eval"], summary["train"]
+    return (f"{ev['policy/gold_reward']:.3f} ± {_se(ev, 'policy/gold_reward_std'):.3f} | {ev['kl']:.3f} ± "
+            f"{_se(ev, 'kl/std'):.3f} | {ev['win_rate']:.3f} | {ev['preference_accuracy']:.3f} | "
+            f"{tr['kl/beta']:.4g} | {_shares_text(tr.get('decision_shares') or {})}")  # fmt: skip
 
 
 def _paired_text(summaries: list[dict[str, Any]]) -> list[str]:
@@ -395,12 +396,7 @@ def _long_text(summaries: list[dict[str, Any]]) -> list[str]:
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for method in ("dpo", "epsilon_dpo"):
         if method in runs:
-            s = runs[method]
-            ev, shares = s["eval"], s["train"].get("decision_shares") or {}
-            share_text = " / ".join(f"{shares[k]:.2f}" for k in ("s=+1", "s=0", "s=-1")) if shares else ""
-            lines.append(f"| {s['name']} | {ev['policy/gold_reward']:.3f} ± {_se(ev, 'policy/gold_reward_std'):.3f} | "
-                         f"{ev['kl']:.3f} ± {_se(ev, 'kl/std'):.3f} | {ev['win_rate']:.3f} | "
-                         f"{ev['preference_accuracy']:.3f} | {s['train']['kl/beta']:.4g} | {share_text} |")  # fmt: skip
+            lines.append(f"| {runs[method]['name']} | {_result_cells(runs[method])} |")
     if "epsilon_dpo" in runs:
         s = runs["epsilon_dpo"]
         final, change = s["train"]["kl/beta"], 100 * (s["train"]["kl/beta"] / s["beta"] - 1)
