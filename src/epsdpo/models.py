@@ -10,11 +10,14 @@ leaves a half-written checkpoint behind.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,3 +138,13 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False) ->
             raise ValueError(f"tokenizer {name_or_path!r} has neither a pad nor an EOS token; set pad_token.")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+@contextlib.contextmanager
+def quiet_peft_wrapping() -> Iterator[None]:
+    """Silence the ``is_gradient_checkpointing`` FutureWarning that peft's wrappers trigger on transformers ≥ 5.2
+    (peft reads the deprecated property to decide about checkpointing; it is printed even when checkpointing is
+    off). Only that warning is filtered."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield

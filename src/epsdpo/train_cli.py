@@ -33,12 +33,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"epsdpo train: error: {err}")
         return 2
     state = "interrupted; checkpoint saved" if result.interrupted else "done"
-    print(f"epsdpo train: {state} after {result.global_step} steps, β = {result.beta:.6g}")
+    print(f"epsdpo train: {state} after {result.global_step} steps, β after training = {result.beta:.6g}")
     print(f"  run directory: {result.output_dir} (config.yaml, metrics.jsonl, checkpoints)")
     if result.final_model_dir is not None:
         print(f"  model:         {result.final_model_dir}")
     if result.eval_metrics is not None:
-        print(f"  evaluation:    {result.output_dir / 'eval.json'}")
+        print(f"  evaluation:    {result.eval_metrics.get('output')} (copied to {result.output_dir / 'eval.json'})")
     for plot in result.plots:
         print(f"  plot:          {plot}")
     return 130 if result.interrupted else 0

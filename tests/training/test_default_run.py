@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -37,9 +38,18 @@ def test_a_run_evaluates_and_plots_itself(tmp_path):
     cfg = load_run_config(TINY, [
         f"output_dir={tmp_path / 'run'}", f"dataset={DATA}", "disable_tqdm=true", "max_steps=4", "save_steps=0",
         "eval_after_training=true", "eval_options={num_prompts: 4, max_new_tokens: 6, batch_size: 4}",
+        "warmup_ratio=0.25", "lr_scheduler_type=cosine",
     ])  # fmt: skip
     result = train(cfg)
+    records = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    # step 1 starts from policy = reference (loss ln 2); with one warm-up step at lr/2 the first step already
+    # changes the model, so step 2's loss is no longer ln 2 (Hugging Face's warm-up would leave it there)
+    assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert abs(records[1]["loss"] - math.log(2)) > 1e-5
+    assert records[0]["learning_rate"] == pytest.approx(cfg.train.learning_rate)  # the rate of step 2 (after)
     evaluation = json.loads((result.output_dir / "eval.json").read_text())
+    assert evaluation["name"] == "after-training"
+    assert (result.output_dir / "evals" / "after-training" / "samples.jsonl").is_file()
     for key in ("policy/gold_reward", "reference/gold_reward", "kl", "win_rate", "preference_accuracy"):
         assert key in evaluation
     assert result.eval_metrics is not None and result.eval_metrics["kl"] == evaluation["kl"]

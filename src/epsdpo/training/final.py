@@ -13,10 +13,16 @@ from epsdpo import __version__
 from epsdpo.config import config_to_dict
 from epsdpo.training.config import RunConfig
 
-CARD_METRICS = (
-    "loss", "rewards/accuracies", "rewards/margins", "kl/beta", "eval/loss", "eval/rewards/accuracies",
-    "eval/rewards/margins",
-)  # fmt: skip
+#: the model card's final metrics, each with the name it is shown under (n is added for the held-out ones)
+CARD_METRICS = {
+    "loss": "training loss (last logging step)",
+    "rewards/accuracies": "training preference accuracy (last logging step)",
+    "rewards/margins": "training implicit reward margin (last logging step)",
+    "kl/beta": "β used by the last step",
+    "eval/loss": "held-out loss",
+    "eval/rewards/accuracies": "held-out preference accuracy",
+    "eval/rewards/margins": "held-out implicit reward margin",
+}
 
 
 def model_card(cfg: RunConfig, metrics: dict[str, float], steps: int, beta: float, seconds: float,
@@ -32,7 +38,7 @@ def model_card(cfg: RunConfig, metrics: dict[str, float], steps: int, beta: floa
         f"# {Path(cfg.train.output_dir).name}",
         "",
         f"Aligned with epsdpo {__version__}, loss `{cfg.loss.loss_type}`"
-        + (f" (ε = {cfg.loss.epsilon}, β₀ = {cfg.loss.beta} → final β = {beta:.6g})"
+        + (f" (ε = {cfg.loss.epsilon}, β₀ = {cfg.loss.beta} → β after training = {beta:.6g})"
            if cfg.loss.kind.needs_perturbation else f" (β = {cfg.loss.beta})")
         + ".",
         "",
@@ -44,7 +50,9 @@ def model_card(cfg: RunConfig, metrics: dict[str, float], steps: int, beta: floa
         "",
         "| metric | value |",
         "|---|---|",
-        *[f"| {k} | {metrics[k]:.4g} |" for k in CARD_METRICS if k in metrics],
+        *[f"| {label}{_n(k, metrics)} (`{k}`) | {metrics[k]:.4g} |" for k, label in CARD_METRICS.items()
+          if k in metrics],
+        f"| β after training (`beta_final`, the β of the implicit reward) | {beta:.6g} |",
         "",
         "## Configuration",
         "",
@@ -55,6 +63,11 @@ def model_card(cfg: RunConfig, metrics: dict[str, float], steps: int, beta: floa
         "",
     ]
     return "\n".join(lines)
+
+
+def _n(key: str, metrics: dict[str, float]) -> str:
+    pairs = metrics.get("eval/pairs")
+    return f", {int(pairs)} pairs" if key.startswith("eval/") and isinstance(pairs, int | float) else ""
 
 
 def _lora_note(cfg: RunConfig) -> str:

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from epsdpo.config import config_to_dict, dump_config
 from epsdpo.control import BetaController, BetaDPOController
 from epsdpo.data import PreferenceCollator, TokenizedPair, batch_indices, load_eval_dataset, load_preference_dataset
+from epsdpo.machine import cpu_has_native_bf16
 from epsdpo.models import load_tokenizer
 from epsdpo.refcache import ReferenceHiddenCache, load_or_compute_reference_hidden
 from epsdpo.reference import fold_adapters_into_base, soft_update_reference
@@ -59,17 +60,9 @@ from epsdpo.training.forward import (
 )
 from epsdpo.training.metrics import PER_PAIR, MetricsWriter, add_sums, pair_means, reduce_sums
 from epsdpo.training.policy import PolicyAndReference, build_policy_and_reference
+from epsdpo.training.schedule import make_scheduler, warmup_steps
 
 logger = logging.getLogger(__name__)
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU advertises bf16 matmul instructions (AVX512-BF16 or AMX); unknown platforms count as yes."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return True
-    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 
 class TrainingError(RuntimeError):
@@ -169,11 +162,9 @@ def _optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, total_steps: int) -> Any:
-    from transformers import get_scheduler
-
     t = cfg.train
-    warmup = t.warmup_steps if t.warmup_steps > 0 else int(math.ceil(t.warmup_ratio * total_steps))
-    return get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    warmup = warmup_steps(total_steps, t.warmup_steps, t.warmup_ratio)
+    return make_scheduler(optimizer, t.lr_scheduler_type, total_steps, warmup)
 
 
 def _check_output_dir(cfg: RunConfig, resume: Path | None) -> None:
@@ -496,12 +487,15 @@ class Trainer:
         per_device = self.cfg.train.per_device_eval_batch_size
         mine = self.eval_pairs[self.rank :: self.world]
         sums: dict[str, float] = {}
-        for start in range(0, len(mine), per_device):
+        quiet = self.cfg.train.disable_tqdm or not self.accelerator.is_main_process
+        for start in tqdm(range(0, len(mine), per_device), desc=f"held-out pairs ({len(self.eval_pairs)})",
+                          disable=quiet, dynamic_ncols=True, leave=False):
             result, _ = self._micro_batch(mine[start : start + per_device], self.controller.beta, train=False,
                                           split="eval")
             add_sums(sums, pair_metric_sums(result))
         self.model.train()
-        return pair_means(reduce_sums(sums, ("pairs", *self.metric_keys)), prefix="eval/")
+        reduced = reduce_sums(sums, ("pairs", *self.metric_keys))
+        return {**pair_means(reduced, prefix="eval/"), "eval/pairs": reduced["pairs"]}
 
     def train(self) -> TrainResult:
         acc, t = self.accelerator, self.cfg.train
@@ -541,7 +535,10 @@ class Trainer:
                         record["kl/beta_next"] = self.controller.beta
                     self.metrics.write(record)
                     last = record
-                    progress.set_postfix(loss=f"{record['loss']:.4f}", beta=f"{beta:.4g}", refresh=False)
+                    # the β that the next step uses (after the last step: the β after training, as printed at the
+                    # end and used by the evaluation's implicit reward); metrics.jsonl keeps both per step
+                    progress.set_postfix(loss=f"{record['loss']:.4f}", beta_next=f"{self.controller.beta:.4g}"
+                                         if self.cfg.loss.kind.needs_perturbation else f"{beta:.4g}", refresh=False)
                     logged = {}
                 if t.eval_steps and self.global_step % t.eval_steps == 0 and self.global_step < total:
                     eval_record = {"step": self.global_step, **self.evaluate()}
@@ -570,7 +567,7 @@ class Trainer:
 
     def _after_training(self, result: TrainResult) -> None:
         """Plots of the run, then (if asked) the evaluation of the final model and the reward-vs-KL plot."""
-        from epsdpo.plots import plot_reward_vs_kl, plot_training
+        from epsdpo.plots import plot_training
 
         t = self.cfg.train
         if t.eval_after_training:
@@ -580,8 +577,8 @@ class Trainer:
             print(format_table(result.eval_metrics))
         if t.plot_after_training:
             result.plots = plot_training(self.output_dir)
-            if result.eval_metrics is not None:
-                result.plots.append(plot_reward_vs_kl([self.output_dir], self.output_dir / "plots"))
+            if result.eval_metrics is not None:  # the evaluation redrew it
+                result.plots.append(Path(result.eval_metrics["plot"]))
 
     def _save_final(self, metrics: dict[str, float], seconds: float) -> Path | None:
         acc = self.accelerator

@@ -57,7 +57,10 @@ def _apply_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM",
     )  # fmt: skip
-    return get_peft_model(model, lora)
+    from epsdpo.models import quiet_peft_wrapping
+
+    with quiet_peft_wrapping():
+        return get_peft_model(model, lora)
 
 
 @dataclass
