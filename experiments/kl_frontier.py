@@ -193,20 +193,9 @@ def summarise(run: Run, run_dir: Path, commands: dict[str, str], eval_json: Path
 
 def machine() -> str:
     """The CPU model, its bf16 support and the torch build: sampling and timings depend on them."""
-    import platform
+    from epsdpo.machine import machine_label
 
-    import torch
-
-    from epsdpo.training.loop import cpu_has_native_bf16
-
-    try:
-        info = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        info = ""
-    names = (line.partition(":")[2].strip() for line in info.splitlines() if line.startswith("model name"))
-    cpu = next(names, "") or platform.processor() or platform.machine()
-    bf16 = ("native bf16" if cpu_has_native_bf16() else "no native bf16") if info else "bf16 unknown"
-    return f"{cpu} ({bf16}), {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return machine_label()
 
 
 def _commit() -> str | None:

@@ -7,6 +7,7 @@ import json
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -62,18 +63,52 @@ def length_reward(tmp_path, monkeypatch):
     sys.modules.pop("eval_hooks", None)
 
 
-def test_a_model_against_itself_has_zero_kl_and_only_ties(smollm2_tokenizer, prompts):
+def test_a_model_against_itself_has_zero_kl_and_independent_draws(smollm2_tokenizer, prompts):
     policy = tiny_llama(len(smollm2_tokenizer))
     reference = copy.deepcopy(policy)  # the same weights, another object
     cfg = EvalConfig(samples_per_prompt=2, max_new_tokens=6, batch_size=2, disable_tqdm=True)
     metrics, records = evaluate_models(policy, reference, smollm2_tokenizer, prompts, load_reward("sentiment"), cfg)
-    # the same seeds give the same samples, so every comparison ties and every log-ratio is exactly 0
+    # the same weights: every log-ratio is exactly 0, on either model's samples
     assert metrics["kl"] == 0.0 and metrics["kl/forward"] == 0.0 and metrics["kl/std"] == 0.0
-    assert metrics["win_rate"] == 0.5
-    assert metrics["policy/gold_reward"] == metrics["reference/gold_reward"]
+    assert metrics["kl_se"] == 0.0
     assert metrics["preference_accuracy"] is None and metrics["reward_margin"] is None
     assert (metrics["num_prompts"], metrics["num_samples"]) == (3, 6) and len(records) == 6
-    assert all(r["policy"] == r["reference"] for r in records)
+    # the two models draw from independent streams: their responses differ (with a random model, always)
+    assert all(r["policy"] != r["reference"] for r in records)
+    assert 0.0 <= metrics["win_rate"] <= 1.0 and metrics["win_rate_se"] >= 0.0
+
+
+def three_token_model(tokenizer: Any, tokens: list[int], probs: list[float], seed: int) -> nn.Module:
+    """Samples one of ``tokens`` with ``probs`` at every position (everything else, the end included, ~never)."""
+    bias = torch.full((len(tokenizer),), -60.0)
+    bias[tokens] = torch.tensor(probs).log()
+    return constant_logits(tiny_llama(len(tokenizer), seed=seed), bias)
+
+
+def test_win_rate_compares_independent_draws(smollm2_tokenizer, length_reward):
+    """The issue's toy: three responses of rewards 1 < 2 < 3 (their lengths), π = (0.2, 0.3, 0.5) and π_ref =
+    (0.5, 0.3, 0.2). Independent draws: P(Y > Y′) + ½ P(Y = Y′) = 0.55 + 0.145 = 0.695. Draws sharing one uniform
+    (the coupled streams of the earlier evaluation) would give 0.8."""
+    words = {}
+    for word in ("a", "an", "the", "of", "is", "to", "and", "in", "it"):
+        ids = smollm2_tokenizer.encode(word, add_special_tokens=False)
+        if len(ids) == 1:
+            words.setdefault(len(word), ids[0])
+    tokens = [words[1], words[2], words[3]]  # rewards 1, 2, 3 under the length reward
+    policy = three_token_model(smollm2_tokenizer, tokens, [0.2, 0.3, 0.5], seed=1)
+    reference = three_token_model(smollm2_tokenizer, tokens, [0.5, 0.3, 0.2], seed=2)
+    cfg = EvalConfig(samples_per_prompt=8, max_new_tokens=1, batch_size=32, disable_tqdm=True)
+    prompts = load_prompts("bundled", "test")  # 110 prompts × 8 samples × 8 comparisons each
+    metrics, records = evaluate_models(policy, reference, smollm2_tokenizer, prompts, length_reward, cfg)
+    assert {r["policy_reward"] for r in records} == {1.0, 2.0, 3.0}
+    est, se = metrics["win_rate"], metrics["win_rate_se"]
+    assert 0.0 < se < 0.02
+    assert abs(est - 0.695) < 3 * se  # deterministic seeds: not flaky
+    assert abs(est - 0.8) > 3 * se  # and far from the coupled value
+    lo, hi = metrics["win_rate_ci95"]
+    assert lo < est < hi
+    # the paired gain of mean rewards: E_π = 2.3, E_π_ref = 1.7
+    assert abs(metrics["gold_reward_gain"] - 0.6) < 3 * metrics["gold_reward_gain_se"]
 
 
 def test_known_win_rate_and_kl_for_constructed_models(smollm2_tokenizer, prompts, length_reward):
@@ -163,7 +198,28 @@ def test_eval_and_plot_a_tiny_training_run_through_the_cli(tmp_path, model_cache
     assert result["kl"] != 0.0 and result["kl/forward"] != 0.0
     final_beta = json.loads((run / "final" / "final_metrics.json").read_text())["beta"]
     assert result["beta"] == final_beta  # ε-DPO's implicit reward uses the final β
-    assert len((run / "eval_samples.jsonl").read_text().splitlines()) == 6
+    # every evaluation is kept under evals/NAME (named by the settings that differ from the run's own evaluation);
+    # eval.json is a copy of the latest, naming it
+    first_dir = run / "evals" / result["name"]
+    assert result["name"] == "eval_dataset=tiny_preferences.jsonl,num_prompts=3,samples_per_prompt=2,max_new_tokens=8"
+    assert len((first_dir / "samples.jsonl").read_text().splitlines()) == 6
+    assert json.loads((first_dir / "eval.json").read_text())["kl"] == result["kl"]
+    assert all(k in result for k in ("gold_reward_gain", "gold_reward_gain_se", "gold_reward_gain_ci95", "kl_se",
+                                     "win_rate_se", "win_rate_ci95", "preference_accuracy_se", "policy/distinct_2"))
+    plot = run / "plots" / "reward_vs_kl.png"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # redrawn by the evaluation itself
+    common = ["num_prompts=2", "max_new_tokens=4", "disable_tqdm=true"]
+    assert cli_main(["eval", str(run), *common, "name=second"]) == 0
+    latest = json.loads((run / "eval.json").read_text())
+    assert latest["name"] == "second" and latest["num_prompts"] == 2
+    assert (first_dir / "eval.json").is_file() and (run / "evals" / "second" / "samples.jsonl").is_file()
+    # the same name with other settings is refused (nothing written), unless overwrite=true
+    capsys.readouterr()
+    assert cli_main(["eval", str(run), *common, "seed=5", "name=second"]) == 2
+    assert "other settings" in capsys.readouterr().out
+    assert json.loads((run / "evals" / "second" / "eval.json").read_text())["settings"]["seed"] == 0
+    assert cli_main(["eval", str(run), *common, "seed=5", "name=second", "overwrite=true"]) == 0
+    assert json.loads((run / "evals" / "second" / "eval.json").read_text())["settings"]["seed"] == 5
     assert cli_main(["plot", str(run)]) == 0
     for name in ("training_curves.png", "beta.png", "reward_vs_kl.png"):
         assert (run / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -240,3 +240,36 @@ def test_prompts_from_a_file_and_errors(tiny_model_dir, tmp_path, hooks):
         generate(None, ["num_samples=1"])
     with pytest.raises(ValueError, match="no prompt text in column 'prompt'"):
         generate(None, [f"model={tiny_model_dir}", f"prompts={prompts}", f"output={output}.x"])
+
+
+def test_the_sampler_sees_the_raw_logits_whatever_the_generation_config(monkeypatch):
+    """A model whose generation_config would process the scores (repetition penalty, no-repeat n-grams, suppressed
+    tokens, a minimum length): every step's scores handed to the sampler are the model's own logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import epsdpo.generate as gen
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = LlamaForCausalLM(config).eval()
+    gc = model.generation_config
+    gc.repetition_penalty, gc.no_repeat_ngram_size, gc.min_new_tokens = 5.0, 2, 6
+    gc.suppress_tokens, gc.bad_words_ids = [3, 4], [[5]]
+    seen: list[torch.Tensor] = []
+    real = gen.sample_next_tokens
+
+    def spy(logits, generators, temperature=1.0, top_p=1.0):
+        seen.append(logits.detach().clone())
+        return real(logits, generators, temperature, top_p)
+
+    monkeypatch.setattr(gen, "sample_next_tokens", spy)
+    prompts = [[1, 7, 9, 11], [1, 8]]  # unequal lengths: left padding and positions are exercised
+    done = gen.sample_completions(model, prompts, [3, 4], max_new_tokens=6, end_ids=[2], pad_id=0)
+    assert len(seen) == max(len(c.ids) for c in done)
+    for row, (prompt, completion) in enumerate(zip(prompts, done, strict=True)):
+        with torch.no_grad():
+            full = model(torch.tensor([prompt + completion.ids])).logits[0]  # (T, V), unpadded, no cache
+        for step in range(len(completion.ids)):
+            raw = full[len(prompt) - 1 + step]
+            assert (seen[step][row] - raw).abs().max() < 1e-4, (row, step)

@@ -81,6 +81,9 @@ def test_cli_writes_per_run_plots_and_the_frontier_beside_the_runs(tmp_path, cap
     b = write_run(tmp_path / "runs" / "b", epsilon_dpo=False)  # not evaluated: no point for it
     assert cli_main(["plot", str(a), str(b)]) == 0
     assert is_png(tmp_path / "runs" / "reward_vs_kl.png")
+    printed = capsys.readouterr().out
+    assert f"{b} is left out of the reward-vs-KL plot: it has no eval.json" in printed  # said, not silent
+    assert f"{a} is left out" not in printed
     for run in (a, b):
         assert is_png(run / "plots" / "training_curves.png") and is_png(run / "plots" / "beta.png")
     assert cli_main(["plot", str(a), "--out", str(tmp_path / "figs")]) == 0

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -51,6 +52,8 @@ from epsdpo.generate import (
     sample_seed,
     wants_chat_template,
 )
+from epsdpo.machine import machine_label
+from epsdpo.stats import Estimate, distinct_n, estimate, grouped, one_token_repeated, paired_gain, win_rate
 
 __all__ = ["EvalConfig", "ReferencePart", "compute_reference_part", "evaluate", "evaluate_models", "format_table",
            "load_eval_config", "row_logps", "sequence_logps"]
@@ -90,8 +93,15 @@ class EvalConfig:
             prompts, every sampling and scoring setting, the reward and the pairs' token ids; evaluations of other
             policies against the same reference with the same settings (a sweep, ``experiments/kl_frontier.py``)
             read it instead of sampling and scoring the reference again. None: always computed.
-        output: the JSON file written; default ``RUN_DIR/eval.json`` (``eval.json`` without a run directory).
-            The per-sample responses, rewards and log-probs go beside it (``…_samples.jsonl``).
+        name: the evaluation's name. With a run directory every evaluation is kept in ``RUN_DIR/evals/NAME/``
+            (``eval.json``, ``samples.jsonl``); ``RUN_DIR/eval.json`` is a copy of the latest one, naming it, and
+            ``RUN_DIR/plots/reward_vs_kl.png`` is redrawn from it. ``None``: ``after-training`` for the settings of
+            the run's own evaluation (``eval_options``), else the settings that differ from those, e.g.
+            ``num_prompts=64,seed=2``.
+        output: write to this JSON file instead (``…_samples.jsonl`` beside it); ``RUN_DIR/eval.json`` and the plot
+            are left alone. Without a run directory the default is ``eval.json``.
+        overwrite: replace an earlier evaluation of the same name (or ``output``) that was made with other settings;
+            without it that is refused. One with the same settings is replaced (a rerun), and said so.
         bf16: sample and score under bfloat16 autocast.
         use_chat_template: as for ``epsdpo generate``; ``None``: when the tokenizer has a template.
         device: ``cuda``, ``cpu``, …; ``None``: a GPU when there is one.
@@ -118,7 +128,9 @@ class EvalConfig:
     batch_size: int = 8
     seed: int = 0
     reference_cache_dir: str | None = None
+    name: str | None = None
     output: str | None = None
+    overwrite: bool = False
     bf16: bool = False
     use_chat_template: bool | None = None
     device: str | None = None
@@ -160,8 +172,10 @@ def _autocast(model: nn.Module, enabled: bool) -> contextlib.AbstractContextMana
 
 @torch.no_grad()
 def row_logps(model: nn.Module, rows: Sequence[tuple[list[int], list[int]]], pad_id: int, *, batch_size: int = 8,
-              bf16: bool = False) -> torch.Tensor:  # fmt: skip
+              bf16: bool = False, desc: str | None = None, disable_tqdm: bool = True) -> torch.Tensor:  # fmt: skip
     """Summed log π(completion | prompt) under ``model`` of each ``(prompt_ids, completion_ids)`` row, (N,) float32.
+
+    ``desc``: a progress bar with this label (unless ``disable_tqdm``).
 
     Rows are right-padded in batches of ``batch_size``; the log-probs come from the final hidden states and the
     linear head, a chunk of completion positions at a time (the model's full logits only where its logits are not its
@@ -175,7 +189,10 @@ def row_logps(model: nn.Module, rows: Sequence[tuple[list[int], list[int]]], pad
     device = next(model.parameters()).device
     out: list[torch.Tensor] = []
     fused: bool | None = None
-    for start in range(0, len(rows), batch_size):
+    from tqdm.auto import tqdm
+
+    starts = range(0, len(rows), batch_size)
+    for start in tqdm(starts, desc=desc, disable=disable_tqdm or desc is None, dynamic_ncols=True):
         chunk = rows[start : start + batch_size]
         width = max(len(p) + len(c) for p, c in chunk)
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
@@ -226,15 +243,18 @@ def _pair_rows(pairs: Sequence[Any]) -> list[tuple[list[int], list[int]]]:
 
 # ---- sampling -----------------------------------------------------------------------------------------------------
 def _sample_all(model: nn.Module, tokenizer: Any, encoded: Sequence[list[int]], prompt_ids: Sequence[str],
-                cfg: EvalConfig, end_ids: Sequence[int], desc: str) -> list[Completion]:  # fmt: skip
-    """``samples_per_prompt`` completions per prompt (prompt-major), sample j of a prompt seeded by (seed, id, j)."""
+                cfg: EvalConfig, end_ids: Sequence[int], stream: str) -> list[Completion]:  # fmt: skip
+    """``samples_per_prompt`` completions per prompt (prompt-major); sample j of a prompt is seeded by (seed, id, j)
+    in the model's own family of streams (``policy`` or ``reference``), so the two models' draws are independent."""
     from tqdm.auto import tqdm
 
     k = cfg.samples_per_prompt
     out: list[Completion] = []
-    for start in tqdm(range(0, len(encoded), cfg.batch_size), desc=desc, disable=cfg.disable_tqdm, leave=False):
+    batches = range(0, len(encoded), cfg.batch_size)
+    for start in tqdm(batches, desc=f"eval: sample ({stream})", disable=cfg.disable_tqdm, dynamic_ncols=True):
         ids = [p for p in encoded[start : start + cfg.batch_size] for _ in range(k)]
-        seeds = [sample_seed(cfg.seed, pid, j) for pid in prompt_ids[start : start + cfg.batch_size] for j in range(k)]
+        seeds = [sample_seed(cfg.seed, pid, j, stream) for pid in prompt_ids[start : start + cfg.batch_size]
+                 for j in range(k)]
         with _autocast(model, cfg.bf16):
             out.extend(sample_completions(model, ids, seeds, max_new_tokens=cfg.max_new_tokens, end_ids=end_ids,
                                           pad_id=tokenizer.pad_token_id, temperature=cfg.temperature,
@@ -244,6 +264,13 @@ def _sample_all(model: nn.Module, tokenizer: Any, encoded: Sequence[list[int]], 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+def _with_se(metrics: dict[str, Any], key: str, est: Estimate, interval: bool = False) -> None:
+    """``key`` = the mean, ``key_se`` its standard error (over prompts), ``key_ci95`` its interval if asked."""
+    metrics[key], metrics[f"{key}_se"] = est.mean, est.se
+    if interval:
+        metrics[f"{key}_ci95"] = list(est.ci95)
 
 
 @dataclass
@@ -287,14 +314,16 @@ def compute_reference_part(reference: nn.Module, tokenizer: Any, prompts: Sequen
     """Sample, score and take the log-probs the evaluation needs from the reference alone."""
     encoded = _encoded_prompts(tokenizer, prompts, cfg)
     samples = _sample_all(reference, tokenizer, encoded, [pid for pid, _ in prompts], cfg, end_token_ids(tokenizer),
-                          "sample (reference)")  # fmt: skip
+                          "reference")  # fmt: skip
     k = cfg.samples_per_prompt
     texts = [decode_completion(tokenizer, c) for c in samples]
     rows = [(encoded[i // k], c.ids) for i, c in enumerate(samples)]
-    pad, opts = tokenizer.pad_token_id, {"batch_size": cfg.batch_size, "bf16": cfg.bf16}
-    pair_logps = row_logps(reference, _pair_rows(pairs), pad, **opts).tolist() if pairs else None
-    return ReferencePart(samples, list(reward(_prompt_texts(prompts, k), texts)),
-                         row_logps(reference, rows, pad, **opts).tolist(), pair_logps)  # fmt: skip
+    pad = tokenizer.pad_token_id
+    opts: dict[str, Any] = {"batch_size": cfg.batch_size, "bf16": cfg.bf16, "disable_tqdm": cfg.disable_tqdm}
+    pair_logps = (row_logps(reference, _pair_rows(pairs), pad, **opts, desc="eval: held-out pairs (reference)")
+                  .tolist() if pairs else None)  # fmt: skip
+    self_logps = row_logps(reference, rows, pad, **opts, desc="eval: log-probs (reference)").tolist()
+    return ReferencePart(samples, list(reward(_prompt_texts(prompts, k), texts)), self_logps, pair_logps)
 
 
 def evaluate_models(policy: nn.Module, reference: nn.Module, tokenizer: Any, prompts: Sequence[tuple[str, str]],
@@ -316,33 +345,39 @@ def evaluate_models(policy: nn.Module, reference: nn.Module, tokenizer: Any, pro
     encoded = _encoded_prompts(tokenizer, prompts, cfg)
     ids = [pid for pid, _ in prompts]
     k = cfg.samples_per_prompt
-    samples = {"policy": _sample_all(policy, tokenizer, encoded, ids, cfg, end_token_ids(tokenizer),
-                                     "sample (policy)"), "reference": ref_side.samples}  # fmt: skip
+    end_ids = end_token_ids(tokenizer)
+    samples = {"policy": _sample_all(policy, tokenizer, encoded, ids, cfg, end_ids, "policy"),
+               "reference": ref_side.samples}
     texts = {name: [decode_completion(tokenizer, c) for c in done] for name, done in samples.items()}
     prompt_texts = _prompt_texts(prompts, k)
     rewards = {"policy": list(reward(prompt_texts, texts["policy"])), "reference": ref_side.rewards}
     n = len(samples["policy"])
-    pad, opts = tokenizer.pad_token_id, {"batch_size": cfg.batch_size, "bf16": cfg.bf16}
+    pad = tokenizer.pad_token_id
+    opts: dict[str, Any] = {"batch_size": cfg.batch_size, "bf16": cfg.bf16, "disable_tqdm": cfg.disable_tqdm}
     own = [(encoded[i // k], c.ids) for i, c in enumerate(samples["policy"])]
     theirs = [(encoded[i // k], c.ids) for i, c in enumerate(samples["reference"])]
-    lp_pol = row_logps(policy, own + theirs, pad, **opts)  # the policy on its samples, then on the reference's
-    lp_ref_own = row_logps(reference, own, pad, **opts)  # the reference on the policy's samples
+    # the policy on its samples, then on the reference's; the reference on the policy's samples
+    lp_pol = row_logps(policy, own + theirs, pad, **opts, desc="eval: log-probs (policy)")
+    lp_ref_own = row_logps(reference, own, pad, **opts, desc="eval: log-probs (reference on the policy's samples)")
     lp_ref_theirs = torch.tensor(ref_side.self_logps)
     kl_values = (lp_pol[:n] - lp_ref_own).tolist()  # y ~ π: log π − log π_ref
     forward_values = (lp_ref_theirs - lp_pol[n:]).tolist()  # y ~ π_ref: log π_ref − log π
-    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(rewards["policy"], rewards["reference"],
-                                                                      strict=True)]  # fmt: skip
     metrics: dict[str, Any] = {}
     for name in ("policy", "reference"):
-        mean, std = _mean_std(rewards[name])
-        metrics[f"{name}/gold_reward"], metrics[f"{name}/gold_reward_std"] = mean, std
+        _with_se(metrics, f"{name}/gold_reward", estimate(grouped(rewards[name], k)))
+        metrics[f"{name}/gold_reward_std"] = _mean_std(rewards[name])[1]
         metrics[f"{name}/response_tokens"] = statistics.fmean(len(c.ids) for c in samples[name])
         metrics[f"{name}/finished"] = statistics.fmean(c.finished for c in samples[name])
-    metrics["kl"], metrics["kl/std"] = _mean_std(kl_values)
-    metrics["kl/forward"], metrics["kl/forward_std"] = _mean_std(forward_values)
-    metrics["win_rate"] = statistics.fmean(wins)
+        metrics[f"{name}/distinct_2"] = distinct_n(texts[name], 2)
+        metrics[f"{name}/one_token_repeated"] = sum(one_token_repeated(c.ids, end_ids) for c in samples[name])
+    _with_se(metrics, "gold_reward_gain", paired_gain(rewards["policy"], rewards["reference"], k), interval=True)
+    _with_se(metrics, "kl", estimate(grouped(kl_values, k)))
+    metrics["kl/std"] = _mean_std(kl_values)[1]
+    _with_se(metrics, "kl/forward", estimate(grouped(forward_values, k)))
+    metrics["kl/forward_std"] = _mean_std(forward_values)[1]
+    _with_se(metrics, "win_rate", win_rate(rewards["policy"], rewards["reference"], k), interval=True)
     metrics.update(_pair_metrics(policy, pairs, ref_side.pair_logps, pad, beta, cfg))
-    metrics["num_prompts"], metrics["num_samples"] = len(prompts), n
+    metrics["num_prompts"], metrics["num_samples"], metrics["samples_per_prompt"] = len(prompts), n, k
     records = [{"prompt_id": ids[i // k], "sample": i % k, "prompt": prompt_texts[i],
                 "policy": texts["policy"][i], "reference": texts["reference"][i],
                 "policy_reward": rewards["policy"][i], "reference_reward": rewards["reference"][i],
@@ -356,13 +391,17 @@ def _pair_metrics(policy: nn.Module, pairs: Sequence[Any] | None, ref_logps: lis
                   beta: float, cfg: EvalConfig) -> dict[str, Any]:  # fmt: skip
     """Preference accuracy and mean implicit reward margin on held-out pairs (None without pairs)."""
     if not pairs or ref_logps is None:
-        return {"preference_accuracy": None, "reward_margin": None, "num_pairs": 0, "beta": beta}
-    lp_pol = row_logps(policy, _pair_rows(pairs), pad_id, batch_size=cfg.batch_size, bf16=cfg.bf16)
+        return {"preference_accuracy": None, "preference_accuracy_se": None, "reward_margin": None,
+                "reward_margin_se": None, "num_pairs": 0, "beta": beta}
+    lp_pol = row_logps(policy, _pair_rows(pairs), pad_id, batch_size=cfg.batch_size, bf16=cfg.bf16,
+                       disable_tqdm=cfg.disable_tqdm, desc="eval: held-out pairs (policy)")
     lp_ref = torch.tensor(ref_logps)
     p = len(pairs)
     margins = beta * ((lp_pol[:p] - lp_ref[:p]) - (lp_pol[p:] - lp_ref[p:]))  # r̂(y_w) − r̂(y_l)
-    return {"preference_accuracy": float((margins > 0).float().mean()), "reward_margin": float(margins.mean()),
-            "num_pairs": p, "beta": beta}  # fmt: skip
+    metrics: dict[str, Any] = {"num_pairs": p, "beta": beta}
+    _with_se(metrics, "preference_accuracy", estimate((margins > 0).float().tolist()))
+    _with_se(metrics, "reward_margin", estimate(margins.tolist()))
+    return metrics
 
 
 # ---- loading ------------------------------------------------------------------------------------------------------
@@ -403,7 +442,10 @@ def _load_from_run(cfg: EvalConfig) -> _Loaded:
     elif (final / "adapter_config.json").is_file():  # LoRA: the base with the adapter merged in
         from peft import PeftModel
 
-        policy = PeftModel.from_pretrained(initial_model(), str(final)).merge_and_unload()
+        from epsdpo.models import quiet_peft_wrapping
+
+        with quiet_peft_wrapping():
+            policy = PeftModel.from_pretrained(initial_model(), str(final)).merge_and_unload()
         policy_name = f"{m.model} + LoRA adapter {final}"
     else:
         policy, policy_name = load_causal_lm(str(final), cfg.trust_remote_code), str(final)
@@ -484,6 +526,7 @@ def evaluate(config: EvalConfig | str | Path | Mapping[str, Any] | None = None,
 
     cfg = load_eval_config(config, overrides)
     started = time.perf_counter()
+    _say(cfg, "eval: loading the policy and the reference")
     loaded = _load_models(cfg)
     prompts = load_prompts(cfg.prompts, cfg.prompt_split, cfg.prompt_column, cfg.num_prompts)
     pairs, pairs_source = _held_out_pairs(cfg, loaded.data, loaded.tokenizer)
@@ -502,20 +545,102 @@ def evaluate(config: EvalConfig | str | Path | Mapping[str, Any] | None = None,
             tmp.replace(cache_file)
     metrics, records = evaluate_models(loaded.policy, loaded.reference, loaded.tokenizer, prompts, reward, cfg,
                                        pairs=pairs, beta=loaded.beta, reference_part=part)  # fmt: skip
-    output = Path(cfg.output) if cfg.output else Path(cfg.run_dir or ".") / "eval.json"
-    samples_path = output.with_name(output.stem + "_samples.jsonl")
+    name, output, samples_path = _destination(cfg)
+    settings = _settings(cfg)
+    _check_overwrite(output, settings, cfg.overwrite)
     result = {
         **metrics,
-        "policy": loaded.names["policy"], "reference": loaded.names["reference"], "eval_dataset": pairs_source,
-        "samples_file": samples_path.name, "seconds": time.perf_counter() - started,
-        "reference_cache": None if cache_file is None else str(cache_file),
-        "settings": {k: v for k, v in asdict(cfg).items() if k not in ("disable_tqdm", "output")},
-    }  # fmt: skip
+        "name": name, "policy": loaded.names["policy"], "reference": loaded.names["reference"],
+        "eval_dataset": pairs_source, "samples_file": samples_path.name, "seconds": time.perf_counter() - started,
+        "reference_cache": None if cache_file is None else str(cache_file), "machine": machine_label(),
+        "settings": settings,
+    }
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     samples_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     result["output"] = str(output)
+    if cfg.run_dir is not None and cfg.output is None:  # the run's latest evaluation, and its plot, follow
+        from epsdpo.plots import PLOTS_DIR, plot_reward_vs_kl
+
+        run = Path(cfg.run_dir)
+        latest = {**result, "samples_file": str(samples_path.relative_to(run))}
+        latest["output"] = str(output.relative_to(run))
+        (run / "eval.json").write_text(json.dumps(latest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        result["plot"] = str(plot_reward_vs_kl([run], run / PLOTS_DIR))
     return result
+
+
+def _say(cfg: EvalConfig, message: str) -> None:
+    if not cfg.disable_tqdm:
+        print(message, file=sys.stderr, flush=True)
+
+
+#: settings that do not change what an evaluation measures
+_NOT_SETTINGS = ("disable_tqdm", "output", "name", "overwrite", "device")
+
+
+def _settings(cfg: EvalConfig) -> dict[str, Any]:
+    return {k: v for k, v in asdict(cfg).items() if k not in _NOT_SETTINGS}
+
+
+def _run_eval_settings(run_dir: str) -> dict[str, Any] | None:
+    """The settings of the run's own evaluation (its ``eval_options``), or None if they cannot be read."""
+    from epsdpo.training.config import load_run_config
+
+    try:
+        run_cfg = load_run_config(Path(run_dir) / "config.yaml")
+        return _settings(load_eval_config({**run_cfg.train.eval_options, "run_dir": run_dir}))
+    except (ConfigError, OSError, ValueError):
+        return None
+
+
+def _destination(cfg: EvalConfig) -> tuple[str, Path, Path]:
+    """The evaluation's name, its JSON file and its samples file (see ``name`` and ``output``)."""
+    if cfg.output is not None:
+        output = Path(cfg.output)
+        return cfg.name or output.stem, output, output.with_name(output.stem + "_samples.jsonl")
+    if cfg.run_dir is None:
+        return cfg.name or "eval", Path("eval.json"), Path("eval_samples.jsonl")
+    name = cfg.name or _auto_name(_settings(cfg), _run_eval_settings(cfg.run_dir))
+    if not name or any(c in name for c in "/\\") or name in (".", ".."):
+        raise ConfigError(f"name={name!r} cannot name a directory; use letters, digits, '=', ',', '-' or '.'")
+    directory = Path(cfg.run_dir) / "evals" / name
+    return name, directory / "eval.json", directory / "samples.jsonl"
+
+
+def _auto_name(settings: Mapping[str, Any], run_settings: Mapping[str, Any] | None) -> str:
+    """``after-training`` for the run's own settings, else ``key=value,…`` of what differs (a hash when long)."""
+    import hashlib
+    import re
+
+    base = run_settings if run_settings is not None else _settings(EvalConfig())
+    def shown(value: Any) -> str:  # a path by its file name (a clash is caught by the settings check)
+        return Path(value).name if isinstance(value, str) and "/" in value else str(value)
+
+    differ = [f"{k}={shown(settings[k])}" for k in settings if k != "run_dir" and settings[k] != base.get(k)]
+    if not differ:
+        return "after-training"
+    name = re.sub(r"[^A-Za-z0-9=,._-]", "_", ",".join(differ))
+    if len(name) > 120:
+        name = "settings-" + hashlib.sha256(json.dumps(dict(settings), sort_keys=True).encode()).hexdigest()[:10]
+    return name
+
+
+def _check_overwrite(output: Path, settings: Mapping[str, Any], overwrite: bool) -> None:
+    if not output.is_file():
+        return
+    try:
+        earlier = json.loads(output.read_text(encoding="utf-8")).get("settings", {})
+    except (OSError, ValueError):
+        earlier = None
+    if earlier == dict(settings):
+        print(f"note: replacing {output}, an earlier evaluation with the same settings")
+        return
+    if not overwrite:
+        differ = sorted(k for k in set(settings) | set(earlier or {}) if (earlier or {}).get(k) != settings.get(k))
+        raise ConfigError(f"{output} holds an evaluation with other settings (differing: {', '.join(differ)}); "
+                          "give name=… (or output=…) to keep both, or overwrite=true to replace it")
+    print(f"note: overwrite=true: replacing {output} (made with other settings)")
 
 
 def _reference_cache_file(cfg: EvalConfig, loaded: _Loaded, prompts: Sequence[tuple[str, str]],
@@ -524,7 +649,7 @@ def _reference_cache_file(cfg: EvalConfig, loaded: _Loaded, prompts: Sequence[tu
     import hashlib
 
     determines = {
-        "format": 1, "reference": loaded.reference_id, "prompts": list(prompts), "reward": cfg.reward,
+        "format": 2, "reference": loaded.reference_id, "prompts": list(prompts), "reward": cfg.reward,
         "prompt_ids": _encoded_prompts(loaded.tokenizer, prompts, cfg), "pad": loaded.tokenizer.pad_token_id,
         "end_ids": list(end_token_ids(loaded.tokenizer)), "device": str(next(loaded.reference.parameters()).device),
         "settings": {k: getattr(cfg, k) for k in ("samples_per_prompt", "max_new_tokens", "temperature", "top_p",
@@ -536,23 +661,44 @@ def _reference_cache_file(cfg: EvalConfig, loaded: _Loaded, prompts: Sequence[tu
 
 
 def format_table(result: Mapping[str, Any]) -> str:
-    """A small text table of an eval result (the dict :func:`evaluate` returns or ``eval.json`` holds)."""
+    """A small text table of an eval result (the dict :func:`evaluate` returns or ``eval.json`` holds).
 
-    def num(key: str) -> str:
+    Every mean is shown ± its standard error over prompts (:mod:`epsdpo.stats`); n is on each line.
+    """
+
+    def num(key: str, digits: int = 3) -> str:
         value = result.get(key)
-        return "—" if value is None else f"{value:.4f}"
+        return "—" if value is None else f"{value:.{digits}f}"
+
+    def pm(key: str, digits: int = 3) -> str:
+        se = result.get(f"{key}_se")
+        return num(key, digits) + ("" if se is None else f" ± {se:.{digits}f}")
+
+    def ci(key: str) -> str:
+        lo_hi = result.get(f"{key}_ci95")
+        return "" if not lo_hi else f"   95% CI [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]"
 
     settings = result.get("settings", {})
+    prompts, k = result.get("num_prompts"), result.get("samples_per_prompt", 1)
+    pairs = result.get("num_pairs", 0)
+    name = f" — evaluation '{result['name']}'" if result.get("name") else ""
+    gain, gain_se = result.get("gold_reward_gain"), result.get("gold_reward_gain_se")
+    in_se = f" = {gain / gain_se:.1f} s.e." if gain is not None and gain_se else ""
     lines = [
-        f"{'':<22}{'policy':>10}{'reference':>12}",
-        f"{'gold reward (mean)':<22}{num('policy/gold_reward'):>10}{num('reference/gold_reward'):>12}",
-        f"{'gold reward (std)':<22}{num('policy/gold_reward_std'):>10}{num('reference/gold_reward_std'):>12}",
-        f"{'response tokens':<22}{num('policy/response_tokens'):>10}{num('reference/response_tokens'):>12}",
-        f"KL(π‖π_ref) = {num('kl')} ± {num('kl/std')} (std)   KL(π_ref‖π) = {num('kl/forward')}",
-        f"win rate vs reference = {num('win_rate')}   "
-        f"({result.get('num_prompts')} prompts, {result.get('num_samples')} samples per model)",
-        f"held-out pairs: {result.get('num_pairs', 0)}   preference accuracy = {num('preference_accuracy')}   "
-        f"reward margin = {num('reward_margin')} (β = {result.get('beta', float('nan')):.4g})",
+        f"held-out prompts: {prompts}, {k} independent sample(s) per prompt and model; mean ± standard error over "
+        f"prompts{name}",
+        f"{'':<26}{'policy':>16}{'reference':>18}",
+        f"{'gold reward':<26}{pm('policy/gold_reward'):>16}{pm('reference/gold_reward'):>18}",
+        f"{'response tokens':<26}{num('policy/response_tokens', 1):>16}{num('reference/response_tokens', 1):>18}",
+        f"{'finished (share)':<26}{num('policy/finished', 2):>16}{num('reference/finished', 2):>18}",
+        f"{'distinct-2':<26}{num('policy/distinct_2'):>16}{num('reference/distinct_2'):>18}",
+        f"{'one token repeated':<26}{result.get('policy/one_token_repeated', '—')!s:>16}"
+        f"{result.get('reference/one_token_repeated', '—')!s:>18}",
+        f"gold reward gain (paired by prompt) = {pm('gold_reward_gain')}{in_se}{ci('gold_reward_gain')}",
+        f"KL(π‖π_ref) = {pm('kl')}   KL(π_ref‖π) = {pm('kl/forward')}  (nats, from the samples)",
+        f"win rate vs reference (independent draws, ties ½) = {pm('win_rate')}{ci('win_rate')}",
+        f"held-out pairs: {pairs}   preference accuracy = {pm('preference_accuracy')}   "
+        f"reward margin = {pm('reward_margin')} (β = {result.get('beta', float('nan')):.4g})",
     ]
     if settings.get("temperature", 1.0) != 1.0 or settings.get("top_p", 1.0) != 1.0:
         lines.append("note: temperature/top_p ≠ 1, so `kl` is measured on the sampler's responses, not KL(π‖π_ref)")

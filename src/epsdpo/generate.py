@@ -14,7 +14,7 @@ the cumulative distribution (:func:`sample_next_tokens`). A response therefore d
 and those three values, not on which other prompts shared its batch or on how many ran before it. (The one residue:
 the batch's left padding changes floating-point rounding in the forward pass, which in rare cases flips a sampled
 token; resuming keeps batches identical to an uninterrupted run, see below, so a resumed file is exactly equal.)
-``epsdpo eval`` samples with the same streams, so a policy and its reference answer each prompt with the same seeds.
+``epsdpo eval`` draws the policy's and the reference's samples from two further, independent families of streams.
 
 **Output** (one JSON object a line; TRL's conversational format when the prompt goes through the chat template, its
 standard string format otherwise, so :func:`epsdpo.data.load_preference_dataset` reads the file as it is)::
@@ -151,9 +151,15 @@ def load_generate_config(source: str | Path | Mapping[str, Any] | GenerateConfig
 
 
 # ---- sampling -----------------------------------------------------------------------------------------------------
-def sample_seed(seed: int, prompt_id: str, sample: int) -> int:
-    """The seed of one response's random stream: a stable hash of (seed, prompt id, sample index), 63 bits."""
-    digest = hashlib.sha256(f"{seed}\x1f{prompt_id}\x1f{sample}".encode()).digest()
+def sample_seed(seed: int, prompt_id: str, sample: int, stream: str = "") -> int:
+    """The seed of one response's random stream: a stable hash of (seed, prompt id, sample index), 63 bits.
+
+    ``stream`` names an independent family of streams (``epsdpo eval`` draws the policy's and the reference's
+    samples from the streams ``policy`` and ``reference``, so the two are independent draws); ``""`` is the one
+    ``epsdpo generate`` uses.
+    """
+    key = f"{seed}\x1f{prompt_id}\x1f{sample}" + (f"\x1f{stream}" if stream else "")
+    digest = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
 
@@ -177,19 +183,6 @@ def sample_next_tokens(logits: Tensor, generators: Sequence[torch.Generator], te
     return torch.searchsorted(cdf, targets).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
 
 
-def _sampler_processor(generators: Sequence[torch.Generator], temperature: float, top_p: float) -> Any:
-    """A logits processor that makes greedy decoding pick the token :func:`sample_next_tokens` drew for each row."""
-    from transformers import LogitsProcessor
-
-    class SeededSampler(LogitsProcessor):
-        def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-            tokens = sample_next_tokens(scores, generators, temperature, top_p)
-            chosen = torch.full_like(scores, float("-inf"))
-            return chosen.scatter_(-1, tokens.unsqueeze(-1), 0.0)
-
-    return SeededSampler()
-
-
 @dataclass(frozen=True)
 class Completion:
     """One sampled response: its token ids (with the end token when it ended) and whether it ended in time."""
@@ -204,33 +197,58 @@ def sample_completions(model: Any, prompt_ids: Sequence[list[int]], seeds: Seque
                        ) -> list[Completion]:  # fmt: skip
     """Sample one completion per row (``prompt_ids[i]``, ``seeds[i]``) in one left-padded batch.
 
-    Decoding is the model's own ``generate`` (KV cache, stopping at ``end_ids``) with greedy selection over scores
-    where only the token drawn by :func:`sample_next_tokens` from the row's own generator is finite.
+    The decoding loop is our own (a KV cache, stopping at ``end_ids``), not ``model.generate``: ``generate`` merges
+    the model's own ``generation_config`` into the one it is given (a Hub model's ``repetition_penalty``,
+    ``no_repeat_ngram_size``, ``suppress_tokens``, …), and its processed scores are not π. Here every token is drawn
+    by :func:`sample_next_tokens` from the row's own generator, from the model's raw next-token logits, with only
+    ``temperature`` and ``top_p`` applied, so the samples are samples of the model itself (at the defaults).
     """
-    from transformers import GenerationConfig, LogitsProcessorList
-
     if len(prompt_ids) != len(seeds):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(seeds)} seeds")
     device = next(model.parameters()).device
-    width = max(len(ids) for ids in prompt_ids)
-    input_ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    n, width = len(prompt_ids), max(len(ids) for ids in prompt_ids)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     attention = torch.zeros_like(input_ids)
     for row, ids in enumerate(prompt_ids):  # left padding: every prompt ends where generation starts
-        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        attention[row, width - len(ids):] = 1
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention[row, width - len(ids) :] = 1
+    input_ids, attention = input_ids.to(device), attention.to(device)
+    positions = (attention.cumsum(-1) - 1).clamp_(min=0)  # (N, W): each prompt's first real token at position 0
     generators = [torch.Generator().manual_seed(s) for s in seeds]
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=list(end_ids),
-                              pad_token_id=pad_id)  # fmt: skip
-    out = model.generate(
-        input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=config,
-        logits_processor=LogitsProcessorList([_sampler_processor(generators, temperature, top_p)]),
-    )  # fmt: skip
-    ends = set(end_ids)
+    ends = torch.tensor(sorted(set(end_ids)), dtype=torch.long, device=device)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    drawn: list[Tensor] = []  # one (N,) tensor per new position
+    cache_key, extra = _decoding_kwargs(model)
+    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True, **extra)
+    for step in range(max_new_tokens):
+        logits = out.logits[:, -1, :]  # (N, V): the raw next-token logits, no processor in between
+        tokens = sample_next_tokens(logits, generators, temperature, top_p).to(device)
+        tokens = torch.where(done, torch.full_like(tokens, pad_id), tokens)  # finished rows: padding
+        drawn.append(tokens)
+        done |= torch.isin(tokens, ends)
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        attention = torch.cat([attention, torch.ones((n, 1), dtype=attention.dtype, device=device)], dim=-1)
+        positions = positions[:, -1:] + 1
+        cache = out.get(cache_key)
+        out = model(input_ids=tokens[:, None], attention_mask=attention, position_ids=positions, use_cache=True,
+                    **{cache_key: cache}, **extra)
+    end_set = set(end_ids)
     completions = []
-    for row in out[:, width:].tolist():
-        stop = next((i for i, token in enumerate(row) if token in ends), None)
+    for row in torch.stack(drawn, dim=1).tolist():
+        stop = next((i for i, token in enumerate(row) if token in end_set), None)
         completions.append(Completion(row if stop is None else row[: stop + 1], stop is not None))
     return completions
+
+
+def _decoding_kwargs(model: Any) -> tuple[str, dict[str, Any]]:
+    """The name of the KV-cache argument and output (``cache`` in recent transformers, ``past_key_values`` before),
+    and ``logits_to_keep=1`` where the model takes it (only the last position's logits are needed)."""
+    import inspect
+
+    params = inspect.signature(type(model).forward).parameters
+    key = "cache" if "cache" in params else "past_key_values"
+    return key, ({"logits_to_keep": 1} if "logits_to_keep" in params else {})
 
 
 def encode_prompt(tokenizer: Any, prompt: str, use_chat_template: bool) -> list[int]:

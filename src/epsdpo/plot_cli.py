@@ -33,11 +33,15 @@ def run(args: argparse.Namespace) -> int:
             else:
                 print(f"note: {run_dir} has no metrics.jsonl; no training curves for it")
         evaluated = [r for r in runs if (r / "eval.json").is_file()]
+        for run_dir in runs:
+            if run_dir not in evaluated:
+                print(f"note: {run_dir} is left out of the reward-vs-KL plot: it has no eval.json (evaluate it with "
+                      f"`epsdpo eval {run_dir}`)")
         if evaluated:
             out = args.out or (runs[0] / PLOTS_DIR if len(runs) == 1 else runs[0].resolve().parent)
             written.append(plot_reward_vs_kl(evaluated, out))
-        elif len(runs) > 1:
-            print("note: no run has an eval.json, so there is no reward-vs-KL plot; run `epsdpo eval RUN_DIR` first")
+        else:
+            print("note: no run has an eval.json, so there is no reward-vs-KL plot")
     except (FileNotFoundError, ValueError) as err:
         print(f"epsdpo plot: error: {err}")
         return 1

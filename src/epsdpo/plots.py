@@ -2,12 +2,14 @@
 
 - :func:`plot_training` reads ``RUN_DIR/metrics.jsonl`` and writes ``RUN_DIR/plots/training_curves.png`` (loss,
   implicit reward margin and preference accuracy per step; held-out values, the records with ``eval/`` keys, as
-  points) and ``RUN_DIR/plots/beta.png`` (β per step, ``kl/beta``, above the shares of pairs whose decision was a
-  weaker or a stronger penalty, ``kl/steps_weaker`` / ``kl/steps_stronger``; a run without them has a constant β).
+  points) and ``RUN_DIR/plots/beta.png`` (β after each step, ``kl/beta_next``, from β₀ at step 0, so its last
+  point is the β after training; ``kl/beta`` per step for methods without one), above the shares of pairs whose
+  decision was a weaker or a stronger penalty, ``kl/steps_weaker`` / ``kl/steps_stronger``; a run without them
+  has a constant β).
 - :func:`plot_reward_vs_kl` reads ``eval.json`` of several runs (``epsdpo eval``) and writes ``reward_vs_kl.png``:
-  mean gold reward of sampled responses (± one standard deviation of the per-sample rewards) against the estimated
-  KL(π‖π_ref), one labelled marker per run and the reference model at KL 0, as in the DPO paper's Figure 2 and
-  ε-DPO's Pareto plot.
+  mean gold reward of sampled responses against the estimated KL(π‖π_ref), both ± one standard error (over prompts,
+  :mod:`epsdpo.stats`), one labelled marker per run and the reference model at KL 0 with its own standard error, as
+  in the DPO paper's Figure 2 and ε-DPO's Pareto plot. Each marker's label names the evaluation it shows.
 
 Missing optional metrics leave a panel with a note instead of failing; a run without ``metrics.jsonl`` is an error.
 """
@@ -102,6 +104,9 @@ def plot_training(run_dir: str | Path) -> list[Path]:
 
 def _plot_beta(plt: Any, records: Sequence[dict[str, Any]], path: Path, name: str) -> Path:
     steps, betas = _series(records, "kl/beta")
+    next_steps, next_betas = _series(records, "kl/beta_next")
+    if next_steps and steps:  # ε-DPO: β₀ at step 0, then the β after each step; the last point is the β after
+        steps, betas = [0, *next_steps], [betas[0], *next_betas]  # training, the one printed and evaluated with
     w_steps, weaker = _series(records, "kl/steps_weaker")
     s_steps, stronger = _series(records, "kl/steps_stronger")
     adaptive = bool(w_steps or s_steps)
@@ -164,29 +169,44 @@ def plot_reward_vs_kl(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
         target = target / "reward_vs_kl.png"
     target.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 5), constrained_layout=True)
-    references: list[float] = []
+    references: list[tuple[float, float | None]] = []
+    names: set[str] = set()
     for i, run in enumerate(run_dirs):
         result = read_eval(run)
         label = Path(run).resolve().name if Path(run).is_dir() else Path(run).resolve().parent.name
+        evaluation = str(result.get("name") or "unnamed")
+        names.add(evaluation)
+        if len(run_dirs) > 1:
+            label = f"{label} [{evaluation if len(evaluation) <= 24 else evaluation[:21] + '...'}]"
         kl, reward = _number(result.get("kl")), _number(result.get("policy/gold_reward"))
         if kl is None or reward is None:
             raise ValueError(f"{run}: eval.json lacks 'kl' or 'policy/gold_reward'; rerun `epsdpo eval`")
-        std = _number(result.get("policy/gold_reward_std")) or 0.0
-        ax.errorbar(kl, reward, yerr=std, fmt="o", markersize=7, capsize=4, color=f"C{i % 10}", label=label)
+        # standard errors; an eval.json written before they existed has none (bars left out, said in the legend)
+        y_se, x_se = _number(result.get("policy/gold_reward_se")), _number(result.get("kl_se"))
+        if y_se is None:
+            label += " (no s.e. recorded)"
+        ax.errorbar(kl, reward, yerr=y_se, xerr=x_se, fmt="o", markersize=7, capsize=4, color=f"C{i % 10}",
+                    label=label)
         ax.annotate(label, (kl, reward), textcoords="offset points", xytext=(6, 6), fontsize=8)
         ref = _number(result.get("reference/gold_reward"))
         if ref is not None:
-            references.append(ref)
+            references.append((ref, _number(result.get("reference/gold_reward_se"))))
     if references:
-        mean = sum(references) / len(references)
-        spread = max(references) - min(references)
+        values = [r for r, _ in references]
+        mean = sum(values) / len(values)
+        spread = max(values) - min(values)
         note = f" (runs differ by {spread:.3g})" if spread > 1e-9 else ""
-        ax.plot(0.0, mean, marker="*", markersize=14, color="black", linestyle="none", label=f"reference{note}")
+        ses = [se for _, se in references if se is not None]
+        ax.errorbar(0.0, mean, yerr=max(ses) if ses else None, marker="*", markersize=14, color="black",
+                    linestyle="none", capsize=4, label=f"reference{note}")
         ax.axhline(mean, color="0.6", linestyle=":", linewidth=1)
     ax.axvline(0.0, color="0.8", linewidth=1)
     ax.set(xlabel="KL(π ‖ π_ref) estimated from the policy's samples (nats)",
-           ylabel="gold reward of sampled responses (mean ± std)",
+           ylabel="gold reward of sampled responses (mean ± s.e.)",
            title="Reward vs KL on held-out prompts")  # fmt: skip
+    if len(names) == 1:  # one evaluation shown: say which (several: each label says its own)
+        (only,) = names
+        ax.set_title(f"Reward vs KL on held-out prompts\nevaluation: {only}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.savefig(target, dpi=110)

@@ -1,0 +1,88 @@
+"""The statistics every figure of an evaluation carries: means with standard errors, paired gains, win rates.
+
+Samples of one prompt are not independent of each other (they share the prompt), so every standard error here is
+taken over prompts: a per-prompt value first (the mean of its samples), then the mean and standard error of those
+values over the n prompts, ``se = sd / √n`` with the sample standard deviation (n − 1). Intervals are normal
+95% intervals, mean ± 1.96 se (n is in the tens to hundreds here).
+
+- :func:`paired_gain`: mean over prompts of (policy's mean reward − reference's mean reward) on the same prompt:
+  the gain, its standard error and interval; pairing removes the prompt-to-prompt variation both models share.
+- :func:`win_rate`: P(r(Y) > r(Y′)) for Y ~ π and Y′ ~ π_ref drawn independently, ties ½ (SPEC §5). With k
+  samples per prompt and model every one of the k × k (policy, reference) comparisons of a prompt is a comparison of
+  two independent draws; the prompt's value is their mean.
+- :func:`distinct_n`: distinct-n of a set of responses (Li et al. 2016): unique word n-grams / all word n-grams.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = ["Estimate", "distinct_n", "estimate", "grouped", "one_token_repeated", "paired_gain", "win_rate"]
+
+Z95 = 1.959963984540054
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A mean over ``n`` units with its standard error and normal 95% interval."""
+
+    mean: float
+    se: float
+    n: int
+
+    @property
+    def ci95(self) -> tuple[float, float]:
+        return (self.mean - Z95 * self.se, self.mean + Z95 * self.se)
+
+
+def estimate(values: Sequence[float]) -> Estimate:
+    """Mean and standard error of independent values (se = sample sd / √n; 0 for a single value)."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("no values to average")
+    mean = math.fsum(values) / n
+    if n == 1:
+        return Estimate(mean, 0.0, 1)
+    var = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
+    return Estimate(mean, math.sqrt(var / n), n)
+
+
+def grouped(values: Sequence[float], k: int) -> list[float]:
+    """Per-prompt means of prompt-major values (``k`` consecutive values a prompt)."""
+    if k < 1 or len(values) % k:
+        raise ValueError(f"{len(values)} values do not split into groups of {k}")
+    return [math.fsum(values[i : i + k]) / k for i in range(0, len(values), k)]
+
+
+def paired_gain(policy: Sequence[float], reference: Sequence[float], k: int) -> Estimate:
+    """Mean over prompts of (policy mean − reference mean), both prompt-major with ``k`` samples a prompt."""
+    if len(policy) != len(reference):
+        raise ValueError(f"{len(policy)} policy values but {len(reference)} reference values")
+    return estimate([a - b for a, b in zip(grouped(policy, k), grouped(reference, k), strict=True)])
+
+
+def win_rate(policy: Sequence[float], reference: Sequence[float], k: int) -> Estimate:
+    """P(r(Y) > r(Y′)), ties ½, from every (policy sample, reference sample) comparison of each prompt."""
+    if len(policy) != len(reference):
+        raise ValueError(f"{len(policy)} policy values but {len(reference)} reference values")
+    per_prompt = []
+    for start in range(0, len(policy), k):
+        mine, theirs = policy[start : start + k], reference[start : start + k]
+        wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a in mine for b in theirs]
+        per_prompt.append(math.fsum(wins) / len(wins))
+    return estimate(per_prompt)
+
+
+def distinct_n(texts: Sequence[str], n: int = 2) -> float:
+    """Unique word n-grams / all word n-grams over ``texts`` (lower-cased, split on whitespace); 0 without any."""
+    grams = [tuple(words[i : i + n]) for text in texts for words in [text.lower().split()]
+             for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def one_token_repeated(ids: Sequence[int], end_ids: Sequence[int] = ()) -> bool:
+    """A response that is one token repeated: at least 2 tokens (its end token aside), all the same."""
+    body = [t for t in ids if t not in set(end_ids)]
+    return len(body) >= 2 and len(set(body)) == 1

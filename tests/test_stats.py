@@ -1,0 +1,56 @@
+"""The evaluation's statistics on hand-worked numbers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from epsdpo.stats import Z95, distinct_n, estimate, grouped, one_token_repeated, paired_gain, win_rate
+
+
+def test_mean_and_standard_error_by_hand():
+    est = estimate([1.0, 2.0, 4.0, 5.0])
+    # mean 3; deviations −2, −1, 1, 2: sample variance 10 / 3; se = sqrt(10/3 / 4)
+    assert est.mean == 3.0 and est.n == 4
+    assert est.se == pytest.approx(math.sqrt(10 / 12))
+    lo, hi = est.ci95
+    assert (lo, hi) == pytest.approx((3 - Z95 * math.sqrt(10 / 12), 3 + Z95 * math.sqrt(10 / 12)))
+    assert estimate([7.0]).se == 0.0
+    with pytest.raises(ValueError):
+        estimate([])
+
+
+def test_paired_gain_is_over_prompts_of_per_prompt_means():
+    # 3 prompts × 2 samples, prompt-major
+    policy = [0.5, 0.7, 0.0, 0.2, 0.9, 0.9]
+    reference = [0.1, 0.3, 0.1, 0.1, 0.2, 0.4]
+    # per-prompt means: policy 0.6, 0.1, 0.9; reference 0.2, 0.1, 0.3 → differences 0.4, 0.0, 0.6
+    assert grouped(policy, 2) == pytest.approx([0.6, 0.1, 0.9])
+    gain = paired_gain(policy, reference, 2)
+    assert gain.mean == pytest.approx(1.0 / 3) and gain.n == 3
+    # deviations from 1/3: 1/15, −1/3, 4/15 → sum of squares (1 + 25 + 16)/225 = 42/225; var 21/225; se² = 7/225
+    assert gain.se == pytest.approx(math.sqrt(7) / 15)
+    with pytest.raises(ValueError):
+        paired_gain(policy, reference[:4], 2)
+    with pytest.raises(ValueError):
+        grouped(policy, 4)
+
+
+def test_win_rate_uses_every_independent_comparison_of_a_prompt():
+    # prompt 1: policy {2, 0} vs reference {1, 1}: comparisons 2>1, 2>1, 0<1, 0<1 → 0.5
+    # prompt 2: policy {1, 1} vs reference {1, 0}: tie, win, tie, win → (0.5 + 1 + 0.5 + 1) / 4 = 0.75
+    est = win_rate([2.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0], 2)
+    assert est.mean == pytest.approx(0.625) and est.n == 2
+    assert est.se == pytest.approx(math.sqrt(((0.125**2) * 2) / 1 / 2))
+    # all four comparisons, not sample j against sample j only: {2, 0} vs {0, 3} gives 2>0, 2<3, 0=0 (½), 0<3 →
+    # 1.5 / 4 = 0.375, where pairing by index would give (1 + 0) / 2 = 0.5
+    assert win_rate([2.0, 0.0], [0.0, 3.0], 2).mean == pytest.approx(0.375)
+
+
+def test_distinct_2_and_one_token_repeated():
+    assert distinct_n(["the cat sat", "the cat ran"], 2) == pytest.approx(3 / 4)  # the-cat twice, cat-sat, cat-ran
+    assert distinct_n(["good good good good"], 2) == pytest.approx(1 / 3)
+    assert distinct_n(["one", ""], 2) == 0.0
+    assert one_token_repeated([5, 5, 5, 2], end_ids=[2])
+    assert not one_token_repeated([5, 2], end_ids=[2]) and not one_token_repeated([5, 6, 5])
