@@ -181,6 +181,8 @@ def row_logps(model: nn.Module, rows: Sequence[tuple[list[int], list[int]]], pad
     linear head, a chunk of completion positions at a time (the model's full logits only where its logits are not its
     linear head's output), as in training.
     """
+    from tqdm.auto import tqdm
+
     from epsdpo.data import shift_for_logps
     from epsdpo.logps import LMHeadInput
     from epsdpo.logps.chunked import default_chunk_size
@@ -189,8 +191,6 @@ def row_logps(model: nn.Module, rows: Sequence[tuple[list[int], list[int]]], pad
     device = next(model.parameters()).device
     out: list[torch.Tensor] = []
     fused: bool | None = None
-    from tqdm.auto import tqdm
-
     starts = range(0, len(rows), batch_size)
     for start in tqdm(starts, desc=desc, disable=disable_tqdm or desc is None, dynamic_ncols=True):
         chunk = rows[start : start + batch_size]
@@ -266,6 +266,11 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
 
 
+def _logp_options(cfg: EvalConfig) -> dict[str, Any]:
+    """The :func:`row_logps` options every scoring pass of an evaluation uses."""
+    return {"batch_size": cfg.batch_size, "bf16": cfg.bf16, "disable_tqdm": cfg.disable_tqdm}
+
+
 def _with_se(metrics: dict[str, Any], key: str, est: Estimate, interval: bool = False) -> None:
     """``key`` = the mean, ``key_se`` its standard error (over prompts), ``key_ci95`` its interval if asked."""
     metrics[key], metrics[f"{key}_se"] = est.mean, est.se
@@ -318,8 +323,7 @@ def compute_reference_part(reference: nn.Module, tokenizer: Any, prompts: Sequen
     k = cfg.samples_per_prompt
     texts = [decode_completion(tokenizer, c) for c in samples]
     rows = [(encoded[i // k], c.ids) for i, c in enumerate(samples)]
-    pad = tokenizer.pad_token_id
-    opts: dict[str, Any] = {"batch_size": cfg.batch_size, "bf16": cfg.bf16, "disable_tqdm": cfg.disable_tqdm}
+    pad, opts = tokenizer.pad_token_id, _logp_options(cfg)
     pair_logps = (row_logps(reference, _pair_rows(pairs), pad, **opts, desc="eval: held-out pairs (reference)")
                   .tolist() if pairs else None)  # fmt: skip
     self_logps = row_logps(reference, rows, pad, **opts, desc="eval: log-probs (reference)").tolist()
@@ -352,8 +356,7 @@ def evaluate_models(policy: nn.Module, reference: nn.Module, tokenizer: Any, pro
     prompt_texts = _prompt_texts(prompts, k)
     rewards = {"policy": list(reward(prompt_texts, texts["policy"])), "reference": ref_side.rewards}
     n = len(samples["policy"])
-    pad = tokenizer.pad_token_id
-    opts: dict[str, Any] = {"batch_size": cfg.batch_size, "bf16": cfg.bf16, "disable_tqdm": cfg.disable_tqdm}
+    pad, opts = tokenizer.pad_token_id, _logp_options(cfg)
     own = [(encoded[i // k], c.ids) for i, c in enumerate(samples["policy"])]
     theirs = [(encoded[i // k], c.ids) for i, c in enumerate(samples["reference"])]
     # the policy on its samples, then on the reference's; the reference on the policy's samples
@@ -393,8 +396,7 @@ def _pair_metrics(policy: nn.Module, pairs: Sequence[Any] | None, ref_logps: lis
     if not pairs or ref_logps is None:
         return {"preference_accuracy": None, "preference_accuracy_se": None, "reward_margin": None,
                 "reward_margin_se": None, "num_pairs": 0, "beta": beta}
-    lp_pol = row_logps(policy, _pair_rows(pairs), pad_id, batch_size=cfg.batch_size, bf16=cfg.bf16,
-                       disable_tqdm=cfg.disable_tqdm, desc="eval: held-out pairs (policy)")
+    lp_pol = row_logps(policy, _pair_rows(pairs), pad_id, **_logp_options(cfg), desc="eval: held-out pairs (policy)")
     lp_ref = torch.tensor(ref_logps)
     p = len(pairs)
     margins = beta * ((lp_pol[:p] - lp_ref[:p]) - (lp_pol[p:] - lp_ref[p:]))  # r̂(y_w) − r̂(y_l)
@@ -526,6 +528,10 @@ def evaluate(config: EvalConfig | str | Path | Mapping[str, Any] | None = None,
 
     cfg = load_eval_config(config, overrides)
     started = time.perf_counter()
+    # where it goes, and whether that is allowed, before the minutes of sampling (a refusal costs nothing)
+    name, output, samples_path = _destination(cfg)
+    settings = _settings(cfg)
+    _check_overwrite(output, settings, cfg.overwrite)
     _say(cfg, "eval: loading the policy and the reference")
     loaded = _load_models(cfg)
     prompts = load_prompts(cfg.prompts, cfg.prompt_split, cfg.prompt_column, cfg.num_prompts)
@@ -545,9 +551,6 @@ def evaluate(config: EvalConfig | str | Path | Mapping[str, Any] | None = None,
             tmp.replace(cache_file)
     metrics, records = evaluate_models(loaded.policy, loaded.reference, loaded.tokenizer, prompts, reward, cfg,
                                        pairs=pairs, beta=loaded.beta, reference_part=part)  # fmt: skip
-    name, output, samples_path = _destination(cfg)
-    settings = _settings(cfg)
-    _check_overwrite(output, settings, cfg.overwrite)
     result = {
         **metrics,
         "name": name, "policy": loaded.names["policy"], "reference": loaded.names["reference"],
@@ -613,10 +616,10 @@ def _auto_name(settings: Mapping[str, Any], run_settings: Mapping[str, Any] | No
     import hashlib
     import re
 
-    base = run_settings if run_settings is not None else _settings(EvalConfig())
     def shown(value: Any) -> str:  # a path by its file name (a clash is caught by the settings check)
         return Path(value).name if isinstance(value, str) and "/" in value else str(value)
 
+    base = run_settings if run_settings is not None else _settings(EvalConfig())
     differ = [f"{k}={shown(settings[k])}" for k in settings if k != "run_dir" and settings[k] != base.get(k)]
     if not differ:
         return "after-training"
@@ -631,13 +634,13 @@ def _check_overwrite(output: Path, settings: Mapping[str, Any], overwrite: bool)
         return
     try:
         earlier = json.loads(output.read_text(encoding="utf-8")).get("settings", {})
-    except (OSError, ValueError):
-        earlier = None
+    except (OSError, ValueError):  # unreadable: treated as made with other settings
+        earlier = {}
     if earlier == dict(settings):
         print(f"note: replacing {output}, an earlier evaluation with the same settings")
         return
     if not overwrite:
-        differ = sorted(k for k in set(settings) | set(earlier or {}) if (earlier or {}).get(k) != settings.get(k))
+        differ = sorted(k for k in set(settings) | set(earlier) if earlier.get(k) != settings.get(k))
         raise ConfigError(f"{output} holds an evaluation with other settings (differing: {', '.join(differ)}); "
                           "give name=… (or output=…) to keep both, or overwrite=true to replace it")
     print(f"note: overwrite=true: replacing {output} (made with other settings)")

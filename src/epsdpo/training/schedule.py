@@ -14,12 +14,16 @@ The last step (``p = (n − 1)/n``) therefore still has a positive rate.
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import torch
 
+from epsdpo.training.config import SchedulerName
+
 __all__ = ["KINDS", "lr_factor", "make_scheduler", "warmup_steps"]
 
-KINDS = ("cosine", "linear", "constant", "constant_with_warmup")
+#: the schedules ``lr_scheduler_type`` names (one source: the config's ``SchedulerName``)
+KINDS: tuple[str, ...] = get_args(SchedulerName)
 
 
 def warmup_steps(total_steps: int, warmup_steps: int, warmup_ratio: float) -> int:
@@ -38,7 +42,7 @@ def lr_factor(step: int, total_steps: int, warmup: int, kind: str) -> float:
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     if kind == "linear":
         return max(0.0, 1.0 - progress)
-    raise ValueError(f"unknown lr_scheduler_type {kind!r}; use cosine, linear, constant or constant_with_warmup")
+    raise ValueError(f"unknown lr_scheduler_type {kind!r}; use one of {', '.join(KINDS)}")
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: int,
