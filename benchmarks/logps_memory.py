@@ -111,8 +111,12 @@ def main() -> None:
     parser.add_argument("--v", type=int, default=151_936, help="vocabulary (Qwen2's)")
     parser.add_argument("--h", type=int, default=896, help="hidden size (Qwen2-0.5B's)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--completion-fraction", type=float, default=0.75,
-                        help="mean share of each row that is completion (the rest is prompt)")
+    parser.add_argument(
+        "--completion-fraction",
+        type=float,
+        default=0.75,
+        help="mean share of each row that is completion (the rest is prompt)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk (default: the library's)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -124,26 +128,26 @@ def main() -> None:
 
     results = {}
     for impl in ("eager", "chunked"):
-        child = [sys.executable, __file__, "--impl", impl] + [
-            a for a in sys.argv[1:] if not a.startswith("--impl")
-        ]
+        child = [sys.executable, __file__, "--impl", impl] + [a for a in sys.argv[1:] if not a.startswith("--impl")]
         out = subprocess.run(child, check=True, capture_output=True, text=True)
         results[impl] = json.loads(out.stdout.strip().splitlines()[-1])
     e, c = results["eager"], results["chunked"]
     tokens = args.n * args.t
-    print(f"perturbed log-probs, forward + backward of the policy term; torch {torch.__version__}, "
-          f"{args.threads} threads, {args.dtype}")
-    print(f"N={args.n} T={args.t} V={args.v:,} H={args.h}; completion tokens {c['completion_tokens']} "
-          f"of {tokens} ({c['completion_tokens'] / tokens:.0%})")
+    print(
+        f"perturbed log-probs, forward + backward of the policy term; torch {torch.__version__}, "
+        f"{args.threads} threads, {args.dtype}"
+    )
+    print(
+        f"N={args.n} T={args.t} V={args.v:,} H={args.h}; completion tokens {c['completion_tokens']} "
+        f"of {tokens} ({c['completion_tokens'] / tokens:.0%})"
+    )
     print(f"{'impl':<8} {'time (s)':>9} {'extra peak memory (MiB)':>24}")
     for r in (e, c):
         print(f"{r['impl']:<8} {r['time_s']:>9.2f} {r['extra_mib']:>24.0f}")
     mem_ratio = c["extra_mib"] / e["extra_mib"]
     time_ratio = c["time_s"] / e["time_s"]
-    print(f"chunked / eager extra memory: {mem_ratio:.2f} (target <= 0.25) "
-          f"{'OK' if mem_ratio <= 0.25 else 'MISSED'}")
-    print(f"chunked / eager time:         {time_ratio:.2f} (target <= 1.20) "
-          f"{'OK' if time_ratio <= 1.2 else 'MISSED'}")
+    print(f"chunked / eager extra memory: {mem_ratio:.2f} (target <= 0.25) {'OK' if mem_ratio <= 0.25 else 'MISSED'}")
+    print(f"chunked / eager time:         {time_ratio:.2f} (target <= 1.20) {'OK' if time_ratio <= 1.2 else 'MISSED'}")
 
 
 if __name__ == "__main__":

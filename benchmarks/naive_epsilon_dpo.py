@@ -18,8 +18,15 @@ def _sequence_logps(logits: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
     return (per_token * mask).sum(-1)
 
 
-def naive_epsilon_dpo_step(policy: nn.Module, reference: nn.Module, batch: dict[str, Tensor], beta: float,
-                           epsilon: float, optimizer: torch.optim.Optimizer, max_grad_norm: float = 1.0) -> float:
+def naive_epsilon_dpo_step(
+    policy: nn.Module,
+    reference: nn.Module,
+    batch: dict[str, Tensor],
+    beta: float,
+    epsilon: float,
+    optimizer: torch.optim.Optimizer,
+    max_grad_norm: float = 1.0,
+) -> float:
     """One optimizer step; returns the loss. ``batch`` is epsdpo's collated layout (rows 0..B−1 chosen)."""
     ids, attention = batch["input_ids"], batch["attention_mask"]
     labels, mask = ids[:, 1:], batch["completion_mask"][:, 1:].to(torch.float32)

@@ -44,8 +44,10 @@ def main() -> None:
     for size in (int(x) for x in args.batch_sizes.split(",")):
         shares = []
         for grouped in (False, True):
-            runs = [padding_share(rows, batch_indices(lengths, size, group_by_length=grouped, seed=epoch))
-                    for epoch in range(5)]  # fmt: skip
+            runs = [
+                padding_share(rows, batch_indices(lengths, size, group_by_length=grouped, seed=epoch))
+                for epoch in range(5)
+            ]
             shares.append(sum(runs) / len(runs))
         print(f"{size:>11} {100 * shares[0]:>14.1f}% {100 * shares[1]:>15.1f}%")
 

@@ -42,12 +42,24 @@ from logps_memory import PeakRSS  # the same resident-memory sampler (benchmarks
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "a": {"model": "smollm2-135m-instruct", "model_config": None, "bf16": True, "pairs": 4, "tokens": 256},
-    "b": {"model": "qwen2-style-random",
-          "model_config": {"model_type": "qwen2", "vocab_size": 151_936, "hidden_size": 256, "intermediate_size": 1024,
-                           "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-                           "max_position_embeddings": 1024, "tie_word_embeddings": True},
-          "bf16": False, "pairs": 2, "tokens": 512},
-}  # fmt: skip
+    "b": {
+        "model": "qwen2-style-random",
+        "model_config": {
+            "model_type": "qwen2",
+            "vocab_size": 151_936,
+            "hidden_size": 256,
+            "intermediate_size": 1024,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 1024,
+            "tie_word_embeddings": True,
+        },
+        "bf16": False,
+        "pairs": 2,
+        "tokens": 512,
+    },
+}
 CONTENDERS = ("epsdpo-epsilon", "epsdpo-dpo", "epsdpo-epsilon-cached", "naive-epsilon", "trl-dpo")
 BETA, EPSILON, LR = 0.1, 0.01, 1e-6
 
@@ -62,8 +74,14 @@ def synthetic_pairs(path: Path, tokenizer: Any, pairs: int, tokens: int) -> None
         assert len(tokenizer(out, add_special_tokens=False)["input_ids"]) == n, f"{word!r} is not one token each"
         return out
 
-    rows = [{"prompt": text(" the", prompt_len), "chosen": text(" good", completion_len),
-             "rejected": text(" bad", completion_len)} for _ in range(pairs * 4)]  # fmt: skip
+    rows = [
+        {
+            "prompt": text(" the", prompt_len),
+            "chosen": text(" good", completion_len),
+            "rejected": text(" bad", completion_len),
+        }
+        for _ in range(pairs * 4)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
@@ -71,13 +89,27 @@ def run_config(spec: dict[str, Any], data: Path, out_dir: Path, loss_type: str, 
     from epsdpo.training import load_run_config
 
     overrides = {
-        "model": spec["model"], "model_config": spec["model_config"], "tokenizer": "smollm2-135m-instruct",
-        "bf16": spec["bf16"], "dataset": str(data), "max_length": spec["tokens"] + 8,
-        "max_prompt_length": spec["tokens"], "loss_type": loss_type, "beta": BETA, "epsilon": EPSILON,
-        "output_dir": str(out_dir), "per_device_train_batch_size": spec["pairs"], "learning_rate": LR,
-        "lr_scheduler_type": "constant", "warmup_ratio": 0.0, "max_steps": 1000, "disable_tqdm": True, "seed": 0,
-        "precompute_ref_hidden_states": cached, "ref_cache_dir": str(out_dir.parent / "ref_cache"),
-    }  # fmt: skip
+        "model": spec["model"],
+        "model_config": spec["model_config"],
+        "tokenizer": "smollm2-135m-instruct",
+        "bf16": spec["bf16"],
+        "dataset": str(data),
+        "max_length": spec["tokens"] + 8,
+        "max_prompt_length": spec["tokens"],
+        "loss_type": loss_type,
+        "beta": BETA,
+        "epsilon": EPSILON,
+        "output_dir": str(out_dir),
+        "per_device_train_batch_size": spec["pairs"],
+        "learning_rate": LR,
+        "lr_scheduler_type": "constant",
+        "warmup_ratio": 0.0,
+        "max_steps": 1000,
+        "disable_tqdm": True,
+        "seed": 0,
+        "precompute_ref_hidden_states": cached,
+        "ref_cache_dir": str(out_dir.parent / "ref_cache"),
+    }
     return load_run_config({k: v for k, v in overrides.items() if v is not None})
 
 
@@ -159,11 +191,20 @@ def measure(config: str, contender: str, warmup: int, steps: int, fp32: bool = F
         times, before, peak, model = _trl(cfg, spec, data, tokenizer, warmup, steps)
     flops = model_flops(model, tokens)
     median = statistics.median(times)
-    return {"config": config, "contender": contender, "bf16": spec["bf16"], "times": times, "median_s": median,
-            "tokens_per_s": tokens / median, "rss_before_mib": before / 2**20, "peak_mib": peak / 2**20,
-            "excess_mib": (peak - before) / 2**20, "model_gflops_per_s": flops / median / 1e9,
-            "peak_gflops_per_s": matmul_peak(torch.bfloat16 if spec["bf16"] else torch.float32) / 1e9,
-            **extra}  # fmt: skip
+    return {
+        "config": config,
+        "contender": contender,
+        "bf16": spec["bf16"],
+        "times": times,
+        "median_s": median,
+        "tokens_per_s": tokens / median,
+        "rss_before_mib": before / 2**20,
+        "peak_mib": peak / 2**20,
+        "excess_mib": (peak - before) / 2**20,
+        "model_gflops_per_s": flops / median / 1e9,
+        "peak_gflops_per_s": matmul_peak(torch.bfloat16 if spec["bf16"] else torch.float32) / 1e9,
+        **extra,
+    }
 
 
 def _trl(cfg: Any, spec: dict[str, Any], data: Path, tokenizer: Any, warmup: int, steps: int) -> tuple:
@@ -191,14 +232,32 @@ def _trl(cfg: Any, spec: dict[str, Any], data: Path, tokenizer: Any, warmup: int
                 times.append(time.perf_counter() - state["start"])
 
     args = DPOConfig(
-        output_dir=str(data.parent / "trl"), per_device_train_batch_size=spec["pairs"], max_steps=warmup + steps,
-        learning_rate=LR, lr_scheduler_type="constant", beta=BETA, loss_type="sigmoid", bf16=spec["bf16"],
-        use_cpu=True, report_to="none", save_strategy="no", logging_steps=1000, max_length=spec["tokens"] + 8,
-        gradient_checkpointing=False, dataloader_num_workers=0, seed=0,
-    )  # fmt: skip
+        output_dir=str(data.parent / "trl"),
+        per_device_train_batch_size=spec["pairs"],
+        max_steps=warmup + steps,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        beta=BETA,
+        loss_type="sigmoid",
+        bf16=spec["bf16"],
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1000,
+        max_length=spec["tokens"] + 8,
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
+        seed=0,
+    )
     # the same frozen reference as the other contenders (a config-built model has no name TRL could reload)
-    trainer = DPOTrainer(model=model, ref_model=models.reference, args=args, processing_class=tokenizer,
-                         train_dataset=load_dataset("json", data_files=str(data))["train"], callbacks=[Timer()])
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=models.reference,
+        args=args,
+        processing_class=tokenizer,
+        train_dataset=load_dataset("json", data_files=str(data))["train"],
+        callbacks=[Timer()],
+    )
     trainer.train()
     peak = state["peak"]
     peak.__exit__()
@@ -212,9 +271,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--json", default=None, help="also write the results to this file")
-    parser.add_argument("--fp32", action="store_true",
-                        help="run every configuration in float32 (for CPUs without native bf16 matmuls, where "
-                             "bf16 autocast falls back to a slow generic GEMM)")  # fmt: skip
+    parser.add_argument(
+        "--fp32",
+        action="store_true",
+        help="run every configuration in float32 (for CPUs without native bf16 matmuls, where "
+        "bf16 autocast falls back to a slow generic GEMM)",
+    )
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "CONTENDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -224,15 +286,25 @@ def main() -> None:
     results = []
     for config in args.configs.split(","):
         for contender in args.contenders.split(","):
-            cmd = [sys.executable, __file__, "--child", config, contender, "--warmup", str(args.warmup),
-                   "--steps", str(args.steps), *(["--fp32"] if args.fp32 else [])]  # fmt: skip
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                config,
+                contender,
+                "--warmup",
+                str(args.warmup),
+                "--steps",
+                str(args.steps),
+                *(["--fp32"] if args.fp32 else []),
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if proc.returncode != 0 or line is None:
                 tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
                 print(f"[{config}] {contender}: failed ({' | '.join(tail)})")
                 continue
-            results.append(json.loads(line[len("RESULT "):]))
+            results.append(json.loads(line[len("RESULT ") :]))
             print(f"[{config}] {contender}: done", flush=True)
     report(results)
     if args.json:
@@ -242,17 +314,23 @@ def main() -> None:
 def report(results: list[dict[str, Any]]) -> None:
     dtypes = ", ".join(sorted({"bf16" if r.get("bf16") else "fp32" for r in results}))
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores; {dtypes}")
-    header = f"{'cfg':<4}{'contender':<16}{'step s':>8}{'tok/s':>9}{'peak MiB':>10}{'excess MiB':>11}" \
-             f"{'GFLOP/s':>9}{'% peak':>8}"  # fmt: skip
+    header = (
+        f"{'cfg':<4}{'contender':<16}{'step s':>8}{'tok/s':>9}{'peak MiB':>10}{'excess MiB':>11}"
+        f"{'GFLOP/s':>9}{'% peak':>8}"
+    )
     print(header)
     for r in results:
-        print(f"{r['config']:<4}{r['contender']:<16}{r['median_s']:>8.2f}{r['tokens_per_s']:>9.0f}"
-              f"{r['peak_mib']:>10.0f}{r['excess_mib']:>11.0f}{r['model_gflops_per_s']:>9.1f}"
-              f"{100 * r['model_gflops_per_s'] / r['peak_gflops_per_s']:>7.1f}%")  # fmt: skip
+        print(
+            f"{r['config']:<4}{r['contender']:<16}{r['median_s']:>8.2f}{r['tokens_per_s']:>9.0f}"
+            f"{r['peak_mib']:>10.0f}{r['excess_mib']:>11.0f}{r['model_gflops_per_s']:>9.1f}"
+            f"{100 * r['model_gflops_per_s'] / r['peak_gflops_per_s']:>7.1f}%"
+        )
     for r in results:
         if "cache_build_s" in r:
-            print(f"[{r['config']}] reference cache: built in {r['cache_build_s']:.1f} s for {r['cache_pairs']} pairs, "
-                  f"{r['cache_mib']:.1f} MiB on disk ({r['cache_mib'] / r['cache_pairs']:.2f} MiB per pair)")
+            print(
+                f"[{r['config']}] reference cache: built in {r['cache_build_s']:.1f} s for {r['cache_pairs']} pairs, "
+                f"{r['cache_mib']:.1f} MiB on disk ({r['cache_mib'] / r['cache_pairs']:.2f} MiB per pair)"
+            )
     by = {(r["config"], r["contender"]): r for r in results}
     for config in sorted({r["config"] for r in results}):
         ours, dpo = by.get((config, "epsdpo-epsilon")), by.get((config, "epsdpo-dpo"))
@@ -261,17 +339,23 @@ def report(results: list[dict[str, Any]]) -> None:
         checks = []
         if ours and cached:
             time_ratio, memory_ratio = cached["median_s"] / ours["median_s"], cached["peak_mib"] / ours["peak_mib"]
-            print(f"[{config}] ε-DPO with the reference cache / without: step time {time_ratio:.2f}, "
-                  f"peak memory {memory_ratio:.2f}")
+            print(
+                f"[{config}] ε-DPO with the reference cache / without: step time {time_ratio:.2f}, "
+                f"peak memory {memory_ratio:.2f}"
+            )
         if ours and dpo:
-            checks += [("ε-DPO / DPO step time", ours["median_s"] / dpo["median_s"], 1.05),
-                       ("ε-DPO / DPO peak memory", ours["peak_mib"] / dpo["peak_mib"], 1.10)]  # fmt: skip
+            checks += [
+                ("ε-DPO / DPO step time", ours["median_s"] / dpo["median_s"], 1.05),
+                ("ε-DPO / DPO peak memory", ours["peak_mib"] / dpo["peak_mib"], 1.10),
+            ]
         if ours and naive:
             excess = ours["excess_mib"] / max(naive["excess_mib"], 1e-9)
             checks.append(("ε-DPO / naive excess memory", excess, 0.5))
         if ours and trl:
-            checks += [("ε-DPO / TRL DPO step time", ours["median_s"] / trl["median_s"], 1.0),
-                       ("ε-DPO / TRL DPO peak memory", ours["peak_mib"] / trl["peak_mib"], 0.8)]  # fmt: skip
+            checks += [
+                ("ε-DPO / TRL DPO step time", ours["median_s"] / trl["median_s"], 1.0),
+                ("ε-DPO / TRL DPO peak memory", ours["peak_mib"] / trl["peak_mib"], 0.8),
+            ]
         for name, value, target in checks:
             verdict = "OK" if value <= target else "MISSED"
             print(f"[{config}] {name:<30} {value:6.2f}  (target <= {target:.2f}) {verdict}")

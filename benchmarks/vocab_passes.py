@@ -74,12 +74,12 @@ def main() -> None:
             "exp in place (after a copy, subtracted)",
             median_ms(lambda: scratch.copy_(f0).exp_(), args.repeats)
             - median_ms(lambda: scratch.copy_(f0), args.repeats),
-        ),  # fmt: skip
+        ),
         (
             "mixture update f += ε(f − g)",
             median_ms(lambda: scratch.copy_(f0).add_(g0, alpha=eps), args.repeats)
             - median_ms(lambda: scratch.copy_(f0), args.repeats),
-        ),  # fmt: skip
+        ),
         ("one log-sum-exp", median_ms(lambda: _token_logps(f0, y, scratch), args.repeats)),
     ]
     copy_ms = rows[0][1]

@@ -59,8 +59,17 @@ METHODS: dict[str, list[str]] = {
 LABELS = {"dpo": "DPO", "epsilon_dpo": "ε-DPO", "beta_dpo": "β-DPO", "tr_dpo": "TR-DPO"}
 #: the subset of the bundled pairs every run trains on (its first TRAIN_PAIRS rows)
 TRAIN_PAIRS = 96
-EVAL = ["eval_dataset=bundled", "num_prompts=48", "max_pairs=32", "samples_per_prompt=1", "max_new_tokens=48",
-        "batch_size=16", "seed=0", "disable_tqdm=true", f"reference_cache_dir={RUNS / 'eval_reference'}"]  # fmt: skip
+EVAL = [
+    "eval_dataset=bundled",
+    "num_prompts=48",
+    "max_pairs=32",
+    "samples_per_prompt=1",
+    "max_new_tokens=48",
+    "batch_size=16",
+    "seed=0",
+    "disable_tqdm=true",
+    f"reference_cache_dir={RUNS / 'eval_reference'}",
+]
 #: the evalseed group: these methods' seed-1 β = 0.1 models, evaluated again with these sampler seeds (the grid uses 0)
 EVALSEED_METHODS = ("dpo", "epsilon_dpo")
 EVAL_SEEDS = (1, 2, 3)
@@ -87,11 +96,24 @@ class Run:
 
 def plan() -> list[Run]:
     # seed-major, so a partly finished grid already covers every (method, β) once
-    runs = [Run(f"{m}-b{b:g}-s{s}", "grid", m, b, s, [*METHODS[m], f"beta={b}", f"seed={s}"])
-            for s in SEEDS for b in BETAS for m in METHODS]  # fmt: skip
+    runs = [
+        Run(f"{m}-b{b:g}-s{s}", "grid", m, b, s, [*METHODS[m], f"beta={b}", f"seed={s}"])
+        for s in SEEDS
+        for b in BETAS
+        for m in METHODS
+    ]
     # the ablation and the precision run use seed 0 (compare with the grid's seed-0 ε-DPO run at β = 0.1)
-    runs += [Run(f"epsilon_dpo-b0.1-e{e:g}-s0", "epsilon", "epsilon_dpo", 0.1, 0,
-                 ["loss_type=epsilon_dpo", f"epsilon={e}", "beta=0.1", "seed=0"]) for e in (0.005, 0.02)]  # fmt: skip
+    runs += [
+        Run(
+            f"epsilon_dpo-b0.1-e{e:g}-s0",
+            "epsilon",
+            "epsilon_dpo",
+            0.1,
+            0,
+            ["loss_type=epsilon_dpo", f"epsilon={e}", "beta=0.1", "seed=0"],
+        )
+        for e in (0.005, 0.02)
+    ]
     runs.append(
         Run(
             "epsilon_dpo-b0.1-bf16dec-s0",
@@ -105,12 +127,32 @@ def plan() -> list[Run]:
     # the evaluation's own noise: the seed-1 β = 0.1 DPO and ε-DPO models evaluated again with other sampler seeds
     for base in runs[:]:
         if base.group == "grid" and base.beta == 0.1 and base.seed == 1 and base.method in EVALSEED_METHODS:
-            runs += [Run(f"{base.name}-evalseed{k}", "evalseed", base.method, base.beta, base.seed, base.overrides,
-                         base=base.name, eval_seed=k) for k in EVAL_SEEDS]  # fmt: skip
+            runs += [
+                Run(
+                    f"{base.name}-evalseed{k}",
+                    "evalseed",
+                    base.method,
+                    base.beta,
+                    base.seed,
+                    base.overrides,
+                    base=base.name,
+                    eval_seed=k,
+                )
+                for k in EVAL_SEEDS
+            ]
     # longer training: LONG_STEPS steps on the whole bundled set (512 of 520 pairs seen once), DPO and ε-DPO at β = 0.1
-    runs += [Run(f"{m}-b0.1-long{LONG_STEPS}-s0", "long", m, 0.1, 0,
-                 [*METHODS[m], "beta=0.1", "seed=0", f"max_steps={LONG_STEPS}", f"save_steps={LONG_STEPS // 2}"],
-                 dataset="bundled:sentiment_pairs") for m in ("dpo", "epsilon_dpo")]  # fmt: skip
+    runs += [
+        Run(
+            f"{m}-b0.1-long{LONG_STEPS}-s0",
+            "long",
+            m,
+            0.1,
+            0,
+            [*METHODS[m], "beta=0.1", "seed=0", f"max_steps={LONG_STEPS}", f"save_steps={LONG_STEPS // 2}"],
+            dataset="bundled:sentiment_pairs",
+        )
+        for m in ("dpo", "epsilon_dpo")
+    ]
     return runs
 
 
@@ -183,12 +225,22 @@ def summarise(run: Run, run_dir: Path, commands: dict[str, str], eval_json: Path
         for key, name in (("kl/steps_weaker", "s=+1"), ("kl/steps_kept", "s=0"), ("kl/steps_stronger", "s=-1")):
             shares[name] = statistics.fmean(r[key] for r in records)
     return {
-        "name": run.name, "group": run.group, "method": run.method, "beta": run.beta, "seed": run.seed,
-        "overrides": run.overrides, "commands": commands, "eval": metrics,
+        "name": run.name,
+        "group": run.group,
+        "method": run.method,
+        "beta": run.beta,
+        "seed": run.seed,
+        "overrides": run.overrides,
+        "commands": commands,
+        "eval": metrics,
         **({"base": run.base, "eval_seed": run.eval_seed} if run.base else {}),
-        "train": {"steps": records[-1]["step"], **{k: records[-1][k] for k in FINAL_KEYS if k in records[-1]},
-                  "beta_trajectory": [r["kl/beta"] for r in records], "decision_shares": shares},
-    }  # fmt: skip
+        "train": {
+            "steps": records[-1]["step"],
+            **{k: records[-1][k] for k in FINAL_KEYS if k in records[-1]},
+            "beta_trajectory": [r["kl/beta"] for r in records],
+            "decision_shares": shares,
+        },
+    }
 
 
 def machine() -> str:
@@ -230,15 +282,20 @@ def decision_shares(run_dir: Path, pairs: int = 32) -> dict[str, Any]:
             b = ids.shape[0] // 2
             for name, dtype in (("float32", None), ("bfloat16", torch.bfloat16)):
                 lp = perturbed_logps(pol, ref, labels, mask, cfg.loss.epsilon, decision_dtype=dtype)
-                s = perturbation_steps(lp.decision_policy[:b] - lp.decision_policy[b:],
-                                       lp.weaker[:b] - lp.weaker[b:], lp.stronger[:b] - lp.stronger[b:],
-                                       tolerance=cfg.loss.decision_tolerance)  # fmt: skip
+                s = perturbation_steps(
+                    lp.decision_policy[:b] - lp.decision_policy[b:],
+                    lp.weaker[:b] - lp.weaker[b:],
+                    lp.stronger[:b] - lp.stronger[b:],
+                    tolerance=cfg.loss.decision_tolerance,
+                )
                 for i, value in enumerate((1, 0, -1)):
                     counts[name][i] += int((s == value).sum())
     total = sum(counts["float32"])
     names = ("s=+1", "s=0", "s=-1")
-    return {"pairs": total, **{precision: {k: c / total for k, c in zip(names, n, strict=True)}
-                               for precision, n in counts.items()}}  # fmt: skip
+    return {
+        "pairs": total,
+        **{precision: {k: c / total for k, c in zip(names, n, strict=True)} for precision, n in counts.items()},
+    }
 
 
 # ---- the report ------------------------------------------------------------------------------------------------
@@ -261,17 +318,25 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
     md, png = RESULTS / "kl_frontier.md", RESULTS / "kl_frontier.png"
     done = {s["name"] for s in summaries}
     missing = [r.name for r in plan() if r.name not in done]
-    lines = ["# Gold reward against KL: DPO, ε-DPO, β-DPO, TR-DPO on SmolLM2-135M-Instruct", "",
-             "Generated by `experiments/kl_frontier.py` from the run summaries in `docs/results/runs/` (each holds the "
-             "exact `epsdpo train` and `epsdpo eval` commands). Do not edit by hand.", "",
-             _setup_text(), "",
-             f"Runs done: {len(done)} of {len(plan())}." + (f" Not yet run: {', '.join(missing)}." if missing else ""),
-             ""]  # fmt: skip
+    lines = [
+        "# Gold reward against KL: DPO, ε-DPO, β-DPO, TR-DPO on SmolLM2-135M-Instruct",
+        "",
+        "Generated by `experiments/kl_frontier.py` from the run summaries in `docs/results/runs/` (each holds the "
+        "exact `epsdpo train` and `epsdpo eval` commands). Do not edit by hand.",
+        "",
+        _setup_text(),
+        "",
+        f"Runs done: {len(done)} of {len(plan())}." + (f" Not yet run: {', '.join(missing)}." if missing else ""),
+        "",
+    ]
     grid = [s for s in summaries if s["group"] == "grid"]
     if grid:
-        lines += ["## Per method and β (mean over seeds ± half the range across seeds)", "",
-                  "| method | β | seeds | gold reward | KL(π‖π_ref) | win rate | pref. acc. | β at the last step |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "## Per method and β (mean over seeds ± half the range across seeds)",
+            "",
+            "| method | β | seeds | gold reward | KL(π‖π_ref) | win rate | pref. acc. | β at the last step |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for method in METHODS:
             for beta in BETAS:
                 rows = [s for s in grid if s["method"] == method and s["beta"] == beta]
@@ -283,8 +348,13 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
                     cells.append(f"{m:.3f} ± {h:.3f}")
                 fb = _mean_spread([s["train"]["kl/beta"] for s in rows])[0]
                 lines.append(f"| {LABELS[method]} | {beta:g} | {len(rows)} | " + " | ".join(cells) + f" | {fb:.4g} |")
-        lines += ["", "Per method over every β and seed (mean ± standard error over the runs):", "",
-                  "| method | runs | gold reward | KL(π‖π_ref) | win rate |", "|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            "Per method over every β and seed (mean ± standard error over the runs):",
+            "",
+            "| method | runs | gold reward | KL(π‖π_ref) | win rate |",
+            "|---|---|---|---|---|",
+        ]
         for method in METHODS:
             rows = [s for s in grid if s["method"] == method]
             if len(rows) > 1:
@@ -295,17 +365,27 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
                     cells.append(f"{statistics.fmean(values):.3f} ± {se:.3f}")
                 lines.append(f"| {LABELS[method]} | {len(rows)} | " + " | ".join(cells) + " |")
         lines += ["", *_reference_text([s for s in summaries if s["group"] != "evalseed"]), ""]
-        moved = [abs(s["train"]["kl/beta"] / s["beta"] - 1) for s in summaries
-                 if s["method"] == "epsilon_dpo" and s["group"] in ("grid", "epsilon", "precision")]  # fmt: skip
+        moved = [
+            abs(s["train"]["kl/beta"] / s["beta"] - 1)
+            for s in summaries
+            if s["method"] == "epsilon_dpo" and s["group"] in ("grid", "epsilon", "precision")
+        ]
         if moved:
-            lines += [f"ε-DPO's global β moved by at most {100 * max(moved):.2f}% from β₀ in these runs (a step "
-                      "changes it by a factor between 1/(1+ε) and 1/(1−ε)), and a pair's β̃ differs from β by a "
-                      "factor 1/(1±ε): in runs this short ε-DPO trains almost exactly like DPO at the same β, so "
-                      "differences between the two are mostly the sampling noise of the evaluation (compare them "
-                      "with the s.e. column and the spread across seeds).", ""]  # fmt: skip
-    lines += ["## Every run", "",
-              "| run | method | β | ε | seed | gold reward ± s.e. | KL ± s.e. | win rate | pref. acc. | "
-              "β at the last step | s=+1 / 0 / −1 | train s | eval s | machine |", "|---" * 14 + "|"]  # fmt: skip
+            lines += [
+                f"ε-DPO's global β moved by at most {100 * max(moved):.2f}% from β₀ in these runs (a step "
+                "changes it by a factor between 1/(1+ε) and 1/(1−ε)), and a pair's β̃ differs from β by a "
+                "factor 1/(1±ε): in runs this short ε-DPO trains almost exactly like DPO at the same β, so "
+                "differences between the two are mostly the sampling noise of the evaluation (compare them "
+                "with the s.e. column and the spread across seeds).",
+                "",
+            ]
+    lines += [
+        "## Every run",
+        "",
+        "| run | method | β | ε | seed | gold reward ± s.e. | KL ± s.e. | win rate | pref. acc. | "
+        "β at the last step | s=+1 / 0 / −1 | train s | eval s | machine |",
+        "|---" * 14 + "|",
+    ]
     for s in (s for s in summaries if s["group"] != "evalseed"):
         eps = next((o.split("=")[1] for o in s["overrides"] if o.startswith("epsilon=")), "")
         lines.append(
@@ -314,19 +394,31 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
         )
     precision = [s for s in summaries if "decision_precision" in s]
     if precision:
-        lines += ["", "## Decision precision (SPEC §2): float32 vs bfloat16 decisions on the same final checkpoints",
-                  "", "| run (trained with) | pairs | float32 s=+1 / 0 / −1 | bfloat16 s=+1 / 0 / −1 | "
-                  "β at the last step |",
-                  "|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            "## Decision precision (SPEC §2): float32 vs bfloat16 decisions on the same final checkpoints",
+            "",
+            "| run (trained with) | pairs | float32 s=+1 / 0 / −1 | bfloat16 s=+1 / 0 / −1 | β at the last step |",
+            "|---|---|---|---|---|",
+        ]
         for s in precision:
             d = s["decision_precision"]
-            lines.append(f"| {s['name']} | {d['pairs']} | {_shares_text(d['float32'])} | "
-                         f"{_shares_text(d['bfloat16'])} | {s['train']['kl/beta']:.4g} |")  # fmt: skip
+            lines.append(
+                f"| {s['name']} | {d['pairs']} | {_shares_text(d['float32'])} | "
+                f"{_shares_text(d['bfloat16'])} | {s['train']['kl/beta']:.4g} |"
+            )
     lines += _paired_text(summaries)
     lines += _long_text(summaries)
     lines += _noise_text(summaries)
-    lines += ["", "## Commands", "", "```", *(f"{s['commands']['train']}\n{s['commands']['eval']}" for s in summaries),
-              "```", ""]  # fmt: skip
+    lines += [
+        "",
+        "## Commands",
+        "",
+        "```",
+        *(f"{s['commands']['train']}\n{s['commands']['eval']}" for s in summaries),
+        "```",
+        "",
+    ]
     md.write_text("\n".join(lines), encoding="utf-8")
     plot(summaries, png)
     return md, png
@@ -340,9 +432,11 @@ def _shares_text(shares: dict[str, float]) -> str:
 def _result_cells(summary: dict[str, Any]) -> str:
     """A run's table cells: gold reward ± s.e. | KL ± s.e. | win rate | pref. acc. | β at the last step | shares."""
     ev, tr = summary["eval"], summary["train"]
-    return (f"{ev['policy/gold_reward']:.3f} ± {_se(ev, 'policy/gold_reward_std'):.3f} | {ev['kl']:.3f} ± "
-            f"{_se(ev, 'kl/std'):.3f} | {ev['win_rate']:.3f} | {ev['preference_accuracy']:.3f} | "
-            f"{tr['kl/beta']:.4g} | {_shares_text(tr.get('decision_shares') or {})}")  # fmt: skip
+    return (
+        f"{ev['policy/gold_reward']:.3f} ± {_se(ev, 'policy/gold_reward_std'):.3f} | {ev['kl']:.3f} ± "
+        f"{_se(ev, 'kl/std'):.3f} | {ev['win_rate']:.3f} | {ev['preference_accuracy']:.3f} | "
+        f"{tr['kl/beta']:.4g} | {_shares_text(tr.get('decision_shares') or {})}"
+    )
 
 
 def _paired_text(summaries: list[dict[str, Any]]) -> list[str]:
@@ -353,9 +447,15 @@ def _paired_text(summaries: list[dict[str, Any]]) -> list[str]:
     if not keys:
         return []
     metrics = (("policy/gold_reward", "gold reward"), ("kl", "KL"), ("win_rate", "win rate"))
-    lines = ["", "## ε-DPO against DPO, same β and seed", "",
-             "Each row: the ε-DPO run minus the DPO run with the same β, seed, data order and initialisation.", "",
-             "| β | seed | Δ gold reward | Δ KL | Δ win rate | machines |", "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "",
+        "## ε-DPO against DPO, same β and seed",
+        "",
+        "Each row: the ε-DPO run minus the DPO run with the same β, seed, data order and initialisation.",
+        "",
+        "| β | seed | Δ gold reward | Δ KL | Δ win rate | machines |",
+        "|---|---|---|---|---|---|",
+    ]
     diffs: dict[str, list[float]] = {key: [] for key, _ in metrics}
     for b, sd in keys:
         row = []
@@ -378,11 +478,16 @@ def _long_text(summaries: list[dict[str, Any]]) -> list[str]:
     runs = {s["method"]: s for s in summaries if s["group"] == "long"}
     if not runs:
         return []
-    lines = ["", f"## Longer training: {LONG_STEPS} steps on every bundled pair (β₀ = 0.1, seed 0)", "",
-             f"{LONG_STEPS} steps of 8 pairs see {8 * LONG_STEPS} of the 520 bundled training pairs once; everything "
-             "else as in the grid.", "",
-             "| run | gold reward ± s.e. | KL ± s.e. | win rate | pref. acc. | β at the last step | s=+1 / 0 / −1 |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "",
+        f"## Longer training: {LONG_STEPS} steps on every bundled pair (β₀ = 0.1, seed 0)",
+        "",
+        f"{LONG_STEPS} steps of 8 pairs see {8 * LONG_STEPS} of the 520 bundled training pairs once; everything "
+        "else as in the grid.",
+        "",
+        "| run | gold reward ± s.e. | KL ± s.e. | win rate | pref. acc. | β at the last step | s=+1 / 0 / −1 |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for method in ("dpo", "epsilon_dpo"):
         if method in runs:
             lines.append(f"| {runs[method]['name']} | {_result_cells(runs[method])} |")
@@ -406,12 +511,17 @@ def _noise_text(summaries: list[dict[str, Any]]) -> list[str]:
     if not groups:
         return []
     seeds_text = ", ".join(map(str, EVAL_SEEDS))
-    lines = ["", "## Evaluation noise: the same model, other sampler seeds", "",
-             "Each model below was trained once and evaluated with the grid's sampler seed (0) and with the seeds "
-             f"{seeds_text} (everything else as in the grid; the reference is sampled with the same seed as the "
-             "policy). Mean ± standard deviation across the evaluation seeds:", "",
-             "| model | evaluations | gold reward | KL(π‖π_ref) | win rate | reference gold reward |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "",
+        "## Evaluation noise: the same model, other sampler seeds",
+        "",
+        "Each model below was trained once and evaluated with the grid's sampler seed (0) and with the seeds "
+        f"{seeds_text} (everything else as in the grid; the reference is sampled with the same seed as the "
+        "policy). Mean ± standard deviation across the evaluation seeds:",
+        "",
+        "| model | evaluations | gold reward | KL(π‖π_ref) | win rate | reference gold reward |",
+        "|---|---|---|---|---|---|",
+    ]
     for base, rows in sorted(groups.items()):
         cells = []
         for key in ("policy/gold_reward", "kl", "win_rate", "reference/gold_reward"):
@@ -500,17 +610,33 @@ def plot(summaries: list[dict[str, Any]], path: Path) -> None:
             continue
         kl = [s["eval"]["kl"] for s in rows]
         reward = [s["eval"]["policy/gold_reward"] for s in rows]
-        ax.scatter(kl, reward, marker=markers[method], s=80 if method == "epsilon_dpo" else 45, color=f"C{i}",
-                   label=LABELS[method], alpha=0.85)  # fmt: skip
+        ax.scatter(
+            kl,
+            reward,
+            marker=markers[method],
+            s=80 if method == "epsilon_dpo" else 45,
+            color=f"C{i}",
+            label=LABELS[method],
+            alpha=0.85,
+        )
         for s in rows:
-            ax.annotate(f"{s['beta']:g}", (s["eval"]["kl"], s["eval"]["policy/gold_reward"]), fontsize=7,
-                        textcoords="offset points", xytext=(4, 3), color=f"C{i}")  # fmt: skip
+            ax.annotate(
+                f"{s['beta']:g}",
+                (s["eval"]["kl"], s["eval"]["policy/gold_reward"]),
+                fontsize=7,
+                textcoords="offset points",
+                xytext=(4, 3),
+                color=f"C{i}",
+            )
         front = pareto_front([(0.0, ref), *zip(kl, reward, strict=True)])  # every frontier starts at π_ref
         ax.plot([p[0] for p in front], [p[1] for p in front], color=f"C{i}", linewidth=1.2, alpha=0.8)
     if grid:
         ax.plot(0.0, ref, marker="P", markersize=11, color="black", linestyle="none", label="reference")
-    ax.set(xlabel="KL(π ‖ π_ref) from the policy's samples (nats)", ylabel="mean gold reward (VADER) of samples",
-           title="Reward vs KL, every run (labels: β; lines: each method's frontier from π_ref)")  # fmt: skip
+    ax.set(
+        xlabel="KL(π ‖ π_ref) from the policy's samples (nats)",
+        ylabel="mean gold reward (VADER) of samples",
+        title="Reward vs KL, every run (labels: β; lines: each method's frontier from π_ref)",
+    )
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=9)
     fig.savefig(path, dpi=110)
@@ -546,8 +672,11 @@ def main() -> None:
             print(f"[{i + 1}/{len(todo)}] {run.name} ...", flush=True)
             summary = run_one(run)
             ev = summary["eval"]
-            print(f"    reward {ev['policy/gold_reward']:.3f} (ref {ev['reference/gold_reward']:.3f}), "
-                  f"KL {ev['kl']:.3f}, win {ev['win_rate']:.3f}, {summary['seconds']}", flush=True)  # fmt: skip
+            print(
+                f"    reward {ev['policy/gold_reward']:.3f} (ref {ev['reference/gold_reward']:.3f}), "
+                f"KL {ev['kl']:.3f}, win {ev['win_rate']:.3f}, {summary['seconds']}",
+                flush=True,
+            )
             if args.commit:
                 md, png = report(load_summaries())
                 files = [str(SUMMARIES / f"{run.name}.json"), str(md), str(png)]

@@ -70,8 +70,11 @@ def page(method: Method) -> str:
     lines.append("")
     for source in method.sources:
         kind = "module" if inspect.ismodule(source) else "class" if inspect.isclass(source) else "function"
-        heading = f"`{qualified(source)}{inspect.signature(source)}`" if kind == "function" else (
-            f"`{qualified(source)}` ({kind})")  # fmt: skip
+        heading = (
+            f"`{qualified(source)}{inspect.signature(source)}`"
+            if kind == "function"
+            else (f"`{qualified(source)}` ({kind})")
+        )
         lines += [f"## {heading}", "", inspect.getdoc(source) or "(no docstring)", ""]
     if method.options:
         lines += ["## Options", "", "| key | default | meaning |", "|---|---|---|"]
@@ -84,39 +87,83 @@ def page(method: Method) -> str:
 
 
 METHODS: list[Method] = [
-    Method("epsilon-dpo", "ε-DPO: a per-pair KL penalty chosen by perturbation",
-           [losses.perturbation_steps, losses.perturbed_betas, losses.epsilon_dpo_loss, control.BetaController],
-           [(LossConfig, n) for n in ("loss_type", "beta", "epsilon", "label_smoothing", "beta_update_rule",
-                                      "decision_precision", "decision_tolerance")],
-           "epsdpo train configs/tiny.yaml loss_type=epsilon_dpo beta=0.1 epsilon=0.01"),
-    Method("dpo", "DPO and cDPO", [losses.dpo_loss],
-           [(LossConfig, n) for n in ("loss_type", "beta", "label_smoothing")],
-           "epsdpo train configs/tiny.yaml loss_type=cdpo label_smoothing=0.1"),
-    Method("ipo", "IPO", [losses.ipo_loss], [(LossConfig, n) for n in ("loss_type", "beta")],
-           "epsdpo train configs/tiny.yaml loss_type=ipo beta=0.5"),
-    Method("hinge", "Hinge (SLiC)", [losses.hinge_loss], [(LossConfig, n) for n in ("loss_type", "beta")],
-           "epsdpo train configs/tiny.yaml loss_type=hinge"),
-    Method("beta-dpo", "β-DPO: a batch-level dynamic β with margin-based filtering",
-           [control.BetaDPOController, losses.beta_dpo_weights, losses.beta_dpo_loss],
-           [(LossConfig, n) for n in ("loss_type", "beta", "beta_dpo_alpha", "beta_dpo_rho", "beta_dpo_momentum")],
-           "epsdpo train configs/tiny.yaml loss_type=beta_dpo beta_dpo_alpha=0.6 beta_dpo_rho=0.2"),
-    Method("tr-dpo", "TR-DPO: a moving reference", [reference, reference.soft_update_reference,
-                                                     reference.fold_adapters_into_base],
-           [(ModelConfig, n) for n in ("sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps")],
-           "epsdpo train configs/tiny.yaml loss_type=dpo sync_ref_model=true ref_model_sync_steps=128 "
-           "ref_model_mixup_alpha=0.6"),
-    Method("alignment-potential", "Alignment-potential data selection",
-           [select, select.selection_scores, select.top_fraction],
-           [(DataConfig, n) for n in ("selection", "select_ratio", "select_implicit_weight", "select_reward",
-                                       "select_cache_dir")],
-           "epsdpo select configs/tiny.yaml select_ratio=0.4 --out runs/selection\n"
-           "epsdpo train configs/tiny.yaml selection=alignment_potential select_ratio=0.4"),
-]  # fmt: skip
+    Method(
+        "epsilon-dpo",
+        "ε-DPO: a per-pair KL penalty chosen by perturbation",
+        [losses.perturbation_steps, losses.perturbed_betas, losses.epsilon_dpo_loss, control.BetaController],
+        [
+            (LossConfig, n)
+            for n in (
+                "loss_type",
+                "beta",
+                "epsilon",
+                "label_smoothing",
+                "beta_update_rule",
+                "decision_precision",
+                "decision_tolerance",
+            )
+        ],
+        "epsdpo train configs/tiny.yaml loss_type=epsilon_dpo beta=0.1 epsilon=0.01",
+    ),
+    Method(
+        "dpo",
+        "DPO and cDPO",
+        [losses.dpo_loss],
+        [(LossConfig, n) for n in ("loss_type", "beta", "label_smoothing")],
+        "epsdpo train configs/tiny.yaml loss_type=cdpo label_smoothing=0.1",
+    ),
+    Method(
+        "ipo",
+        "IPO",
+        [losses.ipo_loss],
+        [(LossConfig, n) for n in ("loss_type", "beta")],
+        "epsdpo train configs/tiny.yaml loss_type=ipo beta=0.5",
+    ),
+    Method(
+        "hinge",
+        "Hinge (SLiC)",
+        [losses.hinge_loss],
+        [(LossConfig, n) for n in ("loss_type", "beta")],
+        "epsdpo train configs/tiny.yaml loss_type=hinge",
+    ),
+    Method(
+        "beta-dpo",
+        "β-DPO: a batch-level dynamic β with margin-based filtering",
+        [control.BetaDPOController, losses.beta_dpo_weights, losses.beta_dpo_loss],
+        [(LossConfig, n) for n in ("loss_type", "beta", "beta_dpo_alpha", "beta_dpo_rho", "beta_dpo_momentum")],
+        "epsdpo train configs/tiny.yaml loss_type=beta_dpo beta_dpo_alpha=0.6 beta_dpo_rho=0.2",
+    ),
+    Method(
+        "tr-dpo",
+        "TR-DPO: a moving reference",
+        [reference, reference.soft_update_reference, reference.fold_adapters_into_base],
+        [(ModelConfig, n) for n in ("sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps")],
+        "epsdpo train configs/tiny.yaml loss_type=dpo sync_ref_model=true ref_model_sync_steps=128 "
+        "ref_model_mixup_alpha=0.6",
+    ),
+    Method(
+        "alignment-potential",
+        "Alignment-potential data selection",
+        [select, select.selection_scores, select.top_fraction],
+        [
+            (DataConfig, n)
+            for n in ("selection", "select_ratio", "select_implicit_weight", "select_reward", "select_cache_dir")
+        ],
+        "epsdpo select configs/tiny.yaml select_ratio=0.4 --out runs/selection\n"
+        "epsdpo train configs/tiny.yaml selection=alignment_potential select_ratio=0.4",
+    ),
+]
 
 
 def index() -> str:
-    lines = ["# Methods", "", "<!-- generated by scripts/make_method_docs.py -->", "",
-             "One page per method, generated from the docstrings and config documentation in the code.", ""]
+    lines = [
+        "# Methods",
+        "",
+        "<!-- generated by scripts/make_method_docs.py -->",
+        "",
+        "One page per method, generated from the docstrings and config documentation in the code.",
+        "",
+    ]
     lines += [f"- [{m.title}]({m.slug}.md)" for m in METHODS]
     return "\n".join(lines) + "\n"
 

@@ -13,15 +13,36 @@ import random
 from pathlib import Path
 
 SUBJECTS = [
-    "the morning bus", "a new notebook", "the city park", "a rainy afternoon", "the office coffee", "a long walk",
-    "the weekend market", "an old bicycle", "the school concert", "a quiet library", "the kitchen radio",
-    "a train journey", "the garden in spring", "a board game night", "the local bakery", "a phone call from home",
+    "the morning bus",
+    "a new notebook",
+    "the city park",
+    "a rainy afternoon",
+    "the office coffee",
+    "a long walk",
+    "the weekend market",
+    "an old bicycle",
+    "the school concert",
+    "a quiet library",
+    "the kitchen radio",
+    "a train journey",
+    "the garden in spring",
+    "a board game night",
+    "the local bakery",
+    "a phone call from home",
 ]
 ASKS = ["Say something about {}.", "Write one sentence about {}.", "Describe {} briefly.", "What do you think of {}?"]
-GOOD = ["I really enjoyed {}; it made my day brighter.", "{} was lovely and I felt happy.",
-        "What a pleasant surprise {} turned out to be!", "{} is wonderful, calm and cheerful."]
-BAD = ["{} was dull and I felt tired.", "I did not like {}; it was a gloomy mess.",
-       "{} turned out to be a disappointment.", "{} is boring, grey and sad."]
+GOOD = [
+    "I really enjoyed {}; it made my day brighter.",
+    "{} was lovely and I felt happy.",
+    "What a pleasant surprise {} turned out to be!",
+    "{} is wonderful, calm and cheerful.",
+]
+BAD = [
+    "{} was dull and I felt tired.",
+    "I did not like {}; it was a gloomy mess.",
+    "{} turned out to be a disappointment.",
+    "{} is boring, grey and sad.",
+]
 
 
 def main() -> None:
@@ -30,13 +51,15 @@ def main() -> None:
     for subject in SUBJECTS:
         for ask in ASKS:
             good, bad = rng.choice(GOOD), rng.choice(BAD)
-            rows.append({
-                "prompt": ask.format(subject),
-                "chosen": good.format(subject).capitalize(),
-                "rejected": bad.format(subject).capitalize(),
-                "score_chosen": 1.0,
-                "score_rejected": 0.0,
-            })
+            rows.append(
+                {
+                    "prompt": ask.format(subject),
+                    "chosen": good.format(subject).capitalize(),
+                    "rejected": bad.format(subject).capitalize(),
+                    "score_chosen": 1.0,
+                    "score_rejected": 0.0,
+                }
+            )
     rng.shuffle(rows)
     out = Path(__file__).resolve().parents[1] / "configs" / "data" / "tiny_preferences.jsonl"
     out.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

@@ -7,5 +7,6 @@ bash "$root/scripts/setup.sh"
 venv="${EPSDPO_VENV:-$root/.venv}"
 cd "$root"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+"$venv/bin/ruff" format --check src tests benchmarks scripts experiments
 "$venv/bin/ruff" check src tests benchmarks scripts experiments
 exec "$venv/bin/python" -m pytest "$@"

@@ -57,8 +57,11 @@ def test_beta_dpo_weights_and_clamp_and_eval():
     assert beta == 1e-3
     state = c.state_dict()
     beta_eval, keep = c.batch(t(-50.0, 3.0), train=False)  # evaluation neither filters nor moves the statistics
-    assert keep.all() and c.state_dict() == state and beta_eval == pytest.approx(max(1e-3, 0.1 * (
-        1 + 10 * (-23.5 - state["running_mean"]))))  # fmt: skip
+    assert (
+        keep.all()
+        and c.state_dict() == state
+        and beta_eval == pytest.approx(max(1e-3, 0.1 * (1 + 10 * (-23.5 - state["running_mean"]))))
+    )
 
 
 def test_beta_dpo_loss_averages_over_kept_pairs():
@@ -106,8 +109,14 @@ def test_fold_adapters_keeps_the_policy_and_moves_the_base_by_the_formula():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     with torch.no_grad():
         for name, p in model.named_parameters():

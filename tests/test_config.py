@@ -37,8 +37,16 @@ def test_flat_and_nested_keys_are_routed_to_their_sections(tmp_path: Path) -> No
 def test_overrides_win_and_are_coerced() -> None:
     configs = load_config(
         {"max_length": 100, "max_prompt_length": 50},
-        ["max_length=300", "data.on_invalid=skip", "tags=[a, b]", "bf16=true", "output_dir=runs/x",
-         "max_prompt_length=null", "split=2023", "tokenizer=yes"],
+        [
+            "max_length=300",
+            "data.on_invalid=skip",
+            "tags=[a, b]",
+            "bf16=true",
+            "output_dir=runs/x",
+            "max_prompt_length=null",
+            "split=2023",
+            "tokenizer=yes",
+        ],
         SECTIONS,
     )
     data, train = configs["data"], configs["train"]

@@ -22,18 +22,37 @@ from epsdpo.rewards import load_reward
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 TINY_DATA = ROOT / "configs" / "data" / "tiny_preferences.jsonl"
-REQUIRED = {"policy/gold_reward", "reference/gold_reward", "kl", "win_rate", "preference_accuracy",
-            "policy/gold_reward_std", "reference/gold_reward_std", "kl/forward", "kl/std", "reward_margin",
-            "num_prompts", "num_samples", "settings"}  # fmt: skip
+REQUIRED = {
+    "policy/gold_reward",
+    "reference/gold_reward",
+    "kl",
+    "win_rate",
+    "preference_accuracy",
+    "policy/gold_reward_std",
+    "reference/gold_reward_std",
+    "kl/forward",
+    "kl/std",
+    "reward_margin",
+    "num_prompts",
+    "num_samples",
+    "settings",
+}
 
 
 def tiny_llama(vocab_size: int, seed: int = 0) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=False)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -54,10 +73,12 @@ def prompts():
 
 @pytest.fixture
 def length_reward(tmp_path, monkeypatch):
-    (tmp_path / "eval_hooks.py").write_text(textwrap.dedent("""
+    (tmp_path / "eval_hooks.py").write_text(
+        textwrap.dedent("""
         def length(prompts, responses):
             return [float(len(r)) for r in responses]
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     yield load_reward("eval_hooks:length")
     sys.modules.pop("eval_hooks", None)
@@ -136,8 +157,10 @@ def test_known_win_rate_and_kl_for_constructed_models(smollm2_tokenizer, prompts
 
 
 def test_preference_accuracy_and_margin_are_exact(smollm2_tokenizer, prompts):
-    rows = [{"prompt": f"Question {i}?", "chosen": c, "rejected": r}
-            for i, (c, r) in enumerate([("good day", "bad day"), ("very good", "awful"), ("fine", "not fine at all")])]
+    rows = [
+        {"prompt": f"Question {i}?", "chosen": c, "rejected": r}
+        for i, (c, r) in enumerate([("good day", "bad day"), ("very good", "awful"), ("fine", "not fine at all")])
+    ]
     pairs, _ = load_preference_dataset(rows, smollm2_tokenizer, warn=False)
     vocab = len(smollm2_tokenizer)
     favoured = {t for p in pairs for t in p.chosen_ids} - {t for p in pairs for t in p.rejected_ids}
@@ -147,8 +170,9 @@ def test_preference_accuracy_and_margin_are_exact(smollm2_tokenizer, prompts):
     reference = constant_logits(tiny_llama(vocab), torch.zeros(vocab))
     beta = 0.25
     cfg = EvalConfig(max_new_tokens=1, disable_tqdm=True)
-    metrics, _ = evaluate_models(policy, reference, smollm2_tokenizer, prompts[:1], load_reward("sentiment"), cfg,
-                                 pairs=pairs, beta=beta)  # fmt: skip
+    metrics, _ = evaluate_models(
+        policy, reference, smollm2_tokenizer, prompts[:1], load_reward("sentiment"), cfg, pairs=pairs, beta=beta
+    )
     ratio = bias.log_softmax(-1) - torch.zeros(vocab).log_softmax(-1)  # log π(t) − log π_ref(t), per token
     margins = [beta * float(ratio[p.chosen_ids].sum() - ratio[p.rejected_ids].sum()) for p in pairs]
     assert all(m > 0 for m in margins)
@@ -156,8 +180,9 @@ def test_preference_accuracy_and_margin_are_exact(smollm2_tokenizer, prompts):
     assert metrics["reward_margin"] == pytest.approx(sum(margins) / 3, rel=1e-4)
     # the reverse preference: a policy that favours the rejected tokens gets every pair wrong
     swapped = [type(p)(p.prompt_ids, p.rejected_ids, p.chosen_ids, None, None, p.index) for p in pairs]
-    metrics, _ = evaluate_models(policy, reference, smollm2_tokenizer, prompts[:1], load_reward("sentiment"), cfg,
-                                 pairs=swapped, beta=beta)  # fmt: skip
+    metrics, _ = evaluate_models(
+        policy, reference, smollm2_tokenizer, prompts[:1], load_reward("sentiment"), cfg, pairs=swapped, beta=beta
+    )
     assert metrics["preference_accuracy"] == 0.0
     assert metrics["reward_margin"] == pytest.approx(-sum(margins) / 3, rel=1e-4)
 
@@ -170,13 +195,20 @@ def test_samples_are_scored_where_generation_sampled_them(smollm2_tokenizer, pro
 
     model = tiny_llama(len(smollm2_tokenizer), seed=3)
     ids = encode_prompt(smollm2_tokenizer, prompts[0][1], True)
-    (done,) = sample_completions(model, [ids], [7], max_new_tokens=5, end_ids=end_token_ids(smollm2_tokenizer),
-                                 pad_id=smollm2_tokenizer.pad_token_id)  # fmt: skip
+    (done,) = sample_completions(
+        model,
+        [ids],
+        [7],
+        max_new_tokens=5,
+        end_ids=end_token_ids(smollm2_tokenizer),
+        pad_id=smollm2_tokenizer.pad_token_id,
+    )
     with torch.no_grad():
         logits = model(torch.tensor([ids + done.ids])).logits[0, len(ids) - 1 : -1]  # scores each completion token
     expected = float(logits.log_softmax(-1).gather(-1, torch.tensor(done.ids)[:, None]).sum())
-    lp_pol, lp_ref = sequence_logps(model, model, [TokenizedPair(ids, done.ids, done.ids, None, None, 0)],
-                                    smollm2_tokenizer.pad_token_id)  # fmt: skip
+    lp_pol, lp_ref = sequence_logps(
+        model, model, [TokenizedPair(ids, done.ids, done.ids, None, None, 0)], smollm2_tokenizer.pad_token_id
+    )
     assert float(lp_pol[0]) == pytest.approx(expected, abs=1e-4) and torch.equal(lp_pol, lp_ref)
 
 
@@ -186,8 +218,20 @@ def test_eval_and_plot_a_tiny_training_run_through_the_cli(tmp_path, model_cache
 
     run = tmp_path / "tiny-run"
     train(TINY, [f"output_dir={run}", f"dataset={TINY_DATA}", "max_steps=3", "save_steps=0", "disable_tqdm=true"])
-    assert cli_main(["eval", str(run), "num_prompts=3", "samples_per_prompt=2", "max_new_tokens=8",
-                     f"eval_dataset={TINY_DATA}", "disable_tqdm=true"]) == 0  # fmt: skip
+    assert (
+        cli_main(
+            [
+                "eval",
+                str(run),
+                "num_prompts=3",
+                "samples_per_prompt=2",
+                "max_new_tokens=8",
+                f"eval_dataset={TINY_DATA}",
+                "disable_tqdm=true",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "win rate" in printed and "preference accuracy" in printed
     result = json.loads((run / "eval.json").read_text())
@@ -204,8 +248,19 @@ def test_eval_and_plot_a_tiny_training_run_through_the_cli(tmp_path, model_cache
     assert result["name"] == "eval_dataset=tiny_preferences.jsonl,num_prompts=3,samples_per_prompt=2,max_new_tokens=8"
     assert len((first_dir / "samples.jsonl").read_text().splitlines()) == 6
     assert json.loads((first_dir / "eval.json").read_text())["kl"] == result["kl"]
-    assert all(k in result for k in ("gold_reward_gain", "gold_reward_gain_se", "gold_reward_gain_ci95", "kl_se",
-                                     "win_rate_se", "win_rate_ci95", "preference_accuracy_se", "policy/distinct_2"))
+    assert all(
+        k in result
+        for k in (
+            "gold_reward_gain",
+            "gold_reward_gain_se",
+            "gold_reward_gain_ci95",
+            "kl_se",
+            "win_rate_se",
+            "win_rate_ci95",
+            "preference_accuracy_se",
+            "policy/distinct_2",
+        )
+    )
     plot = run / "plots" / "reward_vs_kl.png"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # redrawn by the evaluation itself
     common = ["num_prompts=2", "max_new_tokens=4", "disable_tqdm=true"]
@@ -231,8 +286,20 @@ def test_eval_of_a_lora_run_loads_base_plus_adapter(tmp_path, model_cache_dir):
     from epsdpo.training import train
 
     run = tmp_path / "lora-run"
-    train(TINY, [f"output_dir={run}", f"dataset={TINY_DATA}", "max_steps=2", "save_steps=0", "disable_tqdm=true",
-                 "use_lora=true", "lora_r=4", "learning_rate=0.05", "loss_type=dpo"])  # fmt: skip
+    train(
+        TINY,
+        [
+            f"output_dir={run}",
+            f"dataset={TINY_DATA}",
+            "max_steps=2",
+            "save_steps=0",
+            "disable_tqdm=true",
+            "use_lora=true",
+            "lora_r=4",
+            "learning_rate=0.05",
+            "loss_type=dpo",
+        ],
+    )
     assert (run / "final" / "adapter_config.json").is_file()
     result = evaluate(run, ["num_prompts=2", "max_new_tokens=6", "disable_tqdm=true", "output=" + str(run / "e.json")])
     assert json.loads((run / "e.json").read_text())["kl"] == result["kl"]
@@ -255,16 +322,26 @@ def test_config_errors(tmp_path):
 
 
 @pytest.mark.slow
-def test_reference_cache_gives_the_same_evaluation_without_touching_the_reference(tmp_path, model_cache_dir,
-                                                                                  monkeypatch):  # fmt: skip
+def test_reference_cache_gives_the_same_evaluation_without_touching_the_reference(
+    tmp_path, model_cache_dir, monkeypatch
+):
     import epsdpo.evaluate as ev
     from epsdpo.training import train
 
     runs = []
     for name, lr in (("a", "0.01"), ("b", "0.02")):  # two policies, one reference
         runs.append(tmp_path / name)
-        train(TINY, [f"output_dir={runs[-1]}", f"dataset={TINY_DATA}", "max_steps=2", "save_steps=0",
-                     "disable_tqdm=true", f"learning_rate={lr}"])  # fmt: skip
+        train(
+            TINY,
+            [
+                f"output_dir={runs[-1]}",
+                f"dataset={TINY_DATA}",
+                "max_steps=2",
+                "save_steps=0",
+                "disable_tqdm=true",
+                f"learning_rate={lr}",
+            ],
+        )
     common = ["num_prompts=3", "max_new_tokens=6", "disable_tqdm=true", f"eval_dataset={TINY_DATA}", "max_pairs=8"]
     plain = ev.evaluate(runs[0], [*common, f"output={tmp_path / 'plain.json'}"])
     cache = f"reference_cache_dir={tmp_path / 'cache'}"
@@ -278,8 +355,15 @@ def test_reference_cache_gives_the_same_evaluation_without_touching_the_referenc
     monkeypatch.setattr(ev, "compute_reference_part", no_reference)
     again = ev.evaluate(runs[0], [*common, cache, f"output={tmp_path / 'again.json'}"])
     other = ev.evaluate(runs[1], [*common, cache, f"output={tmp_path / 'other.json'}"])  # another policy, a hit
-    keys = ("policy/gold_reward", "reference/gold_reward", "kl", "kl/forward", "win_rate", "preference_accuracy",
-            "reward_margin")  # fmt: skip
+    keys = (
+        "policy/gold_reward",
+        "reference/gold_reward",
+        "kl",
+        "kl/forward",
+        "win_rate",
+        "preference_accuracy",
+        "reward_margin",
+    )
     assert all(plain[k] == first[k] == again[k] for k in keys)
     assert other["reference/gold_reward"] == first["reference/gold_reward"] and other["kl"] != first["kl"]
     with pytest.raises(AssertionError, match="sampled again"):  # another seed is another key

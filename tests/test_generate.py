@@ -46,9 +46,16 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=len(smollm2_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
     path = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(config).save_pretrained(path)
     smollm2_tokenizer.save_pretrained(path)
@@ -68,8 +75,18 @@ def hooks(tmp_path, monkeypatch):
 
 
 def settings(model_dir: Path, output: Path, *extra: str) -> list[str]:
-    return [f"model={model_dir}", f"output={output}", "prompts=bundled", "prompt_split=train", "num_samples=3",
-            "max_new_tokens=8", "batch_size=2", "max_prompts=6", "disable_tqdm=true", *extra]  # fmt: skip
+    return [
+        f"model={model_dir}",
+        f"output={output}",
+        "prompts=bundled",
+        "prompt_split=train",
+        "num_samples=3",
+        "max_new_tokens=8",
+        "batch_size=2",
+        "max_prompts=6",
+        "disable_tqdm=true",
+        *extra,
+    ]
 
 
 # ---- sampling -----------------------------------------------------------------------------------------------------
@@ -108,8 +125,11 @@ def test_sample_seed_is_stable_and_distinct():
 
 
 def test_prompt_encoding_matches_the_data_pipeline(smollm2_tokenizer, bos_tokenizer):
-    row = {"prompt": [{"role": "user", "content": "Hello there"}],
-           "chosen": [{"role": "assistant", "content": "Hi"}], "rejected": [{"role": "assistant", "content": "Go"}]}
+    row = {
+        "prompt": [{"role": "user", "content": "Hello there"}],
+        "chosen": [{"role": "assistant", "content": "Hi"}],
+        "rejected": [{"role": "assistant", "content": "Go"}],
+    }
     for tokenizer in (smollm2_tokenizer, bos_tokenizer):
         (pair,), _ = load_preference_dataset([row], tokenizer, warn=False)
         assert encode_prompt(tokenizer, "Hello there", True) == pair.prompt_ids
@@ -147,8 +167,19 @@ def test_cli_writes_valid_pairs_scored_by_vader(tiny_model_dir, smollm2_tokenize
     assert rows, "a random model should give at least one untied VADER pair in 4 prompts"
     vader = load_reward("sentiment")
     for row in rows:
-        assert set(row) == {"prompt_id", "prompt", "chosen", "rejected", "score_chosen", "score_rejected",
-                            "chosen_finished", "rejected_finished", "responses", "scores", "finished"}  # fmt: skip
+        assert set(row) == {
+            "prompt_id",
+            "prompt",
+            "chosen",
+            "rejected",
+            "score_chosen",
+            "score_rejected",
+            "chosen_finished",
+            "rejected_finished",
+            "responses",
+            "scores",
+            "finished",
+        }
         chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
         assert chosen != rejected and row["score_chosen"] > row["score_rejected"]
         assert row["scores"] == vader([""] * 4, row["responses"])  # the real reward, recomputable
@@ -229,9 +260,21 @@ def test_prompts_from_a_file_and_errors(tiny_model_dir, tmp_path, hooks):
     prompts = tmp_path / "prompts.csv"
     prompts.write_text("text,split\nSay something nice,train\nDescribe a rainy day,test\nName a fruit,train\n")
     output = tmp_path / "out.jsonl"
-    generate(None, [f"model={tiny_model_dir}", f"prompts={prompts}", "prompt_column=text", "prompt_split=train",
-                    f"output={output}", "reward=gen_hooks:length", "num_samples=2", "max_new_tokens=4",
-                    "disable_tqdm=true", "use_chat_template=false"])  # fmt: skip
+    generate(
+        None,
+        [
+            f"model={tiny_model_dir}",
+            f"prompts={prompts}",
+            "prompt_column=text",
+            "prompt_split=train",
+            f"output={output}",
+            "reward=gen_hooks:length",
+            "num_samples=2",
+            "max_new_tokens=4",
+            "disable_tqdm=true",
+            "use_chat_template=false",
+        ],
+    )
     skipped = output.with_name("out.skipped.jsonl")
     rows = [json.loads(line) for f in (output, skipped) if f.exists() for line in f.read_text().splitlines()]
     assert sorted(r["prompt_id"] for r in rows) == ["0", "2"]  # row numbers in the file
@@ -250,8 +293,15 @@ def test_the_sampler_sees_the_raw_logits_whatever_the_generation_config(monkeypa
     import epsdpo.generate as gen
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     model = LlamaForCausalLM(config).eval()
     gc = model.generation_config
     gc.repetition_penalty, gc.no_repeat_ngram_size, gc.min_new_tokens = 5.0, 2, 6

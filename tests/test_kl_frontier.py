@@ -41,21 +41,40 @@ def test_pareto_front_keeps_the_points_nothing_beats(kf):
 
 
 def _summary(name: str, method: str, beta: float, seed: int, reward: float, kl: float) -> dict:
-    ev = {"policy/gold_reward": reward, "policy/gold_reward_std": 0.4, "reference/gold_reward": 0.44, "kl": kl,
-          "kl/std": 1.0, "win_rate": 0.55, "preference_accuracy": 0.6, "num_samples": 16}  # fmt: skip
+    ev = {
+        "policy/gold_reward": reward,
+        "policy/gold_reward_std": 0.4,
+        "reference/gold_reward": 0.44,
+        "kl": kl,
+        "kl/std": 1.0,
+        "win_rate": 0.55,
+        "preference_accuracy": 0.6,
+        "num_samples": 16,
+    }
     shares = {"s=+1": 0.5, "s=0": 0.2, "s=-1": 0.3} if method == "epsilon_dpo" else {}
-    return {"name": name, "group": "grid", "method": method, "beta": beta, "seed": seed, "overrides": [],
-            "commands": {"train": f"epsdpo train {name}", "eval": f"epsdpo eval {name}"}, "eval": ev,
-            "train": {"steps": 8, "kl/beta": beta, "beta_trajectory": [beta], "decision_shares": shares},
-            "seconds": {"train": 100.0, "eval": 200.0}}  # fmt: skip
+    return {
+        "name": name,
+        "group": "grid",
+        "method": method,
+        "beta": beta,
+        "seed": seed,
+        "overrides": [],
+        "commands": {"train": f"epsdpo train {name}", "eval": f"epsdpo eval {name}"},
+        "eval": ev,
+        "train": {"steps": 8, "kl/beta": beta, "beta_trajectory": [beta], "decision_shares": shares},
+        "seconds": {"train": 100.0, "eval": 200.0},
+    }
 
 
 def test_report_is_rebuilt_from_the_summaries(kf, tmp_path, monkeypatch):
     monkeypatch.setattr(kf, "RESULTS", tmp_path)
     monkeypatch.setattr(kf, "SUMMARIES", tmp_path / "runs")
     (tmp_path / "runs").mkdir()
-    rows = [_summary("dpo-b0.1-s0", "dpo", 0.1, 0, 0.50, 0.8), _summary("dpo-b0.1-s1", "dpo", 0.1, 1, 0.60, 1.0),
-            _summary("epsilon_dpo-b0.1-s0", "epsilon_dpo", 0.1, 0, 0.55, 0.7)]  # fmt: skip
+    rows = [
+        _summary("dpo-b0.1-s0", "dpo", 0.1, 0, 0.50, 0.8),
+        _summary("dpo-b0.1-s1", "dpo", 0.1, 1, 0.60, 1.0),
+        _summary("epsilon_dpo-b0.1-s0", "epsilon_dpo", 0.1, 0, 0.55, 0.7),
+    ]
     for r in rows:
         (tmp_path / "runs" / f"{r['name']}.json").write_text(json.dumps(r))
     md, png = kf.report(kf.load_summaries())
@@ -95,7 +114,11 @@ def test_evalseed_runs_reevaluate_a_grid_model_with_other_seeds(kf):
     for r in extra:
         base = runs[r.base]
         assert base.group == "grid" and (r.method, r.beta, r.seed, r.overrides) == (
-            base.method, base.beta, base.seed, base.overrides)  # fmt: skip
+            base.method,
+            base.beta,
+            base.seed,
+            base.overrides,
+        )
         assert r.eval_seed != 0
 
 
@@ -123,10 +146,13 @@ def test_short_machine_keeps_the_cpu_name(kf):
 
 
 def test_paired_text_subtracts_dpo_from_epsilon_dpo_per_beta_and_seed(kf):
-    rows = [_summary("dpo-b0.1-s0", "dpo", 0.1, 0, 0.40, 1.0), _summary("dpo-b0.1-s1", "dpo", 0.1, 1, 0.40, 1.0),
-            _summary("epsilon_dpo-b0.1-s0", "epsilon_dpo", 0.1, 0, 0.50, 1.2),
-            _summary("epsilon_dpo-b0.1-s1", "epsilon_dpo", 0.1, 1, 0.34, 0.8),
-            _summary("dpo-b0.5-s0", "dpo", 0.5, 0, 0.40, 1.0)]  # fmt: skip
+    rows = [
+        _summary("dpo-b0.1-s0", "dpo", 0.1, 0, 0.40, 1.0),
+        _summary("dpo-b0.1-s1", "dpo", 0.1, 1, 0.40, 1.0),
+        _summary("epsilon_dpo-b0.1-s0", "epsilon_dpo", 0.1, 0, 0.50, 1.2),
+        _summary("epsilon_dpo-b0.1-s1", "epsilon_dpo", 0.1, 1, 0.34, 0.8),
+        _summary("dpo-b0.5-s0", "dpo", 0.5, 0, 0.40, 1.0),
+    ]
     for r in rows:
         r["machine"] = "Chip A (native bf16)" if r["name"] != "epsilon_dpo-b0.1-s1" else "Chip B (no native bf16)"
     text = "\n".join(kf._paired_text(rows))

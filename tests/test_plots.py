@@ -22,15 +22,26 @@ def write_run(run: Path, epsilon_dpo: bool = True, held_out: bool = True, eval_r
     records = []
     beta = 0.1
     for step in range(1, 21):
-        record = {"step": step, "loss": 0.69 - 0.02 * step, "rewards/margins": 0.05 * step,
-                  "rewards/accuracies": min(1.0, 0.5 + 0.03 * step), "kl/beta": beta}  # fmt: skip
+        record = {
+            "step": step,
+            "loss": 0.69 - 0.02 * step,
+            "rewards/margins": 0.05 * step,
+            "rewards/accuracies": min(1.0, 0.5 + 0.03 * step),
+            "kl/beta": beta,
+        }
         if epsilon_dpo:
             record.update({"kl/steps_weaker": 0.6, "kl/steps_stronger": 0.1, "kl/steps_kept": 0.3})
             beta /= 1 + 0.01 * 0.5
         records.append(record)
         if held_out and step % 10 == 0:
-            records.append({"step": step, "eval/loss": 0.7 - 0.01 * step, "eval/rewards/margins": 0.03 * step,
-                            "eval/rewards/accuracies": 0.6})  # fmt: skip
+            records.append(
+                {
+                    "step": step,
+                    "eval/loss": 0.7 - 0.01 * step,
+                    "eval/rewards/margins": 0.03 * step,
+                    "eval/rewards/accuracies": 0.6,
+                }
+            )
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     if eval_result is not None:
         (run / "eval.json").write_text(json.dumps(eval_result))
@@ -60,8 +71,10 @@ def test_training_plots_without_optional_keys(tmp_path):
 
 
 def test_reward_vs_kl_for_several_runs_and_missing_pieces(tmp_path):
-    runs = [write_run(tmp_path / "a", eval_result=result(0.5, 0.4)),
-            write_run(tmp_path / "b", eval_result=result(1.5, 0.7))]  # fmt: skip
+    runs = [
+        write_run(tmp_path / "a", eval_result=result(0.5, 0.4)),
+        write_run(tmp_path / "b", eval_result=result(1.5, 0.7)),
+    ]
     path = plot_reward_vs_kl(runs, tmp_path / "out")
     assert path == tmp_path / "out" / "reward_vs_kl.png" and is_png(path)
     single = {"kl": 0.2, "policy/gold_reward": 0.3}  # no std, no reference point

@@ -223,9 +223,16 @@ def save_tiny_reward_model(path: Path, num_labels: int = 2, chat: bool = True, p
         tokenizer.chat_template = CHAT_TEMPLATE
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=64, num_labels=num_labels, pad_token_id=0 if pad else None,
-    )  # fmt: skip
+        vocab_size=len(WORDS),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        pad_token_id=0 if pad else None,
+    )
     model = LlamaForSequenceClassification(config)
     with torch.no_grad():  # a larger head so that rewards differ visibly between inputs
         model.score.weight.normal_(0.0, 1.0)
@@ -277,22 +284,35 @@ def test_hf_reward_shape_determinism_and_batch_invariance(tiny_models, kind):
     assert reward(PROMPTS, RESPONSES) == scores
     assert len(set(scores)) == len(scores)  # the inputs really reach the model
     # Padding (here to the longest of 3 rows, then a batch of 1) must not change any score.
-    torch.testing.assert_close(torch.tensor(load_reward(str(tiny_models[kind]), batch_size=1)(PROMPTS, RESPONSES)),
-                               torch.tensor(scores), atol=1e-5, rtol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        torch.tensor(load_reward(str(tiny_models[kind]), batch_size=1)(PROMPTS, RESPONSES)),
+        torch.tensor(scores),
+        atol=1e-5,
+        rtol=1e-5,
+    )
     assert reward([], []) == []
 
 
 def test_two_labels_give_the_logit_difference_and_one_label_the_logit(tiny_models):
     texts = [render_chat(p, r) for p, r in zip(PROMPTS, RESPONSES, strict=True)]
     two = manual_logits(tiny_models["chat2"], texts)
-    torch.testing.assert_close(torch.tensor(load_reward(str(tiny_models["chat2"]))(PROMPTS, RESPONSES)),
-                               two[:, 1] - two[:, 0], atol=1e-5, rtol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        torch.tensor(load_reward(str(tiny_models["chat2"]))(PROMPTS, RESPONSES)),
+        two[:, 1] - two[:, 0],
+        atol=1e-5,
+        rtol=1e-5,
+    )
     one = manual_logits(tiny_models["chat1"], texts)
-    torch.testing.assert_close(torch.tensor(load_reward(str(tiny_models["chat1"]))(PROMPTS, RESPONSES)),
-                               one[:, 0], atol=1e-5, rtol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        torch.tensor(load_reward(str(tiny_models["chat1"]))(PROMPTS, RESPONSES)), one[:, 0], atol=1e-5, rtol=1e-5
+    )
     pairs = manual_logits(tiny_models["pair2"], list(zip(PROMPTS, RESPONSES, strict=True)))
-    torch.testing.assert_close(torch.tensor(load_reward(str(tiny_models["pair2"]))(PROMPTS, RESPONSES)),
-                               pairs[:, 1] - pairs[:, 0], atol=1e-5, rtol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        torch.tensor(load_reward(str(tiny_models["pair2"]))(PROMPTS, RESPONSES)),
+        pairs[:, 1] - pairs[:, 0],
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 def test_chat_template_branch_versus_text_pair_branch(tiny_models):

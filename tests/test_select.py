@@ -76,8 +76,14 @@ def test_explicit_margins_come_from_score_columns_and_missing_scores_are_errors(
 
 def tiny_model() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=16,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -113,8 +119,9 @@ def test_implicit_margins_by_hand_and_from_the_cache(tmp_path):
 @pytest.mark.slow
 def test_select_verb_writes_the_selected_dataset_scores_and_histogram(tmp_path, capsys):
     out = tmp_path / "sel"
-    code = cli_main(["select", str(TINY), f"dataset={DATA}", f"select_cache_dir={tmp_path / 'cache'}",
-                     "--out", str(out)])  # fmt: skip
+    code = cli_main(
+        ["select", str(TINY), f"dataset={DATA}", f"select_cache_dir={tmp_path / 'cache'}", "--out", str(out)]
+    )
     assert code == 0, capsys.readouterr()
     rows = [json.loads(line) for line in (out / "selected.jsonl").read_text().splitlines()]
     assert len(rows) == math.ceil(0.4 * 64)
@@ -137,8 +144,18 @@ def _tokenizer():
 
 @pytest.mark.slow
 def test_selection_as_a_training_data_option(tmp_path):
-    cfg = load_run_config(TINY, [f"output_dir={tmp_path / 'run'}", f"dataset={DATA}", "disable_tqdm=true",
-                                 "selection=random", "select_ratio=0.5", "max_steps=2", "save_steps=0"])  # fmt: skip
+    cfg = load_run_config(
+        TINY,
+        [
+            f"output_dir={tmp_path / 'run'}",
+            f"dataset={DATA}",
+            "disable_tqdm=true",
+            "selection=random",
+            "select_ratio=0.5",
+            "max_steps=2",
+            "save_steps=0",
+        ],
+    )
     result = train(cfg)
     scores = [json.loads(line) for line in (result.output_dir / "selection_scores.jsonl").read_text().splitlines()]
     assert sum(r["selected"] for r in scores) == 32

@@ -15,9 +15,15 @@ from epsdpo import LMHeadInput, perturbed_logps
 def tiny_llama(seed: int = 0, tie: bool = True) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie,
-    )  # fmt: skip
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -52,9 +58,13 @@ def test_fused_path_matches_model_logits_with_gradients(tie):
     eager = perturbed_logps(logits, ref_logits, labels, mask, 0.01, impl="eager")
     eager_grads = torch.autograd.grad(eager.policy.sum(), list(policy.parameters()))
     fused = perturbed_logps(
-        head_inputs(policy, input_ids, attention), head_inputs(reference, input_ids, attention),
-        labels, mask, 0.01, chunk_size=5,
-    )  # fmt: skip
+        head_inputs(policy, input_ids, attention),
+        head_inputs(reference, input_ids, attention),
+        labels,
+        mask,
+        0.01,
+        chunk_size=5,
+    )
     fused_grads = torch.autograd.grad(fused.policy.sum(), list(policy.parameters()))
     for a, b in zip(eager, fused, strict=True):
         torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-5)
@@ -81,9 +91,14 @@ def test_documented_training_recipe_lowers_loss_and_moves_beta():
             steps = epsdpo.perturbation_steps(z, out.weaker[c] - out.weaker[r], out.stronger[c] - out.stronger[r])
             controller.observe(steps)
             loss = epsdpo.epsilon_dpo_loss(
-                out.policy[c], out.policy[r], out.reference[c], out.reference[r], steps,
-                beta=controller.beta, epsilon=controller.epsilon,
-            ).losses.mean() / len(micro_batches)  # fmt: skip
+                out.policy[c],
+                out.policy[r],
+                out.reference[c],
+                out.reference[r],
+                steps,
+                beta=controller.beta,
+                epsilon=controller.epsilon,
+            ).losses.mean() / len(micro_batches)
             loss.backward()
             total += loss.item()
         optimizer.step()

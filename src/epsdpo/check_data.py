@@ -19,11 +19,16 @@ BOUNDARY = "⟦|⟧"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "source", metavar="CONFIG_OR_FILE",
+        "source",
+        metavar="CONFIG_OR_FILE",
         help="a YAML config (with dataset: and tokenizer: or model:) or directly a data file, directory or Hub id",
     )
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. max_length=512 on_invalid=skip tokenizer=PATH")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, e.g. max_length=512 on_invalid=skip tokenizer=PATH",
+    )
     parser.add_argument("--examples", type=int, default=2, help="how many pairs to print with the boundary marked")
     parser.add_argument("--report-dir", type=Path, default=None, help="also write data_report.json here")
 
@@ -44,8 +49,10 @@ def _print_examples(pairs: Sequence[Any], tokenizer: Any, count: int) -> None:
         print(f"\n--- row {pair.index} (the completion starts at {BOUNDARY}) ---")
         for which in ("chosen", "rejected"):
             cut = " [truncated]" if getattr(pair, f"{which}_truncated") else ""
-            print(f"[{which}: prompt {len(pair.prompt_ids)} + completion "
-                  f"{len(getattr(pair, f'{which}_ids'))} tokens{cut}]")
+            print(
+                f"[{which}: prompt {len(pair.prompt_ids)} + completion "
+                f"{len(getattr(pair, f'{which}_ids'))} tokens{cut}]"
+            )
             print(mark_boundary(pair, tokenizer, which, BOUNDARY))
 
 
@@ -69,8 +76,10 @@ def run(args: argparse.Namespace) -> int:
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"tokenizer: {tokenizer_name}  max_length={data.max_length} max_prompt_length={data.max_prompt_length} "
-          f"truncation_mode={data.truncation_mode} on_invalid={data.on_invalid}")
+    print(
+        f"tokenizer: {tokenizer_name}  max_length={data.max_length} max_prompt_length={data.max_prompt_length} "
+        f"truncation_mode={data.truncation_mode} on_invalid={data.on_invalid}"
+    )
     print(report.summary())
     _print_examples(pairs, tokenizer, args.examples)
     if args.report_dir is not None:

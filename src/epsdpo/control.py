@@ -143,8 +143,9 @@ class BetaController:
         self._pending = [int(c) for c in state["pending"]]
         self.num_updates = int(state["num_updates"])
         fractions = state.get("last_fractions")
-        self.last_fractions = None if fractions is None else (float(fractions[0]), float(fractions[1]),
-                                                              float(fractions[2]))
+        self.last_fractions = (
+            None if fractions is None else (float(fractions[0]), float(fractions[1]), float(fractions[2]))
+        )
         self.last_num_pairs = int(state.get("last_num_pairs", 0))
 
     def __repr__(self) -> str:
@@ -233,10 +234,16 @@ class BetaDPOController:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "version": STATE_VERSION, "beta": self.initial_beta, "alpha": self.alpha, "rho": self.rho,
-            "momentum": self.momentum, "running_mean": self.running_mean, "running_std": self.running_std,
-            "initialized": self.initialized, "last_beta": self.last_beta,
-        }  # fmt: skip
+            "version": STATE_VERSION,
+            "beta": self.initial_beta,
+            "alpha": self.alpha,
+            "rho": self.rho,
+            "momentum": self.momentum,
+            "running_mean": self.running_mean,
+            "running_std": self.running_std,
+            "initialized": self.initialized,
+            "last_beta": self.last_beta,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("alpha", "rho", "momentum"):

@@ -10,10 +10,18 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", nargs="?", metavar="RUN_DIR_OR_CONFIG",
-                        help="a run directory of `epsdpo train`, or an eval config YAML (omit: overrides only)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="override any eval key, e.g. num_prompts=128 eval_dataset=bundled output=eval.json")
+    parser.add_argument(
+        "source",
+        nargs="?",
+        metavar="RUN_DIR_OR_CONFIG",
+        help="a run directory of `epsdpo train`, or an eval config YAML (omit: overrides only)",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="override any eval key, e.g. num_prompts=128 eval_dataset=bundled output=eval.json",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -55,8 +55,17 @@ from epsdpo.generate import (
 from epsdpo.machine import machine_label
 from epsdpo.stats import Estimate, distinct_n, estimate, grouped, one_token_repeated, paired_gain, win_rate
 
-__all__ = ["EvalConfig", "ReferencePart", "compute_reference_part", "evaluate", "evaluate_models", "format_table",
-           "load_eval_config", "row_logps", "sequence_logps"]
+__all__ = [
+    "EvalConfig",
+    "ReferencePart",
+    "compute_reference_part",
+    "evaluate",
+    "evaluate_models",
+    "format_table",
+    "load_eval_config",
+    "row_logps",
+    "sequence_logps",
+]
 
 #: ``eval_dataset=bundled``: the held-out pairs shipped with the package (from the test prompts)
 BUNDLED_TEST_PAIRS = "data/sentiment_pairs_test.jsonl"
@@ -146,8 +155,9 @@ class EvalConfig:
             raise ValueError(f"beta must be positive, got {self.beta}")
 
 
-def load_eval_config(source: str | Path | Mapping[str, Any] | EvalConfig | None = None,
-                     overrides: Sequence[str] = ()) -> EvalConfig:  # fmt: skip
+def load_eval_config(
+    source: str | Path | Mapping[str, Any] | EvalConfig | None = None, overrides: Sequence[str] = ()
+) -> EvalConfig:
     """An :class:`EvalConfig` from a run directory, a YAML file, a mapping or ``None``, plus ``key=value`` overrides.
 
     A directory holding ``config.yaml`` is read as ``run_dir=DIRECTORY``.
@@ -158,8 +168,10 @@ def load_eval_config(source: str | Path | Mapping[str, Any] | EvalConfig | None 
         return source
     if source is not None and not isinstance(source, Mapping) and Path(source).is_dir():
         if not (Path(source) / "config.yaml").is_file():
-            raise ConfigError(f"{source} is a directory without config.yaml, so not a run directory of `epsdpo "
-                              "train`; give a run directory, an eval config YAML, or model=… ref_model=…")
+            raise ConfigError(
+                f"{source} is a directory without config.yaml, so not a run directory of `epsdpo "
+                "train`; give a run directory, an eval config YAML, or model=… ref_model=…"
+            )
         source = {"run_dir": str(source)}
     return load_config(source, overrides, {"eval": EvalConfig})["eval"]
 
@@ -171,8 +183,16 @@ def _autocast(model: nn.Module, enabled: bool) -> contextlib.AbstractContextMana
 
 
 @torch.no_grad()
-def row_logps(model: nn.Module, rows: Sequence[tuple[list[int], list[int]]], pad_id: int, *, batch_size: int = 8,
-              bf16: bool = False, desc: str | None = None, disable_tqdm: bool = True) -> torch.Tensor:  # fmt: skip
+def row_logps(
+    model: nn.Module,
+    rows: Sequence[tuple[list[int], list[int]]],
+    pad_id: int,
+    *,
+    batch_size: int = 8,
+    bf16: bool = False,
+    desc: str | None = None,
+    disable_tqdm: bool = True,
+) -> torch.Tensor:
     """Summed log π(completion | prompt) under ``model`` of each ``(prompt_ids, completion_ids)`` row, (N,) float32.
 
     ``desc``: a progress bar with this label (unless ``disable_tqdm``).
@@ -214,10 +234,20 @@ def row_logps(model: nn.Module, rows: Sequence[tuple[list[int], list[int]]], pad
             if isinstance(side, LMHeadInput):
                 hidden = side.hidden[where]
                 step = default_chunk_size(side.weight.shape[0])
-                tok = torch.cat([
-                    torch.nn.functional.linear(hidden[i : i + step], side.weight, side.bias).float().log_softmax(-1)
-                    .gather(-1, targets[i : i + step, None]).squeeze(-1) for i in range(0, hidden.shape[0], step)
-                ]) if hidden.shape[0] else hidden.new_zeros(0, dtype=torch.float32)  # fmt: skip
+                tok = (
+                    torch.cat(
+                        [
+                            torch.nn.functional.linear(hidden[i : i + step], side.weight, side.bias)
+                            .float()
+                            .log_softmax(-1)
+                            .gather(-1, targets[i : i + step, None])
+                            .squeeze(-1)
+                            for i in range(0, hidden.shape[0], step)
+                        ]
+                    )
+                    if hidden.shape[0]
+                    else hidden.new_zeros(0, dtype=torch.float32)
+                )
             else:
                 tok = side[where].float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
         seq = torch.zeros(len(chunk), dtype=torch.float32, device=device).index_add(0, rows_of, tok.float())
@@ -225,16 +255,25 @@ def row_logps(model: nn.Module, rows: Sequence[tuple[list[int], list[int]]], pad
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def sequence_logps(policy: nn.Module, reference: nn.Module, pairs: Sequence[Any], pad_id: int, *,
-                   batch_size: int = 8, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def sequence_logps(
+    policy: nn.Module,
+    reference: nn.Module,
+    pairs: Sequence[Any],
+    pad_id: int,
+    *,
+    batch_size: int = 8,
+    bf16: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs under both models of every row of ``pairs`` (:class:`TokenizedPair`).
 
     Returns ``(policy, reference)``, each (2P,) float32: rows 0..P−1 for the ``chosen_ids``, P..2P−1 for the
     ``rejected_ids`` (see :func:`row_logps`).
     """
     rows = _pair_rows(pairs)
-    return (row_logps(policy, rows, pad_id, batch_size=batch_size, bf16=bf16),
-            row_logps(reference, rows, pad_id, batch_size=batch_size, bf16=bf16))  # fmt: skip
+    return (
+        row_logps(policy, rows, pad_id, batch_size=batch_size, bf16=bf16),
+        row_logps(reference, rows, pad_id, batch_size=batch_size, bf16=bf16),
+    )
 
 
 def _pair_rows(pairs: Sequence[Any]) -> list[tuple[list[int], list[int]]]:
@@ -242,8 +281,15 @@ def _pair_rows(pairs: Sequence[Any]) -> list[tuple[list[int], list[int]]]:
 
 
 # ---- sampling -----------------------------------------------------------------------------------------------------
-def _sample_all(model: nn.Module, tokenizer: Any, encoded: Sequence[list[int]], prompt_ids: Sequence[str],
-                cfg: EvalConfig, end_ids: Sequence[int], stream: str) -> list[Completion]:  # fmt: skip
+def _sample_all(
+    model: nn.Module,
+    tokenizer: Any,
+    encoded: Sequence[list[int]],
+    prompt_ids: Sequence[str],
+    cfg: EvalConfig,
+    end_ids: Sequence[int],
+    stream: str,
+) -> list[Completion]:
     """``samples_per_prompt`` completions per prompt (prompt-major); sample j of a prompt is seeded by (seed, id, j)
     in the model's own family of streams (``policy`` or ``reference``), so the two models' draws are independent."""
     from tqdm.auto import tqdm
@@ -253,12 +299,24 @@ def _sample_all(model: nn.Module, tokenizer: Any, encoded: Sequence[list[int]], 
     batches = range(0, len(encoded), cfg.batch_size)
     for start in tqdm(batches, desc=f"eval: sample ({stream})", disable=cfg.disable_tqdm, dynamic_ncols=True):
         ids = [p for p in encoded[start : start + cfg.batch_size] for _ in range(k)]
-        seeds = [sample_seed(cfg.seed, pid, j, stream) for pid in prompt_ids[start : start + cfg.batch_size]
-                 for j in range(k)]
+        seeds = [
+            sample_seed(cfg.seed, pid, j, stream)
+            for pid in prompt_ids[start : start + cfg.batch_size]
+            for j in range(k)
+        ]
         with _autocast(model, cfg.bf16):
-            out.extend(sample_completions(model, ids, seeds, max_new_tokens=cfg.max_new_tokens, end_ids=end_ids,
-                                          pad_id=tokenizer.pad_token_id, temperature=cfg.temperature,
-                                          top_p=cfg.top_p))  # fmt: skip
+            out.extend(
+                sample_completions(
+                    model,
+                    ids,
+                    seeds,
+                    max_new_tokens=cfg.max_new_tokens,
+                    end_ids=end_ids,
+                    pad_id=tokenizer.pad_token_id,
+                    temperature=cfg.temperature,
+                    top_p=cfg.top_p,
+                )
+            )
     return out
 
 
@@ -296,13 +354,21 @@ class ReferencePart:
     pair_logps: list[float] | None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"samples": [[c.ids, c.finished] for c in self.samples], "rewards": self.rewards,
-                "self_logps": self.self_logps, "pair_logps": self.pair_logps}  # fmt: skip
+        return {
+            "samples": [[c.ids, c.finished] for c in self.samples],
+            "rewards": self.rewards,
+            "self_logps": self.self_logps,
+            "pair_logps": self.pair_logps,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ReferencePart:
-        return cls([Completion(list(ids), bool(done)) for ids, done in d["samples"]], list(d["rewards"]),
-                   list(d["self_logps"]), None if d["pair_logps"] is None else list(d["pair_logps"]))  # fmt: skip
+        return cls(
+            [Completion(list(ids), bool(done)) for ids, done in d["samples"]],
+            list(d["rewards"]),
+            list(d["self_logps"]),
+            None if d["pair_logps"] is None else list(d["pair_logps"]),
+        )
 
 
 def _encoded_prompts(tokenizer: Any, prompts: Sequence[tuple[str, str]], cfg: EvalConfig) -> list[list[int]]:
@@ -314,26 +380,44 @@ def _prompt_texts(prompts: Sequence[tuple[str, str]], k: int) -> list[str]:
     return [text for _, text in prompts for _ in range(k)]
 
 
-def compute_reference_part(reference: nn.Module, tokenizer: Any, prompts: Sequence[tuple[str, str]], reward: Any,
-                   cfg: EvalConfig, pairs: Sequence[Any] | None = None) -> ReferencePart:  # fmt: skip
+def compute_reference_part(
+    reference: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[tuple[str, str]],
+    reward: Any,
+    cfg: EvalConfig,
+    pairs: Sequence[Any] | None = None,
+) -> ReferencePart:
     """Sample, score and take the log-probs the evaluation needs from the reference alone."""
     encoded = _encoded_prompts(tokenizer, prompts, cfg)
-    samples = _sample_all(reference, tokenizer, encoded, [pid for pid, _ in prompts], cfg, end_token_ids(tokenizer),
-                          "reference")  # fmt: skip
+    samples = _sample_all(
+        reference, tokenizer, encoded, [pid for pid, _ in prompts], cfg, end_token_ids(tokenizer), "reference"
+    )
     k = cfg.samples_per_prompt
     texts = [decode_completion(tokenizer, c) for c in samples]
     rows = [(encoded[i // k], c.ids) for i, c in enumerate(samples)]
     pad, opts = tokenizer.pad_token_id, _logp_options(cfg)
-    pair_logps = (row_logps(reference, _pair_rows(pairs), pad, **opts, desc="eval: held-out pairs (reference)")
-                  .tolist() if pairs else None)  # fmt: skip
+    pair_logps = (
+        row_logps(reference, _pair_rows(pairs), pad, **opts, desc="eval: held-out pairs (reference)").tolist()
+        if pairs
+        else None
+    )
     self_logps = row_logps(reference, rows, pad, **opts, desc="eval: log-probs (reference)").tolist()
     return ReferencePart(samples, list(reward(_prompt_texts(prompts, k), texts)), self_logps, pair_logps)
 
 
-def evaluate_models(policy: nn.Module, reference: nn.Module, tokenizer: Any, prompts: Sequence[tuple[str, str]],
-                    reward: Any, cfg: EvalConfig, *, pairs: Sequence[Any] | None = None, beta: float = 0.1,
-                    reference_part: ReferencePart | None = None
-                    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:  # fmt: skip
+def evaluate_models(
+    policy: nn.Module,
+    reference: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[tuple[str, str]],
+    reward: Any,
+    cfg: EvalConfig,
+    *,
+    pairs: Sequence[Any] | None = None,
+    beta: float = 0.1,
+    reference_part: ReferencePart | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The metrics of the module docstring for loaded models; also one record per sampled (prompt, j).
 
     ``prompts``: ``(prompt_id, text)``; ``reward``: a :class:`epsdpo.rewards.Reward`; ``pairs``: held-out
@@ -344,14 +428,18 @@ def evaluate_models(policy: nn.Module, reference: nn.Module, tokenizer: Any, pro
     expected = (len(prompts) * cfg.samples_per_prompt, None if not pairs else 2 * len(pairs))
     got = (len(ref_side.samples), None if ref_side.pair_logps is None else len(ref_side.pair_logps))
     if got != expected:
-        raise ValueError(f"the reference part holds {got[0]} samples and {got[1]} pair rows, this evaluation needs "
-                         f"{expected[0]} and {expected[1]}: it was computed for other prompts, settings or pairs")
+        raise ValueError(
+            f"the reference part holds {got[0]} samples and {got[1]} pair rows, this evaluation needs "
+            f"{expected[0]} and {expected[1]}: it was computed for other prompts, settings or pairs"
+        )
     encoded = _encoded_prompts(tokenizer, prompts, cfg)
     ids = [pid for pid, _ in prompts]
     k = cfg.samples_per_prompt
     end_ids = end_token_ids(tokenizer)
-    samples = {"policy": _sample_all(policy, tokenizer, encoded, ids, cfg, end_ids, "policy"),
-               "reference": ref_side.samples}
+    samples = {
+        "policy": _sample_all(policy, tokenizer, encoded, ids, cfg, end_ids, "policy"),
+        "reference": ref_side.samples,
+    }
     texts = {name: [decode_completion(tokenizer, c) for c in done] for name, done in samples.items()}
     prompt_texts = _prompt_texts(prompts, k)
     rewards = {"policy": list(reward(prompt_texts, texts["policy"])), "reference": ref_side.rewards}
@@ -381,21 +469,43 @@ def evaluate_models(policy: nn.Module, reference: nn.Module, tokenizer: Any, pro
     _with_se(metrics, "win_rate", win_rate(rewards["policy"], rewards["reference"], k), interval=True)
     metrics.update(_pair_metrics(policy, pairs, ref_side.pair_logps, pad, beta, cfg))
     metrics["num_prompts"], metrics["num_samples"], metrics["samples_per_prompt"] = len(prompts), n, k
-    records = [{"prompt_id": ids[i // k], "sample": i % k, "prompt": prompt_texts[i],
-                "policy": texts["policy"][i], "reference": texts["reference"][i],
-                "policy_reward": rewards["policy"][i], "reference_reward": rewards["reference"][i],
-                "policy_logp": float(lp_pol[i]), "policy_ref_logp": float(lp_ref_own[i]),
-                "reference_logp": float(lp_ref_theirs[i]), "reference_policy_logp": float(lp_pol[n + i])}
-               for i in range(n)]  # fmt: skip
+    records = [
+        {
+            "prompt_id": ids[i // k],
+            "sample": i % k,
+            "prompt": prompt_texts[i],
+            "policy": texts["policy"][i],
+            "reference": texts["reference"][i],
+            "policy_reward": rewards["policy"][i],
+            "reference_reward": rewards["reference"][i],
+            "policy_logp": float(lp_pol[i]),
+            "policy_ref_logp": float(lp_ref_own[i]),
+            "reference_logp": float(lp_ref_theirs[i]),
+            "reference_policy_logp": float(lp_pol[n + i]),
+        }
+        for i in range(n)
+    ]
     return metrics, records
 
 
-def _pair_metrics(policy: nn.Module, pairs: Sequence[Any] | None, ref_logps: list[float] | None, pad_id: int,
-                  beta: float, cfg: EvalConfig) -> dict[str, Any]:  # fmt: skip
+def _pair_metrics(
+    policy: nn.Module,
+    pairs: Sequence[Any] | None,
+    ref_logps: list[float] | None,
+    pad_id: int,
+    beta: float,
+    cfg: EvalConfig,
+) -> dict[str, Any]:
     """Preference accuracy and mean implicit reward margin on held-out pairs (None without pairs)."""
     if not pairs or ref_logps is None:
-        return {"preference_accuracy": None, "preference_accuracy_se": None, "reward_margin": None,
-                "reward_margin_se": None, "num_pairs": 0, "beta": beta}
+        return {
+            "preference_accuracy": None,
+            "preference_accuracy_se": None,
+            "reward_margin": None,
+            "reward_margin_se": None,
+            "num_pairs": 0,
+            "beta": beta,
+        }
     lp_pol = row_logps(policy, _pair_rows(pairs), pad_id, **_logp_options(cfg), desc="eval: held-out pairs (policy)")
     lp_ref = torch.tensor(ref_logps)
     p = len(pairs)
@@ -428,10 +538,13 @@ def _load_from_run(cfg: EvalConfig) -> _Loaded:
     run_cfg = load_run_config(run / "config.yaml")
     final = run / "final"
     if cfg.model is None and not final.is_dir():
-        raise FileNotFoundError(f"{run} has no final/ model (training did not finish); finish or resume the run "
-                                "(resume_from_checkpoint=auto), or give model=PATH.")
-    tokenizer = load_tokenizer(cfg.tokenizer or (str(final) if final.is_dir() else tokenizer_name(run_cfg)),
-                               cfg.trust_remote_code)  # fmt: skip
+        raise FileNotFoundError(
+            f"{run} has no final/ model (training did not finish); finish or resume the run "
+            "(resume_from_checkpoint=auto), or give model=PATH."
+        )
+    tokenizer = load_tokenizer(
+        cfg.tokenizer or (str(final) if final.is_dir() else tokenizer_name(run_cfg)), cfg.trust_remote_code
+    )
     m = run_cfg.models
 
     def initial_model() -> nn.Module:  # the run's starting point, rebuilt exactly as the trainer built it
@@ -453,11 +566,19 @@ def _load_from_run(cfg: EvalConfig) -> _Loaded:
         policy, policy_name = load_causal_lm(str(final), cfg.trust_remote_code), str(final)
     ref_name = cfg.ref_model or m.ref_model
     reference = load_causal_lm(ref_name, cfg.trust_remote_code) if ref_name else initial_model()
-    ref_label = ref_name or (m.model if m.model_config is None else f"{m.model} (random init, seed "
-                                                                   f"{run_cfg.train.seed})")  # fmt: skip
+    ref_label = ref_name or (
+        m.model if m.model_config is None else f"{m.model} (random init, seed {run_cfg.train.seed})"
+    )
     ref_id = model_identity(ref_name) if cfg.ref_model else reference_identity(m, run_cfg.train.seed)
-    return _Loaded(policy, reference, tokenizer, cfg.beta or _run_beta(run, run_cfg), run_cfg.data,
-                   {"policy": policy_name, "reference": ref_label}, ref_id)  # fmt: skip
+    return _Loaded(
+        policy,
+        reference,
+        tokenizer,
+        cfg.beta or _run_beta(run, run_cfg),
+        run_cfg.data,
+        {"policy": policy_name, "reference": ref_label},
+        ref_id,
+    )
 
 
 def _run_beta(run: Path, run_cfg: Any) -> float:
@@ -480,10 +601,15 @@ def _load_models(cfg: EvalConfig) -> _Loaded:
     else:
         if cfg.model is None or cfg.ref_model is None:
             raise ConfigError("give a run directory (epsdpo eval RUN_DIR), or both model=… and ref_model=…")
-        loaded = _Loaded(load_causal_lm(cfg.model, cfg.trust_remote_code),
-                         load_causal_lm(cfg.ref_model, cfg.trust_remote_code),
-                         load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code), cfg.beta or 0.1, None,
-                         {"policy": cfg.model, "reference": cfg.ref_model}, model_identity(cfg.ref_model))  # fmt: skip
+        loaded = _Loaded(
+            load_causal_lm(cfg.model, cfg.trust_remote_code),
+            load_causal_lm(cfg.ref_model, cfg.trust_remote_code),
+            load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code),
+            cfg.beta or 0.1,
+            None,
+            {"policy": cfg.model, "reference": cfg.ref_model},
+            model_identity(cfg.ref_model),
+        )
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     for model in (loaded.policy, loaded.reference):
         model.requires_grad_(False).eval().to(device)
@@ -518,8 +644,9 @@ def _all_held_out_pairs(cfg: EvalConfig, run_data: Any, tokenizer: Any) -> tuple
     return pairs, source
 
 
-def evaluate(config: EvalConfig | str | Path | Mapping[str, Any] | None = None,
-             overrides: Sequence[str] = ()) -> dict[str, Any]:  # fmt: skip
+def evaluate(
+    config: EvalConfig | str | Path | Mapping[str, Any] | None = None, overrides: Sequence[str] = ()
+) -> dict[str, Any]:
     """Load the models, sample, score and write ``eval.json`` (and ``…_samples.jsonl``); returns the metrics.
 
     ``config``: an :class:`EvalConfig`, a run directory, a YAML file, a mapping or ``None``, plus overrides.
@@ -549,13 +676,27 @@ def evaluate(config: EvalConfig | str | Path | Mapping[str, Any] | None = None,
             tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.partial")  # concurrent writers: own files
             tmp.write_text(json.dumps(part.to_dict()), encoding="utf-8")
             tmp.replace(cache_file)
-    metrics, records = evaluate_models(loaded.policy, loaded.reference, loaded.tokenizer, prompts, reward, cfg,
-                                       pairs=pairs, beta=loaded.beta, reference_part=part)  # fmt: skip
+    metrics, records = evaluate_models(
+        loaded.policy,
+        loaded.reference,
+        loaded.tokenizer,
+        prompts,
+        reward,
+        cfg,
+        pairs=pairs,
+        beta=loaded.beta,
+        reference_part=part,
+    )
     result = {
         **metrics,
-        "name": name, "policy": loaded.names["policy"], "reference": loaded.names["reference"],
-        "eval_dataset": pairs_source, "samples_file": samples_path.name, "seconds": time.perf_counter() - started,
-        "reference_cache": None if cache_file is None else str(cache_file), "machine": machine_label(),
+        "name": name,
+        "policy": loaded.names["policy"],
+        "reference": loaded.names["reference"],
+        "eval_dataset": pairs_source,
+        "samples_file": samples_path.name,
+        "seconds": time.perf_counter() - started,
+        "reference_cache": None if cache_file is None else str(cache_file),
+        "machine": machine_label(),
         "settings": settings,
     }
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -641,24 +782,43 @@ def _check_overwrite(output: Path, settings: Mapping[str, Any], overwrite: bool)
         return
     if not overwrite:
         differ = sorted(k for k in set(settings) | set(earlier) if earlier.get(k) != settings.get(k))
-        raise ConfigError(f"{output} holds an evaluation with other settings (differing: {', '.join(differ)}); "
-                          "give name=… (or output=…) to keep both, or overwrite=true to replace it")
+        raise ConfigError(
+            f"{output} holds an evaluation with other settings (differing: {', '.join(differ)}); "
+            "give name=… (or output=…) to keep both, or overwrite=true to replace it"
+        )
     print(f"note: overwrite=true: replacing {output} (made with other settings)")
 
 
-def _reference_cache_file(cfg: EvalConfig, loaded: _Loaded, prompts: Sequence[tuple[str, str]],
-                          pairs: Sequence[Any] | None) -> Path:  # fmt: skip
+def _reference_cache_file(
+    cfg: EvalConfig, loaded: _Loaded, prompts: Sequence[tuple[str, str]], pairs: Sequence[Any] | None
+) -> Path:
     """The cache file of the reference's part: a key over everything that determines it."""
     import hashlib
 
     determines = {
-        "format": 2, "reference": loaded.reference_id, "prompts": list(prompts), "reward": cfg.reward,
-        "prompt_ids": _encoded_prompts(loaded.tokenizer, prompts, cfg), "pad": loaded.tokenizer.pad_token_id,
-        "end_ids": list(end_token_ids(loaded.tokenizer)), "device": str(next(loaded.reference.parameters()).device),
-        "settings": {k: getattr(cfg, k) for k in ("samples_per_prompt", "max_new_tokens", "temperature", "top_p",
-                                                   "batch_size", "seed", "bf16", "use_chat_template")},
+        "format": 2,
+        "reference": loaded.reference_id,
+        "prompts": list(prompts),
+        "reward": cfg.reward,
+        "prompt_ids": _encoded_prompts(loaded.tokenizer, prompts, cfg),
+        "pad": loaded.tokenizer.pad_token_id,
+        "end_ids": list(end_token_ids(loaded.tokenizer)),
+        "device": str(next(loaded.reference.parameters()).device),
+        "settings": {
+            k: getattr(cfg, k)
+            for k in (
+                "samples_per_prompt",
+                "max_new_tokens",
+                "temperature",
+                "top_p",
+                "batch_size",
+                "seed",
+                "bf16",
+                "use_chat_template",
+            )
+        },
         "pairs": None if not pairs else [[p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in pairs],
-    }  # fmt: skip
+    }
     key = hashlib.sha256(json.dumps(determines, sort_keys=True).encode()).hexdigest()[:24]
     return Path(cfg.reference_cache_dir or ".") / f"eval_reference-{key}.json"
 

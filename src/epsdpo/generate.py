@@ -67,8 +67,21 @@ __all__ = [
 ]
 
 #: settings that must match for a rerun to continue an existing output file
-RESUME_KEYS = ("model", "tokenizer", "prompts", "prompt_column", "prompt_split", "num_samples", "max_new_tokens",
-               "temperature", "top_p", "reward", "seed", "use_chat_template", "batch_size")  # fmt: skip
+RESUME_KEYS = (
+    "model",
+    "tokenizer",
+    "prompts",
+    "prompt_column",
+    "prompt_split",
+    "num_samples",
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "reward",
+    "seed",
+    "use_chat_template",
+    "batch_size",
+)
 
 
 @dataclass
@@ -140,8 +153,9 @@ def check_sampling(temperature: float, top_p: float, max_new_tokens: int, batch_
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
 
-def load_generate_config(source: str | Path | Mapping[str, Any] | GenerateConfig | None = None,
-                         overrides: Sequence[str] = ()) -> GenerateConfig:  # fmt: skip
+def load_generate_config(
+    source: str | Path | Mapping[str, Any] | GenerateConfig | None = None, overrides: Sequence[str] = ()
+) -> GenerateConfig:
     """A :class:`GenerateConfig` from a YAML file, a mapping or ``None`` (defaults), plus ``key=value`` overrides."""
     if isinstance(source, GenerateConfig):
         if overrides:
@@ -163,8 +177,9 @@ def sample_seed(seed: int, prompt_id: str, sample: int, stream: str = "") -> int
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def sample_next_tokens(logits: Tensor, generators: Sequence[torch.Generator], temperature: float = 1.0,
-                       top_p: float = 1.0) -> Tensor:  # fmt: skip
+def sample_next_tokens(
+    logits: Tensor, generators: Sequence[torch.Generator], temperature: float = 1.0, top_p: float = 1.0
+) -> Tensor:
     """One token per row of ``logits`` (N, V), row i drawn with ``generators[i]`` only.
 
     Inverse-CDF sampling: u ∈ (0, 1] from the row's generator, the token is the first whose cumulative probability
@@ -192,9 +207,17 @@ class Completion:
 
 
 @torch.inference_mode()
-def sample_completions(model: Any, prompt_ids: Sequence[list[int]], seeds: Sequence[int], *, max_new_tokens: int,
-                       end_ids: Sequence[int], pad_id: int, temperature: float = 1.0, top_p: float = 1.0
-                       ) -> list[Completion]:  # fmt: skip
+def sample_completions(
+    model: Any,
+    prompt_ids: Sequence[list[int]],
+    seeds: Sequence[int],
+    *,
+    max_new_tokens: int,
+    end_ids: Sequence[int],
+    pad_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+) -> list[Completion]:
     """Sample one completion per row (``prompt_ids[i]``, ``seeds[i]``) in one left-padded batch.
 
     The decoding loop is our own (a KV cache, stopping at ``end_ids``), not ``model.generate``: ``generate`` merges
@@ -231,8 +254,14 @@ def sample_completions(model: Any, prompt_ids: Sequence[list[int]], seeds: Seque
         attention = torch.cat([attention, torch.ones((n, 1), dtype=attention.dtype, device=device)], dim=-1)
         positions = positions[:, -1:] + 1
         cache = out.get(cache_key)
-        out = model(input_ids=tokens[:, None], attention_mask=attention, position_ids=positions, use_cache=True,
-                    **{cache_key: cache}, **extra)
+        out = model(
+            input_ids=tokens[:, None],
+            attention_mask=attention,
+            position_ids=positions,
+            use_cache=True,
+            **{cache_key: cache},
+            **extra,
+        )
     end_set = set(end_ids)
     completions = []
     for row in torch.stack(drawn, dim=1).tolist():
@@ -260,8 +289,9 @@ def encode_prompt(tokenizer: Any, prompt: str, use_chat_template: bool) -> list[
     """
     text = prompt
     if use_chat_template:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                             tokenize=False)  # fmt: skip
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     bos = tokenizer.bos_token_id
     plain = tokenizer("a", add_special_tokens=True)["input_ids"]
@@ -302,8 +332,9 @@ def load_model_for_sampling(name: str, trust_remote_code: bool, device: str | No
 
 
 # ---- prompts ------------------------------------------------------------------------------------------------------
-def load_prompts(source: str, split: str | None = None, column: str = "prompt",
-                 limit: int | None = None) -> list[tuple[str, str]]:  # fmt: skip
+def load_prompts(
+    source: str, split: str | None = None, column: str = "prompt", limit: int | None = None
+) -> list[tuple[str, str]]:
     """``(prompt_id, prompt)`` pairs from ``bundled`` or a data source (see :class:`GenerateConfig`).
 
     Raises ``ValueError`` naming the source and row for a missing or empty prompt, or duplicate ids.
@@ -325,8 +356,10 @@ def load_prompts(source: str, split: str | None = None, column: str = "prompt",
     seen: set[str] = set()
     for index, row in numbered:
         if not isinstance(row, Mapping) or not isinstance(row.get(column), str) or not row[column].strip():
-            raise ValueError(f"{where}: row {index} has no prompt text in column {column!r}; give every row a "
-                             "non-empty string there (or set prompt_column).")
+            raise ValueError(
+                f"{where}: row {index} has no prompt text in column {column!r}; give every row a "
+                "non-empty string there (or set prompt_column)."
+            )
         key = next((row[k] for k in ("prompt_id", "id") if row.get(k) is not None), index)
         prompt_id = str(key)
         if prompt_id in seen:
@@ -364,8 +397,10 @@ def read_jsonl_resumable(path: Path) -> tuple[list[dict[str, Any]], bool]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg}); the file was not written by an "
-                             "interrupted `epsdpo generate`. Move it away or fix the line.") from err
+            raise ValueError(
+                f"{path}, line {number}: not valid JSON ({err.msg}); the file was not written by an "
+                "interrupted `epsdpo generate`. Move it away or fix the line."
+            ) from err
     return rows, dropped
 
 
@@ -376,8 +411,10 @@ def _check_settings(path: Path, settings: dict[str, Any], has_rows: bool) -> Non
         changed = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
         if changed:
             detail = ", ".join(f"{k}: {old!r} → {new!r}" for k, (old, new) in changed.items())
-            raise ConfigError(f"{path} records other settings for this output ({detail}); rerun with the old "
-                              "settings to continue it, or choose another output=PATH.")
+            raise ConfigError(
+                f"{path} records other settings for this output ({detail}); rerun with the old "
+                "settings to continue it, or choose another output=PATH."
+            )
     elif has_rows:
         print(f"note: {path} is missing, so the settings of the existing rows cannot be checked.")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -394,8 +431,9 @@ def _append(path: Path, records: Sequence[dict[str, Any]]) -> None:
 
 
 # ---- pairs --------------------------------------------------------------------------------------------------------
-def make_row(prompt_id: str, prompt: str, texts: list[str], scores: list[float], finished: list[bool],
-             conversational: bool) -> tuple[dict[str, Any] | None, str | None]:  # fmt: skip
+def make_row(
+    prompt_id: str, prompt: str, texts: list[str], scores: list[float], finished: list[bool], conversational: bool
+) -> tuple[dict[str, Any] | None, str | None]:
     """The output row of one prompt, or ``(None, reason)`` when it yields no usable pair.
 
     Empty responses cannot be trained on and take no part in the choice. Reasons: ``fewer_than_two_nonempty``,
@@ -415,12 +453,18 @@ def make_row(prompt_id: str, prompt: str, texts: list[str], scores: list[float],
         return [{"role": role, "content": text}] if conversational else text
 
     return {
-        "prompt_id": prompt_id, "prompt": as_turn(prompt, "user"),
-        "chosen": as_turn(texts[best], "assistant"), "rejected": as_turn(texts[worst], "assistant"),
-        "score_chosen": scores[best], "score_rejected": scores[worst],
-        "chosen_finished": finished[best], "rejected_finished": finished[worst],
-        "responses": texts, "scores": scores, "finished": finished,
-    }, None  # fmt: skip
+        "prompt_id": prompt_id,
+        "prompt": as_turn(prompt, "user"),
+        "chosen": as_turn(texts[best], "assistant"),
+        "rejected": as_turn(texts[worst], "assistant"),
+        "score_chosen": scores[best],
+        "score_rejected": scores[worst],
+        "chosen_finished": finished[best],
+        "rejected_finished": finished[worst],
+        "responses": texts,
+        "scores": scores,
+        "finished": finished,
+    }, None
 
 
 @dataclass
@@ -464,13 +508,16 @@ class GenerateSummary:
             f"  responses: {self.empty_responses} empty, {self.unfinished_responses} cut at max_new_tokens",
         ]
         if self.mean_score_chosen is not None:
-            lines.append(f"  output holds {self.pairs_total} pairs: mean score chosen {self.mean_score_chosen:.4f}, "
-                         f"rejected {self.mean_score_rejected:.4f}")
+            lines.append(
+                f"  output holds {self.pairs_total} pairs: mean score chosen {self.mean_score_chosen:.4f}, "
+                f"rejected {self.mean_score_rejected:.4f}"
+            )
         return "\n".join(lines)
 
 
-def generate(config: GenerateConfig | str | Path | Mapping[str, Any] | None = None,
-             overrides: Sequence[str] = ()) -> GenerateSummary:  # fmt: skip
+def generate(
+    config: GenerateConfig | str | Path | Mapping[str, Any] | None = None, overrides: Sequence[str] = ()
+) -> GenerateSummary:
     """Sample, score and write preference pairs (see the module docstring); resumes an existing output."""
     from tqdm.auto import tqdm
 
@@ -489,8 +536,12 @@ def generate(config: GenerateConfig | str | Path | Mapping[str, Any] | None = No
         print(f"note: dropped a truncated last line (an interrupted write) from {output if dropped else skipped_path}")
     _check_settings(_sidecar(output, ".settings.json"), settings, bool(rows or skipped_rows))
     done = {str(r.get("prompt_id")) for r in rows} | {str(r.get("prompt_id")) for r in skipped_rows}
-    summary = GenerateSummary(str(output), len(prompts), sum(pid in done for pid, _ in prompts),
-                              truncated_line_dropped=dropped or dropped_skipped)  # fmt: skip
+    summary = GenerateSummary(
+        str(output),
+        len(prompts),
+        sum(pid in done for pid, _ in prompts),
+        truncated_line_dropped=dropped or dropped_skipped,
+    )
     pending = len(prompts) - summary.done_before
     if pending:
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
@@ -506,11 +557,15 @@ def generate(config: GenerateConfig | str | Path | Mapping[str, Any] | None = No
                 continue
             encoded = [encode_prompt(tokenizer, text, chat) for _, text in batch]
             completions = sample_completions(
-                model, [ids for ids in encoded for _ in range(cfg.num_samples)],
+                model,
+                [ids for ids in encoded for _ in range(cfg.num_samples)],
                 [sample_seed(cfg.seed, pid, j) for pid, _ in batch for j in range(cfg.num_samples)],
-                max_new_tokens=cfg.max_new_tokens, end_ids=end_ids, pad_id=tokenizer.pad_token_id,
-                temperature=cfg.temperature, top_p=cfg.top_p,
-            )  # fmt: skip
+                max_new_tokens=cfg.max_new_tokens,
+                end_ids=end_ids,
+                pad_id=tokenizer.pad_token_id,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+            )
             texts = [decode_completion(tokenizer, c) for c in completions]
             scores = reward([text for _, text in batch for _ in range(cfg.num_samples)], texts)
             new_rows, new_skips = [], []
@@ -524,8 +579,15 @@ def generate(config: GenerateConfig | str | Path | Mapping[str, Any] | None = No
                 summary.unfinished_responses += finished.count(False)
                 if row is None:
                     skipped[str(reason)] += 1
-                    new_skips.append({"prompt_id": pid, "reason": reason, "prompt": text, "responses": texts[mine],
-                                      "scores": scores[mine]})  # fmt: skip
+                    new_skips.append(
+                        {
+                            "prompt_id": pid,
+                            "reason": reason,
+                            "prompt": text,
+                            "responses": texts[mine],
+                            "scores": scores[mine],
+                        }
+                    )
                 else:
                     new_rows.append(row)
             _append(skipped_path, new_skips)

@@ -10,8 +10,12 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="YAML config (omit to use defaults and overrides only)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="override any config key, e.g. prompts=my.jsonl num_samples=8 output=pairs.jsonl")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="override any config key, e.g. prompts=my.jsonl num_samples=8 output=pairs.jsonl",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -122,9 +122,7 @@ def dpo_loss(
     losses = -F.logsigmoid(logits)
     if label_smoothing > 0.0:
         losses = (1.0 - label_smoothing) * losses - label_smoothing * F.logsigmoid(-logits)
-    chosen, rejected = _rewards(
-        beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-    )
+    chosen, rejected = _rewards(beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     return PreferenceLoss(losses, chosen, rejected)
 
 
@@ -142,9 +140,7 @@ def ipo_loss(
     """
     margins = _margins(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     losses = (margins - 1.0 / (2.0 * beta)) ** 2
-    chosen, rejected = _rewards(
-        beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-    )
+    chosen, rejected = _rewards(beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     return PreferenceLoss(losses, chosen, rejected)
 
 
@@ -158,9 +154,7 @@ def hinge_loss(
     """Hinge / SLiC-style loss (Zhao et al. 2023, Liu et al. 2024 RSO): loss = max(0, 1 − β h)."""
     margins = _margins(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     losses = torch.relu(1.0 - beta * margins)
-    chosen, rejected = _rewards(
-        beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-    )
+    chosen, rejected = _rewards(beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     return PreferenceLoss(losses, chosen, rejected)
 
 

@@ -14,9 +14,12 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories of `epsdpo train`")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="where reward_vs_kl.png goes (default: RUN_DIR/plots for one run, else the first "
-                             "run's parent directory)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where reward_vs_kl.png goes (default: RUN_DIR/plots for one run, else the first run's parent directory)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,8 +38,10 @@ def run(args: argparse.Namespace) -> int:
         evaluated = [r for r in runs if (r / "eval.json").is_file()]
         for run_dir in runs:
             if run_dir not in evaluated:
-                print(f"note: {run_dir} is left out of the reward-vs-KL plot: it has no eval.json (evaluate it with "
-                      f"`epsdpo eval {run_dir}`)")
+                print(
+                    f"note: {run_dir} is left out of the reward-vs-KL plot: it has no eval.json (evaluate it with "
+                    f"`epsdpo eval {run_dir}`)"
+                )
         if evaluated:
             out = args.out or (runs[0] / PLOTS_DIR if len(runs) == 1 else runs[0].resolve().parent)
             written.append(plot_reward_vs_kl(evaluated, out))

@@ -110,12 +110,12 @@ def _plot_beta(plt: Any, records: Sequence[dict[str, Any]], path: Path, name: st
     w_steps, weaker = _series(records, "kl/steps_weaker")
     s_steps, stronger = _series(records, "kl/steps_stronger")
     adaptive = bool(w_steps or s_steps)
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 5.5), sharex=True, constrained_layout=True,
-                                      gridspec_kw={"height_ratios": [3, 2]})  # fmt: skip
+    fig, (top, bottom) = plt.subplots(
+        2, 1, figsize=(7.5, 5.5), sharex=True, constrained_layout=True, gridspec_kw={"height_ratios": [3, 2]}
+    )
     if steps:
         top.plot(steps, betas, color="tab:purple", linewidth=1.5)
-        top.annotate(f"{betas[-1]:.4g}", (steps[-1], betas[-1]), textcoords="offset points", xytext=(4, 4),
-                     fontsize=8)  # fmt: skip
+        top.annotate(f"{betas[-1]:.4g}", (steps[-1], betas[-1]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     else:
         _empty(top, "no β (kl/beta) recorded")
     top.set(ylabel="β (KL penalty)")
@@ -185,8 +185,7 @@ def plot_reward_vs_kl(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
         y_se, x_se = _number(result.get("policy/gold_reward_se")), _number(result.get("kl_se"))
         if y_se is None:
             label += " (no s.e. recorded)"
-        ax.errorbar(kl, reward, yerr=y_se, xerr=x_se, fmt="o", markersize=7, capsize=4, color=f"C{i % 10}",
-                    label=label)
+        ax.errorbar(kl, reward, yerr=y_se, xerr=x_se, fmt="o", markersize=7, capsize=4, color=f"C{i % 10}", label=label)
         ax.annotate(label, (kl, reward), textcoords="offset points", xytext=(6, 6), fontsize=8)
         ref = _number(result.get("reference/gold_reward"))
         if ref is not None:
@@ -197,13 +196,24 @@ def plot_reward_vs_kl(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
         spread = max(values) - min(values)
         note = f" (runs differ by {spread:.3g})" if spread > 1e-9 else ""
         ses = [se for _, se in references if se is not None]
-        ax.errorbar(0.0, mean, yerr=max(ses) if ses else None, marker="*", markersize=14, color="black",
-                    linestyle="none", capsize=4, label=f"reference{note}")
+        ax.errorbar(
+            0.0,
+            mean,
+            yerr=max(ses) if ses else None,
+            marker="*",
+            markersize=14,
+            color="black",
+            linestyle="none",
+            capsize=4,
+            label=f"reference{note}",
+        )
         ax.axhline(mean, color="0.6", linestyle=":", linewidth=1)
     ax.axvline(0.0, color="0.8", linewidth=1)
-    ax.set(xlabel="KL(π ‖ π_ref) estimated from the policy's samples (nats)",
-           ylabel="gold reward of sampled responses (mean ± s.e.)",
-           title="Reward vs KL on held-out prompts")  # fmt: skip
+    ax.set(
+        xlabel="KL(π ‖ π_ref) estimated from the policy's samples (nats)",
+        ylabel="gold reward of sampled responses (mean ± s.e.)",
+        title="Reward vs KL on held-out prompts",
+    )
     if len(names) == 1:  # one evaluation shown: say which (several: each label says its own)
         (only,) = names
         ax.set_title(f"Reward vs KL on held-out prompts\nevaluation: {only}", fontsize=10)

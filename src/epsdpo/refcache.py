@@ -73,16 +73,23 @@ class ReferenceHiddenCache:
             c0, cn, r0, rn = self.table[pair.index]
             for row, start, n in ((i, c0, cn), (b + i, r0, rn)):
                 if int(where[row].sum()) != n:
-                    raise ValueError(f"the reference cache has {n} completion positions for source row "
-                                     f"{pair.index}, the batch has {int(where[row].sum())}: a stale cache")  # fmt: skip
+                    raise ValueError(
+                        f"the reference cache has {n} completion positions for source row "
+                        f"{pair.index}, the batch has {int(where[row].sum())}: a stale cache"
+                    )
                 hidden[row, where[row]] = self.hidden[start : start + n].to(mask.device)
         return LMHeadInput(hidden, weight, bias)
 
 
 @torch.no_grad()
-def compute_reference_hidden(model: nn.Module, pairs: Sequence[TokenizedPair], collate: PreferenceCollator,
-                             batch_size: int = 8, autocast: Callable[[], AbstractContextManager] = nullcontext,
-                             progress: Callable[[int], None] | None = None) -> ReferenceHiddenCache:  # fmt: skip
+def compute_reference_hidden(
+    model: nn.Module,
+    pairs: Sequence[TokenizedPair],
+    collate: PreferenceCollator,
+    batch_size: int = 8,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    progress: Callable[[int], None] | None = None,
+) -> ReferenceHiddenCache:
     """Run ``model`` (the frozen reference) over ``pairs`` in batches of ``batch_size`` and keep what is cached.
 
     ``autocast`` is entered around each forward (pass the training run's, so the cache has its precision).
@@ -99,8 +106,9 @@ def compute_reference_hidden(model: nn.Module, pairs: Sequence[TokenizedPair], c
         ids, attention = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         where = batch["completion_mask"][:, 1:].bool().to(device)
         with autocast():
-            out = model(input_ids=ids, attention_mask=attention, output_hidden_states=True, logits_to_keep=1,
-                        use_cache=False)  # fmt: skip
+            out = model(
+                input_ids=ids, attention_mask=attention, output_hidden_states=True, logits_to_keep=1, use_cache=False
+            )
         hidden = out.hidden_states[-1][:, :-1]
         b = len(chunk)
         for i, pair in enumerate(chunk):
@@ -122,8 +130,11 @@ def save_cache(cache: ReferenceHiddenCache, path: Path, model_id: str) -> None:
     table = torch.tensor([[r, *cache.table[r]] for r in rows], dtype=torch.long).reshape(-1, 5)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # runs filling the same key: their own files
-    save_file({"hidden": cache.hidden.contiguous(), "table": table}, str(partial),
-              metadata={"format": str(CACHE_FORMAT), "model": json.dumps(model_id)})  # fmt: skip
+    save_file(
+        {"hidden": cache.hidden.contiguous(), "table": table},
+        str(partial),
+        metadata={"format": str(CACHE_FORMAT), "model": json.dumps(model_id)},
+    )
     partial.replace(path)
 
 
@@ -140,11 +151,16 @@ def cache_path(cache_dir: Path, model_id: str, precision: str, pairs: Sequence[T
     return Path(cache_dir) / f"ref_hidden-{cache_key(f'{model_id}|{precision}|v{CACHE_FORMAT}', pairs)}.safetensors"
 
 
-def load_or_compute_reference_hidden(model: nn.Module, model_id: str, precision: str,
-                                     pairs: Sequence[TokenizedPair], collate: PreferenceCollator, cache_dir: Path,
-                                     batch_size: int = 8,
-                                     autocast: Callable[[], AbstractContextManager] = nullcontext,
-                                     ) -> tuple[ReferenceHiddenCache, Path, bool]:  # fmt: skip
+def load_or_compute_reference_hidden(
+    model: nn.Module,
+    model_id: str,
+    precision: str,
+    pairs: Sequence[TokenizedPair],
+    collate: PreferenceCollator,
+    cache_dir: Path,
+    batch_size: int = 8,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> tuple[ReferenceHiddenCache, Path, bool]:
     """The cache for these pairs from ``cache_dir``, computed and written first when absent.
 
     Returns (cache, its file, whether it was read from disk).

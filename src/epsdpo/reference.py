@@ -31,8 +31,10 @@ def soft_update_reference(policy: nn.Module, reference: nn.Module, alpha: float)
     policy_params = dict(policy.named_parameters())
     for name, ref_param in reference.named_parameters():
         if name not in policy_params:
-            raise KeyError(f"reference parameter {name!r} has no counterpart in the policy; TR-DPO needs the same "
-                           "architecture for both")  # fmt: skip
+            raise KeyError(
+                f"reference parameter {name!r} has no counterpart in the policy; TR-DPO needs the same "
+                "architecture for both"
+            )
         ref_param.mul_(1.0 - alpha).add_(policy_params[name].detach().to(ref_param.dtype), alpha=alpha)
     if alpha == 1.0:
         policy_buffers = dict(policy.named_buffers())

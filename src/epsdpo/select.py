@@ -45,8 +45,9 @@ def zscore(values: Sequence[float]) -> list[float]:
     return [0.0 if std == 0 else (v - mean) / std for v in values]
 
 
-def selection_scores(method: Method, explicit: Sequence[float] | None, implicit: Sequence[float] | None,
-                     implicit_weight: float = 1.0) -> list[float] | None:  # fmt: skip
+def selection_scores(
+    method: Method, explicit: Sequence[float] | None, implicit: Sequence[float] | None, implicit_weight: float = 1.0
+) -> list[float] | None:
     """Per-pair scores (higher is selected first) for a method; None for ``random`` (no score)."""
     if method == "random":
         return None
@@ -90,8 +91,9 @@ def explicit_margins(pairs: Sequence[TokenizedPair]) -> list[float] | None:
 
 
 @torch.no_grad()
-def mean_token_logps(model: nn.Module, pairs: Sequence[TokenizedPair], collate: PreferenceCollator,
-                     batch_size: int = 8) -> tuple[list[float], list[float]]:  # fmt: skip
+def mean_token_logps(
+    model: nn.Module, pairs: Sequence[TokenizedPair], collate: PreferenceCollator, batch_size: int = 8
+) -> tuple[list[float], list[float]]:
     """Mean per-token log-probability of chosen and rejected completions under ``model`` (batched, no grad)."""
     device = next(model.parameters()).device
     chosen: list[float] = []
@@ -118,8 +120,14 @@ def cache_key(model_id: str, pairs: Sequence[TokenizedPair]) -> str:
     return digest.hexdigest()[:24]
 
 
-def implicit_margins(model: nn.Module, model_id: str, pairs: Sequence[TokenizedPair], collate: PreferenceCollator,
-                     cache_dir: Path | None, batch_size: int = 8) -> tuple[list[float], bool]:  # fmt: skip
+def implicit_margins(
+    model: nn.Module,
+    model_id: str,
+    pairs: Sequence[TokenizedPair],
+    collate: PreferenceCollator,
+    cache_dir: Path | None,
+    batch_size: int = 8,
+) -> tuple[list[float], bool]:
     """|mean-token log π₀(y_w) − mean-token log π₀(y_l)| per pair, read from / written to the on-disk cache.
 
     Returns the margins and whether they came from the cache. ``model_id`` identifies the weights (e.g. the resolved
@@ -188,20 +196,34 @@ class Selection:
         ]
 
 
-def select_pairs(method: Method, pairs: Sequence[TokenizedPair], ratio: float, *,
-                 implicit: Sequence[float] | None = None, explicit: Sequence[float] | None = None,
-                 implicit_weight: float = 1.0, seed: int = 0) -> Selection:  # fmt: skip
+def select_pairs(
+    method: Method,
+    pairs: Sequence[TokenizedPair],
+    ratio: float,
+    *,
+    implicit: Sequence[float] | None = None,
+    explicit: Sequence[float] | None = None,
+    implicit_weight: float = 1.0,
+    seed: int = 0,
+) -> Selection:
     """Choose the pairs to train on (``explicit`` defaults to the data's score columns)."""
     if explicit is None:
         explicit = explicit_margins(pairs)
     scores = selection_scores(method, explicit, implicit, implicit_weight)
     kept = top_fraction(scores, len(pairs), ratio, seed)
-    return Selection(method, ratio, kept, None if explicit is None else list(explicit),
-                     None if implicit is None else list(implicit), scores)  # fmt: skip
+    return Selection(
+        method,
+        ratio,
+        kept,
+        None if explicit is None else list(explicit),
+        None if implicit is None else list(implicit),
+        scores,
+    )
 
 
-def write_selection(selection: Selection, pairs: Sequence[TokenizedPair], out_dir: Path,
-                    raw_rows: Sequence[Any] | None = None) -> dict[str, Path]:  # fmt: skip
+def write_selection(
+    selection: Selection, pairs: Sequence[TokenizedPair], out_dir: Path, raw_rows: Sequence[Any] | None = None
+) -> dict[str, Path]:
     """``selection_scores.jsonl`` and ``selection_histogram.png`` in ``out_dir``; with ``raw_rows`` (the source
     rows) also ``selected.jsonl``, the kept rows as they were, in source order, loadable as a dataset."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -227,23 +249,28 @@ def plot_selection(selection: Selection, out_dir: Path) -> Path:
 
     values, label = selection.scores, "selection score"
     if values is None:  # random selection: show the explicit or implicit margins instead
-        values, label = (selection.explicit, "explicit margin") if selection.explicit else (
-            selection.implicit, "implicit margin")  # fmt: skip
+        values, label = (
+            (selection.explicit, "explicit margin") if selection.explicit else (selection.implicit, "implicit margin")
+        )
     path = out_dir / "selection_histogram.png"
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if values:
         kept = set(selection.kept)
         bins = min(40, max(10, len(values) // 5))
-        ax.hist([v for i, v in enumerate(values) if i not in kept], bins=bins, alpha=0.6, label="not selected",
-                color="#9aa5b1")  # fmt: skip
+        ax.hist(
+            [v for i, v in enumerate(values) if i not in kept],
+            bins=bins,
+            alpha=0.6,
+            label="not selected",
+            color="#9aa5b1",
+        )
         ax.hist([values[i] for i in selection.kept], bins=bins, alpha=0.8, label="selected", color="#2b6cb0")
         if selection.scores is not None:
             ax.axvline(min(values[i] for i in selection.kept), color="#c53030", linestyle="--", label="threshold")
         ax.legend()
     ax.set_xlabel(label)
     ax.set_ylabel("pairs")
-    ax.set_title(f"{selection.method}: kept {len(selection.kept)} of {len(values or [])} "
-                 f"(ratio {selection.ratio:g})")  # fmt: skip
+    ax.set_title(f"{selection.method}: kept {len(selection.kept)} of {len(values or [])} (ratio {selection.ratio:g})")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -265,10 +292,19 @@ def reward_margins(pairs: Sequence[TokenizedPair], tokenizer: Any, reward_spec: 
     return [c - r for c, r in zip(chosen, rejected, strict=True)]
 
 
-def select_for_config(config: Any, pairs: Sequence[TokenizedPair], tokenizer: Any, reference: nn.Module | None,
-                      model_id: str, *, seed: int = 0, out_dir: Path | None = None,
-                      raw_rows: Sequence[Any] | None = None, method: Method | None = None, batch_size: int = 8
-                      ) -> Selection:  # fmt: skip
+def select_for_config(
+    config: Any,
+    pairs: Sequence[TokenizedPair],
+    tokenizer: Any,
+    reference: nn.Module | None,
+    model_id: str,
+    *,
+    seed: int = 0,
+    out_dir: Path | None = None,
+    raw_rows: Sequence[Any] | None = None,
+    method: Method | None = None,
+    batch_size: int = 8,
+) -> Selection:
     """Run the selection a :class:`~epsdpo.data.DataConfig` asks for (``method`` overrides ``config.selection``).
 
     ``reference`` computes the implicit margins (the initial policy: π₀ = π_ref); it may be None for methods that do
@@ -285,8 +321,15 @@ def select_for_config(config: Any, pairs: Sequence[TokenizedPair], tokenizer: An
         cache = Path(config.select_cache_dir) if config.select_cache_dir else cache_dir() / "margins"
         collate = PreferenceCollator(tokenizer.pad_token_id, config.pad_to_multiple_of)
         implicit, _ = implicit_margins(reference, model_id, pairs, collate, cache, batch_size)
-    selection = select_pairs(method, pairs, config.select_ratio, implicit=implicit, explicit=explicit,
-                             implicit_weight=config.select_implicit_weight, seed=seed)  # fmt: skip
+    selection = select_pairs(
+        method,
+        pairs,
+        config.select_ratio,
+        implicit=implicit,
+        explicit=explicit,
+        implicit_weight=config.select_implicit_weight,
+        seed=seed,
+    )
     if out_dir is not None:
         write_selection(selection, pairs, out_dir, raw_rows)
     return selection

@@ -11,10 +11,18 @@ from epsdpo.select import METHODS
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="a run config (YAML) or a data file")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="override config keys, e.g. select_ratio=0.3 model=PATH select_reward=sentiment")
-    parser.add_argument("--method", choices=METHODS, default=None,
-                        help="selection method (default: the config's `selection`, else alignment_potential)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="override config keys, e.g. select_ratio=0.3 model=PATH select_reward=sentiment",
+    )
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default=None,
+        help="selection method (default: the config's `selection`, else alignment_potential)",
+    )
     parser.add_argument("--out", default=None, help="output directory (default: selection/ beside the data file)")
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass for implicit margins")
 
@@ -41,20 +49,35 @@ def run(args: argparse.Namespace) -> int:
     m = cfg.models
     reference = None
     if method in ("alignment_potential", "implicit"):
-        reference = (build_from_config(m.model_config, len(tokenizer), cfg.train.seed) if m.model_config
-                     else load_causal_lm(m.ref_model or m.model, m.trust_remote_code))  # fmt: skip
+        reference = (
+            build_from_config(m.model_config, len(tokenizer), cfg.train.seed)
+            if m.model_config
+            else load_causal_lm(m.ref_model or m.model, m.trust_remote_code)
+        )
     model_id = reference_identity(m, cfg.train.seed)
     data_path = Path(str(cfg.data.dataset))
     out = Path(args.out) if args.out else (data_path.parent if data_path.exists() else Path(".")) / "selection"
     raw = load_rows(cfg.data.dataset, dataset_config=cfg.data.dataset_config, split=cfg.data.split)
     try:
-        selection = select_for_config(cfg.data, pairs, tokenizer, reference, model_id, seed=cfg.train.seed,
-                                      out_dir=out, raw_rows=raw.rows, method=method, batch_size=args.batch_size)
+        selection = select_for_config(
+            cfg.data,
+            pairs,
+            tokenizer,
+            reference,
+            model_id,
+            seed=cfg.train.seed,
+            out_dir=out,
+            raw_rows=raw.rows,
+            method=method,
+            batch_size=args.batch_size,
+        )
     except ValueError as err:
         print(f"epsdpo select: error: {err}", file=sys.stderr)
         return 2
-    print(f"{report.source}: {report.kept} usable pairs; {method} kept {len(selection.kept)} "
-          f"(select_ratio {cfg.data.select_ratio:g})")
+    print(
+        f"{report.source}: {report.kept} usable pairs; {method} kept {len(selection.kept)} "
+        f"(select_ratio {cfg.data.select_ratio:g})"
+    )
     for name in ("selected.jsonl", "selection_scores.jsonl", "selection_histogram.png"):
         print(f"  wrote {out / name}")
     return 0

@@ -77,8 +77,9 @@ def win_rate(policy: Sequence[float], reference: Sequence[float], k: int) -> Est
 
 def distinct_n(texts: Sequence[str], n: int = 2) -> float:
     """Unique word n-grams / all word n-grams over ``texts`` (lower-cased, split on whitespace); 0 without any."""
-    grams = [tuple(words[i : i + n]) for text in texts for words in [text.lower().split()]
-             for i in range(len(words) - n + 1)]
+    grams = [
+        tuple(words[i : i + n]) for text in texts for words in [text.lower().split()] for i in range(len(words) - n + 1)
+    ]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 

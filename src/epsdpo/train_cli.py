@@ -7,10 +7,15 @@ import logging
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?",
-                        help="YAML config; omitted: the bundled default (SmolLM2-135M-Instruct, ε-DPO, sentiment)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="override any config key, e.g. max_steps=50 output_dir=runs/x beta=0.05")
+    parser.add_argument(
+        "config", nargs="?", help="YAML config; omitted: the bundled default (SmolLM2-135M-Instruct, ε-DPO, sentiment)"
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="override any config key, e.g. max_steps=50 output_dir=runs/x beta=0.05",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

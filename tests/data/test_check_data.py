@@ -22,8 +22,16 @@ def _converted(smollm2_path: str) -> None:
 
 
 def test_good_file_reports_and_exits_0(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    status = main(["check-data", str(FIXTURES / "conversational.jsonl"), "max_length=40", "max_prompt_length=30",
-                   "--report-dir", str(tmp_path)])
+    status = main(
+        [
+            "check-data",
+            str(FIXTURES / "conversational.jsonl"),
+            "max_length=40",
+            "max_prompt_length=30",
+            "--report-dir",
+            str(tmp_path),
+        ]
+    )
     out = capsys.readouterr().out
     assert status == 0
     assert "conversational.jsonl: 3 rows, 3 kept, 0 dropped" in out
@@ -66,17 +74,20 @@ def test_console_script(tmp_path: Path) -> None:
     script = shutil.which("epsdpo", path=str(Path(sys.executable).parent)) or shutil.which("epsdpo")
     assert script, "the epsdpo console script is not installed (pip install -e .)"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    good = subprocess.run([script, "check-data", str(FIXTURES / "standard.jsonl")], capture_output=True, text=True,
-                          env=env, timeout=300)
+    good = subprocess.run(
+        [script, "check-data", str(FIXTURES / "standard.jsonl")], capture_output=True, text=True, env=env, timeout=300
+    )
     assert good.returncode == 0, good.stderr
     assert "4 rows, 4 kept, 0 dropped" in good.stdout
-    bad = subprocess.run([script, "check-data", str(FIXTURES / "malformed.jsonl")], capture_output=True, text=True,
-                         env=env, timeout=300)
+    bad = subprocess.run(
+        [script, "check-data", str(FIXTURES / "malformed.jsonl")], capture_output=True, text=True, env=env, timeout=300
+    )
     assert bad.returncode == 1 and "row 2 (line 3), column 'chosen'" in bad.stderr
 
 
-def test_tokenizer_comes_from_the_model_key(capsys: pytest.CaptureFixture[str], tmp_path: Path,
-                                            bos_tokenizer: object) -> None:
+def test_tokenizer_comes_from_the_model_key(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, bos_tokenizer: object
+) -> None:
     bos_tokenizer.save_pretrained(tmp_path / "tok")  # type: ignore[attr-defined]
     config = tmp_path / "run.yaml"
     config.write_text(f"models: {{model: {tmp_path / 'tok'}}}\ndataset: {FIXTURES / 'standard.jsonl'}\n")

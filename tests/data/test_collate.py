@@ -18,8 +18,13 @@ from epsdpo.data import (
 )
 
 
-def _pair(prompt: list[int], chosen: list[int], rejected: list[int], index: int = 0,
-          scores: tuple[float | None, float | None] = (None, None)) -> TokenizedPair:
+def _pair(
+    prompt: list[int],
+    chosen: list[int],
+    rejected: list[int],
+    index: int = 0,
+    scores: tuple[float | None, float | None] = (None, None),
+) -> TokenizedPair:
     return TokenizedPair(prompt, chosen, rejected, scores[0], scores[1], index)
 
 
@@ -61,12 +66,20 @@ def test_pad_to_multiple_of_and_empty_batch() -> None:
     mode=st.sampled_from(["keep_end", "keep_start"]),
     bos=st.booleans(),
 )
-def test_truncate_pair_rules(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int,
-                             max_prompt_length: int | None, mode: str, bos: bool) -> None:
+def test_truncate_pair_rules(
+    prompt: list[int],
+    chosen: list[int],
+    rejected: list[int],
+    max_length: int,
+    max_prompt_length: int | None,
+    mode: str,
+    bos: bool,
+) -> None:
     if bos:
         prompt = [1, *prompt]
-    p, c, r, reasons, drop = truncate_pair(prompt, chosen, rejected, Truncation(max_length, max_prompt_length,
-                                                                               None, mode), 1 if bos else None)
+    p, c, r, reasons, drop = truncate_pair(
+        prompt, chosen, rejected, Truncation(max_length, max_prompt_length, None, mode), 1 if bos else None
+    )
     if max_prompt_length is not None:
         assert len(p) <= max_prompt_length
         assert ("prompt_truncated" in reasons) == (len(prompt) > max_prompt_length)
@@ -75,7 +88,7 @@ def test_truncate_pair_rules(prompt: list[int], chosen: list[int], rejected: lis
     if mode == "keep_start":
         assert p == prompt[: len(p)]
     if mode == "keep_end" and len(p) < len(prompt):
-        assert p[int(bos):] == prompt[len(prompt) - len(p) + int(bos):]
+        assert p[int(bos) :] == prompt[len(prompt) - len(p) + int(bos) :]
     assert c == chosen[: len(c)] and r == rejected[: len(r)]
     assert len(p) + len(c) <= max(max_length, len(p)) and len(p) + len(r) <= max(max_length, len(p))
     assert ("chosen_truncated" in reasons) == (len(c) < len(chosen))
@@ -90,7 +103,11 @@ def test_truncate_pair_rules(prompt: list[int], chosen: list[int], rejected: lis
 def test_truncation_example_like_trl() -> None:
     limits = Truncation(max_length=6, max_prompt_length=3, mode="keep_end")
     assert truncate_pair([1, 2, 3, 4, 5], [6, 7, 8, 9], [6, 10], limits)[:4] == (
-        [3, 4, 5], [6, 7, 8], [6, 10], ["prompt_truncated", "chosen_truncated"])
+        [3, 4, 5],
+        [6, 7, 8],
+        [6, 10],
+        ["prompt_truncated", "chosen_truncated"],
+    )
     assert truncate_pair([1, 2, 3, 4, 5], [6], [7], Truncation(6, 3, mode="keep_start"))[0] == [1, 2, 3]
     assert truncate_pair([1, 2, 3, 4, 5], [6], [7], Truncation(6, 3), bos_id=1)[0] == [1, 4, 5]
     assert truncate_pair([1, 2, 3], [6, 7], [6, 8], Truncation(4))[4] == "identical_after_truncation"

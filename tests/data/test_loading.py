@@ -82,9 +82,14 @@ def test_prompt_column_next_to_whole_conversations(smollm2_tokenizer: Any) -> No
 
 
 def test_strings_inside_conversational_rows_become_messages(smollm2_tokenizer: Any) -> None:
-    rows = [{"prompt": [{"role": "user", "content": "What is 2 + 2?"}], "chosen": "4", "rejected": "5"},
-            {"prompt": "What is 2 + 2?", "chosen": [{"role": "assistant", "content": "4"}],
-             "rejected": [{"role": "assistant", "content": "5"}]}]
+    rows = [
+        {"prompt": [{"role": "user", "content": "What is 2 + 2?"}], "chosen": "4", "rejected": "5"},
+        {
+            "prompt": "What is 2 + 2?",
+            "chosen": [{"role": "assistant", "content": "4"}],
+            "rejected": [{"role": "assistant", "content": "5"}],
+        },
+    ]
     pairs, _ = load_preference_dataset(rows, smollm2_tokenizer)
     reference, _ = load_preference_dataset(FIXTURES / "conversational.jsonl", smollm2_tokenizer)
     assert _ids(pairs)[0][:3] == _ids(pairs)[1][:3] == _ids(reference)[0][:3]

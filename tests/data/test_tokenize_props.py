@@ -15,19 +15,34 @@ from hypothesis import strategies as st
 
 from epsdpo.data import DataConfig, DataError, PreferenceCollator, TokenizedPair, load_preference_dataset
 
-SPECIALS = ("<|", "|>", "<s>", "</s>", "<pad>", "<repo_name>", "<reponame>", "<file", "<gh_", "<issue", "<jupyter",
-            "<empty_output>", "<filename>")
+SPECIALS = (
+    "<|",
+    "|>",
+    "<s>",
+    "</s>",
+    "<pad>",
+    "<repo_name>",
+    "<reponame>",
+    "<file",
+    "<gh_",
+    "<issue",
+    "<jupyter",
+    "<empty_output>",
+    "<filename>",
+)
 WHITESPACE = st.sampled_from([" ", "  ", "\t", "\n", "\r\n", "\u00a0", "\u3000", "\u2028", "\u200b", "\x0b"])
 # SmolLM2's byte-level vocabulary lacks the symbols of a few bytes that its training text never held (some C0
 # controls and the UTF-8 lead bytes 0xF1/0xF2 of the unassigned planes 4-11), so such text cannot decode back to
 # itself: draw from planes 0-3 without C0/C1 controls (tab, newline and CR come from WHITESPACE).
 CHARS = st.characters(codec="utf-8", exclude_categories=("Cs", "Cc"), max_codepoint=0x3FFFF)
-RAW_TEXT = st.lists(st.one_of(st.text(CHARS, max_size=10), WHITESPACE, st.sampled_from(["é", "😀", "ß", "中文"])),
-                    max_size=6).map("".join)
+RAW_TEXT = st.lists(
+    st.one_of(st.text(CHARS, max_size=10), WHITESPACE, st.sampled_from(["é", "😀", "ß", "中文"])), max_size=6
+).map("".join)
 TEXT = RAW_TEXT.filter(lambda s: bool(s.strip()) and not any(x in s for x in SPECIALS))
 # (the function-scoped fixture only picks a session-scoped, stateless tokenizer)
-PROPS = settings(max_examples=60, deadline=None,
-                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+PROPS = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 SYSTEM_TEXT = RAW_TEXT.filter(lambda s: not any(x in s for x in SPECIALS))
 
 
@@ -54,8 +69,13 @@ def conversational_rows(draw: st.DrawFn) -> list[dict[str, Any]]:
                 prompt.append({"role": "assistant", "content": draw(TEXT)})
         chosen = draw(TEXT)
         rejected = draw(TEXT.filter(lambda s, c=chosen: s != c))
-        rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
-                     "rejected": [{"role": "assistant", "content": rejected}]})
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+            }
+        )
     return rows
 
 
@@ -134,13 +154,23 @@ def test_conversational_boundary_and_masks(tokenizer_case: tuple[Any, bool], row
     max_completion_length=st.one_of(st.none(), st.integers(1, 20)),
     mode=st.sampled_from(["keep_end", "keep_start"]),
 )
-def test_truncation_respects_limits(tokenizer_case: tuple[Any, bool], rows: list[dict[str, str]], max_length: int,
-                                    max_prompt_length: int | None, max_completion_length: int | None,
-                                    mode: str) -> None:
+def test_truncation_respects_limits(
+    tokenizer_case: tuple[Any, bool],
+    rows: list[dict[str, str]],
+    max_length: int,
+    max_prompt_length: int | None,
+    max_completion_length: int | None,
+    mode: str,
+) -> None:
     tokenizer, adds_bos = tokenizer_case
     full, _ = load_preference_dataset(rows, tokenizer, config=DataConfig(max_length=10_000, max_prompt_length=None))
-    config = DataConfig(max_length=max_length, max_prompt_length=max_prompt_length,
-                        max_completion_length=max_completion_length, truncation_mode=mode, on_invalid="skip")
+    config = DataConfig(
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        max_completion_length=max_completion_length,
+        truncation_mode=mode,
+        on_invalid="skip",
+    )
     try:
         pairs, report = load_preference_dataset(rows, tokenizer, config=config)
     except DataError as err:  # every pair dropped, for the counted truncation reasons only
@@ -158,9 +188,9 @@ def test_truncation_respects_limits(tokenizer_case: tuple[Any, bool], rows: list
                 assert whole.prompt_ids[: len(pair.prompt_ids)] == pair.prompt_ids
             elif adds_bos:  # keep_end keeps the BOS in front of the prompt's end
                 assert pair.prompt_ids[0] == tokenizer.bos_token_id
-                assert whole.prompt_ids[len(whole.prompt_ids) - len(pair.prompt_ids) + 1:] == pair.prompt_ids[1:]
+                assert whole.prompt_ids[len(whole.prompt_ids) - len(pair.prompt_ids) + 1 :] == pair.prompt_ids[1:]
             else:
-                assert whole.prompt_ids[len(whole.prompt_ids) - len(pair.prompt_ids):] == pair.prompt_ids
+                assert whole.prompt_ids[len(whole.prompt_ids) - len(pair.prompt_ids) :] == pair.prompt_ids
         else:
             assert pair.prompt_ids == whole.prompt_ids
         for key in ("chosen", "rejected"):

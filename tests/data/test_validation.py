@@ -44,20 +44,32 @@ BAD_ROWS = [
     pytest.param({**GOOD, "rejected": " \n\t\u3000"}, "empty_text", "rejected", "only whitespace", id="whitespace"),
     pytest.param({**GOOD, "prompt": ""}, "empty_text", "prompt", "prompt is empty", id="empty-prompt"),
     pytest.param({**GOOD, "rejected": "Hi there."}, "identical_responses", "rejected", "identical", id="identical"),
-    pytest.param("{\"prompt\": \"x\", ", "malformed_json", None, "not valid JSON", id="bad-json"),
+    pytest.param('{"prompt": "x", ', "malformed_json", None, "not valid JSON", id="bad-json"),
     pytest.param("[1, 2]", "wrong_type", None, "must be an object, got list", id="not-object"),
-    pytest.param({**GOOD, "score_chosen": "high", "score_rejected": 1}, "bad_score", "score_chosen",
-                 "must be a number", id="score-type"),
-    pytest.param({**GOOD, "score_chosen": float("nan"), "score_rejected": 1}, "bad_score", "score_chosen",
-                 "the score is nan", id="score-nan"),
-    pytest.param({**GOOD, "chosen": "Hi<|im_end|> there"}, "end_token_in_text", "chosen", "end token",
-                 id="eos-in-text"),
+    pytest.param(
+        {**GOOD, "score_chosen": "high", "score_rejected": 1},
+        "bad_score",
+        "score_chosen",
+        "must be a number",
+        id="score-type",
+    ),
+    pytest.param(
+        {**GOOD, "score_chosen": float("nan"), "score_rejected": 1},
+        "bad_score",
+        "score_chosen",
+        "the score is nan",
+        id="score-nan",
+    ),
+    pytest.param(
+        {**GOOD, "chosen": "Hi<|im_end|> there"}, "end_token_in_text", "chosen", "end token", id="eos-in-text"
+    ),
 ]
 
 
 @pytest.mark.parametrize(("bad", "reason", "column", "problem"), BAD_ROWS)
-def test_standard_row_errors(smollm2_tokenizer: Any, tmp_path: Path, bad: Any, reason: str, column: str | None,
-                             problem: str) -> None:
+def test_standard_row_errors(
+    smollm2_tokenizer: Any, tmp_path: Path, bad: Any, reason: str, column: str | None, problem: str
+) -> None:
     good = {**GOOD, "score_chosen": 1.0, "score_rejected": 0.0} if reason == "bad_score" else GOOD
     err = _error(smollm2_tokenizer, tmp_path, bad, good)
     assert err.reason == reason and problem in str(err)
@@ -72,31 +84,70 @@ def _conv(**changes: Any) -> dict[str, Any]:
 BAD_MESSAGES = [
     pytest.param(_conv(chosen=["hi"]), "malformed_messages", "chosen[0]", "must be an object", id="not-dict"),
     pytest.param(_conv(chosen=[{"content": "hi"}]), "malformed_messages", "chosen[0].role", "role", id="no-role"),
-    pytest.param(_conv(prompt=[{"role": "user", "content": ["part"]}]), "malformed_messages", "prompt[0].content",
-                 "content must be a string", id="content-list"),
+    pytest.param(
+        _conv(prompt=[{"role": "user", "content": ["part"]}]),
+        "malformed_messages",
+        "prompt[0].content",
+        "content must be a string",
+        id="content-list",
+    ),
     pytest.param(_conv(prompt=[]), "malformed_messages", "prompt", "list of messages is empty", id="empty-list"),
-    pytest.param(_conv(chosen=[{"role": "user", "content": "hi"}]), "malformed_messages", "chosen[0].role",
-                 "must be an assistant message", id="not-assistant"),
-    pytest.param(_conv(rejected=[{"role": "assistant", "content": "  "}]), "empty_text", "rejected[0].content",
-                 "empty", id="empty-content"),
-    pytest.param(_conv(rejected=[{"role": "assistant", "content": "Hi there."}]), "identical_responses", "rejected",
-                 "identical", id="identical"),
-    pytest.param({"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
-                  "rejected": [{"role": "user", "content": "X"}, {"role": "assistant", "content": "c"}]},
-                 "no_shared_prompt", "rejected", "do not share", id="no-shared-prompt"),
-    pytest.param({"prompt": "Other question",
-                  "chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
-                  "rejected": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "c"}]},
-                 "prompt_mismatch", "prompt", "prompt differs", id="prompt-mismatch"),
-    pytest.param({"chosen": [{"role": "assistant", "content": "b"}],
-                  "rejected": [{"role": "assistant", "content": "c"}]},
-                 "missing_value", "prompt", "no prompt", id="no-prompt-anywhere"),
+    pytest.param(
+        _conv(chosen=[{"role": "user", "content": "hi"}]),
+        "malformed_messages",
+        "chosen[0].role",
+        "must be an assistant message",
+        id="not-assistant",
+    ),
+    pytest.param(
+        _conv(rejected=[{"role": "assistant", "content": "  "}]),
+        "empty_text",
+        "rejected[0].content",
+        "empty",
+        id="empty-content",
+    ),
+    pytest.param(
+        _conv(rejected=[{"role": "assistant", "content": "Hi there."}]),
+        "identical_responses",
+        "rejected",
+        "identical",
+        id="identical",
+    ),
+    pytest.param(
+        {
+            "chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+            "rejected": [{"role": "user", "content": "X"}, {"role": "assistant", "content": "c"}],
+        },
+        "no_shared_prompt",
+        "rejected",
+        "do not share",
+        id="no-shared-prompt",
+    ),
+    pytest.param(
+        {
+            "prompt": "Other question",
+            "chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+            "rejected": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "c"}],
+        },
+        "prompt_mismatch",
+        "prompt",
+        "prompt differs",
+        id="prompt-mismatch",
+    ),
+    pytest.param(
+        {"chosen": [{"role": "assistant", "content": "b"}], "rejected": [{"role": "assistant", "content": "c"}]},
+        "missing_value",
+        "prompt",
+        "no prompt",
+        id="no-prompt-anywhere",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("bad", "reason", "column", "problem"), BAD_MESSAGES)
-def test_conversational_row_errors(smollm2_tokenizer: Any, tmp_path: Path, bad: Any, reason: str, column: str,
-                                   problem: str) -> None:
+def test_conversational_row_errors(
+    smollm2_tokenizer: Any, tmp_path: Path, bad: Any, reason: str, column: str, problem: str
+) -> None:
     err = _error(smollm2_tokenizer, tmp_path, bad, CONV_GOOD)
     assert (err.reason, err.column) == (reason, column) and problem in str(err)
 
@@ -128,22 +179,24 @@ def test_string_data_without_prompt_column(smollm2_tokenizer: Any) -> None:
 
 def test_malformed_csv_row_names_its_line(smollm2_tokenizer: Any, tmp_path: Path) -> None:
     path = tmp_path / "p.csv"
-    path.write_text("prompt,chosen,rejected\nq,a,b\n\"multi\nline\",a,b\nq,a\n", encoding="utf-8")
+    path.write_text('prompt,chosen,rejected\nq,a,b\n"multi\nline",a,b\nq,a\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"p.csv: row 2 \(line 5\): has a different number of fields"):
         load_preference_dataset(path, smollm2_tokenizer)
 
 
 def test_conversational_data_needs_a_chat_template(smollm2_tokenizer: Any, bos_tokenizer: Any) -> None:
-    tokenizer = bos_tokenizer.__class__(tokenizer_object=bos_tokenizer.backend_tokenizer, bos_token="<s>",
-                                        eos_token="</s>", pad_token="<pad>")
+    tokenizer = bos_tokenizer.__class__(
+        tokenizer_object=bos_tokenizer.backend_tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
     with pytest.raises(DataError, match="row 0 is conversational .* has no chat template"):
         load_preference_dataset([CONV_GOOD], tokenizer)
 
 
 def test_template_that_rewrites_the_prompt(bos_tokenizer: Any) -> None:
     """A template that renders the generation prompt differently from a finished turn cannot be split exactly."""
-    tokenizer = bos_tokenizer.__class__(tokenizer_object=bos_tokenizer.backend_tokenizer, bos_token="<s>",
-                                        eos_token="</s>", pad_token="<pad>")
+    tokenizer = bos_tokenizer.__class__(
+        tokenizer_object=bos_tokenizer.backend_tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
     tokenizer.chat_template = (
         "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
         "{% if add_generation_prompt %}<assistant (generating)>{% endif %}"
@@ -154,15 +207,29 @@ def test_template_that_rewrites_the_prompt(bos_tokenizer: Any) -> None:
 
 
 def test_skip_counts_add_up_to_the_input(smollm2_tokenizer: Any, tmp_path: Path) -> None:
-    rows = [GOOD, {**GOOD, "chosen": ""}, "not json", {**GOOD, "rejected": GOOD["chosen"]}, {**GOOD, "chosen": 3},
-            {"prompt": "p" * 4000, "chosen": "a", "rejected": "b"}, GOOD, {"prompt": "x", "rejected": "y"}]
+    rows = [
+        GOOD,
+        {**GOOD, "chosen": ""},
+        "not json",
+        {**GOOD, "rejected": GOOD["chosen"]},
+        {**GOOD, "chosen": 3},
+        {"prompt": "p" * 4000, "chosen": "a", "rejected": "b"},
+        GOOD,
+        {"prompt": "x", "rejected": "y"},
+    ]
     path = _write_jsonl(tmp_path / "mixed.jsonl", rows)
     config = DataConfig(on_invalid="skip", max_length=64, max_prompt_length=None)
     pairs, report = load_preference_dataset(path, smollm2_tokenizer, config=config, report_dir=tmp_path / "run")
     assert report.rows == len(rows) == report.kept + report.n_dropped
     assert report.kept == len(pairs) == 2 and [p.index for p in pairs] == [0, 6]
-    assert report.dropped == {"empty_text": 1, "malformed_json": 1, "identical_responses": 1, "wrong_type": 1,
-                              "empty_after_truncation": 1, "missing_value": 1}
+    assert report.dropped == {
+        "empty_text": 1,
+        "malformed_json": 1,
+        "identical_responses": 1,
+        "wrong_type": 1,
+        "empty_after_truncation": 1,
+        "missing_value": 1,
+    }
     saved = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert saved["dropped_total"] == 6 and saved["rows"] == 8
     assert saved["messages"]["empty_text"][0].startswith(f"{path}: row 1 (line 2), column 'chosen'")
@@ -178,9 +245,11 @@ def test_nothing_left_is_an_error(smollm2_tokenizer: Any) -> None:
 # ---- responses cut at generation (chosen_finished / rejected_finished) ---------------------------------------------
 def test_unfinished_completions_get_no_end_token(smollm2_tokenizer: Any, tmp_path: Path) -> None:
     eos, im_end = smollm2_tokenizer.eos_token_id, smollm2_tokenizer.convert_tokens_to_ids("<|im_end|>")
-    rows = [{**GOOD, "chosen_finished": False, "rejected_finished": True},
-            {**CONV_GOOD, "chosen_finished": True, "rejected_finished": False},
-            {**GOOD, "chosen": "Hi there<|endoftext|>", "chosen_finished": False, "rejected_finished": False}]
+    rows = [
+        {**GOOD, "chosen_finished": False, "rejected_finished": True},
+        {**CONV_GOOD, "chosen_finished": True, "rejected_finished": False},
+        {**GOOD, "chosen": "Hi there<|endoftext|>", "chosen_finished": False, "rejected_finished": False},
+    ]
     (a, b, c), report = load_preference_dataset(rows, smollm2_tokenizer, warn=False)
     (plain,), _ = load_preference_dataset([GOOD], smollm2_tokenizer, warn=False)
     (chat,), _ = load_preference_dataset([CONV_GOOD], smollm2_tokenizer, warn=False)
@@ -194,8 +263,12 @@ def test_unfinished_completions_get_no_end_token(smollm2_tokenizer: Any, tmp_pat
 
 
 def test_finished_flags_are_checked(smollm2_tokenizer: Any, tmp_path: Path) -> None:
-    error = _error(smollm2_tokenizer, tmp_path, {**GOOD, "chosen_finished": "no", "rejected_finished": True},
-                   good={**GOOD, "chosen_finished": True, "rejected_finished": True})
+    error = _error(
+        smollm2_tokenizer,
+        tmp_path,
+        {**GOOD, "chosen_finished": "no", "rejected_finished": True},
+        good={**GOOD, "chosen_finished": True, "rejected_finished": True},
+    )
     assert error.reason == "bad_flag" and error.column == "chosen_finished" and "got 'no'" in str(error)
     with pytest.raises(DataError, match="'rejected_finished' is not; give both"):
         load_preference_dataset([{**GOOD, "chosen_finished": False}], smollm2_tokenizer)

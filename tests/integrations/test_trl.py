@@ -41,8 +41,9 @@ KL_KEYS = {"kl/beta", "kl/steps_weaker", "kl/steps_stronger", "kl/steps_kept", "
 
 
 def tiny_config(tmp_path: Path, *overrides: str):
-    return load_run_config(TINY, [f"output_dir={tmp_path / 'epsdpo'}", f"dataset={DATA}", "disable_tqdm=true",
-                                  "save_steps=0", *overrides])  # fmt: skip
+    return load_run_config(
+        TINY, [f"output_dir={tmp_path / 'epsdpo'}", f"dataset={DATA}", "disable_tqdm=true", "save_steps=0", *overrides]
+    )
 
 
 def tiny_model(tokenizer: Any, seed: int = 0) -> torch.nn.Module:
@@ -53,12 +54,29 @@ def tiny_model(tokenizer: Any, seed: int = 0) -> torch.nn.Module:
 def trl_args(tmp_path: Path, **overrides: Any) -> EpsilonDPOConfig:
     """configs/tiny.yaml's settings as an EpsilonDPOConfig (CPU, float32, no shuffling: data come pre-ordered)."""
     settings: dict[str, Any] = dict(
-        output_dir=str(tmp_path / "trl"), max_steps=3, per_device_train_batch_size=4, gradient_accumulation_steps=1,
-        learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=0.1, weight_decay=0.0, max_grad_norm=1.0,
-        optim="adamw_torch", seed=0, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False,
-        gradient_checkpointing=False, max_length=96, beta=0.1, epsilon=0.01, train_sampling_strategy="sequential",
+        output_dir=str(tmp_path / "trl"),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        learning_rate=1e-3,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.1,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        seed=0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        max_length=96,
+        beta=0.1,
+        epsilon=0.01,
+        train_sampling_strategy="sequential",
         disable_tqdm=True,
-    )  # fmt: skip
+    )
     settings.update(overrides)
     return EpsilonDPOConfig(**settings)
 
@@ -115,16 +133,26 @@ def test_trl_interface_is_what_the_trainer_assumes():
     assert EpsilonDPOTrainer.loss_is_scaled_for_ga is False and "loss_is_scaled_for_ga" in vars(Trainer)
     # the batch layout compute_loss reads: B chosen rows, then the B rejected rows, with a completion mask
     batch = DataCollatorForPreference(pad_token_id=0)(
-        [{"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5]},
-         {"prompt_ids": [6], "chosen_ids": [7, 8], "rejected_ids": [9]}]
-    )  # fmt: skip
+        [
+            {"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5]},
+            {"prompt_ids": [6], "chosen_ids": [7, 8], "rejected_ids": [9]},
+        ]
+    )
     assert set(batch) == {"input_ids", "attention_mask", "completion_mask"}
     assert batch["input_ids"].tolist() == [[1, 2, 3, 0], [6, 7, 8, 0], [1, 2, 4, 5], [6, 9, 0, 0]]
     assert batch["completion_mask"].tolist() == [[0, 0, 1, 0], [0, 1, 1, 0], [0, 0, 1, 1], [0, 1, 0, 0]]
     # the options refused by EpsilonDPOConfig still exist under these names
     fields = DPOConfig.__dataclass_fields__
-    for name in ("precompute_ref_log_probs", "loss_type", "loss_weights", "ld_alpha", "f_divergence_type",
-                 "use_weighting", "label_smoothing", "beta"):  # fmt: skip
+    for name in (
+        "precompute_ref_log_probs",
+        "loss_type",
+        "loss_weights",
+        "ld_alpha",
+        "f_divergence_type",
+        "use_weighting",
+        "label_smoothing",
+        "beta",
+    ):
         assert name in fields, name
     # TRL keeps the initial adapter of a pretrained PEFT model as an adapter named "ref" (used as the reference)
     assert 'add_adapter("ref"' in inspect.getsource(DPOTrainer.__init__)
@@ -157,9 +185,15 @@ def test_trl_path_matches_epsdpo_train_decisions_losses_and_beta(tmp_path, smoll
     rows, steps, batch, accumulation, tolerance = 24, 5, 4, 2, 0.02
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in ROWS[:rows]))
-    cfg = tiny_config(tmp_path, f"dataset={data}", f"max_steps={steps}", f"per_device_train_batch_size={batch}",
-                      f"gradient_accumulation_steps={accumulation}", "warmup_ratio=0",
-                      f"decision_tolerance={tolerance}")  # fmt: skip
+    cfg = tiny_config(
+        tmp_path,
+        f"dataset={data}",
+        f"max_steps={steps}",
+        f"per_device_train_batch_size={batch}",
+        f"gradient_accumulation_steps={accumulation}",
+        "warmup_ratio=0",
+        f"decision_tolerance={tolerance}",
+    )
     recorder = Recorder(monkeypatch)
     result = train(cfg)
     epsdpo_decisions, epsdpo_losses = recorder.take()
@@ -167,18 +201,34 @@ def test_trl_path_matches_epsdpo_train_decisions_losses_and_beta(tmp_path, smoll
 
     order = epsdpo_order(rows, batch, cfg.train.seed, epochs=math.ceil(steps * batch * accumulation / rows))
     model = tiny_model(smollm2_tokenizer, cfg.train.seed)
-    args = trl_args(tmp_path, max_steps=steps, per_device_train_batch_size=batch,
-                    gradient_accumulation_steps=accumulation, learning_rate=cfg.train.learning_rate,
-                    lr_scheduler_type=cfg.train.lr_scheduler_type, warmup_steps=0, beta=cfg.loss.beta,
-                    epsilon=cfg.loss.epsilon, decision_tolerance=tolerance)  # fmt: skip
-    trainer = EpsilonDPOTrainer(model, ref_model=copy.deepcopy(model), args=args, train_dataset=dataset(order),
-                                processing_class=smollm2_tokenizer)  # fmt: skip
+    args = trl_args(
+        tmp_path,
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=cfg.train.learning_rate,
+        lr_scheduler_type=cfg.train.lr_scheduler_type,
+        warmup_steps=0,
+        beta=cfg.loss.beta,
+        epsilon=cfg.loss.epsilon,
+        decision_tolerance=tolerance,
+    )
+    trainer = EpsilonDPOTrainer(
+        model,
+        ref_model=copy.deepcopy(model),
+        args=args,
+        train_dataset=dataset(order),
+        processing_class=smollm2_tokenizer,
+    )
 
     # TRL tokenizes this standard-format data exactly as epsdpo does (SmolLM2: no BOS, EOS <|im_end|> appended)
     pairs, _ = load_preference_dataset(cfg.data, smollm2_tokenizer)
     for row, i in zip(trainer.train_dataset, order, strict=True):
         assert (row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]) == (
-            pairs[i].prompt_ids, pairs[i].chosen_ids, pairs[i].rejected_ids)  # fmt: skip
+            pairs[i].prompt_ids,
+            pairs[i].chosen_ids,
+            pairs[i].rejected_ids,
+        )
 
     trainer.train()
     trl_decisions, trl_losses = recorder.take()
@@ -218,10 +268,21 @@ def test_resume_continues_beta_from_the_checkpoint(tmp_path, smollm2_tokenizer):
 
     def trainer(name: str, restore_flag: bool = False) -> EpsilonDPOTrainer:
         model = tiny_model(smollm2_tokenizer)
-        args = trl_args(tmp_path / name, max_steps=4, warmup_steps=0, save_strategy="steps", save_steps=2,
-                        restore_callback_states_from_checkpoint=restore_flag)  # fmt: skip
-        return EpsilonDPOTrainer(model, ref_model=copy.deepcopy(model), args=args, train_dataset=dataset(order),
-                                 processing_class=smollm2_tokenizer)  # fmt: skip
+        args = trl_args(
+            tmp_path / name,
+            max_steps=4,
+            warmup_steps=0,
+            save_strategy="steps",
+            save_steps=2,
+            restore_callback_states_from_checkpoint=restore_flag,
+        )
+        return EpsilonDPOTrainer(
+            model,
+            ref_model=copy.deepcopy(model),
+            args=args,
+            train_dataset=dataset(order),
+            processing_class=smollm2_tokenizer,
+        )
 
     full = trainer("full")
     full.train()
@@ -263,8 +324,9 @@ def test_lora_via_peft_config_trains_against_the_adapter_free_base(tmp_path, smo
     base = {k: v.clone() for k, v in model.state_dict().items()}
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
     args = trl_args(tmp_path, max_steps=3, warmup_steps=0, learning_rate=1e-2, gradient_checkpointing=True)
-    trainer = EpsilonDPOTrainer(model, args=args, train_dataset=dataset(), processing_class=smollm2_tokenizer,
-                                peft_config=lora)  # fmt: skip
+    trainer = EpsilonDPOTrainer(
+        model, args=args, train_dataset=dataset(), processing_class=smollm2_tokenizer, peft_config=lora
+    )
     assert trainer.ref_model is None  # the reference is the policy with its adapters disabled
     logs = _moves_beta_with_finite_losses(trainer, 3)
     assert logs[0]["kl/steps_kept"] == 1.0  # LoRA starts at zero: the policy is the reference, z⁻ = z = z⁺
@@ -279,8 +341,14 @@ def test_separate_reference_model_trains_and_evaluation_does_not_move_beta(tmp_p
     model, reference = tiny_model(smollm2_tokenizer, seed=0), tiny_model(smollm2_tokenizer, seed=1)
     frozen = {k: v.clone() for k, v in reference.state_dict().items()}
     args = trl_args(tmp_path, max_steps=3, warmup_steps=0, per_device_eval_batch_size=4)
-    trainer = EpsilonDPOTrainer(model, ref_model=reference, args=args, train_dataset=dataset(),
-                                eval_dataset=dataset(list(range(8))), processing_class=smollm2_tokenizer)  # fmt: skip
+    trainer = EpsilonDPOTrainer(
+        model,
+        ref_model=reference,
+        args=args,
+        train_dataset=dataset(),
+        eval_dataset=dataset(list(range(8))),
+        processing_class=smollm2_tokenizer,
+    )
     logs = _moves_beta_with_finite_losses(trainer, 3)
     assert logs[0]["kl/steps_kept"] < 1.0  # another reference: the pairs move from the first step
     for name, value in reference.state_dict().items():

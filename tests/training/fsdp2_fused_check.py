@@ -22,8 +22,15 @@ from epsdpo.training.forward import policy_logps, reference_side
 def main() -> None:
     dist.init_process_group("gloo")
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     sharded = LlamaForCausalLM(config)
     reference = copy.deepcopy(sharded).requires_grad_(False)
     with torch.no_grad():

@@ -35,11 +35,20 @@ def test_bundled_dataset_names_resolve_and_unknown_ones_say_what_exists():
 
 @pytest.mark.slow
 def test_a_run_evaluates_and_plots_itself(tmp_path):
-    cfg = load_run_config(TINY, [
-        f"output_dir={tmp_path / 'run'}", f"dataset={DATA}", "disable_tqdm=true", "max_steps=4", "save_steps=0",
-        "eval_after_training=true", "eval_options={num_prompts: 4, max_new_tokens: 6, batch_size: 4}",
-        "warmup_ratio=0.25", "lr_scheduler_type=cosine",
-    ])  # fmt: skip
+    cfg = load_run_config(
+        TINY,
+        [
+            f"output_dir={tmp_path / 'run'}",
+            f"dataset={DATA}",
+            "disable_tqdm=true",
+            "max_steps=4",
+            "save_steps=0",
+            "eval_after_training=true",
+            "eval_options={num_prompts: 4, max_new_tokens: 6, batch_size: 4}",
+            "warmup_ratio=0.25",
+            "lr_scheduler_type=cosine",
+        ],
+    )
     result = train(cfg)
     records = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
     # step 1 starts from policy = reference (loss ln 2); with one warm-up step at lr/2 the first step already

@@ -21,9 +21,17 @@ DATA = ROOT / "configs" / "data" / "tiny_preferences.jsonl"
 
 
 def tiny(tmp_path: Path, name: str, *overrides: str):
-    return load_run_config(TINY, [f"output_dir={tmp_path / name}", f"dataset={DATA}", "disable_tqdm=true",
-                                  "plot_after_training=false", f"ref_cache_dir={tmp_path / 'cache'}",
-                                  *overrides])  # fmt: skip
+    return load_run_config(
+        TINY,
+        [
+            f"output_dir={tmp_path / name}",
+            f"dataset={DATA}",
+            "disable_tqdm=true",
+            "plot_after_training=false",
+            f"ref_cache_dir={tmp_path / 'cache'}",
+            *overrides,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +82,9 @@ def test_round_trip_on_disk_and_stale_use_is_refused(trainer: Trainer, tmp_path:
     mask = batch["completion_mask"][:, 1:]
     weight = torch.zeros(3, again.hidden.shape[1])
     with pytest.raises(KeyError, match="no pair for source row"):
-        again.side(trainer.train_pairs[4:6], trainer.collate(trainer.train_pairs[4:6])["completion_mask"][:, 1:],
-                   weight, None)  # fmt: skip
+        again.side(
+            trainer.train_pairs[4:6], trainer.collate(trainer.train_pairs[4:6])["completion_mask"][:, 1:], weight, None
+        )
     longer = replace(pairs[0], chosen_ids=[*pairs[0].chosen_ids, 5])
     batch = trainer.collate([longer, *pairs[1:]])
     with pytest.raises(ValueError, match="stale cache"):
@@ -86,8 +95,7 @@ def test_round_trip_on_disk_and_stale_use_is_refused(trainer: Trainer, tmp_path:
 def test_training_with_the_cache_matches_the_live_reference(tmp_path: Path) -> None:
     held_out = tmp_path / "held_out.jsonl"
     held_out.write_text("".join(DATA.read_text().splitlines(keepends=True)[:10]))
-    steps = ["max_steps=4", "save_steps=0", "eval_steps=2", "per_device_eval_batch_size=4",
-             f"eval_dataset={held_out}"]  # fmt: skip
+    steps = ["max_steps=4", "save_steps=0", "eval_steps=2", "per_device_eval_batch_size=4", f"eval_dataset={held_out}"]
     live = train(tiny(tmp_path, "live", *steps))
     cached = train(tiny(tmp_path, "cached", *steps, "precompute_ref_hidden_states=true"))
     files = sorted((tmp_path / "cache").glob("ref_hidden-*.safetensors"))

@@ -55,8 +55,18 @@ def test_beta_dpo_filters_a_fifth_and_resumes_exactly(tmp_path):
 
 @pytest.mark.slow
 def test_tr_dpo_reference_after_tau_steps_equals_the_formula(tmp_path):
-    result = train(tiny(tmp_path, "tr", "loss_type=dpo", "sync_ref_model=true", "ref_model_sync_steps=2",
-                        "ref_model_mixup_alpha=0.6", "max_steps=2", "save_steps=2"))  # fmt: skip
+    result = train(
+        tiny(
+            tmp_path,
+            "tr",
+            "loss_type=dpo",
+            "sync_ref_model=true",
+            "ref_model_sync_steps=2",
+            "ref_model_mixup_alpha=0.6",
+            "max_steps=2",
+            "save_steps=2",
+        )
+    )
     cfg = load_run_config(TINY)
     model = build_from_config(cfg.models.model_config, vocab_size=49152, seed=0)
     initial = {**dict(model.named_buffers()), **dict(model.named_parameters())}
@@ -75,8 +85,15 @@ def test_tr_dpo_reference_after_tau_steps_equals_the_formula(tmp_path):
 
 @pytest.mark.slow
 def test_tr_dpo_with_epsilon_dpo_and_lora_runs_and_resumes_exactly(tmp_path):
-    args = ("use_lora=true", "lora_r=4", "sync_ref_model=true", "ref_model_sync_steps=2", "max_steps=6",
-            "save_steps=3", "learning_rate=5e-3")  # fmt: skip
+    args = (
+        "use_lora=true",
+        "lora_r=4",
+        "sync_ref_model=true",
+        "ref_model_sync_steps=2",
+        "max_steps=6",
+        "save_steps=3",
+        "learning_rate=5e-3",
+    )
     full = train(tiny(tmp_path, "full", *args))
     records = read_metrics(full.output_dir / "metrics.jsonl")
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
@@ -97,9 +114,20 @@ def test_baseline_options_are_validated(tmp_path, capsys):
 @pytest.mark.slow
 def test_beta_dpo_with_tr_dpo_through_the_cli(tmp_path, capsys):
     out = tmp_path / "cli"
-    code = cli_main(["train", str(TINY), f"output_dir={out}", f"dataset={DATA}", "disable_tqdm=true",
-                     "loss_type=beta_dpo", "sync_ref_model=true", "ref_model_sync_steps=2", "max_steps=4",
-                     "save_steps=4"])  # fmt: skip
+    code = cli_main(
+        [
+            "train",
+            str(TINY),
+            f"output_dir={out}",
+            f"dataset={DATA}",
+            "disable_tqdm=true",
+            "loss_type=beta_dpo",
+            "sync_ref_model=true",
+            "ref_model_sync_steps=2",
+            "max_steps=4",
+            "save_steps=4",
+        ]
+    )
     assert code == 0, capsys.readouterr().out
     records = read_metrics(out / "metrics.jsonl")
     assert len(records) == 4 and all("kl/pairs_kept" in r for r in records)

@@ -29,8 +29,14 @@ TIMING = {"tokens_per_second"}
 
 def tiny(tmp_path: Path, name: str, *overrides: str):
     return load_run_config(
-        TINY, [f"output_dir={tmp_path / name}", f"dataset={DATA}", "disable_tqdm=true", "plot_after_training=false",
-               *overrides]
+        TINY,
+        [
+            f"output_dir={tmp_path / name}",
+            f"dataset={DATA}",
+            "disable_tqdm=true",
+            "plot_after_training=false",
+            *overrides,
+        ],
     )
 
 
@@ -48,9 +54,22 @@ def test_tiny_config_learns_and_moves_beta(tmp_path):
     assert last < 0.5
     assert records[0]["kl/beta"] == 0.1 and result.beta < 0.095
     assert records[-1]["rewards/accuracies"] > 0.7
-    required = {"step", "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-                "logps/chosen", "logps/rejected", "kl/beta", "kl/steps_weaker", "kl/steps_stronger", "learning_rate",
-                "grad_norm", "tokens_per_second"}  # fmt: skip
+    required = {
+        "step",
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "kl/beta",
+        "kl/steps_weaker",
+        "kl/steps_stronger",
+        "learning_rate",
+        "grad_norm",
+        "tokens_per_second",
+    }
     assert required <= set(records[-1])
     final = result.final_model_dir
     assert final is not None and (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file()
@@ -75,27 +94,55 @@ def test_every_loss_type_trains(tmp_path, loss):
 
 @pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
-    full = train(tiny(tmp_path, "full", "max_steps=10", "save_steps=4", "gradient_accumulation_steps=2",
-                      "per_device_train_batch_size=5"))  # fmt: skip
+    full = train(
+        tiny(
+            tmp_path,
+            "full",
+            "max_steps=10",
+            "save_steps=4",
+            "gradient_accumulation_steps=2",
+            "per_device_train_batch_size=5",
+        )
+    )
     # 64 pairs / 5 = 13 micro-batches (the last of 4 pairs) in windows of 2: step 7 is a window of one micro-batch
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
     shutil.copytree(full.output_dir / "checkpoint-4", resumed_dir / "checkpoint-4")
-    resumed = train(tiny(tmp_path, "resumed", "max_steps=10", "save_steps=4", "gradient_accumulation_steps=2",
-                         "per_device_train_batch_size=5", "resume_from_checkpoint=auto"))  # fmt: skip
+    resumed = train(
+        tiny(
+            tmp_path,
+            "resumed",
+            "max_steps=10",
+            "save_steps=4",
+            "gradient_accumulation_steps=2",
+            "per_device_train_batch_size=5",
+            "resume_from_checkpoint=auto",
+        )
+    )
     a = comparable(read_metrics(full.output_dir / "metrics.jsonl"))
     b = comparable(read_metrics(resumed.output_dir / "metrics.jsonl"))
     assert [r["step"] for r in b] == list(range(5, 11))
     assert a[4:] == b  # every logged value, bit for bit
     assert full.beta == resumed.beta
     state = json.loads((resumed.output_dir / "checkpoint-8" / STATE_FILE).read_text())
-    assert state["beta_controller"]["beta"] == json.loads((full.output_dir / "checkpoint-8" / STATE_FILE).read_text())[
-        "beta_controller"]["beta"]  # fmt: skip
+    assert (
+        state["beta_controller"]["beta"]
+        == json.loads((full.output_dir / "checkpoint-8" / STATE_FILE).read_text())["beta_controller"]["beta"]
+    )
 
 
 def _run_cli(tmp_path: Path, name: str, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "epsdpo.cli", "train", str(TINY), f"output_dir={tmp_path / name}",
-           f"dataset={DATA}", "disable_tqdm=true", *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "epsdpo.cli",
+        "train",
+        str(TINY),
+        f"output_dir={tmp_path / name}",
+        f"dataset={DATA}",
+        "disable_tqdm=true",
+        *extra,
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -123,12 +170,14 @@ def test_sigkill_leaves_complete_checkpoints_and_resume_finishes_like_an_uninter
     assert complete, "no complete checkpoint survived"
     for ckpt in complete:  # every checkpoint under its final name is whole
         assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state_0.pt", STATE_FILE} <= {
-            p.name for p in ckpt.iterdir()}  # fmt: skip
+            p.name for p in ckpt.iterdir()
+        }
     assert len(complete) <= 3
     resumed = train(tiny(tmp_path, "killed", *steps, "resume_from_checkpoint=auto"))
     reference = train(tiny(tmp_path, "reference", *steps))
     assert comparable(read_metrics(resumed.output_dir / "metrics.jsonl")) == comparable(
-        read_metrics(reference.output_dir / "metrics.jsonl"))  # fmt: skip
+        read_metrics(reference.output_dir / "metrics.jsonl")
+    )
     assert resumed.beta == reference.beta
 
 
@@ -175,14 +224,31 @@ def test_bad_config_key_suggests_the_closest_name(tmp_path, capsys):
 
 
 TRL_OVERRIDES = {  # every TRL / TrainingArguments name the issue lists, with a value and what it parses to
-    "output_dir": ("x", "x"), "max_steps": ("7", 7), "num_train_epochs": ("2", 2.0),
-    "per_device_train_batch_size": ("7", 7), "gradient_accumulation_steps": ("7", 7), "learning_rate": ("1e-5", 1e-5),
-    "lr_scheduler_type": ("linear", "linear"), "warmup_ratio": ("0.2", 0.2), "weight_decay": ("0.01", 0.01),
-    "max_grad_norm": ("0.5", 0.5), "logging_steps": ("7", 7), "eval_steps": ("7", 7), "save_steps": ("7", 7),
-    "save_total_limit": ("7", 7), "seed": ("7", 7), "bf16": ("true", True), "gradient_checkpointing": ("true", True),
-    "beta": ("0.05", 0.05), "loss_type": ("dpo", "dpo"), "label_smoothing": ("0.1", 0.1), "max_length": ("77", 77),
-    "max_prompt_length": ("33", 33), "truncation_mode": ("keep_start", "keep_start"), "epsilon": ("0.02", 0.02),
-}  # fmt: skip
+    "output_dir": ("x", "x"),
+    "max_steps": ("7", 7),
+    "num_train_epochs": ("2", 2.0),
+    "per_device_train_batch_size": ("7", 7),
+    "gradient_accumulation_steps": ("7", 7),
+    "learning_rate": ("1e-5", 1e-5),
+    "lr_scheduler_type": ("linear", "linear"),
+    "warmup_ratio": ("0.2", 0.2),
+    "weight_decay": ("0.01", 0.01),
+    "max_grad_norm": ("0.5", 0.5),
+    "logging_steps": ("7", 7),
+    "eval_steps": ("7", 7),
+    "save_steps": ("7", 7),
+    "save_total_limit": ("7", 7),
+    "seed": ("7", 7),
+    "bf16": ("true", True),
+    "gradient_checkpointing": ("true", True),
+    "beta": ("0.05", 0.05),
+    "loss_type": ("dpo", "dpo"),
+    "label_smoothing": ("0.1", 0.1),
+    "max_length": ("77", 77),
+    "max_prompt_length": ("33", 33),
+    "truncation_mode": ("keep_start", "keep_start"),
+    "epsilon": ("0.02", 0.02),
+}
 
 
 @pytest.mark.parametrize("key", sorted(TRL_OVERRIDES))
@@ -198,11 +264,30 @@ def test_two_processes_match_one_process(tmp_path):
     """torchrun with 2 CPU processes (gloo) and 2 pairs each = 1 process with 4 pairs: same β and losses."""
     one = train(tiny(tmp_path, "one", "max_steps=6", "save_steps=0"))
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "epsdpo.cli", "train", str(TINY),
-           f"output_dir={tmp_path / 'two'}", f"dataset={DATA}", "disable_tqdm=true", "max_steps=6", "save_steps=3",
-           "per_device_train_batch_size=2"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    cmd = [
+        str(torchrun),
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "epsdpo.cli",
+        "train",
+        str(TINY),
+        f"output_dir={tmp_path / 'two'}",
+        f"dataset={DATA}",
+        "disable_tqdm=true",
+        "max_steps=6",
+        "save_steps=3",
+        "per_device_train_batch_size=2",
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     a = read_metrics(one.output_dir / "metrics.jsonl")
     b = read_metrics(tmp_path / "two" / "metrics.jsonl")
@@ -219,8 +304,14 @@ def test_fused_path_is_exact_under_fsdp2_sharding():
     """2 CPU processes, FSDP2 (fully_shard, gloo): values and gradients equal the unsharded model's."""
     torchrun = Path(sys.executable).with_name("torchrun")
     script = Path(__file__).with_name("fsdp2_fused_check.py")
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(script)], cwd=ROOT,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", str(script)],
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("match the unsharded model") == 2
 
@@ -228,8 +319,9 @@ def test_fused_path_is_exact_under_fsdp2_sharding():
 @pytest.mark.slow
 def test_lora_reference_is_the_base_and_matches_a_frozen_copy_at_step_0(tmp_path):
     full = train(tiny(tmp_path, "full", "max_steps=3", "save_steps=0"))
-    lora = train(tiny(tmp_path, "lora", "max_steps=3", "save_steps=3", "use_lora=true", "lora_r=4",
-                      "save_merged_model=true"))  # fmt: skip
+    lora = train(
+        tiny(tmp_path, "lora", "max_steps=3", "save_steps=3", "use_lora=true", "lora_r=4", "save_merged_model=true")
+    )
     a = read_metrics(full.output_dir / "metrics.jsonl")[0]
     b = read_metrics(lora.output_dir / "metrics.jsonl")[0]
     # Same seed, same initial weights; LoRA's B starts at 0, so at step 0 policy = base = reference in both runs.
@@ -255,8 +347,18 @@ def test_bf16_autocast_and_gradient_checkpointing_train(tmp_path):
 
 @pytest.mark.slow
 def test_eval_metrics_and_tensorboard(tmp_path):
-    result = train(tiny(tmp_path, "eval", "max_steps=4", "save_steps=0", "eval_steps=2", f"eval_dataset={DATA}",
-                        "per_device_eval_batch_size=16", "report_to=[tensorboard]"))  # fmt: skip
+    result = train(
+        tiny(
+            tmp_path,
+            "eval",
+            "max_steps=4",
+            "save_steps=0",
+            "eval_steps=2",
+            f"eval_dataset={DATA}",
+            "per_device_eval_batch_size=16",
+            "report_to=[tensorboard]",
+        )
+    )
     records = read_metrics(result.output_dir / "metrics.jsonl")
     evals = [r for r in records if "eval/loss" in r]
     assert [r["step"] for r in evals] == [2, 4]  # every eval_steps, and once at the end

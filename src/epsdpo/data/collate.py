@@ -112,9 +112,8 @@ def batch_indices(
         rng.shuffle(order)
     if group_by_length:
         mega = batch_size * mega_batch_factor
-        order = [i for s in range(0, len(order), mega)
-                 for i in sorted(order[s:s + mega], key=lambda i: -lengths[i])]
-    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+        order = [i for s in range(0, len(order), mega) for i in sorted(order[s : s + mega], key=lambda i: -lengths[i])]
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     if drop_last and batches and len(batches[-1]) < batch_size:
         batches.pop()
     if group_by_length and batches:
@@ -129,8 +128,16 @@ def batch_indices(
 class PairBatchSampler:
     """A ``torch.utils.data.DataLoader`` ``batch_sampler`` over :func:`batch_indices`; call :meth:`set_epoch`."""
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, *, shuffle: bool = True,
-                 group_by_length: bool = False, seed: int = 0, drop_last: bool = False) -> None:
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        group_by_length: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
         self.lengths, self.batch_size = list(lengths), batch_size
         self.shuffle, self.group_by_length, self.seed, self.drop_last = shuffle, group_by_length, seed, drop_last
         self.epoch = 0
@@ -139,9 +146,14 @@ class PairBatchSampler:
         self.epoch = epoch
 
     def _batches(self) -> list[list[int]]:
-        return batch_indices(self.lengths, self.batch_size, shuffle=self.shuffle,
-                             group_by_length=self.group_by_length, seed=self.seed + self.epoch,
-                             drop_last=self.drop_last)
+        return batch_indices(
+            self.lengths,
+            self.batch_size,
+            shuffle=self.shuffle,
+            group_by_length=self.group_by_length,
+            seed=self.seed + self.epoch,
+            drop_last=self.drop_last,
+        )
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self._batches())

@@ -82,12 +82,15 @@ def resolve_columns(raw: RawRows, config: DataConfig) -> Columns:
         return DataError(
             f"{raw.source}: missing column {column!r} (columns present: {shown}). Rename the column in the data, "
             f"or point {option}=NAME at the column that holds it.",
-            source=raw.source, reason="missing_column", column=column,
+            source=raw.source,
+            reason="missing_column",
+            column=column,
         )
 
     if not raw.rows:
-        raise DataError(f"{raw.source}: no rows; give a dataset with at least one pair.", source=raw.source,
-                        reason="empty_dataset")
+        raise DataError(
+            f"{raw.source}: no rows; give a dataset with at least one pair.", source=raw.source, reason="empty_dataset"
+        )
     for column, option in ((config.chosen_column, "chosen_column"), (config.rejected_column, "rejected_column")):
         if column not in present:
             raise missing(column, option)
@@ -115,7 +118,9 @@ def resolve_columns(raw: RawRows, config: DataConfig) -> Columns:
         raise DataError(
             f"{raw.source}: column {finished[0]!r} is present but {other!r} is not; give both (true when the "
             f"response ended on its own, false when generation cut it), or neither.",
-            source=raw.source, reason="missing_column", column=other,
+            source=raw.source,
+            reason="missing_column",
+            column=other,
         )
     return Columns(
         prompt=config.prompt_column,
@@ -132,45 +137,71 @@ def resolve_columns(raw: RawRows, config: DataConfig) -> Columns:
 def _value(row: Mapping[str, Any], column: str) -> Any:
     value = row.get(column)
     if value is None:
-        raise RowProblem("missing_value", column, "no value (the key is absent or null)",
-                         "Give every row a value in this column.")
+        raise RowProblem(
+            "missing_value", column, "no value (the key is absent or null)", "Give every row a value in this column."
+        )
     return value
 
 
 def _text(value: Any, column: str, completion: bool) -> str:
     if not isinstance(value, str):
         raise RowProblem(
-            "wrong_type", column, f"expected a string or a list of messages, got {type(value).__name__}",
-            "Store text as a JSON string, or a conversation as a list of {\"role\", \"content\"} objects.",
+            "wrong_type",
+            column,
+            f"expected a string or a list of messages, got {type(value).__name__}",
+            'Store text as a JSON string, or a conversation as a list of {"role", "content"} objects.',
         )
     if not value.strip():
         what = "response" if completion else "prompt"
-        raise RowProblem("empty_text", column, f"the {what} is empty or only whitespace",
-                         f"Give a non-empty {what}, or remove the row.")
+        raise RowProblem(
+            "empty_text",
+            column,
+            f"the {what} is empty or only whitespace",
+            f"Give a non-empty {what}, or remove the row.",
+        )
     return value
 
 
 def _messages(value: Any, column: str) -> list[Message]:
     """Check a list of messages; each needs a non-empty string ``role`` and a string ``content``."""
     if not isinstance(value, list):
-        raise RowProblem("wrong_type", column, f"expected a list of messages, got {type(value).__name__}",
-                         "Give a conversation as a list of {\"role\", \"content\"} objects.")
+        raise RowProblem(
+            "wrong_type",
+            column,
+            f"expected a list of messages, got {type(value).__name__}",
+            'Give a conversation as a list of {"role", "content"} objects.',
+        )
     if not value:
-        raise RowProblem("malformed_messages", column, "the list of messages is empty",
-                         "Give at least one {\"role\", \"content\"} message.")
+        raise RowProblem(
+            "malformed_messages",
+            column,
+            "the list of messages is empty",
+            'Give at least one {"role", "content"} message.',
+        )
     for i, message in enumerate(value):
         where = f"{column}[{i}]"
         if not isinstance(message, Mapping):
-            raise RowProblem("malformed_messages", where, f"a message must be an object, got {type(message).__name__}",
-                             "Write each message as {\"role\": ..., \"content\": ...}.")
+            raise RowProblem(
+                "malformed_messages",
+                where,
+                f"a message must be an object, got {type(message).__name__}",
+                'Write each message as {"role": ..., "content": ...}.',
+            )
         role, content = message.get("role"), message.get("content")
         if not isinstance(role, str) or not role.strip():
-            raise RowProblem("malformed_messages", f"{where}.role", f"role must be a non-empty string, got {role!r}",
-                             "Give each message a role such as \"system\", \"user\" or \"assistant\".")
+            raise RowProblem(
+                "malformed_messages",
+                f"{where}.role",
+                f"role must be a non-empty string, got {role!r}",
+                'Give each message a role such as "system", "user" or "assistant".',
+            )
         if not isinstance(content, str):
-            raise RowProblem("malformed_messages", f"{where}.content",
-                             f"content must be a string, got {type(content).__name__}",
-                             "Give each message its text as a string (multimodal content lists are not supported).")
+            raise RowProblem(
+                "malformed_messages",
+                f"{where}.content",
+                f"content must be a string, got {type(content).__name__}",
+                "Give each message its text as a string (multimodal content lists are not supported).",
+            )
     return [dict(m) for m in value]
 
 
@@ -183,16 +214,24 @@ def _as_messages(value: Any, column: str, role: str, completion: bool) -> list[M
 def _check_completion(messages: list[Message], column: str) -> None:
     last = messages[-1]
     if last["role"] != "assistant":
-        raise RowProblem("malformed_messages", f"{column}[{len(messages) - 1}].role",
-                         f"the response must be an assistant message, got role {last['role']!r}",
-                         "End each conversation with the assistant's answer.")
+        raise RowProblem(
+            "malformed_messages",
+            f"{column}[{len(messages) - 1}].role",
+            f"the response must be an assistant message, got role {last['role']!r}",
+            "End each conversation with the assistant's answer.",
+        )
     if not last["content"].strip():
-        raise RowProblem("empty_text", f"{column}[{len(messages) - 1}].content",
-                         "the response is empty or only whitespace", "Give a non-empty response, or remove the row.")
+        raise RowProblem(
+            "empty_text",
+            f"{column}[{len(messages) - 1}].content",
+            "the response is empty or only whitespace",
+            "Give a non-empty response, or remove the row.",
+        )
 
 
-def _conversational(row: Mapping[str, Any], columns: Columns) -> tuple[list[Message], list[Message],
-                                                                      list[Message], Format]:
+def _conversational(
+    row: Mapping[str, Any], columns: Columns
+) -> tuple[list[Message], list[Message], list[Message], Format]:
     chosen = _as_messages(_value(row, columns.chosen), columns.chosen, "assistant", True)
     rejected = _as_messages(_value(row, columns.rejected), columns.rejected, "assistant", True)
     _check_completion(chosen, columns.chosen)
@@ -200,20 +239,30 @@ def _conversational(row: Mapping[str, Any], columns: Columns) -> tuple[list[Mess
     prompt_value = row.get(columns.prompt) if columns.has_prompt else None
     if len(chosen) == 1 and len(rejected) == 1:
         if prompt_value is None:
-            raise RowProblem("missing_value", columns.prompt, "no prompt, and chosen/rejected hold only the response",
-                             "Give a prompt, or store whole conversations in chosen and rejected.")
+            raise RowProblem(
+                "missing_value",
+                columns.prompt,
+                "no prompt, and chosen/rejected hold only the response",
+                "Give a prompt, or store whole conversations in chosen and rejected.",
+            )
         prompt = _as_messages(prompt_value, columns.prompt, "user", False)
         return prompt, chosen, rejected, "conversational"
     shared = chosen[:-1]
     if shared != rejected[:-1] or not shared:
-        raise RowProblem("no_shared_prompt", columns.rejected,
-                         "chosen and rejected do not share the conversation before their last message",
-                         "Make both conversations identical up to the final assistant message, or give the prompt "
-                         "in its own column and only the responses in chosen/rejected.")
+        raise RowProblem(
+            "no_shared_prompt",
+            columns.rejected,
+            "chosen and rejected do not share the conversation before their last message",
+            "Make both conversations identical up to the final assistant message, or give the prompt "
+            "in its own column and only the responses in chosen/rejected.",
+        )
     if prompt_value is not None and prompt_value != shared and prompt_value != shared[-1]["content"]:
-        raise RowProblem("prompt_mismatch", columns.prompt,
-                         "the prompt differs from the conversation that chosen and rejected share",
-                         "Remove the prompt column (the shared messages are used), or make it match them.")
+        raise RowProblem(
+            "prompt_mismatch",
+            columns.prompt,
+            "the prompt differs from the conversation that chosen and rejected share",
+            "Remove the prompt column (the shared messages are used), or make it match them.",
+        )
     return shared, chosen[-1:], rejected[-1:], "implicit_prompt"
 
 
@@ -224,8 +273,12 @@ def _score(value: Any, column: str, from_csv: bool) -> float:
         except ValueError:
             pass
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise RowProblem("bad_score", column, f"a score must be a number, got {value!r}",
-                         "Give each score as a number (int or float).")
+        raise RowProblem(
+            "bad_score",
+            column,
+            f"a score must be a number, got {value!r}",
+            "Give each score as a number (int or float).",
+        )
     if not math.isfinite(value):
         raise RowProblem("bad_score", column, f"the score is {value}", "Give a finite score, or remove the row.")
     return float(value)
@@ -233,8 +286,10 @@ def _score(value: Any, column: str, from_csv: bool) -> float:
 
 def _scores(row: Mapping[str, Any], columns: Columns, from_csv: bool) -> tuple[float | None, float | None]:
     if columns.score_chosen is not None and columns.score_rejected is not None:
-        return (_score(_value(row, columns.score_chosen), columns.score_chosen, from_csv),
-                _score(_value(row, columns.score_rejected), columns.score_rejected, from_csv))
+        return (
+            _score(_value(row, columns.score_chosen), columns.score_chosen, from_csv),
+            _score(_value(row, columns.score_rejected), columns.score_rejected, from_csv),
+        )
     if columns.scores is None:
         return None, None
     value = _value(row, columns.scores)
@@ -243,8 +298,12 @@ def _scores(row: Mapping[str, Any], columns: Columns, from_csv: bool) -> tuple[f
     elif isinstance(value, list | tuple) and len(value) == 2:
         pair = value
     else:
-        raise RowProblem("bad_score", columns.scores, f"expected [chosen, rejected] scores, got {value!r}",
-                         "Give two scores, as [chosen, rejected] or {\"chosen\": x, \"rejected\": y}.")
+        raise RowProblem(
+            "bad_score",
+            columns.scores,
+            f"expected [chosen, rejected] scores, got {value!r}",
+            'Give two scores, as [chosen, rejected] or {"chosen": x, "rejected": y}.',
+        )
     return _score(pair[0], columns.scores, from_csv), _score(pair[1], columns.scores, from_csv)
 
 
@@ -252,16 +311,24 @@ def _flag(value: Any, column: str, from_csv: bool) -> bool:
     if from_csv and isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
     if not isinstance(value, bool):
-        raise RowProblem("bad_flag", column, f"expected true or false, got {value!r}",
-                         "Give true when the response ended on its own and false when generation cut it.")
+        raise RowProblem(
+            "bad_flag",
+            column,
+            f"expected true or false, got {value!r}",
+            "Give true when the response ended on its own and false when generation cut it.",
+        )
     return value
 
 
 def normalize_row(row: Any, columns: Columns, from_csv: bool = False) -> Example:
     """Check one row and return it as an :class:`Example`; raises :class:`RowProblem` naming the column."""
     if not isinstance(row, Mapping):
-        raise RowProblem("wrong_type", WHOLE_ROW, f"a row must be an object, got {type(row).__name__}",
-                         "Write each row as an object with prompt/chosen/rejected keys.")
+        raise RowProblem(
+            "wrong_type",
+            WHOLE_ROW,
+            f"a row must be an object, got {type(row).__name__}",
+            "Write each row as an object with prompt/chosen/rejected keys.",
+        )
     values = [row.get(c) for c in (columns.prompt, columns.chosen, columns.rejected)]
     if any(isinstance(v, list) for v in values):
         prompt, chosen, rejected, fmt = _conversational(row, columns)
@@ -269,18 +336,26 @@ def normalize_row(row: Any, columns: Columns, from_csv: bool = False) -> Example
         example = Example(prompt, chosen, rejected, fmt)
     else:
         if not columns.has_prompt:
-            raise RowProblem("missing_value", columns.prompt, "string data needs a prompt column",
-                             "Add a prompt column, or give chosen/rejected as whole conversations (message lists).")
+            raise RowProblem(
+                "missing_value",
+                columns.prompt,
+                "string data needs a prompt column",
+                "Add a prompt column, or give chosen/rejected as whole conversations (message lists).",
+            )
         prompt_text = _text(_value(row, columns.prompt), columns.prompt, completion=False)
         chosen_text = _text(_value(row, columns.chosen), columns.chosen, completion=True)
         rejected_text = _text(_value(row, columns.rejected), columns.rejected, completion=True)
         same = chosen_text == rejected_text
         example = Example(prompt_text, chosen_text, rejected_text, "standard")
     if same:
-        raise RowProblem("identical_responses", columns.rejected,
-                         "the rejected response is identical to the chosen one",
-                         "Remove the row: a pair with two equal responses carries no preference.")
+        raise RowProblem(
+            "identical_responses",
+            columns.rejected,
+            "the rejected response is identical to the chosen one",
+            "Remove the row: a pair with two equal responses carries no preference.",
+        )
     score_chosen, score_rejected = _scores(row, columns, from_csv)
     ends = [_flag(_value(row, c), c, from_csv) for c in FINISHED_COLUMNS] if columns.finished else [True, True]
-    return Example(example.prompt, example.chosen, example.rejected, example.format, score_chosen, score_rejected,
-                   *ends)
+    return Example(
+        example.prompt, example.chosen, example.rejected, example.format, score_chosen, score_rejected, *ends
+    )

@@ -70,7 +70,9 @@ def _read_jsonl(path: Path) -> RawRows:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
                 problems[len(rows)] = RowProblem(
-                    "malformed_json", WHOLE_ROW, f"not valid JSON ({err.msg} at column {err.colno})",
+                    "malformed_json",
+                    WHOLE_ROW,
+                    f"not valid JSON ({err.msg} at column {err.colno})",
                     "Fix the line so that it holds one JSON object per line.",
                 )
                 rows.append(None)
@@ -88,7 +90,8 @@ def _read_json(path: Path, split: str) -> RawRows:
         raise DataError(
             f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); fix the file, or "
             "write one JSON object per line and name it .jsonl.",
-            source=str(path), reason="malformed_json",
+            source=str(path),
+            reason="malformed_json",
         ) from err
     if isinstance(data, Mapping):
         lists = {k: v for k, v in data.items() if isinstance(v, list)}
@@ -100,12 +103,14 @@ def _read_json(path: Path, split: str) -> RawRows:
             raise DataError(
                 f"{path}: the top level is an object with keys {sorted(map(str, data))}; expected a list of rows "
                 f"or an object whose key {split!r} (the split) holds the list of rows.",
-                source=str(path), reason="malformed_json",
+                source=str(path),
+                reason="malformed_json",
             )
     if not isinstance(data, list):
         raise DataError(
             f"{path}: expected a JSON list of row objects, found {type(data).__name__}.",
-            source=str(path), reason="malformed_json",
+            source=str(path),
+            reason="malformed_json",
         )
     return RawRows(str(path), data, _columns(data), None, kind="json")
 
@@ -121,7 +126,9 @@ def _read_csv(path: Path) -> RawRows:
         for row in reader:
             if None in row or any(v is None for v in row.values()):
                 problems[len(rows)] = RowProblem(
-                    "malformed_csv", WHOLE_ROW, f"has a different number of fields than the header ({len(header)})",
+                    "malformed_csv",
+                    WHOLE_ROW,
+                    f"has a different number of fields than the header ({len(header)})",
                     "Quote fields that contain commas or newlines, and give every row one value per column.",
                 )
                 row = None
@@ -139,7 +146,8 @@ def _read_parquet(path: Path) -> RawRows:
     except Exception as err:  # pyarrow raises several types for a damaged file
         raise DataError(
             f"{path}: cannot read as Parquet ({err}); check the file is a complete Parquet file.",
-            source=str(path), reason="unreadable",
+            source=str(path),
+            reason="unreadable",
         ) from err
     return RawRows(str(path), rows, _columns(rows), None, kind="parquet")
 
@@ -151,7 +159,8 @@ def _from_datasets(data: Any, source: str, split: str) -> RawRows:
         if split not in data:
             raise DataError(
                 f"{source}: no split {split!r}; splits present: {', '.join(data)}. Set split=NAME.",
-                source=source, reason="missing_split",
+                source=source,
+                reason="missing_split",
             )
         data, source = data[split], f"{source}[{split}]"
     if not isinstance(data, datasets.Dataset):
@@ -177,7 +186,8 @@ def _load_with_datasets(name: str, dataset_config: str | None, split: str) -> Ra
         raise DataError(
             f"cannot load dataset {name!r} ({where}): {type(err).__name__}: {err}. Give an existing .json/.jsonl/"
             ".parquet/.csv file, a saved datasets directory, or a Hub id reachable from this machine.",
-            source=name, reason="unreadable",
+            source=name,
+            reason="unreadable",
         ) from err
     label = f"{name}[{split}]" if dataset_config is None else f"{name}/{dataset_config}[{split}]"
     return _from_datasets(data, label, split)
@@ -195,7 +205,8 @@ def load_rows(source: Any, *, dataset_config: str | None = None, split: str = "t
         raise DataError(
             f"cannot read preference data from a {type(source).__name__}; give a path, a Hub id, a "
             "datasets.Dataset or a list of dicts.",
-            source=repr(source)[:80], reason="unreadable",
+            source=repr(source)[:80],
+            reason="unreadable",
         )
     if isinstance(source, str) and source.startswith(BUNDLED_PREFIX):
         try:
@@ -215,7 +226,8 @@ def load_rows(source: Any, *, dataset_config: str | None = None, split: str = "t
             return _read_parquet(path)
         raise DataError(
             f"{path}: unsupported file type {suffix!r}; use .json, .jsonl, .parquet or .csv.",
-            source=str(path), reason="unreadable",
+            source=str(path),
+            reason="unreadable",
         )
     if suffix in TEXT_SUFFIXES | {".parquet"}:
         raise DataError(f"{path}: file not found; check the path.", source=str(path), reason="unreadable")

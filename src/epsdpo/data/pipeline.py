@@ -64,8 +64,9 @@ def _examples(raw: RawRows, config: DataConfig, sink: _Sink, report: DataReport)
     return examples
 
 
-def _render(examples: dict[int, Example], tokenizer: Any, spec: TokenizerSpec, config: DataConfig,
-            sink: _Sink) -> dict[int, RenderedPair]:
+def _render(
+    examples: dict[int, Example], tokenizer: Any, spec: TokenizerSpec, config: DataConfig, sink: _Sink
+) -> dict[int, RenderedPair]:
     columns = (config.chosen_column, config.rejected_column)
     rendered: dict[int, RenderedPair] = {}
     for index, example in examples.items():
@@ -73,7 +74,9 @@ def _render(examples: dict[int, Example], tokenizer: Any, spec: TokenizerSpec, c
             raise DataError(
                 f"{sink.raw.source}: row {index} is conversational (lists of messages) but tokenizer "
                 f"{spec.name!r} has no chat template; use a chat model's tokenizer, or give the data as strings.",
-                source=sink.raw.source, reason="no_chat_template", row=index,
+                source=sink.raw.source,
+                reason="no_chat_template",
+                row=index,
             )
         try:
             rendered[index] = render_example(example, tokenizer, spec, columns)
@@ -82,15 +85,28 @@ def _render(examples: dict[int, Example], tokenizer: Any, spec: TokenizerSpec, c
     return rendered
 
 
-def _pairs(examples: dict[int, Example], rendered: dict[int, RenderedPair], tokenizer: Any, spec: TokenizerSpec,
-           config: DataConfig, sink: _Sink, report: DataReport) -> list[TokenizedPair]:
+def _pairs(
+    examples: dict[int, Example],
+    rendered: dict[int, RenderedPair],
+    tokenizer: Any,
+    spec: TokenizerSpec,
+    config: DataConfig,
+    sink: _Sink,
+    report: DataReport,
+) -> list[TokenizedPair]:
     indices = list(rendered)
     columns = (config.chosen_column, config.rejected_column)
-    texts = tokenize_rendered([rendered[i] for i in indices], [examples[i].is_conversational for i in indices],
-                              tokenizer, spec, columns,
-                              [(examples[i].chosen_finished, examples[i].rejected_finished) for i in indices])
-    limits = Truncation(config.max_length, config.max_prompt_length, config.max_completion_length,
-                        config.truncation_mode)
+    texts = tokenize_rendered(
+        [rendered[i] for i in indices],
+        [examples[i].is_conversational for i in indices],
+        tokenizer,
+        spec,
+        columns,
+        [(examples[i].chosen_finished, examples[i].rejected_finished) for i in indices],
+    )
+    limits = Truncation(
+        config.max_length, config.max_prompt_length, config.max_completion_length, config.truncation_mode
+    )
     keep_bos = spec.bos_id if spec.adds_bos else None
     pairs: list[TokenizedPair] = []
     for index, tokens in zip(indices, texts, strict=True):
@@ -103,8 +119,15 @@ def _pairs(examples: dict[int, Example], rendered: dict[int, RenderedPair], toke
     return pairs
 
 
-def _truncate(index: int, tokens: TokenizedText, example: Example, limits: Truncation, keep_bos: int | None,
-              sink: _Sink, report: DataReport) -> TokenizedPair | None:
+def _truncate(
+    index: int,
+    tokens: TokenizedText,
+    example: Example,
+    limits: Truncation,
+    keep_bos: int | None,
+    sink: _Sink,
+    report: DataReport,
+) -> TokenizedPair | None:
     where = str(sink.raw.where(index))
     for part, ids in (("prompt", tokens.prompt), ("chosen", tokens.chosen), ("rejected", tokens.rejected)):
         report.lengths[part].append(len(ids))
@@ -113,19 +136,32 @@ def _truncate(index: int, tokens: TokenizedText, example: Example, limits: Trunc
     )
     lengths = f"prompt {len(tokens.prompt)}, chosen {len(tokens.chosen)}, rejected {len(tokens.rejected)} tokens"
     if drop is not None:
-        report.drop(drop, f"{where}: {drop.replace('_', ' ')} ({lengths}; max_length={limits.max_length}, "
-                          f"max_prompt_length={limits.max_prompt_length})")
+        report.drop(
+            drop,
+            f"{where}: {drop.replace('_', ' ')} ({lengths}; max_length={limits.max_length}, "
+            f"max_prompt_length={limits.max_prompt_length})",
+        )
         return None
     if tokens.duplicate_bos:
         reasons.append("duplicate_bos_removed")
-    unfinished = [name for name, done in (("chosen", example.chosen_finished), ("rejected", example.rejected_finished))
-                  if not done]
+    unfinished = [
+        name
+        for name, done in (("chosen", example.chosen_finished), ("rejected", example.rejected_finished))
+        if not done
+    ]
     reasons += [f"{name}_unfinished" for name in unfinished]
     for reason in reasons:
         report.truncate(reason, f"{where}: {reason.replace('_', ' ')} ({lengths})")
-    return TokenizedPair(prompt, chosen, rejected, example.score_chosen, example.score_rejected, index,
-                         chosen_truncated="chosen_truncated" in reasons or "chosen" in unfinished,
-                         rejected_truncated="rejected_truncated" in reasons or "rejected" in unfinished)
+    return TokenizedPair(
+        prompt,
+        chosen,
+        rejected,
+        example.score_chosen,
+        example.score_rejected,
+        index,
+        chosen_truncated="chosen_truncated" in reasons or "chosen" in unfinished,
+        rejected_truncated="rejected_truncated" in reasons or "rejected" in unfinished,
+    )
 
 
 def load_preference_dataset(
@@ -179,13 +215,18 @@ def load_preference_dataset(
         raise DataError(
             f"{raw.source}: no usable pair left out of {report.rows} rows.\n{report.summary()}\nFix the data or "
             "the length limits (max_length, max_prompt_length).",
-            source=raw.source, reason="no_pairs",
+            source=raw.source,
+            reason="no_pairs",
         )
     return pairs, report
 
 
-def load_eval_dataset(config: DataConfig, tokenizer: Any, *, report_dir: str | Path | None = None,
-                      ) -> tuple[list[TokenizedPair], DataReport] | None:
+def load_eval_dataset(
+    config: DataConfig,
+    tokenizer: Any,
+    *,
+    report_dir: str | Path | None = None,
+) -> tuple[list[TokenizedPair], DataReport] | None:
     """The evaluation pairs: ``eval_dataset`` if set, else ``eval_split`` of ``dataset``; ``None`` if neither.
 
     The report is written as ``data_report_eval.json``.

@@ -101,7 +101,8 @@ def inspect_tokenizer(tokenizer: Any) -> TokenizerSpec:
     if eos_id is None:
         raise DataError(
             f"tokenizer {name!r} has no EOS token, so completions cannot be ended; set tokenizer.eos_token.",
-            source=name, reason="no_eos",
+            source=name,
+            reason="no_eos",
         )
     bos_id = tokenizer.bos_token_id
     plain = tokenizer("a", add_special_tokens=True)["input_ids"]
@@ -111,12 +112,12 @@ def inspect_tokenizer(tokenizer: Any) -> TokenizerSpec:
     if template:
         messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
         rendered = tokenizer.apply_chat_template(messages, tokenize=False)
-        after = rendered[rendered.rfind(_PROBE) + len(_PROBE):]
+        after = rendered[rendered.rfind(_PROBE) + len(_PROBE) :]
         after_ids = _encode(tokenizer, [after])[0]
         if after_ids and after_ids[0] in set(tokenizer.all_special_ids):
             marker = tokenizer.decode(after_ids[:1])
             if after.startswith(marker):
-                chat_end_id, chat_tail = after_ids[0], after[len(marker):]
+                chat_end_id, chat_tail = after_ids[0], after[len(marker) :]
         else:
             chat_tail = after
     return TokenizerSpec(name, bos_id, adds_bos, int(eos_id), chat_end_id, chat_tail, bool(template))
@@ -131,17 +132,24 @@ class RenderedPair:
     rejected: str
 
 
-def _completion_text(tokenizer: Any, spec: TokenizerSpec, prompt: list[dict[str, Any]], prompt_text: str,
-                     response: list[dict[str, Any]], column: str) -> str:
+def _completion_text(
+    tokenizer: Any,
+    spec: TokenizerSpec,
+    prompt: list[dict[str, Any]],
+    prompt_text: str,
+    response: list[dict[str, Any]],
+    column: str,
+) -> str:
     full = tokenizer.apply_chat_template(prompt + response, tokenize=False)
     if not full.startswith(prompt_text):
         raise RowProblem(
-            "template_mismatch", column,
+            "template_mismatch",
+            column,
             "the chat template renders the conversation with this response differently from the prompt alone, so "
             "the prompt/response boundary cannot be found",
             "Use a tokenizer whose template only appends the response, or give the data as pre-rendered strings.",
         )
-    text = full[len(prompt_text):]
+    text = full[len(prompt_text) :]
     if spec.chat_tail and text.endswith(spec.chat_tail):
         text = text[: -len(spec.chat_tail)]
     return text
@@ -175,8 +183,9 @@ def _prompt_ids(ids: list[int], spec: TokenizerSpec) -> tuple[list[int], bool]:
     return ids, False
 
 
-def _completion_ids(ids: list[int], spec: TokenizerSpec, conversational: bool, column: str,
-                    finished: bool = True) -> list[int]:
+def _completion_ids(
+    ids: list[int], spec: TokenizerSpec, conversational: bool, column: str, finished: bool = True
+) -> list[int]:
     end_id = spec.chat_end_id if conversational and spec.chat_end_id is not None else spec.eos_id
     if not finished and ids and ids[-1] in spec.end_ids:
         ids = ids[:-1]  # an end token a chat template wrote after a response that was cut
@@ -185,7 +194,8 @@ def _completion_ids(ids: list[int], spec: TokenizerSpec, conversational: bool, c
     early = [i for i, t in enumerate(ids[:-1]) if t in spec.end_ids]
     if early:
         raise RowProblem(
-            "end_token_in_text", column,
+            "end_token_in_text",
+            column,
             f"the response contains the end token (id {ids[early[0]]}) before its end, at token {early[0]}",
             "Remove special tokens such as EOS or end-of-turn markers from the response text: epsdpo ends every "
             "response with one end token itself.",
@@ -234,9 +244,14 @@ class TokenizedText:
     duplicate_bos: bool
 
 
-def tokenize_rendered(rendered: Sequence[RenderedPair], conversational: Sequence[bool], tokenizer: Any,
-                      spec: TokenizerSpec, columns: tuple[str, str],
-                      finished: Sequence[tuple[bool, bool]] | None = None) -> list[TokenizedText | RowProblem]:
+def tokenize_rendered(
+    rendered: Sequence[RenderedPair],
+    conversational: Sequence[bool],
+    tokenizer: Any,
+    spec: TokenizerSpec,
+    columns: tuple[str, str],
+    finished: Sequence[tuple[bool, bool]] | None = None,
+) -> list[TokenizedText | RowProblem]:
     """Tokenize many rendered pairs in one batched call; a pair that breaks an EOS rule gives its RowProblem.
 
     ``finished``: per pair, whether (chosen, rejected) ended on their own (default: both did).
@@ -249,8 +264,14 @@ def tokenize_rendered(rendered: Sequence[RenderedPair], conversational: Sequence
         try:
             prompt, duplicate = _prompt_ids(prompts[i], spec)
             ends = finished[i] if finished is not None else (True, True)
-            out.append(TokenizedText(prompt, _completion_ids(chosen[i], spec, conv, columns[0], ends[0]),
-                                     _completion_ids(rejected[i], spec, conv, columns[1], ends[1]), duplicate))
+            out.append(
+                TokenizedText(
+                    prompt,
+                    _completion_ids(chosen[i], spec, conv, columns[0], ends[0]),
+                    _completion_ids(rejected[i], spec, conv, columns[1], ends[1]),
+                    duplicate,
+                )
+            )
         except RowProblem as problem:
             out.append(problem)
     return out
@@ -270,12 +291,13 @@ def _cut_prompt(ids: list[int], limit: int, mode: str, bos_id: int | None) -> li
     if mode == "keep_start":
         return ids[:limit]
     if bos_id is not None and ids[0] == bos_id:  # keep the BOS the model expects in front
-        return [bos_id, *ids[len(ids) - limit + 1:]] if limit > 1 else [bos_id]
-    return ids[len(ids) - limit:]
+        return [bos_id, *ids[len(ids) - limit + 1 :]] if limit > 1 else [bos_id]
+    return ids[len(ids) - limit :]
 
 
-def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], limits: Truncation,
-                  bos_id: int | None = None) -> tuple[list[int], list[int], list[int], list[str], str | None]:
+def truncate_pair(
+    prompt: list[int], chosen: list[int], rejected: list[int], limits: Truncation, bos_id: int | None = None
+) -> tuple[list[int], list[int], list[int], list[str], str | None]:
     """Apply the truncation rules; returns (prompt, chosen, rejected, truncation reasons, drop reason or None).
 
     ``bos_id`` is the BOS to keep in front of a ``keep_end`` cut (pass it only when the tokenizer adds BOS).
@@ -307,5 +329,8 @@ def mark_boundary(pair: TokenizedPair, tokenizer: Any, which: str = "chosen", ma
     """The decoded prompt and one completion with ``marker`` where the completion starts (for reports)."""
     completion = pair.chosen_ids if which == "chosen" else pair.rejected_ids
     decode = tokenizer.decode
-    return (decode(pair.prompt_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False) + marker
-            + decode(completion, skip_special_tokens=False, clean_up_tokenization_spaces=False))
+    return (
+        decode(pair.prompt_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        + marker
+        + decode(completion, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    )

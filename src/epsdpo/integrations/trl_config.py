@@ -24,29 +24,38 @@ class EpsilonDPOConfig(DPOConfig):
 
     epsilon: float = field(
         default=0.01,
-        metadata={"help": "ε-DPO's perturbation size ε in [0, 1): each pair trains with β/(1+ε), β or β/(1−ε); 0 "
-                          "gives DPO. The paper's grid: 0.005, 0.01, 0.02."},
-    )  # fmt: skip
+        metadata={
+            "help": "ε-DPO's perturbation size ε in [0, 1): each pair trains with β/(1+ε), β or β/(1−ε); 0 "
+            "gives DPO. The paper's grid: 0.005, 0.01, 0.02."
+        },
+    )
     beta_update_rule: str = field(
         default="inverse_mean_step",
-        metadata={"help": "How β moves once per optimizer step: 'inverse_mean_step' (β ← β/(1+ε·mean s)) or "
-                          "'mean_beta' (the paper's β ← mean β̃); they agree to O(ε²).", "choices": list(RULES)},
-    )  # fmt: skip
+        metadata={
+            "help": "How β moves once per optimizer step: 'inverse_mean_step' (β ← β/(1+ε·mean s)) or "
+            "'mean_beta' (the paper's β ← mean β̃); they agree to O(ε²).",
+            "choices": list(RULES),
+        },
+    )
     decision_precision: str = field(
         default="float32",
-        metadata={"help": "'float32' (the exact decision rule, default) or 'bfloat16' (reproduces the published "
-                          "code's model-dtype decisions); see docs/epsilon_dpo.md.",
-                  "choices": list(DECISION_PRECISIONS)},
-    )  # fmt: skip
+        metadata={
+            "help": "'float32' (the exact decision rule, default) or 'bfloat16' (reproduces the published "
+            "code's model-dtype decisions); see docs/epsilon_dpo.md.",
+            "choices": list(DECISION_PRECISIONS),
+        },
+    )
     decision_tolerance: float = field(
         default=0.0,
         metadata={"help": "Dead band τ in nats: a pair moves β only when both perturbation gaps exceed τ."},
     )
     logps_chunk_size: int | None = field(
         default=None,
-        metadata={"help": "Completion tokens per chunk of the fused log-prob computation; None picks ~256 MiB per "
-                          "(chunk, vocabulary) float32 buffer."},
-    )  # fmt: skip
+        metadata={
+            "help": "Completion tokens per chunk of the fused log-prob computation; None picks ~256 MiB per "
+            "(chunk, vocabulary) float32 buffer."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -64,8 +73,9 @@ def unsupported_options(args: DPOConfig) -> list[str]:
     if getattr(args, "beta_update_rule", RULES[0]) not in RULES:
         problems.append(f"beta_update_rule must be one of {list(RULES)}, got {args.beta_update_rule!r}")
     if getattr(args, "decision_precision", "float32") not in DECISION_PRECISIONS:
-        problems.append(f"decision_precision must be one of {list(DECISION_PRECISIONS)}, got "
-                        f"{args.decision_precision!r}")  # fmt: skip
+        problems.append(
+            f"decision_precision must be one of {list(DECISION_PRECISIONS)}, got {args.decision_precision!r}"
+        )
     if getattr(args, "decision_tolerance", 0.0) < 0:
         problems.append(f"decision_tolerance must be >= 0, got {args.decision_tolerance}")
     if args.precompute_ref_log_probs:
@@ -75,16 +85,22 @@ def unsupported_options(args: DPOConfig) -> list[str]:
             "give. Set precompute_ref_log_probs=False"
         )
     if list(args.loss_type) != ["sigmoid"]:
-        problems.append(f"loss_type must be 'sigmoid' (ε-DPO is the DPO loss with a per-pair β̃), got "
-                        f"{args.loss_type}; use TRL's DPOTrainer for other losses")  # fmt: skip
+        problems.append(
+            f"loss_type must be 'sigmoid' (ε-DPO is the DPO loss with a per-pair β̃), got "
+            f"{args.loss_type}; use TRL's DPOTrainer for other losses"
+        )
     if args.loss_weights not in (None, [1.0]):
         problems.append(f"loss_weights must be None with a single loss, got {args.loss_weights}")
     if args.ld_alpha is not None:
-        problems.append("ld_alpha (LD-DPO's down-weighted tail) changes the sequence log-probs that ε-DPO's "
-                        "decisions compare; set ld_alpha=None")  # fmt: skip
+        problems.append(
+            "ld_alpha (LD-DPO's down-weighted tail) changes the sequence log-probs that ε-DPO's "
+            "decisions compare; set ld_alpha=None"
+        )
     if args.f_divergence_type != "reverse_kl":
-        problems.append(f"f_divergence_type={args.f_divergence_type!r} is not ε-DPO's reverse-KL objective; set "
-                        "f_divergence_type='reverse_kl'")  # fmt: skip
+        problems.append(
+            f"f_divergence_type={args.f_divergence_type!r} is not ε-DPO's reverse-KL objective; set "
+            "f_divergence_type='reverse_kl'"
+        )
     if args.use_weighting:
         problems.append("use_weighting (WPO) is not supported; set use_weighting=False")
     return problems

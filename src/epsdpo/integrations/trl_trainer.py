@@ -77,8 +77,10 @@ class EpsilonDPOCallback(TrainerCallback, ExportableState):
 
     def state(self) -> dict[str, Any]:
         c = self.controller
-        return {"args": {"beta": c.initial_beta, "epsilon": c.epsilon, "rule": c.rule},
-                "attributes": {"controller_state": c.state_dict()}}  # fmt: skip
+        return {
+            "args": {"beta": c.initial_beta, "epsilon": c.epsilon, "rule": c.rule},
+            "attributes": {"controller_state": c.state_dict()},
+        }
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         saved = state.stateful_callbacks.get(type(self).__name__)
@@ -87,8 +89,11 @@ class EpsilonDPOCallback(TrainerCallback, ExportableState):
             if state.global_step > 0:
                 logger.info("ε-DPO: resumed at step %d with β = %.6g", state.global_step, self.controller.beta)
         elif state.global_step > 0:
-            logger.warning("ε-DPO: the checkpoint holds no %s state, so β restarts at β₀ = %s",
-                           type(self).__name__, self.controller.beta)  # fmt: skip
+            logger.warning(
+                "ε-DPO: the checkpoint holds no %s state, so β restarts at β₀ = %s",
+                type(self).__name__,
+                self.controller.beta,
+            )
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.controller.step()  # a collective across processes; every process runs its callbacks here
@@ -118,7 +123,7 @@ class EpsilonDPOTrainer(DPOTrainer):
                 year      = 2025,
                 booktitle = {Advances in Neural Information Processing Systems},
             }"""),
-    }  # fmt: skip
+    }
     loss_is_scaled_for_ga = False  # compute_loss returns a micro-batch mean, as DPOTrainer's does
 
     def __init__(
@@ -148,18 +153,29 @@ class EpsilonDPOTrainer(DPOTrainer):
         if problems:
             raise ValueError("EpsilonDPOTrainer: " + "; ".join(problems))
         self._loss_config = LossConfig(
-            loss_type="epsilon_dpo", beta=args.beta, epsilon=args.epsilon, label_smoothing=args.label_smoothing,
+            loss_type="epsilon_dpo",
+            beta=args.beta,
+            epsilon=args.epsilon,
+            label_smoothing=args.label_smoothing,
             beta_update_rule=args.beta_update_rule,  # type: ignore[arg-type]
             decision_precision=args.decision_precision,  # type: ignore[arg-type]
             decision_tolerance=args.decision_tolerance,
-        )  # fmt: skip
+        )
         callback = EpsilonDPOCallback(args.beta, args.epsilon, args.beta_update_rule)
         super().__init__(
-            model, ref_model=ref_model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-            eval_dataset=eval_dataset, processing_class=processing_class, compute_metrics=compute_metrics,
-            callbacks=[*(callbacks or []), callback], optimizers=optimizers, quantization_config=quantization_config,
+            model,
+            ref_model=ref_model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=[*(callbacks or []), callback],
+            optimizers=optimizers,
+            quantization_config=quantization_config,
             peft_config=peft_config,
-        )  # fmt: skip
+        )
         self._fused: bool | None = None  # whether the fused head path is exact for this model (checked once)
         self._sums: dict[str, dict[str, float]] = {"train": {}, "eval": {}}
         self._step_beta: float | None = None  # the β of the last training micro-batch
@@ -223,8 +239,9 @@ class EpsilonDPOTrainer(DPOTrainer):
                 )
         return self._fused
 
-    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> Tensor | tuple[Tensor, Any]:  # fmt: skip
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Tensor | tuple[Tensor, Any]:
         """ε-DPO's loss of one micro-batch (mean over its pairs); observes the decisions when training."""
         train = self.model.training
         ids, attention = inputs["input_ids"], inputs["attention_mask"]  # (2B, T): chosen rows, then rejected
@@ -236,10 +253,17 @@ class EpsilonDPOTrainer(DPOTrainer):
             with self._reference() as reference:
                 ref_side = reference_side(reference, ids, attention, fused)
             logps = policy_logps(
-                model, ids, attention, ref_side, labels, mask, args.epsilon, fused=fused,
+                model,
+                ids,
+                attention,
+                ref_side,
+                labels,
+                mask,
+                args.epsilon,
+                fused=fused,
                 decision_dtype=torch.bfloat16 if args.decision_precision == "bfloat16" else None,
                 chunk_size=args.logps_chunk_size,
-            )  # fmt: skip
+            )
             result = compute_pair_losses(logps, mask.sum(-1), self._loss_config, beta)
         if train:
             controller.observe(result.steps)

@@ -108,8 +108,9 @@ class _FusedPerturbedTokenLogps(torch.autograd.Function):
         policy_lse = torch.empty(num, dtype=torch.float32, device=positions.device)
         vocab = policy_hidden.shape[-1] if policy_weight is None else policy_weight.shape[0]
         # three (chunk, V) buffers for the whole call: policy logits f, reference logits g, exponentials
-        f_buf, g_buf, scratch = (torch.empty((min(chunk_size, num), vocab), dtype=torch.float32,
-                                             device=positions.device) for _ in range(3))  # fmt: skip
+        f_buf, g_buf, scratch = (
+            torch.empty((min(chunk_size, num), vocab), dtype=torch.float32, device=positions.device) for _ in range(3)
+        )
         with torch.autocast(positions.device.type, enabled=False):
             for start in range(0, num, chunk_size):
                 sl = slice(start, start + chunk_size)
@@ -225,9 +226,18 @@ def chunked_perturbed_logps(
     r_rows, r_w, r_b = _flatten(reference)
     vocab = p_rows.shape[-1] if p_w is None else p_w.shape[0]
     toks = _FusedPerturbedTokenLogps.apply(
-        p_rows, p_w, p_b, r_rows, r_w, r_b, positions, token_labels, float(epsilon),
-        chunk_size or default_chunk_size(vocab), decision_dtype,
-    )  # fmt: skip
+        p_rows,
+        p_w,
+        p_b,
+        r_rows,
+        r_w,
+        r_b,
+        positions,
+        token_labels,
+        float(epsilon),
+        chunk_size or default_chunk_size(vocab),
+        decision_dtype,
+    )
 
     def per_sequence(tok: Tensor) -> Tensor:
         return torch.zeros(n, dtype=torch.float32, device=labels.device).index_add(0, sequence, tok)

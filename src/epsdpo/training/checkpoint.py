@@ -108,8 +108,9 @@ def resolve_resume(spec: str | None, output_dir: Path) -> Path | None:
     return path
 
 
-def write_local_weights(directory: Path, model: nn.Module, full_weights: bool, optimizer: torch.optim.Optimizer
-                        ) -> None:  # fmt: skip
+def write_local_weights(
+    directory: Path, model: nn.Module, full_weights: bool, optimizer: torch.optim.Optimizer
+) -> None:
     """Model and optimizer of an unsharded run (call on rank 0): ``model.safetensors`` and ``optimizer.pt``."""
     save_file(trainable_state(model, full_weights), str(directory / MODEL_FILE))
     torch.save(optimizer.state_dict(), directory / "optimizer.pt")

@@ -76,8 +76,10 @@ class ModelConfig:
         if not 0.0 < self.ref_model_mixup_alpha <= 1.0:
             raise ValueError(f"ref_model_mixup_alpha must be in (0, 1], got {self.ref_model_mixup_alpha}")
         if self.precompute_ref_hidden_states and self.sync_ref_model:
-            raise ValueError("precompute_ref_hidden_states cannot be used with sync_ref_model: TR-DPO moves the "
-                             "reference during training, so its hidden states cannot be computed in advance")
+            raise ValueError(
+                "precompute_ref_hidden_states cannot be used with sync_ref_model: TR-DPO moves the "
+                "reference during training, so its hidden states cannot be computed in advance"
+            )
         if self.ref_model_sync_steps < 1:
             raise ValueError(f"ref_model_sync_steps must be >= 1, got {self.ref_model_sync_steps}")
         if self.model_config is not None and "model_type" not in self.model_config:
@@ -209,8 +211,12 @@ class TrainConfig:
     overwrite_output_dir: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "logging_steps"):  # fmt: skip
+        for name in (
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps == 0 or self.max_steps < -1:
@@ -247,13 +253,16 @@ def tokenizer_name(cfg: RunConfig) -> str:
     if cfg.data.tokenizer is not None:
         return cfg.data.tokenizer
     if cfg.models.model_config is not None:
-        raise ConfigError("model_config builds a random model that has no tokenizer of its own; set tokenizer=NAME "
-                          "(e.g. smollm2-135m-instruct)")
+        raise ConfigError(
+            "model_config builds a random model that has no tokenizer of its own; set tokenizer=NAME "
+            "(e.g. smollm2-135m-instruct)"
+        )
     return cfg.models.model
 
 
-def load_run_config(source: str | Path | dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = ()
-                    ) -> RunConfig:  # fmt: skip
+def load_run_config(
+    source: str | Path | dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = ()
+) -> RunConfig:
     """Read a training config (YAML file, mapping or None for defaults) plus ``key=value`` overrides."""
     sections = load_config(source, overrides, SECTIONS)
     return RunConfig(**sections)

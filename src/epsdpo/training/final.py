@@ -25,8 +25,9 @@ CARD_METRICS = {
 }
 
 
-def model_card(cfg: RunConfig, metrics: dict[str, float], steps: int, beta: float, seconds: float,
-               data_report: dict[str, Any]) -> str:  # fmt: skip
+def model_card(
+    cfg: RunConfig, metrics: dict[str, float], steps: int, beta: float, seconds: float, data_report: dict[str, Any]
+) -> str:
     """A README.md for the saved model: what it was trained from, on what, how, and how it ended."""
     base = cfg.models.model if cfg.models.model_config is None else f"random init from {cfg.models.model_config}"
     lines = [
@@ -38,8 +39,11 @@ def model_card(cfg: RunConfig, metrics: dict[str, float], steps: int, beta: floa
         f"# {Path(cfg.train.output_dir).name}",
         "",
         f"Aligned with epsdpo {__version__}, loss `{cfg.loss.loss_type}`"
-        + (f" (ε = {cfg.loss.epsilon}, β₀ = {cfg.loss.beta} → β after training = {beta:.6g})"
-           if cfg.loss.kind.needs_perturbation else f" (β = {cfg.loss.beta})")
+        + (
+            f" (ε = {cfg.loss.epsilon}, β₀ = {cfg.loss.beta} → β after training = {beta:.6g})"
+            if cfg.loss.kind.needs_perturbation
+            else f" (β = {cfg.loss.beta})"
+        )
         + ".",
         "",
         f"- base model: `{base}`" + _lora_note(cfg),
@@ -50,15 +54,19 @@ def model_card(cfg: RunConfig, metrics: dict[str, float], steps: int, beta: floa
         "",
         "| metric | value |",
         "|---|---|",
-        *[f"| {label}{_n(k, metrics)} (`{k}`) | {metrics[k]:.4g} |" for k, label in CARD_METRICS.items()
-          if k in metrics],
+        *[
+            f"| {label}{_n(k, metrics)} (`{k}`) | {metrics[k]:.4g} |"
+            for k, label in CARD_METRICS.items()
+            if k in metrics
+        ],
         f"| β after training (`beta_final`, the β of the implicit reward) | {beta:.6g} |",
         "",
         "## Configuration",
         "",
         "```json",
-        json.dumps(config_to_dict({"models": cfg.models, "data": cfg.data, "loss": cfg.loss, "train": cfg.train}),
-                   indent=2),
+        json.dumps(
+            config_to_dict({"models": cfg.models, "data": cfg.data, "loss": cfg.loss, "train": cfg.train}), indent=2
+        ),
         "```",
         "",
     ]
@@ -78,9 +86,18 @@ def _lora_note(cfg: RunConfig) -> str:
     return " (LoRA adapters)"
 
 
-def save_final_model(model: nn.Module, tokenizer: Any, final: Path, cfg: RunConfig, metrics: dict[str, float],
-                     steps: int, beta: float, seconds: float, data_report: dict[str, Any],
-                     state_dict: dict[str, Any] | None = None) -> None:  # fmt: skip
+def save_final_model(
+    model: nn.Module,
+    tokenizer: Any,
+    final: Path,
+    cfg: RunConfig,
+    metrics: dict[str, float],
+    steps: int,
+    beta: float,
+    seconds: float,
+    data_report: dict[str, Any],
+    state_dict: dict[str, Any] | None = None,
+) -> None:
     """Write ``final/`` (written beside it, then renamed): model or adapter, tokenizer, card, metrics; with LoRA
     and ``save_merged_model``, also ``final/merged`` with the adapters merged into the base. ``state_dict``: the
     gathered full weights of a sharded model.
@@ -99,8 +116,9 @@ def save_final_model(model: nn.Module, tokenizer: Any, final: Path, cfg: RunConf
         merged.save_pretrained(partial / "merged", safe_serialization=True)
         tokenizer.save_pretrained(partial / "merged")
     (partial / "README.md").write_text(model_card(cfg, metrics, steps, beta, seconds, data_report), encoding="utf-8")
-    (partial / "final_metrics.json").write_text(json.dumps({"step": steps, "beta": beta, **metrics}, indent=2) + "\n",
-                                                encoding="utf-8")
+    (partial / "final_metrics.json").write_text(
+        json.dumps({"step": steps, "beta": beta, **metrics}, indent=2) + "\n", encoding="utf-8"
+    )
     if final.exists():
         shutil.rmtree(final)
     partial.rename(final)

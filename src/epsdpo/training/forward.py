@@ -84,8 +84,13 @@ def head_replaced(model: nn.Module, fn: Callable[[nn.Module, Tensor], Tensor]) -
         del head.forward  # back to the class's forward
 
 
-def reference_side(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, fused: bool,
-                   head: tuple[Tensor, Tensor | None] | None = None) -> Tensor | LMHeadInput:  # fmt: skip
+def reference_side(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    fused: bool,
+    head: tuple[Tensor, Tensor | None] | None = None,
+) -> Tensor | LMHeadInput:
     """The reference's input to :func:`perturbed_logps`, shifted (position t scores token t + 1), without autograd.
 
     ``head`` is a whole frozen copy of the reference head for sharded runs; default: the module's own head.
@@ -93,8 +98,13 @@ def reference_side(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
     with torch.no_grad():
         if not fused:
             return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
-        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1,
-                    use_cache=False)  # fmt: skip
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_hidden_states=True,
+            logits_to_keep=1,
+            use_cache=False,
+        )
         if head is None:
             module = output_head(model)
             head = (module.weight.detach(), None if getattr(module, "bias", None) is None else module.bias.detach())
@@ -118,8 +128,16 @@ def policy_logps(
     """Run the policy through its forward and compute every sequence log-prob (only ``policy`` carries gradient)."""
 
     def compute(policy_side: Tensor | LMHeadInput) -> PerturbedLogps:
-        return perturbed_logps(policy_side, reference, labels, mask, epsilon, impl=impl,  # type: ignore[arg-type]
-                               decision_dtype=decision_dtype, chunk_size=chunk_size)  # fmt: skip
+        return perturbed_logps(
+            policy_side,
+            reference,
+            labels,
+            mask,
+            epsilon,
+            impl=impl,  # type: ignore[arg-type]
+            decision_dtype=decision_dtype,
+            chunk_size=chunk_size,
+        )
 
     if not fused:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
@@ -149,8 +167,9 @@ def fused_head_matches(model: nn.Module, input_ids: Tensor, attention_mask: Tens
 
     try:
         with head_replaced(model, project):
-            logits = model(input_ids=input_ids[:1], attention_mask=attention_mask[:1], logits_to_keep=1,
-                           use_cache=False).logits  # fmt: skip
+            logits = model(
+                input_ids=input_ids[:1], attention_mask=attention_mask[:1], logits_to_keep=1, use_cache=False
+            ).logits
     except TypeError:  # the forward does not take logits_to_keep
         return False
     return len(raw) == 1 and logits.shape == raw[0].shape and torch.equal(logits, raw[0])
@@ -167,8 +186,14 @@ class MicroBatchResult:
     keep: Tensor | None = None  # β-DPO: the pairs kept by its filtering
 
 
-def compute_pair_losses(logps: PerturbedLogps, completion_tokens: Tensor, cfg: LossConfig, beta: float,
-                        beta_dpo: BetaDPOController | None = None, train: bool = True) -> MicroBatchResult:  # fmt: skip
+def compute_pair_losses(
+    logps: PerturbedLogps,
+    completion_tokens: Tensor,
+    cfg: LossConfig,
+    beta: float,
+    beta_dpo: BetaDPOController | None = None,
+    train: bool = True,
+) -> MicroBatchResult:
     """Per-pair losses from the sequence log-probs of 2B rows (0..B−1 chosen, B..2B−1 rejected).
 
     ``completion_tokens`` (2B,) counts each row's completion tokens (IPO's length normalisation). ``beta_dpo`` holds
@@ -187,9 +212,11 @@ def compute_pair_losses(logps: PerturbedLogps, completion_tokens: Tensor, cfg: L
     if kind is LossType.EPSILON_DPO:
         z = logps.decision_policy[c] - logps.decision_policy[r]
         steps = perturbation_steps(
-            z, logps.weaker[c] - logps.weaker[r], logps.stronger[c] - logps.stronger[r],
+            z,
+            logps.weaker[c] - logps.weaker[r],
+            logps.stronger[c] - logps.stronger[r],
             tolerance=cfg.decision_tolerance,
-        )  # fmt: skip
+        )
         loss = epsilon_dpo_loss(*args, steps, beta=beta, epsilon=cfg.epsilon, label_smoothing=cfg.label_smoothing)
         pair_beta = beta / (1.0 + cfg.epsilon * steps.to(torch.float32))
     elif kind in (LossType.DPO, LossType.CDPO):

@@ -102,8 +102,9 @@ class _StopFlag:
         if self.signal is not None:  # a second Ctrl-C: stop now
             raise KeyboardInterrupt
         self.signal = signum
-        logger.warning("received %s: saving a checkpoint at the end of this step, then stopping",
-                       signal.Signals(signum).name)
+        logger.warning(
+            "received %s: saving a checkpoint at the end of this step, then stopping", signal.Signals(signum).name
+        )
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
@@ -120,8 +121,9 @@ class _Schedule:
     dropped_per_epoch: int
 
 
-def _schedule(n_pairs: int, global_batch: int, accumulation: int, world: int, cfg_steps: int, epochs: float
-              ) -> _Schedule:  # fmt: skip
+def _schedule(
+    n_pairs: int, global_batch: int, accumulation: int, world: int, cfg_steps: int, epochs: float
+) -> _Schedule:
     full, rest = divmod(n_pairs, global_batch)
     # With several processes a partial last global batch cannot be split evenly: drop it (counted, reported).
     keep_partial = rest > 0 and world == 1
@@ -142,9 +144,13 @@ def _epoch_windows(
 ) -> list[list[list[int]]]:
     """The epoch's windows: lists of global micro-batches (lists of pair indices), deterministic in (seed, epoch)."""
     batches = batch_indices(
-        lengths, global_batch, shuffle=True, group_by_length=cfg.data.group_by_length, seed=cfg.train.seed + epoch,
+        lengths,
+        global_batch,
+        shuffle=True,
+        group_by_length=cfg.data.group_by_length,
+        seed=cfg.train.seed + epoch,
         drop_last=world > 1,
-    )  # fmt: skip
+    )
     acc = cfg.train.gradient_accumulation_steps
     return [batches[i : i + acc] for i in range(0, len(batches), acc)]
 
@@ -157,8 +163,10 @@ def _optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     t = cfg.train
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon,
-    )  # fmt: skip
+        lr=t.learning_rate,
+        betas=(t.adam_beta1, t.adam_beta2),
+        eps=t.adam_epsilon,
+    )
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, total_steps: int) -> Any:
@@ -192,14 +200,17 @@ class Trainer:
         self.accelerator = Accelerator(
             # cpu=True is what makes accelerate set up gloo for several CPU processes (torchrun / accelerate launch).
             cpu=t.use_cpu or not torch.cuda.is_available(),
-            mixed_precision="bf16" if cfg.models.bf16 else "no", log_with=t.report_to or None,
+            mixed_precision="bf16" if cfg.models.bf16 else "no",
+            log_with=t.report_to or None,
             project_dir=str(cfg.output_dir),
-        )  # fmt: skip
+        )
         acc = self.accelerator
         if cfg.models.bf16 and acc.device.type == "cpu" and not cpu_has_native_bf16():
-            logger.warning("bf16=true on a CPU without native bf16 matmuls (no avx512_bf16/amx in /proc/cpuinfo): "
-                           "PyTorch falls back to a slow generic GEMM (measured 0.2-10 GFLOP/s against 30-40 in "
-                           "float32 on such a machine); bf16=false is much faster here")
+            logger.warning(
+                "bf16=true on a CPU without native bf16 matmuls (no avx512_bf16/amx in /proc/cpuinfo): "
+                "PyTorch falls back to a slow generic GEMM (measured 0.2-10 GFLOP/s against 30-40 in "
+                "float32 on such a machine); bf16=false is much faster here"
+            )
         self.rank, self.world = acc.process_index, acc.num_processes
         self.output_dir = cfg.output_dir
         self.sections = {"models": cfg.models, "data": cfg.data, "loss": cfg.loss, "train": cfg.train}
@@ -222,17 +233,28 @@ class Trainer:
         if cfg.data.selection != "none":
             self.train_pairs = self._select(self.train_pairs)
         self.global_batch = t.per_device_train_batch_size * self.world
-        self.schedule = _schedule(len(self.train_pairs), self.global_batch, t.gradient_accumulation_steps,
-                                  self.world, t.max_steps, t.num_train_epochs)
+        self.schedule = _schedule(
+            len(self.train_pairs),
+            self.global_batch,
+            t.gradient_accumulation_steps,
+            self.world,
+            t.max_steps,
+            t.num_train_epochs,
+        )
         if self.schedule.dropped_per_epoch and acc.is_main_process:
-            logger.warning("%d pair(s) per epoch do not fill the last global batch of %d and are not trained on",
-                           self.schedule.dropped_per_epoch, self.global_batch)
+            logger.warning(
+                "%d pair(s) per epoch do not fill the last global batch of %d and are not trained on",
+                self.schedule.dropped_per_epoch,
+                self.global_batch,
+            )
         # Sharded runs (FSDP, DeepSpeed) keep a whole frozen copy of the reference head: outside its own forward a
         # sharded module's weight is only a shard. Taken before prepare() shards anything.
         self.sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
         if self.sharded and cfg.models.sync_ref_model:
-            raise TrainingError("sync_ref_model (TR-DPO) is not supported with FSDP/DeepSpeed yet: the reference "
-                                "update would need the sharded policy's full weights; use DDP or one process")
+            raise TrainingError(
+                "sync_ref_model (TR-DPO) is not supported with FSDP/DeepSpeed yet: the reference "
+                "update would need the sharded policy's full weights; use DDP or one process"
+            )
         self.reference_head = None
         if self.sharded:
             self.reference_head = frozen_head_copy(self.models.reference or self.models.policy)
@@ -248,10 +270,14 @@ class Trainer:
             self.reference_head = tuple(None if x is None else x.to(acc.device) for x in self.reference_head)
         self.controller = BetaController(cfg.loss.beta, cfg.loss.epsilon, rule=cfg.loss.beta_update_rule)
         loss = cfg.loss
-        self.beta_dpo = (BetaDPOController(loss.beta, loss.beta_dpo_alpha, loss.beta_dpo_rho, loss.beta_dpo_momentum)
-                         if loss.kind.has_batch_beta else None)  # fmt: skip
-        self.metrics = MetricsWriter(self.output_dir / "metrics.jsonl", enabled=acc.is_main_process,
-                                     accelerator=acc if t.report_to else None)
+        self.beta_dpo = (
+            BetaDPOController(loss.beta, loss.beta_dpo_alpha, loss.beta_dpo_rho, loss.beta_dpo_momentum)
+            if loss.kind.has_batch_beta
+            else None
+        )
+        self.metrics = MetricsWriter(
+            self.output_dir / "metrics.jsonl", enabled=acc.is_main_process, accelerator=acc if t.report_to else None
+        )
         self.global_step = 0
         self.epoch = 0
         self.window_in_epoch = 0
@@ -261,22 +287,34 @@ class Trainer:
         self.decision_dtype = torch.bfloat16 if cfg.loss.decision_precision == "bfloat16" else None
         decisions = ("kl/steps_weaker", "kl/steps_stronger", "kl/steps_kept")
         self.metric_keys = tuple(
-            k for k in PER_PAIR
+            k
+            for k in PER_PAIR
             if (cfg.loss.kind.needs_perturbation or k not in decisions)
             and (cfg.loss.kind.has_batch_beta or k != "kl/pairs_kept")
-        )  # fmt: skip
+        )
 
     def _select(self, pairs: list[TokenizedPair]) -> list[TokenizedPair]:
         """Data selection before training (SPEC §3); implicit margins from the initial policy, which is π_ref."""
         m, acc = self.cfg.models, self.accelerator
         reference = self.models.reference if self.models.reference is not None else self.models.policy
         selection = select_for_config(
-            self.cfg.data, pairs, self.tokenizer, reference, reference_identity(m, self.cfg.train.seed),
-            seed=self.cfg.train.seed, out_dir=self.output_dir if acc.is_main_process else None,
-        )  # fmt: skip
+            self.cfg.data,
+            pairs,
+            self.tokenizer,
+            reference,
+            reference_identity(m, self.cfg.train.seed),
+            seed=self.cfg.train.seed,
+            out_dir=self.output_dir if acc.is_main_process else None,
+        )
         if acc.is_main_process:
-            logger.info("selection %s kept %d of %d pairs (select_ratio %g); scores in %s", selection.method,
-                        len(selection.kept), len(pairs), self.cfg.data.select_ratio, self.output_dir)
+            logger.info(
+                "selection %s kept %d of %d pairs (select_ratio %g); scores in %s",
+                selection.method,
+                len(selection.kept),
+                len(pairs),
+                self.cfg.data.select_ratio,
+                self.output_dir,
+            )
         return [pairs[i] for i in selection.kept]
 
     # ---- one micro-batch ------------------------------------------------------------------------------------
@@ -284,8 +322,9 @@ class Trainer:
     def unwrapped(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
-    def _micro_batch(self, pairs: list[TokenizedPair], beta: float, train: bool,
-                     split: str = "train") -> tuple[MicroBatchResult, int]:  # fmt: skip
+    def _micro_batch(
+        self, pairs: list[TokenizedPair], beta: float, train: bool, split: str = "train"
+    ) -> tuple[MicroBatchResult, int]:
         """Per-pair losses of one micro-batch of ``split`` ("train"/"eval") and its non-padding token count.
 
         The reference runs first (no grad; with LoRA, the policy with its adapters disabled) or comes from the
@@ -304,10 +343,18 @@ class Trainer:
                     ref_side = reference_side(reference, ids, attention, self.fused, self.reference_head)
             with torch.set_grad_enabled(train):
                 logps = policy_logps(
-                    self.model if train else self.unwrapped, ids, attention, ref_side, labels, mask,
-                    loss_cfg.epsilon if loss_cfg.kind.needs_perturbation else 0.0, fused=self.fused,
-                    impl=t.logps_impl, decision_dtype=self.decision_dtype, chunk_size=t.logps_chunk_size,
-                )  # fmt: skip
+                    self.model if train else self.unwrapped,
+                    ids,
+                    attention,
+                    ref_side,
+                    labels,
+                    mask,
+                    loss_cfg.epsilon if loss_cfg.kind.needs_perturbation else 0.0,
+                    fused=self.fused,
+                    impl=t.logps_impl,
+                    decision_dtype=self.decision_dtype,
+                    chunk_size=t.logps_chunk_size,
+                )
                 result = compute_pair_losses(logps, mask.sum(-1), loss_cfg, beta, self.beta_dpo, train=train)
         return result, int(attention.sum())
 
@@ -320,8 +367,10 @@ class Trainer:
         if not fused_head_matches(self.unwrapped, ids, attention):
             self.fused = False
             self.reference_head = None
-            logger.warning("this model's logits are not its linear head's output (soft-capping, scaling or an "
-                           "adapted head): using its full logits, chunked, instead of the fused path")
+            logger.warning(
+                "this model's logits are not its linear head's output (soft-capping, scaling or an "
+                "adapted head): using its full logits, chunked, instead of the fused path"
+            )
 
     def _prepare_reference_cache(self) -> None:
         """``precompute_ref_hidden_states``: load or compute the reference's hidden states, then free the reference.
@@ -332,11 +381,15 @@ class Trainer:
         if not m.precompute_ref_hidden_states or self.ref_caches is not None:
             return
         if not self.fused:
-            raise TrainingError("precompute_ref_hidden_states needs the fused log-prob path (logps_impl=chunked and "
-                                "a plain linear output head); turn it off for this model")  # fmt: skip
+            raise TrainingError(
+                "precompute_ref_hidden_states needs the fused log-prob path (logps_impl=chunked and "
+                "a plain linear output head); turn it off for this model"
+            )
         if self.sharded:
-            raise TrainingError("precompute_ref_hidden_states is not supported with FSDP/DeepSpeed yet (the sharded "
-                                "reference would have to run on every process); use DDP or one process")  # fmt: skip
+            raise TrainingError(
+                "precompute_ref_hidden_states is not supported with FSDP/DeepSpeed yet (the sharded "
+                "reference would have to run on every process); use DDP or one process"
+            )
         from epsdpo.models import cache_dir
 
         directory = Path(m.ref_cache_dir) if m.ref_cache_dir else cache_dir() / "reference"
@@ -350,13 +403,24 @@ class Trainer:
                     for split, pairs in splits.items():
                         if pairs:
                             caches[split], path, hit = load_or_compute_reference_hidden(
-                                reference, model_id, precision, pairs, self.collate, directory,
-                                self.cfg.train.per_device_train_batch_size, acc.autocast,
-                            )  # fmt: skip
+                                reference,
+                                model_id,
+                                precision,
+                                pairs,
+                                self.collate,
+                                directory,
+                                self.cfg.train.per_device_train_batch_size,
+                                acc.autocast,
+                            )
                             if acc.is_main_process:
-                                logger.info("reference hidden states (%s, %d pairs): %s %s (%.1f MiB)", split,
-                                            len(pairs), "read from" if hit else "written to", path,
-                                            caches[split].nbytes / 2**20)
+                                logger.info(
+                                    "reference hidden states (%s, %d pairs): %s %s (%.1f MiB)",
+                                    split,
+                                    len(pairs),
+                                    "read from" if hit else "written to",
+                                    path,
+                                    caches[split].nbytes / 2**20,
+                                )
                 acc.wait_for_everyone()
             head = output_head(reference)  # frozen: a frozen copy's, or the base's under LoRA (not adapted)
             bias = getattr(head, "bias", None)
@@ -369,8 +433,9 @@ class Trainer:
     def _resume(self) -> None:
         if self.resume_path is None:
             return
-        state = load_checkpoint(self.resume_path, rank=self.rank, read_weights=self._read_weights,
-                                scheduler=self.scheduler)
+        state = load_checkpoint(
+            self.resume_path, rank=self.rank, read_weights=self._read_weights, scheduler=self.scheduler
+        )
         if state["world_size"] != self.world or state["global_batch"] != self.global_batch:
             raise TrainingError(
                 f"{self.resume_path} was written by {state['world_size']} process(es) with a global batch of "
@@ -406,16 +471,25 @@ class Trainer:
 
     def _save(self) -> Path:
         state = {
-            "global_step": self.global_step, "epoch": self.epoch, "window": self.window_in_epoch,
-            "world_size": self.world, "global_batch": self.global_batch, "total_steps": self.schedule.total_steps,
+            "global_step": self.global_step,
+            "epoch": self.epoch,
+            "window": self.window_in_epoch,
+            "world_size": self.world,
+            "global_batch": self.global_batch,
+            "total_steps": self.schedule.total_steps,
             "beta_controller": self.controller.state_dict(),
             "beta_dpo": None if self.beta_dpo is None else self.beta_dpo.state_dict(),
-        }  # fmt: skip
+        }
         path = save_checkpoint(
-            self.output_dir, self.global_step, rank=self.rank, barrier=self.accelerator.wait_for_everyone,
-            write_weights=self._write_weights, scheduler=self.scheduler, trainer_state=state,
+            self.output_dir,
+            self.global_step,
+            rank=self.rank,
+            barrier=self.accelerator.wait_for_everyone,
+            write_weights=self._write_weights,
+            scheduler=self.scheduler,
+            trainer_state=state,
             save_total_limit=self.cfg.train.save_total_limit,
-        )  # fmt: skip
+        )
         self.last_checkpoint = path
         return path
 
@@ -488,10 +562,16 @@ class Trainer:
         mine = self.eval_pairs[self.rank :: self.world]
         sums: dict[str, float] = {}
         quiet = self.cfg.train.disable_tqdm or not self.accelerator.is_main_process
-        for start in tqdm(range(0, len(mine), per_device), desc=f"held-out pairs ({len(self.eval_pairs)})",
-                          disable=quiet, dynamic_ncols=True, leave=False):
-            result, _ = self._micro_batch(mine[start : start + per_device], self.controller.beta, train=False,
-                                          split="eval")
+        for start in tqdm(
+            range(0, len(mine), per_device),
+            desc=f"held-out pairs ({len(self.eval_pairs)})",
+            disable=quiet,
+            dynamic_ncols=True,
+            leave=False,
+        ):
+            result, _ = self._micro_batch(
+                mine[start : start + per_device], self.controller.beta, train=False, split="eval"
+            )
             add_sums(sums, pair_metric_sums(result))
         self.model.train()
         reduced = reduce_sums(sums, ("pairs", *self.metric_keys))
@@ -500,15 +580,24 @@ class Trainer:
     def train(self) -> TrainResult:
         acc, t = self.accelerator, self.cfg.train
         if t.report_to:
-            flat = {f"{section}/{k}": v for section, values in config_to_dict(self.sections).items()
-                    for k, v in values.items() if isinstance(v, int | float | str | bool)}  # fmt: skip
+            flat = {
+                f"{section}/{k}": v
+                for section, values in config_to_dict(self.sections).items()
+                for k, v in values.items()
+                if isinstance(v, int | float | str | bool)
+            }
             acc.init_trackers(self.output_dir.name, config=flat)
         self._resume()
         self._check_fused_head()
         self._prepare_reference_cache()
         total = self.schedule.total_steps
-        progress = tqdm(total=total, initial=self.global_step, disable=t.disable_tqdm or not acc.is_main_process,
-                        desc="train", dynamic_ncols=True)  # fmt: skip
+        progress = tqdm(
+            total=total,
+            initial=self.global_step,
+            disable=t.disable_tqdm or not acc.is_main_process,
+            desc="train",
+            dynamic_ncols=True,
+        )
         logged: dict[str, float] = {}
         last: dict[str, float] = {}
         windows = self._windows()
@@ -525,20 +614,32 @@ class Trainer:
                 logged["steps"] = logged.get("steps", 0.0) + 1
                 if self.global_step % t.logging_steps == 0 or self.global_step == total:
                     reduced = reduce_sums(logged, ("pairs", "tokens", *self.metric_keys))
-                    record = {"step": self.global_step, "epoch": self.epoch + self.window_in_epoch / max(
-                        1, self.schedule.steps_per_epoch), **pair_means(reduced)}
-                    record.update({
-                        "kl/beta": beta, "learning_rate": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                        "tokens_per_second": reduced["tokens"] / max(logged["time"], 1e-9),
-                    })  # fmt: skip
+                    record = {
+                        "step": self.global_step,
+                        "epoch": self.epoch + self.window_in_epoch / max(1, self.schedule.steps_per_epoch),
+                        **pair_means(reduced),
+                    }
+                    record.update(
+                        {
+                            "kl/beta": beta,
+                            "learning_rate": self.scheduler.get_last_lr()[0],
+                            "grad_norm": grad_norm,
+                            "tokens_per_second": reduced["tokens"] / max(logged["time"], 1e-9),
+                        }
+                    )
                     if self.cfg.loss.kind.needs_perturbation:
                         record["kl/beta_next"] = self.controller.beta
                     self.metrics.write(record)
                     last = record
                     # the β that the next step uses (after the last step: the β after training, as printed at the
                     # end and used by the evaluation's implicit reward); metrics.jsonl keeps both per step
-                    progress.set_postfix(loss=f"{record['loss']:.4f}", beta_next=f"{self.controller.beta:.4g}"
-                                         if self.cfg.loss.kind.needs_perturbation else f"{beta:.4g}", refresh=False)
+                    progress.set_postfix(
+                        loss=f"{record['loss']:.4f}",
+                        beta_next=f"{self.controller.beta:.4g}"
+                        if self.cfg.loss.kind.needs_perturbation
+                        else f"{beta:.4g}",
+                        refresh=False,
+                    )
                     logged = {}
                 if t.eval_steps and self.global_step % t.eval_steps == 0 and self.global_step < total:
                     eval_record = {"step": self.global_step, **self.evaluate()}
@@ -587,14 +688,25 @@ class Trainer:
         # Under FSDP/DeepSpeed every process takes part in gathering the full weights; rank 0 writes them.
         state_dict = acc.get_state_dict(self.model) if self.sharded else None
         if acc.is_main_process:
-            save_final_model(self.unwrapped, self.tokenizer, final, self.cfg, metrics, self.global_step,
-                             self.controller.beta, seconds, self.data_report.to_dict(), state_dict=state_dict)
+            save_final_model(
+                self.unwrapped,
+                self.tokenizer,
+                final,
+                self.cfg,
+                metrics,
+                self.global_step,
+                self.controller.beta,
+                seconds,
+                self.data_report.to_dict(),
+                state_dict=state_dict,
+            )
         acc.wait_for_everyone()
         return final
 
 
-def train(config: RunConfig | str | Path | dict[str, Any] | None = None, overrides: list[str] | tuple[str, ...] = ()
-          ) -> TrainResult:
+def train(
+    config: RunConfig | str | Path | dict[str, Any] | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> TrainResult:
     """Train from a :class:`RunConfig`, a YAML path or a mapping, plus ``key=value`` overrides."""
     cfg = config if isinstance(config, RunConfig) else load_run_config(config, overrides)
     return Trainer(cfg).train()

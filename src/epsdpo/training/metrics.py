@@ -14,10 +14,21 @@ from epsdpo.distributed import sum_across_processes
 
 #: sums that are divided by the pair count to give means
 PER_PAIR = (
-    "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-    "logps/rejected", "logps/ref_chosen", "logps/ref_rejected", "kl/pair_beta", "kl/steps_weaker",
-    "kl/steps_stronger", "kl/steps_kept", "kl/pairs_kept",
-)  # fmt: skip
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "logps/ref_chosen",
+    "logps/ref_rejected",
+    "kl/pair_beta",
+    "kl/steps_weaker",
+    "kl/steps_stronger",
+    "kl/steps_kept",
+    "kl/pairs_kept",
+)
 
 
 def add_sums(total: dict[str, float], part: Mapping[str, float]) -> None:
@@ -51,8 +62,11 @@ class MetricsWriter:
         """On resume: drop lines logged after ``step`` (the resumed run writes them again)."""
         if not self.enabled or not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]  # fmt: skip
+        kept = [
+            line
+            for line in self.path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
         self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:

@@ -30,9 +30,11 @@ def load_causal_lm(name_or_path: str, trust_remote_code: bool = False) -> nn.Mod
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(name_or_path), trust_remote_code=trust_remote_code, dtype=torch.float32,
+        resolve_model_path(name_or_path),
+        trust_remote_code=trust_remote_code,
+        dtype=torch.float32,
         use_safetensors=None,
-    )  # fmt: skip
+    )
 
 
 def build_from_config(model_config: dict[str, Any], vocab_size: int, seed: int) -> nn.Module:
@@ -54,9 +56,12 @@ def _apply_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM",
-    )  # fmt: skip
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.lora_target_modules,
+        task_type="CAUSAL_LM",
+    )
     from epsdpo.models import quiet_peft_wrapping
 
     with quiet_peft_wrapping():

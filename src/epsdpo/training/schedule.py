@@ -45,8 +45,9 @@ def lr_factor(step: int, total_steps: int, warmup: int, kind: str) -> float:
     raise ValueError(f"unknown lr_scheduler_type {kind!r}; use one of {', '.join(KINDS)}")
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: int,
-                   warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, kind: str, total_steps: int, warmup: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """A ``LambdaLR`` following :func:`lr_factor` (its state_dict is its step count: resume-exact)."""
     if kind not in KINDS:  # fail here, not at the first step
         raise ValueError(f"unknown lr_scheduler_type {kind!r}; use one of {', '.join(KINDS)}")
