@@ -56,6 +56,7 @@ def field_docs(cls: type) -> dict[str, str]:
 def default_of(cls: type, name: str) -> str:
     field = next(f for f in dataclasses.fields(cls) if f.name == name)
     value = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
+    value = getattr(value, "value", value)  # an enumeration member (LossType) shows as its name in configs
     return f"`{value!r}`"
 
 

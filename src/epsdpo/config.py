@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import types
 import typing
 from collections.abc import Collection, Mapping, Sequence
@@ -170,7 +171,20 @@ def coerce_value(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key {key!r}: expected a mapping, got {value!r}.")
         key_tp, value_tp = typing.get_args(tp) or (Any, Any)
         return {coerce_value(k, key_tp, key): coerce_value(v, value_tp, f"{key}.{k}") for k, v in value.items()}
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):  # an enumeration with capabilities (e.g. LossType)
+        return _coerce_enum(value, tp, key)
     return _coerce_scalar(value, tp, key)
+
+
+def _coerce_enum(value: Any, tp: type[enum.Enum], key: str) -> enum.Enum:
+    if isinstance(value, tp):
+        return value
+    choices = [m.value for m in tp]
+    if value in choices:
+        return tp(value)
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"config key {key!r}: {value!r} is not one of {', '.join(map(repr, choices))}.{hint}")
 
 
 def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
@@ -287,6 +301,8 @@ def _build(cls: type, values: Mapping[str, Any], section: str) -> Any:
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, tuple | list):

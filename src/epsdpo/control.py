@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -27,7 +27,7 @@ from epsdpo.distributed import sum_across_processes
 from epsdpo.losses import beta_dpo_weights
 
 Rule = Literal["inverse_mean_step", "mean_beta"]
-RULES: tuple[str, ...] = ("inverse_mean_step", "mean_beta")
+RULES: tuple[str, ...] = get_args(Rule)
 STATE_VERSION = 1
 
 

@@ -43,7 +43,7 @@ from torch import nn
 from epsdpo.config import ConfigError, load_config
 from epsdpo.generate import (
     Completion,
-    check_sampling,
+    SamplingConfig,
     decode_completion,
     encode_prompt,
     end_token_ids,
@@ -72,31 +72,24 @@ BUNDLED_TEST_PAIRS = "data/sentiment_pairs_test.jsonl"
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(SamplingConfig):
     """Settings of ``epsdpo eval`` (section ``eval``; every key also works flat and as ``key=value``).
+
+    The prompt and sampling keys are :class:`~epsdpo.generate.SamplingConfig`'s (``prompt_split`` defaults to
+    ``test`` here); the others:
 
     Attributes:
         run_dir: a run directory of ``epsdpo train``: its ``final/`` model is the policy (base + LoRA adapter for
             LoRA runs), its initial model the reference, its data and β the defaults below.
         model: the policy (alias, directory or Hub id) when there is no run directory; overrides the run's.
         ref_model: the reference; default: the run's reference (its ``ref_model``, else its initial model).
-        tokenizer: tokenizer name or path; default: the run's (``final/``), else the model's own.
-        trust_remote_code: allow model repositories to run their own Python code.
         eval_dataset: held-out preference pairs for accuracy and margin (any source ``epsdpo.data`` reads, or
             ``bundled`` for the package's test pairs); default: the run's ``eval_dataset``/``eval_split``, else none.
-        prompts: held-out prompts to sample on: ``bundled`` or a data source with a prompt column.
-        prompt_split: which split of ``prompts`` (``test`` holds out whole subjects of the bundled set); None: all.
-        prompt_column: the column holding the prompt text.
         num_prompts: use the first this many prompts; ``None``: all of them.
         max_pairs: score at most the first this many held-out pairs for preference accuracy; ``None``: all.
-        samples_per_prompt: responses sampled per prompt and model.
-        max_new_tokens: longest sampled response in tokens.
-        temperature: sampling temperature; keep 1 for an unbiased KL estimate (see the module docstring).
-        top_p: nucleus sampling; keep 1 for an unbiased KL estimate.
-        reward: the gold reward, a spec for :func:`epsdpo.rewards.load_reward`.
+        samples_per_prompt: responses sampled per prompt and model (the policy's and the reference's streams are
+            independent).
         beta: β of the implicit reward in ``reward_margin``; default: the run's final β (ε-DPO) or its ``beta``.
-        batch_size: prompts per sampling batch, and pairs per scoring batch.
-        seed: seeds the sampling streams (policy and reference share them).
         reference_cache_dir: keep the reference's part of the evaluation (its samples, their rewards and log-probs,
             its log-probs of the held-out pairs) in this directory, under a key over the reference's identity, the
             prompts, every sampling and scoring setting, the reward and the pairs' token ids; evaluations of other
@@ -112,41 +105,25 @@ class EvalConfig:
         overwrite: replace an earlier evaluation of the same name (or ``output``) that was made with other settings;
             without it that is refused. One with the same settings is replaced (a rerun), and said so.
         bf16: sample and score under bfloat16 autocast.
-        use_chat_template: as for ``epsdpo generate``; ``None``: when the tokenizer has a template.
-        device: ``cuda``, ``cpu``, …; ``None``: a GPU when there is one.
-        disable_tqdm: no progress bars.
     """
 
+    prompt_split: str | None = "test"
     run_dir: str | None = None
     model: str | None = None
     ref_model: str | None = None
-    tokenizer: str | None = None
-    trust_remote_code: bool = False
     eval_dataset: str | None = None
-    prompts: str = "bundled"
-    prompt_split: str | None = "test"
-    prompt_column: str = "prompt"
     num_prompts: int | None = 64
     max_pairs: int | None = None
     samples_per_prompt: int = 1
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    top_p: float = 1.0
-    reward: str = "sentiment"
     beta: float | None = None
-    batch_size: int = 8
-    seed: int = 0
     reference_cache_dir: str | None = None
     name: str | None = None
     output: str | None = None
     overwrite: bool = False
     bf16: bool = False
-    use_chat_template: bool | None = None
-    device: str | None = None
-    disable_tqdm: bool = False
 
     def __post_init__(self) -> None:
-        check_sampling(self.temperature, self.top_p, self.max_new_tokens, self.batch_size)
+        super().__post_init__()
         if self.samples_per_prompt < 1:
             raise ValueError(f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
         if self.num_prompts is not None and self.num_prompts < 1:
@@ -529,10 +506,9 @@ class _Loaded:
 
 
 def _load_from_run(cfg: EvalConfig) -> _Loaded:
-    from epsdpo.models import load_tokenizer
+    from epsdpo.models import build_from_config, load_causal_lm, load_tokenizer
     from epsdpo.select import model_identity, reference_identity
     from epsdpo.training.config import load_run_config, tokenizer_name
-    from epsdpo.training.policy import build_from_config, load_causal_lm
 
     run = Path(str(cfg.run_dir))
     run_cfg = load_run_config(run / "config.yaml")
@@ -592,9 +568,8 @@ def _run_beta(run: Path, run_cfg: Any) -> float:
 
 
 def _load_models(cfg: EvalConfig) -> _Loaded:
-    from epsdpo.models import load_tokenizer
+    from epsdpo.models import load_causal_lm, load_tokenizer
     from epsdpo.select import model_identity
-    from epsdpo.training.policy import load_causal_lm
 
     if cfg.run_dir is not None:
         loaded = _load_from_run(cfg)

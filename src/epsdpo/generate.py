@@ -55,6 +55,7 @@ from epsdpo.config import ConfigError, load_config
 __all__ = [
     "Completion",
     "GenerateConfig",
+    "SamplingConfig",
     "GenerateSummary",
     "decode_completion",
     "encode_prompt",
@@ -85,72 +86,85 @@ RESUME_KEYS = (
 
 
 @dataclass
-class GenerateConfig:
-    """Settings of ``epsdpo generate`` (section ``generate``; every key also works flat and as ``key=value``).
+class SamplingConfig:
+    """What ``epsdpo generate`` and ``epsdpo eval`` share: where the prompts come from and how responses are sampled.
 
     Attributes:
-        model: the model to sample from: the built-in alias ``smollm2-135m-instruct``, a local directory or a Hub id.
-        tokenizer: tokenizer name or path; ``None``: the model's own.
+        tokenizer: tokenizer name or path; ``None``: the model's own (for ``eval`` of a run: the run's).
         trust_remote_code: allow model repositories to run their own Python code. Off unless you trust the source.
         prompts: ``bundled`` (the package's sentiment prompts, :func:`epsdpo.assets.load_bundled_prompts`), or a
             ``.jsonl``/``.json``/``.csv``/``.parquet`` file, a saved dataset or a Hub id with a prompt column.
             A ``prompt_id`` or ``id`` column names each prompt; otherwise its row number does.
         prompt_column: the column holding the prompt text.
-        prompt_split: ``train``/``test`` for the bundled prompts; for other sources the rows whose ``split`` column
-            has this value (or, without such a column, the dataset split to read); ``None``: every prompt.
-        max_prompts: use only the first this many prompts (after the split); ``None``: all.
-        num_samples: k, responses sampled per prompt (at least 2).
+        prompt_split: ``train``/``test`` for the bundled prompts (``test`` holds out whole subjects; ``generate``
+            defaults to ``train``, ``eval`` to ``test``); for other sources the rows whose ``split`` column has this
+            value (or, without such a column, the dataset split to read); ``None``: every prompt.
         max_new_tokens: longest response in tokens; longer ones are cut (``finished`` false).
-        temperature: sampling temperature (> 0); 1 samples from the model itself.
-        top_p: nucleus sampling: keep the smallest set of tokens with this much probability; 1 keeps all.
-        batch_size: prompts per generation batch (each contributes ``num_samples`` rows).
+        temperature: sampling temperature (> 0); 1 samples from the model itself (and keeps ``eval``'s KL estimate
+            unbiased).
+        top_p: nucleus sampling: keep the smallest set of tokens with this much probability; 1 keeps all (and keeps
+            ``eval``'s KL estimate unbiased).
+        batch_size: prompts per sampling batch (each contributes one row per sample); ``eval`` also scores this
+            many held-out pairs at a time.
         reward: the gold reward, a spec for :func:`epsdpo.rewards.load_reward` (``sentiment``, ``module:function``,
             or a Hugging Face reward model).
-        output: the JSONL file written (appended to; resumed when it exists).
-        seed: seeds every response's own random stream (with the prompt id and sample index).
+        seed: seeds every response's own random stream (with the prompt id and sample index; :func:`sample_seed`).
         use_chat_template: render each prompt as one user message through the tokenizer's chat template (with the
             assistant's generation prompt); ``None``: when the tokenizer has a template.
         device: ``cuda``, ``cpu``, …; ``None``: a GPU when there is one.
-        disable_tqdm: no progress bar.
+        disable_tqdm: no progress bars.
     """
 
-    model: str = "smollm2-135m-instruct"
     tokenizer: str | None = None
     trust_remote_code: bool = False
     prompts: str = "bundled"
     prompt_column: str = "prompt"
     prompt_split: str | None = "train"
-    max_prompts: int | None = None
-    num_samples: int = 4
     max_new_tokens: int = 48
     temperature: float = 1.0
     top_p: float = 1.0
     batch_size: int = 8
     reward: str = "sentiment"
-    output: str = "generated/pairs.jsonl"
     seed: int = 0
     use_chat_template: bool | None = None
     device: str | None = None
     disable_tqdm: bool = False
 
     def __post_init__(self) -> None:
-        check_sampling(self.temperature, self.top_p, self.max_new_tokens, self.batch_size)
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be a positive number, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class GenerateConfig(SamplingConfig):
+    """Settings of ``epsdpo generate`` (section ``generate``; every key also works flat and as ``key=value``).
+
+    The prompt and sampling keys are :class:`SamplingConfig`'s; the others:
+
+    Attributes:
+        model: the model to sample from: the built-in alias ``smollm2-135m-instruct``, a local directory or a Hub id.
+        max_prompts: use only the first this many prompts (after the split); ``None``: all.
+        num_samples: k, responses sampled per prompt (at least 2).
+        output: the JSONL file written (appended to; resumed when it exists).
+    """
+
+    model: str = "smollm2-135m-instruct"
+    max_prompts: int | None = None
+    num_samples: int = 4
+    output: str = "generated/pairs.jsonl"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.num_samples < 2:
             raise ValueError(f"num_samples must be >= 2 (a pair needs two responses), got {self.num_samples}")
         if self.max_prompts is not None and self.max_prompts < 1:
             raise ValueError(f"max_prompts must be >= 1 or null (all prompts), got {self.max_prompts}")
-
-
-def check_sampling(temperature: float, top_p: float, max_new_tokens: int, batch_size: int) -> None:
-    """The checks shared by the generate and eval configs."""
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a positive number, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
 
 def load_generate_config(
@@ -325,7 +339,7 @@ def end_token_ids(tokenizer: Any) -> list[int]:
 
 def load_model_for_sampling(name: str, trust_remote_code: bool, device: str | None) -> Any:
     """A causal LM in evaluation mode on ``device`` (a GPU when there is one and ``device`` is None)."""
-    from epsdpo.training.policy import load_causal_lm
+    from epsdpo.models import load_causal_lm
 
     model = load_causal_lm(name, trust_remote_code)
     return model.eval().to(device or ("cuda" if torch.cuda.is_available() else "cpu"))

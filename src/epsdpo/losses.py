@@ -54,6 +54,9 @@ class LossType(str, enum.Enum):
     HINGE = "hinge"
     BETA_DPO = "beta_dpo"
 
+    def __str__(self) -> str:  # "dpo", in messages and model cards, on every Python version
+        return self.value
+
     @property
     def needs_perturbation(self) -> bool:
         """Whether the loss needs the ε-perturbed log-probs (and so the reference's full logits)."""

@@ -20,9 +20,20 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["BUILTIN_MODELS", "BuiltinModel", "cache_dir", "load_tokenizer", "resolve_model_path"]
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "BuiltinModel",
+    "build_from_config",
+    "cache_dir",
+    "load_causal_lm",
+    "load_tokenizer",
+    "resolve_model_path",
+]
 
 #: file written last into a converted checkpoint; records what it was converted from
 SOURCE_MARKER = "epsdpo-source.json"
@@ -148,3 +159,32 @@ def quiet_peft_wrapping() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         yield
+
+
+def load_causal_lm(name_or_path: str, trust_remote_code: bool = False) -> nn.Module:
+    """A causal LM in float32 from an alias, a directory or a Hub id (weights read as safetensors when offered)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(name_or_path),
+        trust_remote_code=trust_remote_code,
+        dtype=torch.float32,
+        use_safetensors=None,
+    )
+
+
+def build_from_config(model_config: dict[str, Any], vocab_size: int, seed: int) -> nn.Module:
+    """A randomly initialised causal LM from an architecture mapping (``model_type`` + fields), seeded."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(model_config)
+    model_type = fields.pop("model_type")
+    fields.setdefault("vocab_size", vocab_size)
+    config = AutoConfig.for_model(model_type, **fields)
+    if config.vocab_size < vocab_size:
+        raise ValueError(f"model_config vocab_size {config.vocab_size} is smaller than the tokenizer's {vocab_size}")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)

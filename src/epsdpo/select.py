@@ -26,15 +26,16 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, get_args
 
 import torch
 from torch import nn
 
 from epsdpo.data import PreferenceCollator, TokenizedPair
+from epsdpo.data.config import SelectionMethod
 
-Method = Literal["alignment_potential", "explicit", "implicit", "random"]
-METHODS: tuple[str, ...] = ("alignment_potential", "explicit", "implicit", "random")
+Method = SelectionMethod
+METHODS: tuple[str, ...] = get_args(Method)
 
 
 def zscore(values: Sequence[float]) -> list[float]:

@@ -29,9 +29,9 @@ import epsdpo.training.forward as forward  # noqa: E402
 from epsdpo.control import BetaController  # noqa: E402
 from epsdpo.data import batch_indices, load_preference_dataset  # noqa: E402
 from epsdpo.integrations.trl import EpsilonDPOCallback, EpsilonDPOConfig, EpsilonDPOTrainer  # noqa: E402
+from epsdpo.models import build_from_config  # noqa: E402
 from epsdpo.training import load_run_config, train  # noqa: E402
 from epsdpo.training.metrics import read_metrics  # noqa: E402
-from epsdpo.training.policy import build_from_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"

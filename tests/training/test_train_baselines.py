@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from epsdpo.cli import main as cli_main
+from epsdpo.models import build_from_config
 from epsdpo.training import load_run_config, train
 from epsdpo.training.metrics import read_metrics
-from epsdpo.training.policy import build_from_config
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -41,7 +41,7 @@ def test_beta_dpo_filters_a_fifth_and_resumes_exactly(tmp_path):
     resumed = train(tiny(tmp_path, "resumed", *args, "resume_from_checkpoint=auto"))
     assert without_timing(read_metrics(resumed.output_dir / "metrics.jsonl")) == without_timing(records[3:])
     # the base moved during training, so final/ is the whole policy (not an adapter for the original base)
-    from epsdpo.training.policy import load_causal_lm
+    from epsdpo.models import load_causal_lm
 
     final = full.final_model_dir
     assert final is not None and not (final / "adapter_config.json").exists()

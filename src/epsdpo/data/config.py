@@ -7,6 +7,8 @@ from typing import Literal
 
 TruncationMode = Literal["keep_end", "keep_start"]
 OnInvalid = Literal["error", "skip"]
+#: how ``epsdpo select`` and ``data.selection`` rank pairs (SPEC §3); ``data.selection`` also takes "none"
+SelectionMethod = Literal["alignment_potential", "explicit", "implicit", "random"]
 
 #: the tokenizer used when neither ``tokenizer`` nor a model is configured
 DEFAULT_TOKENIZER = "smollm2-135m-instruct"
@@ -71,7 +73,7 @@ class DataConfig:
     on_invalid: OnInvalid = "error"
     pad_to_multiple_of: int | None = None
     group_by_length: bool = False
-    selection: Literal["none", "alignment_potential", "explicit", "implicit", "random"] = "none"
+    selection: Literal["none", SelectionMethod] = "none"
     select_ratio: float = 0.4
     select_implicit_weight: float = 1.0
     select_reward: str | None = None

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import get_args
 
 from trl import DPOConfig
 
 from epsdpo.control import RULES
+from epsdpo.training.config import DecisionPrecision
 
-DECISION_PRECISIONS = ("float32", "bfloat16")
+DECISION_PRECISIONS: tuple[str, ...] = get_args(DecisionPrecision)
 
 
 @dataclass

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from epsdpo.config import ConfigError, load_config
+from epsdpo.control import Rule
 from epsdpo.data.config import DataConfig
+from epsdpo.logps import Impl
 from epsdpo.losses import LossType
 
-LossName = Literal["epsilon_dpo", "dpo", "cdpo", "ipo", "hinge", "beta_dpo"]
 SchedulerName = Literal["cosine", "linear", "constant", "constant_with_warmup"]
 DecisionPrecision = Literal["float32", "bfloat16"]
 
@@ -107,11 +108,11 @@ class LossConfig:
         beta_dpo_momentum: β-DPO's momentum for the running mean and standard deviation of the margin.
     """
 
-    loss_type: LossName = "epsilon_dpo"
+    loss_type: LossType = LossType.EPSILON_DPO
     beta: float = 0.1
     epsilon: float = 0.01
     label_smoothing: float = 0.0
-    beta_update_rule: Literal["inverse_mean_step", "mean_beta"] = "inverse_mean_step"
+    beta_update_rule: Rule = "inverse_mean_step"
     decision_precision: DecisionPrecision = "float32"
     decision_tolerance: float = 0.0
     beta_dpo_alpha: float = 0.6
@@ -119,6 +120,7 @@ class LossConfig:
     beta_dpo_momentum: float = 0.9
 
     def __post_init__(self) -> None:
+        self.loss_type = LossType(self.loss_type)  # a name given in code ("dpo") becomes the enumeration member
         if not 0.0 <= self.beta_dpo_rho < 1.0:
             raise ValueError(f"beta_dpo_rho must be in [0, 1), got {self.beta_dpo_rho}")
         if not 0.0 <= self.beta_dpo_momentum < 1.0:
@@ -129,8 +131,8 @@ class LossConfig:
             raise ValueError(f"epsilon must be in [0, 1), got {self.epsilon}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.label_smoothing > 0 and not LossType(self.loss_type).uses_label_smoothing:
-            raise ValueError(f"label_smoothing has no meaning for loss_type={self.loss_type!r}; set it to 0")
+        if self.label_smoothing > 0 and not self.loss_type.uses_label_smoothing:
+            raise ValueError(f"label_smoothing has no meaning for loss_type={self.loss_type.value!r}; set it to 0")
         if self.loss_type == "cdpo" and self.label_smoothing == 0:
             raise ValueError("loss_type=cdpo needs label_smoothing > 0 (e.g. 0.1); with 0 it is plain dpo")
         if self.decision_tolerance < 0:
@@ -138,7 +140,7 @@ class LossConfig:
 
     @property
     def kind(self) -> LossType:
-        return LossType(self.loss_type)
+        return self.loss_type
 
 
 @dataclass
@@ -200,7 +202,7 @@ class TrainConfig:
     save_total_limit: int | None = None
     seed: int = 42
     resume_from_checkpoint: str | None = None
-    logps_impl: Literal["chunked", "eager"] = "chunked"
+    logps_impl: Impl = "chunked"
     logps_chunk_size: int | None = None
     report_to: list[str] = field(default_factory=list)
     disable_tqdm: bool = False

@@ -14,42 +14,13 @@ import copy
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
-import torch
 from torch import nn
 
-from epsdpo.models import resolve_model_path
+from epsdpo.models import build_from_config, load_causal_lm, quiet_peft_wrapping
 from epsdpo.training.config import ModelConfig
 
 logger = logging.getLogger(__name__)
-
-
-def load_causal_lm(name_or_path: str, trust_remote_code: bool = False) -> nn.Module:
-    """A causal LM in float32 from an alias, a directory or a Hub id (weights read as safetensors when offered)."""
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(name_or_path),
-        trust_remote_code=trust_remote_code,
-        dtype=torch.float32,
-        use_safetensors=None,
-    )
-
-
-def build_from_config(model_config: dict[str, Any], vocab_size: int, seed: int) -> nn.Module:
-    """A randomly initialised causal LM from an architecture mapping (``model_type`` + fields), seeded."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    fields = dict(model_config)
-    model_type = fields.pop("model_type")
-    fields.setdefault("vocab_size", vocab_size)
-    config = AutoConfig.for_model(model_type, **fields)
-    if config.vocab_size < vocab_size:
-        raise ValueError(f"model_config vocab_size {config.vocab_size} is smaller than the tokenizer's {vocab_size}")
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
 def _apply_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
@@ -62,8 +33,6 @@ def _apply_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
         target_modules=cfg.lora_target_modules,
         task_type="CAUSAL_LM",
     )
-    from epsdpo.models import quiet_peft_wrapping
-
     with quiet_peft_wrapping():
         return get_peft_model(model, lora)
 

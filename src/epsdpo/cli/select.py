@@ -28,14 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from epsdpo.check_data import CONFIG_SUFFIXES
+    from epsdpo.cli.check_data import CONFIG_SUFFIXES
     from epsdpo.config import ConfigError
     from epsdpo.data import DataError, load_preference_dataset
     from epsdpo.data.loading import load_rows
-    from epsdpo.models import load_tokenizer
+    from epsdpo.models import build_from_config, load_causal_lm, load_tokenizer
     from epsdpo.select import reference_identity, select_for_config
     from epsdpo.training.config import load_run_config, tokenizer_name
-    from epsdpo.training.policy import build_from_config, load_causal_lm
 
     is_config = Path(args.source).suffix.lower() in CONFIG_SUFFIXES
     try:

@@ -16,12 +16,12 @@ from epsdpo import __version__
 
 #: verb -> (module implementing it, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
-    "check-data": ("epsdpo.check_data", "check and tokenize preference data"),
-    "generate": ("epsdpo.generate_cli", "sample responses, score them with a gold reward, write preference pairs"),
-    "train": ("epsdpo.train_cli", "align a model with ε-DPO or a baseline"),
-    "select": ("epsdpo.select_cli", "keep the pairs with the highest alignment potential"),
-    "eval": ("epsdpo.eval_cli", "gold reward, KL, win rate and preference accuracy of a trained model"),
-    "plot": ("epsdpo.plot_cli", "training curves, β trajectory and the reward-vs-KL frontier as PNGs"),
+    "check-data": ("epsdpo.cli.check_data", "check and tokenize preference data"),
+    "generate": ("epsdpo.cli.generate", "sample responses, score them with a gold reward, write preference pairs"),
+    "train": ("epsdpo.cli.train", "align a model with ε-DPO or a baseline"),
+    "select": ("epsdpo.cli.select", "keep the pairs with the highest alignment potential"),
+    "eval": ("epsdpo.cli.eval", "gold reward, KL, win rate and preference accuracy of a trained model"),
+    "plot": ("epsdpo.cli.plot", "training curves, β trajectory and the reward-vs-KL frontier as PNGs"),
 }
 
 
@@ -58,7 +58,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     return int(importlib.import_module(args._module).run(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
