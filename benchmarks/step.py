@@ -8,7 +8,7 @@ Configurations (issue #8):
   b  a randomly initialised Qwen2-style model, vocabulary 151,936, hidden 256, 4 layers, fp32, 2 pairs x 512 tokens
 
 Contenders, each in its own process on the same synthetic text pairs (every row exactly the configured length):
-  epsdpo-epsilon  epsdpo's Trainer._train_step, loss_type=epsilon_dpo (chunked fused log-probs)
+  epsdpo-epsilon  epsdpo's Trainer.train_step, loss_type=epsilon_dpo (chunked fused log-probs)
   epsdpo-dpo      the same with loss_type=dpo
   epsdpo-epsilon-cached  epsdpo-epsilon with precompute_ref_hidden_states=true: the reference's hidden states are
                   computed once before timing (reported: that time and the file's size) and no reference forward runs
@@ -158,18 +158,16 @@ def measure(config: str, contender: str, warmup: int, steps: int, fp32: bool = F
     tokens = 2 * spec["pairs"] * spec["tokens"]
     extra: dict[str, Any] = {}
     if contender.startswith("epsdpo"):
-        from epsdpo.training.loop import Trainer
+        from epsdpo.recipe import prepare_run
 
-        trainer = Trainer(cfg)
-        trainer._check_fused_head()
+        start = time.perf_counter()
+        trainer = prepare_run(cfg).trainer  # with the cache: computes it (and frees the reference) before step 1
         if cached:
-            start = time.perf_counter()
-            trainer._prepare_reference_cache()
-            extra["cache_build_s"] = time.perf_counter() - start
+            extra["cache_build_s"] = time.perf_counter() - start  # the whole preparation, cache included
             extra["cache_mib"] = sum(f.stat().st_size for f in (work / "ref_cache").glob("*.safetensors")) / 2**20
             extra["cache_pairs"] = len(trainer.train_pairs)
         window = [list(range(spec["pairs"]))]
-        times, before, peak = time_steps(lambda: trainer._train_step(window), warmup, steps)
+        times, before, peak = time_steps(lambda: trainer.train_step(window), warmup, steps)
         model = trainer.unwrapped
     elif contender == "naive-epsilon":
         from epsdpo.data import PreferenceCollator, load_preference_dataset

@@ -214,7 +214,7 @@ def test_samples_are_scored_where_generation_sampled_them(smollm2_tokenizer, pro
 
 @pytest.mark.slow
 def test_eval_and_plot_a_tiny_training_run_through_the_cli(tmp_path, model_cache_dir, capsys):
-    from epsdpo.training import train
+    from epsdpo.recipe import train
 
     run = tmp_path / "tiny-run"
     train(TINY, [f"output_dir={run}", f"dataset={TINY_DATA}", "max_steps=3", "save_steps=0", "disable_tqdm=true"])
@@ -283,7 +283,7 @@ def test_eval_and_plot_a_tiny_training_run_through_the_cli(tmp_path, model_cache
 @pytest.mark.slow
 def test_eval_of_a_lora_run_loads_base_plus_adapter(tmp_path, model_cache_dir):
     from epsdpo.evaluate import evaluate
-    from epsdpo.training import train
+    from epsdpo.recipe import train
 
     run = tmp_path / "lora-run"
     train(
@@ -326,7 +326,7 @@ def test_reference_cache_gives_the_same_evaluation_without_touching_the_referenc
     tmp_path, model_cache_dir, monkeypatch
 ):
     import epsdpo.evaluate as ev
-    from epsdpo.training import train
+    from epsdpo.recipe import train
 
     runs = []
     for name, lr in (("a", "0.01"), ("b", "0.02")):  # two policies, one reference

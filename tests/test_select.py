@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from epsdpo.cli import main as cli_main
 from epsdpo.data import PreferenceCollator, TokenizedPair, load_preference_dataset
 from epsdpo.data.config import DataConfig
+from epsdpo.recipe import train
 from epsdpo.select import (
     implicit_margins,
     mean_token_logps,
@@ -21,7 +22,7 @@ from epsdpo.select import (
     top_fraction,
     zscore,
 )
-from epsdpo.training import load_run_config, train
+from epsdpo.training import load_run_config
 from epsdpo.training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -160,22 +160,22 @@ class BetaDPOController:
 
     For each training batch, with M_i the unscaled DPO margins of its pairs:
 
-    1. update running statistics with momentum m: M₀ ← m·M₀ + (1−m)·mean(M), σ ← m·σ + (1−m)·std(M), the batch
-       statistics taken over every process (the first batch initialises them; the authors' code starts both at 0,
-       which makes early weights far too peaked);
+    1. update running statistics with momentum m: M₀ ← m·M₀ + (1−m)·mean(M), σ ← m·σ + (1−m)·std(M) (the first
+       batch initialises them; the authors' code starts both at 0, which makes early weights far too peaked);
     2. keep ⌊(1−ρ)·B⌋ pairs (at least one) sampled without replacement with weights exp(−½((M_i − M₀)/σ)²);
-    3. β_batch = β₀ · (1 + α · (mean of the kept M − M₀)), clamped at ≥ 1e-3, one β for the whole batch (the kept
-       mean is taken over every process).
+    3. β_batch = β₀ · (1 + α · (mean of the kept M − M₀)), clamped at ≥ 1e-3, one β for the whole batch.
 
-    Sampling uses torch's global generator, whose state epsdpo checkpoints per process, so a resumed run samples the
-    same pairs. Evaluation batches (``train=False``) keep every pair and do not move the statistics.
+    The controller does no communication: with several processes the loop gathers the margins of the whole global
+    batch first (as the authors gather them over devices), so every process computes the same statistics, filters
+    the global batch once with the same ``generator`` and takes its own slice of the kept mask. Evaluation batches
+    (``train=False``) keep every pair and do not move the statistics; their β is the batch's own (local) margins
+    against the running mean, with no collective, so processes may evaluate different numbers of batches.
 
     Args:
         beta: β₀.
         alpha: α, how strongly β follows the batch's margin (the authors' example: 0.6).
         rho: ρ, the fraction of each batch filtered out (the authors' example: 0.2).
         momentum: m for the running statistics (0.9).
-        reduce_fn: sums a float64 tensor over processes (default: torch.distributed when initialised).
     """
 
     def __init__(
@@ -184,7 +184,6 @@ class BetaDPOController:
         alpha: float = 0.6,
         rho: float = 0.2,
         momentum: float = 0.9,
-        reduce_fn: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         if not (math.isfinite(beta) and beta > 0):
             raise ValueError(f"beta must be a positive finite number, got {beta}")
@@ -194,21 +193,25 @@ class BetaDPOController:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.initial_beta = float(beta)
         self.alpha, self.rho, self.momentum = float(alpha), float(rho), float(momentum)
-        self._reduce = reduce_fn or sum_across_processes
         self.running_mean = 0.0
         self.running_std = 0.0
         self.initialized = False
         self.last_beta = float(beta)
 
-    def batch(self, margins: Tensor, train: bool = True) -> tuple[float, Tensor]:
-        """(β for this batch, (B,) bool mask of the pairs to train on) from the batch's margins M (B,)."""
-        m = margins.detach().to(torch.float64)
-        stats = self._reduce(torch.stack([m.sum(), (m * m).sum(), torch.tensor(float(m.numel()), dtype=m.dtype)]))
-        total, total_sq, count = (float(x) for x in stats)
+    def batch(
+        self, margins: Tensor, train: bool = True, generator: torch.Generator | None = None
+    ) -> tuple[float, Tensor]:
+        """(β for this batch, (B,) bool mask of the pairs to train on) from the batch's margins M (B,).
+
+        ``generator`` draws the filtering sample (default: torch's global generator); with several processes pass
+        one seeded alike on every process, with the gathered margins of the global batch.
+        """
+        m = margins.detach().to(torch.float64).cpu()
+        count = m.numel()
         if count == 0:
             return self.last_beta, torch.ones_like(margins, dtype=torch.bool)
-        mean = total / count
-        std = math.sqrt(max(total_sq - count * mean * mean, 0.0) / (count - 1)) if count > 1 else 0.0
+        mean = float(m.mean())
+        std = float(m.std()) if count > 1 else 0.0  # unbiased, as torch.std
         if train:
             if not self.initialized:
                 self.running_mean, self.running_std, self.initialized = mean, std, True
@@ -216,21 +219,20 @@ class BetaDPOController:
                 k = self.momentum
                 self.running_mean = k * self.running_mean + (1 - k) * mean
                 self.running_std = k * self.running_std + (1 - k) * std
-        keep = torch.ones_like(margins, dtype=torch.bool)
-        if train and self.rho > 0 and margins.numel() > 1:
-            weights = beta_dpo_weights(margins, self.running_mean, self.running_std)
+        keep = torch.ones(count, dtype=torch.bool)
+        if train and self.rho > 0 and count > 1:
+            weights = beta_dpo_weights(m.float(), self.running_mean, self.running_std)
             if not bool(torch.isfinite(weights).all()) or float(weights.sum()) <= 0:
                 weights = torch.ones_like(weights)  # every pair is an outlier: sample uniformly
-            n_keep = max(1, int(margins.numel() * (1 - self.rho)))
+            n_keep = max(1, int(count * (1 - self.rho)))
             keep = torch.zeros_like(keep)
-            keep[torch.multinomial(weights, n_keep, replacement=False)] = True
-        kept = self._reduce(torch.stack([m[keep].sum(), torch.tensor(float(keep.sum()), dtype=m.dtype)]))
-        kept_mean = float(kept[0]) / max(float(kept[1]), 1.0)
+            keep[torch.multinomial(weights, n_keep, replacement=False, generator=generator)] = True
+        kept_mean = float(m[keep].mean())
         reference_mean = self.running_mean if self.initialized else kept_mean
         beta = max(self.initial_beta * (1.0 + self.alpha * (kept_mean - reference_mean)), 1e-3)
         if train:
             self.last_beta = beta
-        return beta, keep
+        return beta, keep.to(margins.device)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -52,6 +52,7 @@ from epsdpo.generate import (
     sample_seed,
     wants_chat_template,
 )
+from epsdpo.logps.heads import completion_logps, fused_head_matches
 from epsdpo.machine import machine_label
 from epsdpo.stats import Estimate, distinct_n, estimate, grouped, one_token_repeated, paired_gain, win_rate
 
@@ -181,9 +182,6 @@ def row_logps(
     from tqdm.auto import tqdm
 
     from epsdpo.data import shift_for_logps
-    from epsdpo.logps import LMHeadInput
-    from epsdpo.logps.chunked import default_chunk_size
-    from epsdpo.training.forward import fused_head_matches, reference_side
 
     device = next(model.parameters()).device
     out: list[torch.Tensor] = []
@@ -192,7 +190,7 @@ def row_logps(
     for start in tqdm(starts, desc=desc, disable=disable_tqdm or desc is None, dynamic_ncols=True):
         chunk = rows[start : start + batch_size]
         width = max(len(p) + len(c) for p, c in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)  # (N, T), right-padded
         completion = torch.zeros((len(chunk), width), dtype=torch.long)
         attention = torch.zeros((len(chunk), width), dtype=torch.long)
         for r, (prompt, comp) in enumerate(chunk):
@@ -203,32 +201,8 @@ def row_logps(
         if fused is None:  # once: is head(final hidden state) exactly what the model returns as logits?
             fused = fused_head_matches(model, ids, attention)
         labels, mask = shift_for_logps(ids, completion)
-        where = mask.bool()
         with _autocast(model, bf16):
-            side = reference_side(model, ids, attention, fused)
-            rows_of = where.nonzero()[:, 0]
-            targets = labels[where]
-            if isinstance(side, LMHeadInput):
-                hidden = side.hidden[where]
-                step = default_chunk_size(side.weight.shape[0])
-                tok = (
-                    torch.cat(
-                        [
-                            torch.nn.functional.linear(hidden[i : i + step], side.weight, side.bias)
-                            .float()
-                            .log_softmax(-1)
-                            .gather(-1, targets[i : i + step, None])
-                            .squeeze(-1)
-                            for i in range(0, hidden.shape[0], step)
-                        ]
-                    )
-                    if hidden.shape[0]
-                    else hidden.new_zeros(0, dtype=torch.float32)
-                )
-            else:
-                tok = side[where].float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
-        seq = torch.zeros(len(chunk), dtype=torch.float32, device=device).index_add(0, rows_of, tok.float())
-        out.append(seq.cpu())
+            out.append(completion_logps(model, ids, attention, labels, mask, fused=fused).cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -727,6 +701,30 @@ def _destination(cfg: EvalConfig) -> tuple[str, Path, Path]:
     return name, directory / "eval.json", directory / "samples.jsonl"
 
 
+#: the order of the keys in an automatic evaluation name (fixed, so that names stay those of earlier versions)
+_NAME_ORDER = (
+    "run_dir",
+    "model",
+    "ref_model",
+    "tokenizer",
+    "trust_remote_code",
+    "eval_dataset",
+    "prompts",
+    "prompt_split",
+    "prompt_column",
+    "num_prompts",
+    "max_pairs",
+    "samples_per_prompt",
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "reward",
+    "beta",
+    "batch_size",
+    "seed",
+)
+
+
 def _auto_name(settings: Mapping[str, Any], run_settings: Mapping[str, Any] | None) -> str:
     """``after-training`` for the run's own settings, else ``key=value,…`` of what differs (a hash when long)."""
     import hashlib
@@ -736,7 +734,8 @@ def _auto_name(settings: Mapping[str, Any], run_settings: Mapping[str, Any] | No
         return Path(value).name if isinstance(value, str) and "/" in value else str(value)
 
     base = run_settings if run_settings is not None else _settings(EvalConfig())
-    differ = [f"{k}={shown(settings[k])}" for k in settings if k != "run_dir" and settings[k] != base.get(k)]
+    keys = sorted(settings, key=lambda k: _NAME_ORDER.index(k) if k in _NAME_ORDER else len(_NAME_ORDER))
+    differ = [f"{k}={shown(settings[k])}" for k in keys if k != "run_dir" and settings[k] != base.get(k)]
     if not differ:
         return "after-training"
     name = re.sub(r"[^A-Za-z0-9=,._-]", "_", ",".join(differ))

@@ -33,6 +33,7 @@ from torch import nn
 
 from epsdpo.data import PreferenceCollator, TokenizedPair
 from epsdpo.data.config import SelectionMethod
+from epsdpo.logps.heads import completion_logps, fused_head_matches
 
 Method = SelectionMethod
 METHODS: tuple[str, ...] = get_args(Method)
@@ -95,18 +96,24 @@ def explicit_margins(pairs: Sequence[TokenizedPair]) -> list[float] | None:
 def mean_token_logps(
     model: nn.Module, pairs: Sequence[TokenizedPair], collate: PreferenceCollator, batch_size: int = 8
 ) -> tuple[list[float], list[float]]:
-    """Mean per-token log-probability of chosen and rejected completions under ``model`` (batched, no grad)."""
+    """Mean per-token log-probability of chosen and rejected completions under ``model`` (batched, no grad).
+
+    Through the same log-prob path as training (:func:`epsdpo.logps.heads.completion_logps`): the fused head, a chunk
+    of completion tokens at a time, so memory stays O(chunk · V) instead of the (2B, T, V) logits.
+    """
     device = next(model.parameters()).device
     chosen: list[float] = []
     rejected: list[float] = []
     model.eval()
+    fused: bool | None = None
     for start in range(0, len(pairs), batch_size):
         batch = collate(list(pairs[start : start + batch_size]))
-        ids, attention = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        mask = batch["completion_mask"][:, 1:].to(device).float()
-        logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1].float()
-        token = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (2B, T-1)
-        mean = (token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        ids, attention = batch["input_ids"].to(device), batch["attention_mask"].to(device)  # (2B, T)
+        mask = batch["completion_mask"][:, 1:].to(device)  # (2B, T−1): position t scores token t + 1
+        if fused is None:
+            fused = fused_head_matches(model, ids, attention)
+        total = completion_logps(model, ids, attention, ids[:, 1:], mask, fused=fused)  # (2B,)
+        mean = total / mask.sum(-1).clamp(min=1)
         b = ids.shape[0] // 2
         chosen += mean[:b].tolist()
         rejected += mean[b:].tolist()

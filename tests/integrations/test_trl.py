@@ -25,12 +25,13 @@ from transformers.trainer_callback import ExportableState  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 from trl.trainer.dpo_trainer import DataCollatorForPreference  # noqa: E402
 
-import epsdpo.training.forward as forward  # noqa: E402
+import epsdpo.training.pair_loss as pair_loss  # noqa: E402
 from epsdpo.control import BetaController  # noqa: E402
 from epsdpo.data import batch_indices, load_preference_dataset  # noqa: E402
 from epsdpo.integrations.trl import EpsilonDPOCallback, EpsilonDPOConfig, EpsilonDPOTrainer  # noqa: E402
 from epsdpo.models import build_from_config  # noqa: E402
-from epsdpo.training import load_run_config, train  # noqa: E402
+from epsdpo.recipe import train  # noqa: E402
+from epsdpo.training import load_run_config  # noqa: E402
 from epsdpo.training.metrics import read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -100,7 +101,7 @@ class Recorder:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.decisions: list[list[int]] = []
         self.losses: list[torch.Tensor] = []
-        observe, loss_fn = BetaController.observe, forward.epsilon_dpo_loss
+        observe, loss_fn = BetaController.observe, pair_loss.epsilon_dpo_loss
 
         def recording_observe(controller: BetaController, steps: torch.Tensor) -> None:
             self.decisions.append(steps.tolist())
@@ -113,7 +114,7 @@ class Recorder:
             return out
 
         monkeypatch.setattr(BetaController, "observe", recording_observe)
-        monkeypatch.setattr(forward, "epsilon_dpo_loss", recording_loss)
+        monkeypatch.setattr(pair_loss, "epsilon_dpo_loss", recording_loss)
 
     def take(self) -> tuple[list[list[int]], list[torch.Tensor]]:
         taken = self.decisions, self.losses

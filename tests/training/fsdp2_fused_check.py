@@ -1,7 +1,7 @@
 """Run with torchrun (2 CPU processes, gloo): the fused log-prob path under FSDP2-sharded parameters.
 
 Outside its own forward a sharded head's weight is a DTensor shard; the trainer therefore computes the fused log-probs
-inside the head's forward (see epsdpo/training/forward.py). This script checks values and every parameter's gradient
+inside the head's forward (see epsdpo/logps/heads.py). This script checks values and every parameter's gradient
 against the same model unsharded. Exits non-zero on any mismatch.
 """
 
@@ -16,7 +16,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from epsdpo.training.forward import policy_logps, reference_side
+from epsdpo.logps.heads import policy_logps, reference_side
 
 
 def main() -> None:

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from epsdpo.logps import perturbed_logps
+from epsdpo.logps.heads import reference_side
+from epsdpo.recipe import prepare_run, train
 from epsdpo.refcache import compute_reference_hidden, load_cache, save_cache
-from epsdpo.training import load_run_config, train
-from epsdpo.training.forward import reference_side
+from epsdpo.training import load_run_config
 from epsdpo.training.loop import Trainer
 from epsdpo.training.metrics import read_metrics
 
@@ -36,9 +37,7 @@ def tiny(tmp_path: Path, name: str, *overrides: str):
 
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory: pytest.TempPathFactory) -> Trainer:
-    t = Trainer(tiny(tmp_path_factory.mktemp("refcache"), "run", "max_steps=1"))
-    t._check_fused_head()
-    return t
+    return prepare_run(tiny(tmp_path_factory.mktemp("refcache"), "run", "max_steps=1")).trainer
 
 
 def _live_and_cached(trainer: Trainer, pairs: list, cache_batch: int):
@@ -111,9 +110,7 @@ def test_training_with_the_cache_matches_the_live_reference(tmp_path: Path) -> N
                 assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), key
     # a second run reads the cache instead of computing it (its file is not rewritten)
     stamps = [f.stat().st_mtime_ns for f in files]
-    trainer = Trainer(tiny(tmp_path, "again", *steps, "precompute_ref_hidden_states=true"))
-    trainer._check_fused_head()
-    trainer._prepare_reference_cache()
+    trainer = prepare_run(tiny(tmp_path, "again", *steps, "precompute_ref_hidden_states=true")).trainer
     assert [f.stat().st_mtime_ns for f in files] == stamps
     assert trainer.models.reference is None  # the frozen copy is released
 

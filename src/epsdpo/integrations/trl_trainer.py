@@ -5,7 +5,7 @@ What it changes in ``DPOTrainer``, through public extension points only (``docs/
 
 - ``compute_loss`` (transformers' documented hook for a custom loss): runs the reference and the policy through
   their own forwards and computes every sequence log-prob, the per-pair decisions s and the loss with the same
-  functions as ``epsdpo train`` (:mod:`epsdpo.training.forward`), so both paths agree;
+  functions as ``epsdpo train`` (:mod:`epsdpo.logps.heads`, :mod:`epsdpo.training.pair_loss`), so both paths agree;
 - ``log``: adds the ε-DPO metrics (``kl/beta``, ``kl/steps_weaker``, ``kl/steps_stronger``, ...) to TRL's logs;
 - a :class:`EpsilonDPOCallback` (transformers ``TrainerCallback`` + ``ExportableState``) owns the
   :class:`~epsdpo.control.BetaController`: it moves β in ``on_step_end`` (once per optimizer step), saves the
@@ -38,15 +38,10 @@ from trl import DPOTrainer
 from epsdpo.control import BetaController
 from epsdpo.distributed import sum_across_processes
 from epsdpo.integrations.trl_config import EpsilonDPOConfig, unsupported_options
+from epsdpo.logps.heads import fused_head_matches, policy_logps, reference_side
 from epsdpo.training.config import LossConfig
-from epsdpo.training.forward import (
-    compute_pair_losses,
-    fused_head_matches,
-    pair_metric_sums,
-    policy_logps,
-    reference_side,
-)
 from epsdpo.training.metrics import PER_PAIR, pair_means
+from epsdpo.training.pair_loss import compute_pair_losses, pair_metric_sums
 
 logger = logging.getLogger(__name__)
 

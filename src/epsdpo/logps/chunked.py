@@ -250,3 +250,26 @@ def chunked_perturbed_logps(
         round_to(stronger, decision_dtype),
         round_to(decision, decision_dtype),
     )
+
+
+@torch.no_grad()
+def chunked_sequence_logps(
+    side: Tensor | LMHeadInput, labels: Tensor, completion_mask: Tensor, chunk_size: int | None = None
+) -> Tensor:
+    """Σ_t log softmax(logits)[y_t] over completion tokens, (N,) float32, without autograd: the plain log-prob that
+    evaluation and data selection need, from the same chunked projection as training (never the (N, T, V) logits
+    when ``side`` is an :class:`LMHeadInput`)."""
+    n, t = labels.shape
+    positions = completion_mask.reshape(-1).bool().nonzero().squeeze(-1)  # (M,) into the flattened (N*T) grid
+    sequence = torch.div(positions, t, rounding_mode="floor")  # (M,)
+    token_labels = labels.reshape(-1)[positions]  # (M,)
+    rows, weight, bias = _flatten(side)
+    vocab = rows.shape[-1] if weight is None else weight.shape[0]
+    step = chunk_size or default_chunk_size(vocab)
+    tokens = torch.empty(positions.shape[0], dtype=torch.float32, device=labels.device)  # (M,)
+    buffer = torch.empty((min(step, positions.shape[0]), vocab), dtype=torch.float32, device=labels.device)
+    for start in range(0, positions.shape[0], step):
+        stop = min(start + step, positions.shape[0])
+        logits = _project(buffer[: stop - start], rows[positions[start:stop]], weight, bias)  # (c, V)
+        tokens[start:stop] = _token_logps(logits, token_labels[start:stop], logits)[0]
+    return torch.zeros(n, dtype=torch.float32, device=labels.device).index_add(0, sequence, tokens)

@@ -1,16 +1,21 @@
-"""Training: configuration, the explicit loop, checkpoints and metrics. Start with :func:`train`."""
+"""Training: configuration, the run's plan, the explicit step loop, checkpoints and metrics.
+
+The whole run (selection, reference cache, loop, final model, evaluation, plots) is :func:`epsdpo.recipe.train`.
+"""
 
 from epsdpo.training.config import LossConfig, ModelConfig, RunConfig, TrainConfig, load_run_config
-from epsdpo.training.loop import Trainer, TrainingError, TrainResult, train
+from epsdpo.training.loop import Trainer, TrainingError, TrainResult
+from epsdpo.training.plan import RunPlan, plan_run
 
 __all__ = [
     "LossConfig",
     "ModelConfig",
     "RunConfig",
+    "RunPlan",
     "TrainConfig",
     "TrainResult",
     "Trainer",
     "TrainingError",
     "load_run_config",
-    "train",
+    "plan_run",
 ]

@@ -1,19 +1,28 @@
 """The training loop: explicit, on accelerate, one process or many.
 
-Per optimizer step (a *window* of ``gradient_accumulation_steps`` micro-batches):
+Per optimizer step (a *window* of ``gradient_accumulation_steps`` micro-batches), in :meth:`Trainer.train_step`:
 
 1. every process takes its slice of each global micro-batch (the same global batches whatever the process count);
-2. each micro-batch's per-pair losses are summed and divided by the window's global pair count (times the world size,
+2. the reference's side (a forward without grad, or the hidden-state cache) and the policy's forward give the five
+   sequence log-probs of every row (:func:`~epsdpo.logps.heads.policy_logps`);
+3. β-DPO only: the margins of the global micro-batch are gathered and its controller moves its statistics and
+   filters the pairs, here, explicitly (the loss itself is a pure function);
+4. each micro-batch's per-pair losses are summed and divided by the window's global pair count (times the world size,
    which DDP's gradient averaging divides out), so the step's gradient is the mean over every pair of the window,
-   also for the shorter last window of an epoch;
-3. ε-DPO's decisions are observed by the :class:`~epsdpo.control.BetaController`; after the optimizer step,
+   also for the shorter last window of an epoch; only the window's last backward synchronises gradients (and, under
+   DeepSpeed, steps the engine);
+5. ε-DPO's decisions are observed by the :class:`~epsdpo.control.BetaController`; after the optimizer step,
    ``controller.step()`` reduces them over processes and moves β for the next step;
-4. metrics are summed locally and reduced across processes once per logging step.
+6. metrics are summed locally and reduced across processes once per logging step.
+
+How the run computes its log-probs (fused head or full logits; live reference or cache) is a frozen
+:class:`~epsdpo.training.plan.RunPlan` decided before the loop. What happens around the loop (data selection, the
+reference cache, the final model and its card, the evaluation, the plots) is :mod:`epsdpo.recipe`.
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import logging
 import math
 import signal
@@ -25,41 +34,29 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from epsdpo.config import config_to_dict, dump_config
 from epsdpo.control import BetaController, BetaDPOController
-from epsdpo.data import PreferenceCollator, TokenizedPair, batch_indices, load_eval_dataset, load_preference_dataset
-from epsdpo.machine import cpu_has_native_bf16
-from epsdpo.models import load_tokenizer
-from epsdpo.refcache import ReferenceHiddenCache, load_or_compute_reference_hidden
+from epsdpo.data import PreferenceCollator, TokenizedPair, batch_indices
+from epsdpo.distributed import accumulation_boundary, gather_across_processes, rank_slice
+from epsdpo.logps import PerturbedLogps
+from epsdpo.logps.heads import policy_logps
 from epsdpo.reference import fold_adapters_into_base, soft_update_reference
-from epsdpo.select import reference_identity, select_for_config
 from epsdpo.training.checkpoint import (
     REFERENCE_FILE,
     load_checkpoint,
     load_trainable_state,
     read_local_weights,
-    resolve_resume,
     save_checkpoint,
     trainable_state,
     write_local_weights,
 )
-from epsdpo.training.config import RunConfig, load_run_config, tokenizer_name
-from epsdpo.training.final import save_final_model
-from epsdpo.training.forward import (
-    MicroBatchResult,
-    compute_pair_losses,
-    frozen_head_copy,
-    fused_head_matches,
-    output_head,
-    pair_metric_sums,
-    policy_logps,
-    reference_side,
-)
-from epsdpo.training.metrics import PER_PAIR, MetricsWriter, add_sums, pair_means, reduce_sums
-from epsdpo.training.policy import PolicyAndReference, build_policy_and_reference
+from epsdpo.training.config import RunConfig
+from epsdpo.training.metrics import MetricsWriter, add_sums, pair_means, reduce_sums
+from epsdpo.training.pair_loss import compute_pair_losses, dpo_margins, pair_metric_sums
+from epsdpo.training.plan import ReferenceSource, RunPlan
+from epsdpo.training.policy import PolicyAndReference
 from epsdpo.training.schedule import make_scheduler, warmup_steps
 
 logger = logging.getLogger(__name__)
@@ -81,6 +78,7 @@ class TrainResult:
     interrupted: bool = False
     eval_metrics: dict[str, Any] | None = None
     plots: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
 
 
 class _StopFlag:
@@ -175,261 +173,281 @@ def _scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, total_steps: in
     return make_scheduler(optimizer, t.lr_scheduler_type, total_steps, warmup)
 
 
-def _check_output_dir(cfg: RunConfig, resume: Path | None) -> None:
-    out = cfg.output_dir
-    if resume is None and (out / "final").exists() and not cfg.train.overwrite_output_dir:
-        raise TrainingError(
-            f"{out} already holds a finished run (final/); choose another output_dir, set "
-            "overwrite_output_dir=true, or resume_from_checkpoint=auto to continue it"
-        )
+def _stream_seed(*parts: object) -> int:
+    """A stable 63-bit seed from the parts (the same on every process and after a resume)."""
+    return int.from_bytes(hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
 
 
 class Trainer:
-    """Holds the pieces of one run; :meth:`train` runs it. Most users call :func:`train`."""
+    """The step loop of one run, over pieces built by :func:`epsdpo.recipe.build_trainer`. Most users call
+    :func:`epsdpo.recipe.train`.
 
-    def __init__(self, cfg: RunConfig) -> None:
-        from accelerate import Accelerator
-        from accelerate.state import AcceleratorState
-        from accelerate.utils import DistributedType, set_seed
+    Args:
+        cfg: the run's config.
+        accelerator: the run's ``Accelerator`` (:func:`epsdpo.distributed.make_accelerator`).
+        models: the policy (not yet prepared) and its reference.
+        plan: how the log-probs are computed (decided once, :func:`~epsdpo.training.plan.plan_run`).
+        reference: where the reference's side comes from (:class:`~epsdpo.training.plan.LiveReference` or
+            :class:`~epsdpo.training.plan.CachedReference`).
+        train_pairs, eval_pairs: tokenized pairs (after selection); eval_pairs may be empty.
+        collate: turns pairs into a padded batch.
+        resume_path: the checkpoint to continue from, or None.
+    """
 
-        self.cfg = cfg
-        t = cfg.train
-        # accelerate keeps one AcceleratorState per process and refuses a second run with another precision; reset
-        # the per-run part (the process group in PartialState stays) so train() can be called again in one process.
-        AcceleratorState._reset_state(reset_partial_state=False)
-        self.accelerator = Accelerator(
-            # cpu=True is what makes accelerate set up gloo for several CPU processes (torchrun / accelerate launch).
-            cpu=t.use_cpu or not torch.cuda.is_available(),
-            mixed_precision="bf16" if cfg.models.bf16 else "no",
-            log_with=t.report_to or None,
-            project_dir=str(cfg.output_dir),
-        )
-        acc = self.accelerator
-        if cfg.models.bf16 and acc.device.type == "cpu" and not cpu_has_native_bf16():
-            logger.warning(
-                "bf16=true on a CPU without native bf16 matmuls (no avx512_bf16/amx in /proc/cpuinfo): "
-                "PyTorch falls back to a slow generic GEMM (measured 0.2-10 GFLOP/s against 30-40 in "
-                "float32 on such a machine); bf16=false is much faster here"
-            )
-        self.rank, self.world = acc.process_index, acc.num_processes
+    def __init__(
+        self,
+        cfg: RunConfig,
+        accelerator: Any,
+        models: PolicyAndReference,
+        plan: RunPlan,
+        reference: ReferenceSource,
+        train_pairs: list[TokenizedPair],
+        eval_pairs: list[TokenizedPair],
+        collate: PreferenceCollator,
+        resume_path: Path | None = None,
+    ) -> None:
+        t, loss = cfg.train, cfg.loss
+        self.cfg, self.accelerator, self.models, self.plan, self.reference = cfg, accelerator, models, plan, reference
+        self.train_pairs, self.eval_pairs, self.collate = train_pairs, eval_pairs, collate
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.output_dir = cfg.output_dir
-        self.sections = {"models": cfg.models, "data": cfg.data, "loss": cfg.loss, "train": cfg.train}
-        self.resume_path = resolve_resume(t.resume_from_checkpoint, self.output_dir)
-        _check_output_dir(cfg, self.resume_path)
-        if acc.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(self.sections, self.output_dir / "config.yaml")
-        acc.wait_for_everyone()
-        set_seed(t.seed)
-
-        self.tokenizer = load_tokenizer(tokenizer_name(cfg), cfg.models.trust_remote_code)
-        report_dir = self.output_dir if acc.is_main_process else None
-        self.train_pairs, self.data_report = load_preference_dataset(cfg.data, self.tokenizer, report_dir=report_dir)
-        eval_data = load_eval_dataset(cfg.data, self.tokenizer, report_dir=report_dir)
-        self.eval_pairs: list[TokenizedPair] = eval_data[0] if eval_data else []
-        self.collate = PreferenceCollator(self.tokenizer.pad_token_id, cfg.data.pad_to_multiple_of)
-
-        self.models: PolicyAndReference = build_policy_and_reference(cfg.models, len(self.tokenizer), t.seed)
-        if cfg.data.selection != "none":
-            self.train_pairs = self._select(self.train_pairs)
         self.global_batch = t.per_device_train_batch_size * self.world
         self.schedule = _schedule(
-            len(self.train_pairs),
+            len(train_pairs),
             self.global_batch,
             t.gradient_accumulation_steps,
             self.world,
             t.max_steps,
             t.num_train_epochs,
         )
-        if self.schedule.dropped_per_epoch and acc.is_main_process:
+        if self.schedule.dropped_per_epoch and accelerator.is_main_process:
             logger.warning(
                 "%d pair(s) per epoch do not fill the last global batch of %d and are not trained on",
                 self.schedule.dropped_per_epoch,
                 self.global_batch,
             )
-        # Sharded runs (FSDP, DeepSpeed) keep a whole frozen copy of the reference head: outside its own forward a
-        # sharded module's weight is only a shard. Taken before prepare() shards anything.
-        self.sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-        if self.sharded and cfg.models.sync_ref_model:
-            raise TrainingError(
-                "sync_ref_model (TR-DPO) is not supported with FSDP/DeepSpeed yet: the reference "
-                "update would need the sharded policy's full weights; use DDP or one process"
-            )
-        self.reference_head = None
-        if self.sharded:
-            self.reference_head = frozen_head_copy(self.models.reference or self.models.policy)
-        optimizer = _optimizer(self.models.policy, cfg)
+        optimizer = _optimizer(models.policy, cfg)
         self.scheduler = _scheduler(optimizer, cfg, self.schedule.total_steps)
-        self.model, self.optimizer = acc.prepare(self.models.policy, optimizer)
-        if self.models.reference is not None:
-            if self.sharded:  # shard the frozen reference too (evaluation mode: no optimizer, no gradients)
-                self.models.reference = acc.prepare_model(self.models.reference, evaluation_mode=True)
+        self.model, self.optimizer = accelerator.prepare(models.policy, optimizer)
+        if models.reference is not None:
+            if plan.sharded:  # shard the frozen reference too (evaluation mode: no optimizer, no gradients)
+                models.reference = accelerator.prepare_model(models.reference, evaluation_mode=True)
             else:
-                self.models.reference.to(acc.device)
-        if self.reference_head is not None:
-            self.reference_head = tuple(None if x is None else x.to(acc.device) for x in self.reference_head)
-        self.controller = BetaController(cfg.loss.beta, cfg.loss.epsilon, rule=cfg.loss.beta_update_rule)
-        loss = cfg.loss
+                models.reference.to(accelerator.device)
+        self.controller = BetaController(loss.beta, loss.epsilon, rule=loss.beta_update_rule)
         self.beta_dpo = (
             BetaDPOController(loss.beta, loss.beta_dpo_alpha, loss.beta_dpo_rho, loss.beta_dpo_momentum)
             if loss.kind.has_batch_beta
             else None
         )
         self.metrics = MetricsWriter(
-            self.output_dir / "metrics.jsonl", enabled=acc.is_main_process, accelerator=acc if t.report_to else None
+            self.output_dir / "metrics.jsonl",
+            enabled=accelerator.is_main_process,
+            accelerator=accelerator if t.report_to else None,
         )
-        self.global_step = 0
-        self.epoch = 0
-        self.window_in_epoch = 0
+        self.global_step = self.epoch = self.window_in_epoch = 0
         self.last_checkpoint: Path | None = None
-        self.fused = t.logps_impl == "chunked"
-        self.ref_caches: dict[str, ReferenceHiddenCache] | None = None  # "train"/"eval" -> cache, once prepared
-        self.decision_dtype = torch.bfloat16 if cfg.loss.decision_precision == "bfloat16" else None
-        decisions = ("kl/steps_weaker", "kl/steps_stronger", "kl/steps_kept")
-        self.metric_keys = tuple(
-            k
-            for k in PER_PAIR
-            if (cfg.loss.kind.needs_perturbation or k not in decisions)
-            and (cfg.loss.kind.has_batch_beta or k != "kl/pairs_kept")
-        )
+        self.resume_path = resume_path
+        self._resume()
 
-    def _select(self, pairs: list[TokenizedPair]) -> list[TokenizedPair]:
-        """Data selection before training (SPEC §3); implicit margins from the initial policy, which is π_ref."""
-        m, acc = self.cfg.models, self.accelerator
-        reference = self.models.reference if self.models.reference is not None else self.models.policy
-        selection = select_for_config(
-            self.cfg.data,
-            pairs,
-            self.tokenizer,
-            reference,
-            reference_identity(m, self.cfg.train.seed),
-            seed=self.cfg.train.seed,
-            out_dir=self.output_dir if acc.is_main_process else None,
-        )
-        if acc.is_main_process:
-            logger.info(
-                "selection %s kept %d of %d pairs (select_ratio %g); scores in %s",
-                selection.method,
-                len(selection.kept),
-                len(pairs),
-                self.cfg.data.select_ratio,
-                self.output_dir,
-            )
-        return [pairs[i] for i in selection.kept]
-
-    # ---- one micro-batch ------------------------------------------------------------------------------------
     @property
     def unwrapped(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
-    def _micro_batch(
-        self, pairs: list[TokenizedPair], beta: float, train: bool, split: str = "train"
-    ) -> tuple[MicroBatchResult, int]:
-        """Per-pair losses of one micro-batch of ``split`` ("train"/"eval") and its non-padding token count.
-
-        The reference runs first (no grad; with LoRA, the policy with its adapters disabled) or comes from the
-        hidden-state cache, then the policy through its (DDP/FSDP-wrapped) forward. Both under autocast when bf16.
-        """
+    # ---- one step -----------------------------------------------------------------------------------------------
+    def _forward(self, model: nn.Module, pairs: list[TokenizedPair], split: str) -> tuple[PerturbedLogps, Tensor, int]:
+        """The five sequence log-probs of a micro-batch's 2B rows, its completion lengths (2B,) and token count."""
+        t, plan = self.cfg.train, self.plan
         batch = {k: v.to(self.accelerator.device) for k, v in self.collate(pairs).items()}
-        ids, attention = batch["input_ids"], batch["attention_mask"]
-        labels, mask = ids[:, 1:], batch["completion_mask"][:, 1:]  # logits[:, t] scores ids[:, t + 1]
-        loss_cfg, t = self.cfg.loss, self.cfg.train
+        ids, attention = batch["input_ids"], batch["attention_mask"]  # (2B, T): rows 0..B−1 chosen, B..2B−1 rejected
+        labels, mask = ids[:, 1:], batch["completion_mask"][:, 1:]  # (2B, T−1): logits[:, t] scores ids[:, t + 1]
         with self.accelerator.autocast():
-            if self.ref_caches is not None:
-                assert self.reference_head is not None
-                ref_side: Any = self.ref_caches[split].side(pairs, mask, *self.reference_head)
-            else:
-                with self.models.reference_mode(self.unwrapped) as reference:
-                    ref_side = reference_side(reference, ids, attention, self.fused, self.reference_head)
-            with torch.set_grad_enabled(train):
-                logps = policy_logps(
-                    self.model if train else self.unwrapped,
-                    ids,
-                    attention,
-                    ref_side,
-                    labels,
-                    mask,
-                    loss_cfg.epsilon if loss_cfg.kind.needs_perturbation else 0.0,
-                    fused=self.fused,
-                    impl=t.logps_impl,
-                    decision_dtype=self.decision_dtype,
-                    chunk_size=t.logps_chunk_size,
-                )
-                result = compute_pair_losses(logps, mask.sum(-1), loss_cfg, beta, self.beta_dpo, train=train)
-        return result, int(attention.sum())
+            reference = self.reference.side(self.unwrapped, pairs, ids, attention, mask, split)  # no grad
+            logps = policy_logps(
+                model,
+                ids,
+                attention,
+                reference,
+                labels,
+                mask,
+                plan.epsilon,
+                fused=plan.fused,
+                impl=t.logps_impl,
+                decision_dtype=plan.decision_dtype,
+                chunk_size=t.logps_chunk_size,
+            )  # each field (2B,) float32; only .policy carries gradient
+        return logps, mask.sum(-1), int(attention.sum())
 
-    def _check_fused_head(self) -> None:
-        """Use the fused path only where it is exact for this architecture (checked once, on real data)."""
-        if not self.fused:
-            return
-        batch = self.collate(self.train_pairs[:1])
-        ids, attention = (batch[k].to(self.accelerator.device) for k in ("input_ids", "attention_mask"))
-        if not fused_head_matches(self.unwrapped, ids, attention):
-            self.fused = False
-            self.reference_head = None
-            logger.warning(
-                "this model's logits are not its linear head's output (soft-capping, scaling or an "
-                "adapted head): using its full logits, chunked, instead of the fused path"
+    def train_step(self, window: list[list[int]]) -> dict[str, float]:
+        """One optimizer step over a window of global micro-batches (lists of pair indices); the local metric sums."""
+        acc, t = self.accelerator, self.cfg.train
+        self.model.train()
+        window_pairs = sum(len(b) for b in window)  # global pairs in the window (known to every process)
+        beta = self.controller.beta  # ε-DPO's global β for this step; β₀ for the other losses
+        b = t.per_device_train_batch_size
+        sums: dict[str, float] = {"tokens": 0.0}
+        for i, global_batch in enumerate(window):
+            pairs = [self.train_pairs[j] for j in global_batch[self.rank * b : (self.rank + 1) * b]]
+            with accumulation_boundary(acc, self.model, sync=i == len(window) - 1):
+                logps, lengths, tokens = self._forward(self.model, pairs, "train")
+                batch_beta, keep = beta, None
+                if self.beta_dpo is not None:  # β-DPO: statistics of the whole global micro-batch, moved by the loop
+                    margins = gather_across_processes(dpo_margins(logps))  # (world·B,) in global-batch order
+                    generator = torch.Generator().manual_seed(_stream_seed(t.seed, "beta_dpo", self.global_step, i))
+                    batch_beta, kept = self.beta_dpo.batch(margins, generator=generator)
+                    keep = rank_slice(kept, self.rank, self.world)  # (B,) this process's pairs
+                result = compute_pair_losses(logps, lengths, self.cfg.loss, batch_beta, keep)
+                acc.backward(result.loss.losses.sum() * (self.world / window_pairs))
+            if result.steps is not None:
+                self.controller.observe(result.steps)  # ε-DPO's decisions s ∈ {−1, 0, +1}, (B,)
+            add_sums(sums, pair_metric_sums(result))
+            sums["tokens"] += tokens
+        grad_norm = self._clip_gradients()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.cfg.loss.kind.needs_perturbation:
+            self.controller.step()  # a collective: the decisions of every process move β for the next step
+        self.global_step += 1
+        m = self.cfg.models
+        if m.sync_ref_model and self.global_step % m.ref_model_sync_steps == 0:
+            self._sync_reference(m.ref_model_mixup_alpha)
+        sums["grad_norm"] = grad_norm
+        sums["kl/beta"] = beta
+        return sums
+
+    def _clip_gradients(self) -> float:
+        """Clip to ``max_grad_norm`` and return the norm before clipping (under DeepSpeed the engine clips, with
+        the same threshold, during its step, and this is the norm it measured)."""
+        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.train.max_grad_norm or math.inf)
+        value = float("nan") if norm is None else float(norm)
+        if not math.isfinite(value):
+            raise TrainingError(
+                f"non-finite gradient norm ({value}) at step {self.global_step + 1}; the loss or the data "
+                f"produced NaN/inf. Last good checkpoint: {self.last_checkpoint or 'none (no checkpoint saved yet)'}"
+                " (left intact). Lower learning_rate or check the data, then resume_from_checkpoint=auto."
             )
+        return value
 
-    def _prepare_reference_cache(self) -> None:
-        """``precompute_ref_hidden_states``: load or compute the reference's hidden states, then free the reference.
+    def _sync_reference(self, alpha: float) -> None:
+        """TR-DPO: θ_ref ← α θ + (1 − α) θ_ref (every process holds the same weights, so no communication)."""
+        if self.models.reference is None:  # LoRA: the reference is the base under the adapters
+            fold_adapters_into_base(self.unwrapped, alpha)
+        else:
+            soft_update_reference(self.unwrapped, self.models.reference, alpha)
 
-        The main process computes and writes a missing cache; the others wait and read it.
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Held-out loss, rewards and accuracy (β̃ for ε-DPO's loss, but the controller is not moved).
+
+        No collective runs per batch (processes may hold different numbers of held-out pairs); the sums are reduced
+        once at the end.
         """
-        m, acc = self.cfg.models, self.accelerator
-        if not m.precompute_ref_hidden_states or self.ref_caches is not None:
-            return
-        if not self.fused:
-            raise TrainingError(
-                "precompute_ref_hidden_states needs the fused log-prob path (logps_impl=chunked and "
-                "a plain linear output head); turn it off for this model"
-            )
-        if self.sharded:
-            raise TrainingError(
-                "precompute_ref_hidden_states is not supported with FSDP/DeepSpeed yet (the sharded "
-                "reference would have to run on every process); use DDP or one process"
-            )
-        from epsdpo.models import cache_dir
+        if not self.eval_pairs:
+            return {}
+        self.model.eval()
+        per_device = self.cfg.train.per_device_eval_batch_size
+        mine = self.eval_pairs[self.rank :: self.world]
+        sums: dict[str, float] = {}
+        quiet = self.cfg.train.disable_tqdm or not self.accelerator.is_main_process
+        starts = range(0, len(mine), per_device)
+        for start in tqdm(starts, desc=f"held-out pairs ({len(self.eval_pairs)})", disable=quiet, leave=False):
+            logps, lengths, _ = self._forward(self.unwrapped, mine[start : start + per_device], "eval")
+            beta, keep = self.controller.beta, None
+            if self.beta_dpo is not None:  # this batch's own margins, every pair kept, statistics unmoved
+                beta, keep = self.beta_dpo.batch(dpo_margins(logps), train=False)
+            add_sums(sums, pair_metric_sums(compute_pair_losses(logps, lengths, self.cfg.loss, beta, keep)))
+        self.model.train()
+        reduced = reduce_sums(sums, ("pairs", *self.plan.metric_keys))
+        return {**pair_means(reduced, prefix="eval/"), "eval/pairs": reduced["pairs"]}
 
-        directory = Path(m.ref_cache_dir) if m.ref_cache_dir else cache_dir() / "reference"
-        model_id = reference_identity(m, self.cfg.train.seed)
-        precision = f"{'bf16' if m.bf16 else 'fp32'}-{acc.device.type}"
-        splits = {"train": self.train_pairs, "eval": self.eval_pairs}
-        caches: dict[str, ReferenceHiddenCache] = {}
-        with self.models.reference_mode(self.unwrapped) as reference:
-            for main_pass in (True, False):  # the main process fills the cache first, then everyone reads it
-                if main_pass == acc.is_main_process:
-                    for split, pairs in splits.items():
-                        if pairs:
-                            caches[split], path, hit = load_or_compute_reference_hidden(
-                                reference,
-                                model_id,
-                                precision,
-                                pairs,
-                                self.collate,
-                                directory,
-                                self.cfg.train.per_device_train_batch_size,
-                                acc.autocast,
-                            )
-                            if acc.is_main_process:
-                                logger.info(
-                                    "reference hidden states (%s, %d pairs): %s %s (%.1f MiB)",
-                                    split,
-                                    len(pairs),
-                                    "read from" if hit else "written to",
-                                    path,
-                                    caches[split].nbytes / 2**20,
-                                )
-                acc.wait_for_everyone()
-            head = output_head(reference)  # frozen: a frozen copy's, or the base's under LoRA (not adapted)
-            bias = getattr(head, "bias", None)
-            # detached views, not copies: they keep only the head alive once the frozen copy is dropped below
-            self.reference_head = (head.weight.detach(), None if bias is None else bias.detach())
-        self.ref_caches = caches
-        self.models.reference = None  # never run again: a frozen copy's memory is released (LoRA: nothing held)
+    # ---- the loop -----------------------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        """Steps until ``max_steps`` (or a stop signal, after a checkpoint); the result has no final model yet."""
+        acc, t = self.accelerator, self.cfg.train
+        total = self.schedule.total_steps
+        progress = tqdm(
+            total=total,
+            initial=self.global_step,
+            disable=t.disable_tqdm or not acc.is_main_process,
+            desc="train",
+            dynamic_ncols=True,
+        )
+        logged: dict[str, float] = {}
+        last: dict[str, float] = {}
+        windows = self._windows()
+        interrupted = False
+        started = time.perf_counter()
+        with _StopFlag() as stop:
+            while self.global_step < total:
+                step_start = time.perf_counter()
+                step_sums = self.train_step(next(windows))
+                elapsed = time.perf_counter() - step_start
+                grad_norm, beta = step_sums.pop("grad_norm"), step_sums.pop("kl/beta")
+                add_sums(logged, step_sums)
+                logged["time"] = logged.get("time", 0.0) + elapsed
+                if self.global_step % t.logging_steps == 0 or self.global_step == total:
+                    last = self._log(logged, grad_norm, beta)
+                    # the β that the next step uses (after the last step: the β after training, as printed at the
+                    # end and used by the evaluation's implicit reward); metrics.jsonl keeps both per step
+                    shown = self.controller.beta if self.cfg.loss.kind.needs_perturbation else beta
+                    progress.set_postfix(loss=f"{last['loss']:.4f}", beta_next=f"{shown:.4g}", refresh=False)
+                    logged = {}
+                if t.eval_steps and self.global_step % t.eval_steps == 0 and self.global_step < total:
+                    self.metrics.write({"step": self.global_step, **self.evaluate()})
+                progress.update(1)
+                stopping = bool(reduce_sums({"stop": float(stop.signal is not None)}, ("stop",))["stop"])
+                if (t.save_steps and self.global_step % t.save_steps == 0) or stopping:
+                    self._save()
+                if stopping:
+                    interrupted = True
+                    break
+        progress.close()
+        if not interrupted:
+            eval_metrics = self.evaluate()
+            if eval_metrics:
+                self.metrics.write({"step": self.global_step, **eval_metrics})
+                last = {**last, **eval_metrics}
+        return TrainResult(
+            self.output_dir,
+            None,
+            self.global_step,
+            self.controller.beta,
+            last,
+            interrupted,
+            seconds=time.perf_counter() - started,
+        )
 
-    # ---- the loop --------------------------------------------------------------------------------------------
+    def _log(self, logged: dict[str, float], grad_norm: float, beta: float) -> dict[str, float]:
+        """Reduce the sums since the last log over processes and write one metrics.jsonl record."""
+        reduced = reduce_sums(logged, ("pairs", "tokens", *self.plan.metric_keys))
+        record = {
+            "step": self.global_step,
+            "epoch": self.epoch + self.window_in_epoch / max(1, self.schedule.steps_per_epoch),
+            **pair_means(reduced),
+            "kl/beta": beta,
+            "learning_rate": self.scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "tokens_per_second": reduced["tokens"] / max(logged["time"], 1e-9),
+        }
+        if self.cfg.loss.kind.needs_perturbation:
+            record["kl/beta_next"] = self.controller.beta
+        self.metrics.write(record)
+        return record
+
+    def _windows(self) -> Iterator[list[list[int]]]:
+        """The remaining windows of the run, continuing from the data position (resume-exact)."""
+        lengths = [p.length for p in self.train_pairs]
+        while True:
+            windows = _epoch_windows(lengths, self.cfg, self.global_batch, self.epoch, self.world)
+            while self.window_in_epoch < len(windows):
+                window = windows[self.window_in_epoch]
+                self.window_in_epoch += 1
+                yield window
+            self.epoch += 1
+            self.window_in_epoch = 0
+
+    # ---- checkpoints --------------------------------------------------------------------------------------------
     def _resume(self) -> None:
         if self.resume_path is None:
             return
@@ -451,7 +469,7 @@ class Trainer:
         logger.info("resumed from %s at step %d (β = %.6g)", self.resume_path, self.global_step, self.controller.beta)
 
     def _write_weights(self, directory: Path) -> None:
-        if self.sharded:  # a collective: accelerate writes each process's shard of model and optimizer
+        if self.plan.sharded:  # a collective: accelerate writes each process's shard of model and optimizer
             self.accelerator.save_state(str(directory / "sharded"))
         elif self.rank == 0:
             # With TR-DPO the reference moves: a separate one is saved beside the policy, and with LoRA the base
@@ -462,7 +480,7 @@ class Trainer:
                 save_file(trainable_state(self.models.reference, full=True), str(directory / REFERENCE_FILE))
 
     def _read_weights(self, directory: Path) -> None:
-        if self.sharded:
+        if self.plan.sharded:
             self.accelerator.load_state(str(directory / "sharded"))
         else:
             read_local_weights(directory, self.unwrapped, self.optimizer)
@@ -492,221 +510,3 @@ class Trainer:
         )
         self.last_checkpoint = path
         return path
-
-    def _windows(self) -> Iterator[list[list[int]]]:
-        """The remaining windows of the run, continuing from the data position (resume-exact)."""
-        lengths = [p.length for p in self.train_pairs]
-        while True:
-            windows = _epoch_windows(lengths, self.cfg, self.global_batch, self.epoch, self.world)
-            while self.window_in_epoch < len(windows):
-                window = windows[self.window_in_epoch]
-                self.window_in_epoch += 1
-                yield window
-            self.epoch += 1
-            self.window_in_epoch = 0
-
-    def _train_step(self, window: list[list[int]]) -> dict[str, float]:
-        """One optimizer step over a window of global micro-batches; returns the local metric sums."""
-        acc, t = self.accelerator, self.cfg.train
-        self.model.train()
-        window_pairs = sum(len(b) for b in window)  # global pairs in the window (known to every process)
-        beta = self.controller.beta
-        sums: dict[str, float] = {"tokens": 0.0}
-        per_device = t.per_device_train_batch_size
-        for i, global_batch in enumerate(window):
-            local = [self.train_pairs[j] for j in global_batch[self.rank * per_device : (self.rank + 1) * per_device]]
-            sync = i == len(window) - 1
-            with contextlib.nullcontext() if sync else acc.no_sync(self.model):
-                result, tokens = self._micro_batch(local, beta, train=True)
-                loss = result.loss.losses.sum() * (self.world / window_pairs)
-                acc.backward(loss)
-            if result.steps is not None and self.cfg.loss.kind.needs_perturbation:
-                self.controller.observe(result.steps)
-            add_sums(sums, pair_metric_sums(result))
-            sums["tokens"] += tokens
-        grad_norm = acc.clip_grad_norm_(self.model.parameters(), t.max_grad_norm or math.inf)
-        grad_norm = float(grad_norm)
-        if not math.isfinite(grad_norm):
-            raise TrainingError(
-                f"non-finite gradient norm ({grad_norm}) at step {self.global_step + 1}; the loss or the data "
-                f"produced NaN/inf. Last good checkpoint: {self.last_checkpoint or 'none (no checkpoint saved yet)'}"
-                " (left intact). Lower learning_rate or check the data, then resume_from_checkpoint=auto."
-            )
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.cfg.loss.kind.needs_perturbation:
-            self.controller.step()
-        self.global_step += 1
-        m = self.cfg.models
-        if m.sync_ref_model and self.global_step % m.ref_model_sync_steps == 0:
-            self._sync_reference(m.ref_model_mixup_alpha)
-        sums["grad_norm"] = grad_norm
-        sums["kl/beta"] = beta
-        return sums
-
-    def _sync_reference(self, alpha: float) -> None:
-        """TR-DPO: θ_ref ← α θ + (1 − α) θ_ref (every process holds the same weights, so no communication)."""
-        if self.models.reference is None:  # LoRA: the reference is the base under the adapters
-            fold_adapters_into_base(self.unwrapped, alpha)
-        else:
-            soft_update_reference(self.unwrapped, self.models.reference, alpha)
-
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Held-out loss, rewards and accuracy (β̃ for ε-DPO's loss, but the controller is not moved)."""
-        if not self.eval_pairs:
-            return {}
-        self.model.eval()
-        per_device = self.cfg.train.per_device_eval_batch_size
-        mine = self.eval_pairs[self.rank :: self.world]
-        sums: dict[str, float] = {}
-        quiet = self.cfg.train.disable_tqdm or not self.accelerator.is_main_process
-        for start in tqdm(
-            range(0, len(mine), per_device),
-            desc=f"held-out pairs ({len(self.eval_pairs)})",
-            disable=quiet,
-            dynamic_ncols=True,
-            leave=False,
-        ):
-            result, _ = self._micro_batch(
-                mine[start : start + per_device], self.controller.beta, train=False, split="eval"
-            )
-            add_sums(sums, pair_metric_sums(result))
-        self.model.train()
-        reduced = reduce_sums(sums, ("pairs", *self.metric_keys))
-        return {**pair_means(reduced, prefix="eval/"), "eval/pairs": reduced["pairs"]}
-
-    def train(self) -> TrainResult:
-        acc, t = self.accelerator, self.cfg.train
-        if t.report_to:
-            flat = {
-                f"{section}/{k}": v
-                for section, values in config_to_dict(self.sections).items()
-                for k, v in values.items()
-                if isinstance(v, int | float | str | bool)
-            }
-            acc.init_trackers(self.output_dir.name, config=flat)
-        self._resume()
-        self._check_fused_head()
-        self._prepare_reference_cache()
-        total = self.schedule.total_steps
-        progress = tqdm(
-            total=total,
-            initial=self.global_step,
-            disable=t.disable_tqdm or not acc.is_main_process,
-            desc="train",
-            dynamic_ncols=True,
-        )
-        logged: dict[str, float] = {}
-        last: dict[str, float] = {}
-        windows = self._windows()
-        interrupted = False
-        started = time.perf_counter()
-        with _StopFlag() as stop:
-            while self.global_step < total:
-                step_start = time.perf_counter()
-                step_sums = self._train_step(next(windows))
-                elapsed = time.perf_counter() - step_start
-                grad_norm, beta = step_sums.pop("grad_norm"), step_sums.pop("kl/beta")
-                add_sums(logged, step_sums)
-                logged["time"] = logged.get("time", 0.0) + elapsed
-                logged["steps"] = logged.get("steps", 0.0) + 1
-                if self.global_step % t.logging_steps == 0 or self.global_step == total:
-                    reduced = reduce_sums(logged, ("pairs", "tokens", *self.metric_keys))
-                    record = {
-                        "step": self.global_step,
-                        "epoch": self.epoch + self.window_in_epoch / max(1, self.schedule.steps_per_epoch),
-                        **pair_means(reduced),
-                    }
-                    record.update(
-                        {
-                            "kl/beta": beta,
-                            "learning_rate": self.scheduler.get_last_lr()[0],
-                            "grad_norm": grad_norm,
-                            "tokens_per_second": reduced["tokens"] / max(logged["time"], 1e-9),
-                        }
-                    )
-                    if self.cfg.loss.kind.needs_perturbation:
-                        record["kl/beta_next"] = self.controller.beta
-                    self.metrics.write(record)
-                    last = record
-                    # the β that the next step uses (after the last step: the β after training, as printed at the
-                    # end and used by the evaluation's implicit reward); metrics.jsonl keeps both per step
-                    progress.set_postfix(
-                        loss=f"{record['loss']:.4f}",
-                        beta_next=f"{self.controller.beta:.4g}"
-                        if self.cfg.loss.kind.needs_perturbation
-                        else f"{beta:.4g}",
-                        refresh=False,
-                    )
-                    logged = {}
-                if t.eval_steps and self.global_step % t.eval_steps == 0 and self.global_step < total:
-                    eval_record = {"step": self.global_step, **self.evaluate()}
-                    self.metrics.write(eval_record)
-                progress.update(1)
-                stopping = bool(reduce_sums({"stop": float(stop.signal is not None)}, ("stop",))["stop"])
-                if (t.save_steps and self.global_step % t.save_steps == 0) or stopping:
-                    self._save()
-                if stopping:
-                    interrupted = True
-                    break
-        progress.close()
-        final_dir = None
-        if not interrupted:
-            eval_metrics = self.evaluate()
-            if eval_metrics:
-                self.metrics.write({"step": self.global_step, **eval_metrics})
-                last = {**last, **eval_metrics}
-            final_dir = self._save_final(last, time.perf_counter() - started)
-        result = TrainResult(self.output_dir, final_dir, self.global_step, self.controller.beta, last, interrupted)
-        if not interrupted and acc.is_main_process:
-            self._after_training(result)
-        acc.wait_for_everyone()
-        acc.end_training()  # last: it also tears down the process group
-        return result
-
-    def _after_training(self, result: TrainResult) -> None:
-        """Plots of the run, then (if asked) the evaluation of the final model and the reward-vs-KL plot."""
-        from epsdpo.plots import plot_training
-
-        t = self.cfg.train
-        if t.eval_after_training:
-            from epsdpo.evaluate import evaluate, format_table
-
-            result.eval_metrics = evaluate({**t.eval_options, "run_dir": str(self.output_dir)})
-            print(format_table(result.eval_metrics))
-        if t.plot_after_training:
-            result.plots = plot_training(self.output_dir)
-            if result.eval_metrics is not None:  # the evaluation redrew it
-                result.plots.append(Path(result.eval_metrics["plot"]))
-
-    def _save_final(self, metrics: dict[str, float], seconds: float) -> Path | None:
-        acc = self.accelerator
-        acc.wait_for_everyone()
-        final = self.output_dir / "final"
-        # Under FSDP/DeepSpeed every process takes part in gathering the full weights; rank 0 writes them.
-        state_dict = acc.get_state_dict(self.model) if self.sharded else None
-        if acc.is_main_process:
-            save_final_model(
-                self.unwrapped,
-                self.tokenizer,
-                final,
-                self.cfg,
-                metrics,
-                self.global_step,
-                self.controller.beta,
-                seconds,
-                self.data_report.to_dict(),
-                state_dict=state_dict,
-            )
-        acc.wait_for_everyone()
-        return final
-
-
-def train(
-    config: RunConfig | str | Path | dict[str, Any] | None = None, overrides: list[str] | tuple[str, ...] = ()
-) -> TrainResult:
-    """Train from a :class:`RunConfig`, a YAML path or a mapping, plus ``key=value`` overrides."""
-    cfg = config if isinstance(config, RunConfig) else load_run_config(config, overrides)
-    return Trainer(cfg).train()

@@ -1,4 +1,5 @@
-"""One micro-batch: model forwards, sequence log-probs, decisions and the preference loss.
+"""Sequence log-probs from a causal LM's own forward: the output-head plumbing that training, evaluation and data
+selection share.
 
 How the log-probs are obtained without the (2B, T, V) logits, and why it is safe under sharded parameters:
 
@@ -18,26 +19,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from epsdpo.control import BetaDPOController
 from epsdpo.logps import LMHeadInput, PerturbedLogps, perturbed_logps
-from epsdpo.losses import (
-    LossType,
-    PreferenceLoss,
-    beta_dpo_loss,
-    dpo_loss,
-    epsilon_dpo_loss,
-    hinge_loss,
-    ipo_loss,
-    perturbation_steps,
-)
-from epsdpo.training.config import LossConfig
+from epsdpo.logps.chunked import chunked_sequence_logps
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -175,89 +164,22 @@ def fused_head_matches(model: nn.Module, input_ids: Tensor, attention_mask: Tens
     return len(raw) == 1 and logits.shape == raw[0].shape and torch.equal(logits, raw[0])
 
 
-@dataclass
-class MicroBatchResult:
-    """What one micro-batch contributes: the per-pair loss output, decisions and log-probs (B,)."""
+@torch.no_grad()
+def completion_logps(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    labels: Tensor,
+    mask: Tensor,
+    *,
+    fused: bool,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Σ_t log π(y_t | y_<t) over the completion tokens (``mask``), (N,) float32, without autograd.
 
-    loss: PreferenceLoss
-    steps: Tensor | None  # ε-DPO decisions, None for other losses
-    logps: PerturbedLogps
-    beta: Tensor  # (B,) the β each pair used
-    keep: Tensor | None = None  # β-DPO: the pairs kept by its filtering
-
-
-def compute_pair_losses(
-    logps: PerturbedLogps,
-    completion_tokens: Tensor,
-    cfg: LossConfig,
-    beta: float,
-    beta_dpo: BetaDPOController | None = None,
-    train: bool = True,
-) -> MicroBatchResult:
-    """Per-pair losses from the sequence log-probs of 2B rows (0..B−1 chosen, B..2B−1 rejected).
-
-    ``completion_tokens`` (2B,) counts each row's completion tokens (IPO's length normalisation). ``beta_dpo`` holds
-    β-DPO's running statistics (moved only when ``train``).
+    The model's own forward with the fused head (its final hidden states and linear head, a chunk of completion
+    positions at a time) when ``fused``, else its full logits, still chunked: the same arithmetic as training's
+    reference side. ``labels``/``mask`` are shifted like training's (position t scores token t + 1).
     """
-    kind = cfg.kind
-    b = logps.policy.shape[0] // 2
-    c, r = slice(0, b), slice(b, 2 * b)
-    policy, reference = logps.policy, logps.reference
-    if kind is LossType.IPO:  # IPO regresses length-normalised log-ratios (Azar et al. 2023)
-        lengths = completion_tokens.clamp(min=1).to(policy.dtype)
-        policy, reference = policy / lengths, reference / lengths
-    args = (policy[c], policy[r], reference[c], reference[r])
-    steps = None
-    pair_beta = torch.full((b,), beta, dtype=torch.float32, device=policy.device)
-    if kind is LossType.EPSILON_DPO:
-        z = logps.decision_policy[c] - logps.decision_policy[r]
-        steps = perturbation_steps(
-            z,
-            logps.weaker[c] - logps.weaker[r],
-            logps.stronger[c] - logps.stronger[r],
-            tolerance=cfg.decision_tolerance,
-        )
-        loss = epsilon_dpo_loss(*args, steps, beta=beta, epsilon=cfg.epsilon, label_smoothing=cfg.label_smoothing)
-        pair_beta = beta / (1.0 + cfg.epsilon * steps.to(torch.float32))
-    elif kind in (LossType.DPO, LossType.CDPO):
-        loss = dpo_loss(*args, beta=beta, label_smoothing=cfg.label_smoothing)
-    elif kind is LossType.BETA_DPO:
-        if beta_dpo is None:
-            raise ValueError("loss_type=beta_dpo needs a BetaDPOController")
-        margins = (policy[c] - policy[r]) - (reference[c] - reference[r])
-        batch_beta, keep = beta_dpo.batch(margins, train=train)
-        loss = beta_dpo_loss(*args, keep=keep, beta=batch_beta)
-        pair_beta.fill_(batch_beta)
-        return MicroBatchResult(loss, None, logps, pair_beta, keep)
-    elif kind is LossType.IPO:
-        loss = ipo_loss(*args, beta=beta)
-    else:
-        loss = hinge_loss(*args, beta=beta)
-    return MicroBatchResult(loss, steps, logps, pair_beta)
-
-
-def pair_metric_sums(result: MicroBatchResult) -> dict[str, float]:
-    """Sums over the micro-batch's pairs (divide by ``pairs`` after reducing across steps and processes)."""
-    loss, logps = result.loss, result.logps
-    b = loss.losses.shape[0]
-    margins = loss.chosen_rewards - loss.rejected_rewards
-    sums = {
-        "pairs": float(b),
-        "loss": float(loss.losses.detach().sum()),
-        "rewards/chosen": float(loss.chosen_rewards.sum()),
-        "rewards/rejected": float(loss.rejected_rewards.sum()),
-        "rewards/margins": float(margins.sum()),
-        "rewards/accuracies": float((margins > 0).sum()),
-        "logps/chosen": float(logps.policy[:b].detach().sum()),
-        "logps/rejected": float(logps.policy[b:].detach().sum()),
-        "logps/ref_chosen": float(logps.reference[:b].sum()),
-        "logps/ref_rejected": float(logps.reference[b:].sum()),
-        "kl/pair_beta": float(result.beta.sum()),
-    }
-    if result.keep is not None:
-        sums["kl/pairs_kept"] = float(result.keep.sum())
-    if result.steps is not None:
-        sums["kl/steps_weaker"] = float((result.steps == 1).sum())
-        sums["kl/steps_stronger"] = float((result.steps == -1).sum())
-        sums["kl/steps_kept"] = float((result.steps == 0).sum())
-    return sums
+    side = reference_side(model, input_ids, attention_mask, fused)
+    return chunked_sequence_logps(side, labels, mask, chunk_size)

@@ -1,0 +1,159 @@
+"""The run's plan, decided once before the first step and never changed: which log-prob path, where the reference's
+log-probs come from, which metrics are kept.
+
+:func:`plan_run` is a pure function of the config, the launcher and one fact measured on the model (whether its logits
+are exactly its linear head's output); it refuses combinations that would train wrongly, with the reason. The
+reference sources below are the two ways the step obtains the reference's side of :func:`~epsdpo.logps.perturbed_logps`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from epsdpo.data import TokenizedPair
+from epsdpo.logps import LMHeadInput
+from epsdpo.logps.heads import reference_side
+from epsdpo.refcache import ReferenceHiddenCache
+from epsdpo.training.config import RunConfig
+from epsdpo.training.metrics import PER_PAIR
+
+Launcher = Literal["single", "ddp", "fsdp", "deepspeed"]
+ReferenceKind = Literal["frozen_copy", "adapters_off", "cache"]
+
+
+class PlanError(ValueError):
+    """The config asks for a combination that cannot train correctly here; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """How every step of this run computes its log-probs (frozen: decided once).
+
+    Attributes:
+        launcher: ``single``, ``ddp``, ``fsdp`` or ``deepspeed``.
+        fused: sequence log-probs from the final hidden states and the linear head, a chunk of tokens at a time,
+            inside the head's own forward; False: from the model's full logits (still chunked), for architectures
+            whose logits are not ``head(hidden)`` or with ``logps_impl=eager``.
+        reference: ``frozen_copy`` (a separate frozen model: full fine-tuning or ``ref_model``), ``adapters_off``
+            (LoRA: the policy with its adapters disabled), or ``cache`` (the reference's hidden states, computed or
+            read once before training; the reference never runs during it).
+        whole_reference_head: keep a whole, frozen copy of the reference's output head (sharded launchers, where a
+            module's weight is only a shard outside its forward; and the cache, which needs the head beside it).
+        epsilon: ε passed to the log-probs (0 for losses that do not use the perturbed policies).
+        decision_dtype: None (float32 decisions) or bfloat16 (``decision_precision=bfloat16``).
+        metric_keys: the per-pair metrics this loss reports.
+    """
+
+    launcher: Launcher
+    fused: bool
+    reference: ReferenceKind
+    whole_reference_head: bool
+    epsilon: float
+    decision_dtype: torch.dtype | None
+    metric_keys: tuple[str, ...]
+
+    @property
+    def sharded(self) -> bool:
+        return self.launcher in ("fsdp", "deepspeed")
+
+
+def plan_run(cfg: RunConfig, launcher: Launcher, head_is_exact: bool) -> RunPlan:
+    """The plan for ``cfg`` under ``launcher``; ``head_is_exact``: :func:`~epsdpo.logps.heads.fused_head_matches`
+    on the policy (measured once, on real data)."""
+    m, loss, t = cfg.models, cfg.loss, cfg.train
+    sharded = launcher in ("fsdp", "deepspeed")
+    fused = t.logps_impl == "chunked" and head_is_exact
+    if sharded and m.sync_ref_model:
+        raise PlanError(
+            "sync_ref_model (TR-DPO) is not supported with FSDP/DeepSpeed yet: the reference update would need "
+            "the sharded policy's full weights; use DDP or one process"
+        )
+    if m.precompute_ref_hidden_states:
+        if not fused:
+            raise PlanError(
+                "precompute_ref_hidden_states needs the fused log-prob path (logps_impl=chunked and a plain linear "
+                "output head); turn it off for this model"
+            )
+        if sharded:
+            raise PlanError(
+                "precompute_ref_hidden_states is not supported with FSDP/DeepSpeed yet (the sharded reference "
+                "would have to run on every process); use DDP or one process"
+            )
+    reference: ReferenceKind = (
+        "cache"
+        if m.precompute_ref_hidden_states
+        else "adapters_off"
+        if m.use_lora and not m.ref_model
+        else "frozen_copy"
+    )
+    decisions = ("kl/steps_weaker", "kl/steps_stronger", "kl/steps_kept")
+    keys = tuple(
+        k
+        for k in PER_PAIR
+        if (loss.kind.needs_perturbation or k not in decisions) and (loss.kind.has_batch_beta or k != "kl/pairs_kept")
+    )
+    return RunPlan(
+        launcher=launcher,
+        fused=fused,
+        reference=reference,
+        whole_reference_head=fused and (sharded or reference == "cache"),
+        epsilon=loss.epsilon if loss.kind.needs_perturbation else 0.0,
+        decision_dtype=torch.bfloat16 if loss.decision_precision == "bfloat16" else None,
+        metric_keys=keys,
+    )
+
+
+class LiveReference:
+    """The reference runs its forward in every micro-batch (no grad): a frozen model, or the policy with its LoRA
+    adapters disabled. ``head``: a whole frozen copy of its output head (sharded runs), else the module's own."""
+
+    def __init__(self, module: nn.Module | None, head: tuple[Tensor, Tensor | None] | None, fused: bool) -> None:
+        self.module, self.head, self.fused = module, head, fused
+
+    @contextlib.contextmanager
+    def _running(self, policy: nn.Module) -> Iterator[nn.Module]:
+        if self.module is not None:
+            yield self.module
+        else:
+            with policy.disable_adapter():
+                yield policy
+
+    def side(
+        self,
+        policy: nn.Module,
+        pairs: Sequence[TokenizedPair],
+        ids: Tensor,
+        attention: Tensor,
+        mask: Tensor,
+        split: str,
+    ) -> Tensor | LMHeadInput:
+        with self._running(policy) as reference:
+            return reference_side(reference, ids, attention, self.fused, self.head)
+
+
+class CachedReference:
+    """The reference's final hidden states, read from :class:`ReferenceHiddenCache` per split ("train"/"eval"),
+    with a whole copy of its frozen output head: the reference model never runs during training."""
+
+    def __init__(self, caches: dict[str, ReferenceHiddenCache], head: tuple[Tensor, Tensor | None]) -> None:
+        self.caches, self.head = caches, head
+
+    def side(
+        self,
+        policy: nn.Module,
+        pairs: Sequence[TokenizedPair],
+        ids: Tensor,
+        attention: Tensor,
+        mask: Tensor,
+        split: str,
+    ) -> Tensor | LMHeadInput:
+        return self.caches[split].side(pairs, mask, *self.head)
+
+
+ReferenceSource = LiveReference | CachedReference
