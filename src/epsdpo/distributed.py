@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -10,6 +11,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+logger = logging.getLogger(__name__)
 
 
 def is_distributed() -> bool:
@@ -54,9 +57,14 @@ def rank_slice(values: Tensor, rank: int, world: int) -> Tensor:
 
 
 # ---- accelerate: the launcher and gradient accumulation --------------------------------------------------------------
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true")
+
+
 def deepspeed_requested() -> bool:
-    """Whether this process was launched for DeepSpeed (``accelerate launch`` with a DeepSpeed config sets this)."""
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
+    """Whether this process was launched for DeepSpeed (``accelerate launch`` with a DeepSpeed config sets
+    ``ACCELERATE_USE_DEEPSPEED``; with torchrun, set it yourself)."""
+    return _env_flag("ACCELERATE_USE_DEEPSPEED")
 
 
 def make_accelerator(use_cpu: bool, bf16: bool, report_to: list[str] | None, project_dir: str) -> Any:
@@ -64,7 +72,8 @@ def make_accelerator(use_cpu: bool, bf16: bool, report_to: list[str] | None, pro
 
     On a machine without a GPU, DeepSpeed needs ``cpu=False`` (``cpu=True`` silently turns it off in accelerate)
     and an explicit gloo process group; everything else runs with ``cpu=True``, which is what makes accelerate set
-    up gloo for several CPU processes (torchrun / accelerate launch).
+    up gloo for several CPU processes (torchrun / accelerate launch). accelerate enables FSDP only on accelerators
+    (GPUs and the like): an FSDP launch on CPUs trains as DDP, which is said in a warning.
     """
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
@@ -75,6 +84,11 @@ def make_accelerator(use_cpu: bool, bf16: bool, report_to: list[str] | None, pro
     if deepspeed_requested() and not cuda:
         cpu = False
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    if _env_flag("ACCELERATE_USE_FSDP") and not cuda:
+        logger.warning(
+            "FSDP was requested, but accelerate enables FSDP only on GPUs (and other accelerators): on CPUs the "
+            "processes train as DDP (the same updates, each holding the whole model)"
+        )
     return Accelerator(
         cpu=cpu,
         mixed_precision="bf16" if bf16 else "no",

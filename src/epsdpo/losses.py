@@ -247,14 +247,17 @@ def beta_dpo_loss(
     ref_rejected_logps: Tensor,
     keep: Tensor,
     beta: float,
+    kept_share: float | None = None,
 ) -> PreferenceLoss:
     """β-DPO's loss for one batch: the DPO loss at the batch's β on the kept pairs, scaled so that the batch sum
     divided by B is the mean over kept pairs; dropped pairs contribute 0.
 
     ``keep`` is a (B,) bool mask (from sampling with :func:`beta_dpo_weights`); ``beta`` the batch β
-    β₀ (1 + α (mean of kept M − M₀)), computed by :class:`epsdpo.control.BetaDPOController`.
+    β₀ (1 + α (mean of kept M − M₀)), computed by :class:`epsdpo.control.BetaDPOController`. ``kept_share``: the
+    share of pairs kept in the whole (global) batch when this is one process's slice of it, so that every
+    process scales alike; default: this batch's own share.
     """
     out = dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=beta)
     kept = keep.to(out.losses.dtype)
-    scale = keep.numel() / kept.sum().clamp(min=1.0)
+    scale = 1.0 / kept_share if kept_share else keep.numel() / kept.sum().clamp(min=1.0)
     return PreferenceLoss(out.losses * kept * scale, out.chosen_rewards, out.rejected_rewards)

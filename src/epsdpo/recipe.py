@@ -207,6 +207,8 @@ def prepare_run(
         plan = plan_run(cfg, launcher, _head_is_exact(models, train_pairs, collate, acc.device))
     except PlanError as e:
         raise TrainingError(str(e)) from None
+    if acc.is_main_process:
+        logger.info("plan: %s", plan)
     if t.logps_impl == "chunked" and not plan.fused:
         logger.warning(
             "this model's logits are not its linear head's output (soft-capping, scaling or an adapted head): "

@@ -109,6 +109,12 @@ def save_final_model(
     shutil.rmtree(partial, ignore_errors=True)
     if cfg.models.use_lora and cfg.models.sync_ref_model and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
+    if state_dict is not None and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        # gathered copies no longer share storage, so save_pretrained cannot see the tie: drop the tied copies
+        # (loading ties them again), as an unsharded model's save does
+        tied = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or {}
+        if isinstance(tied, dict):
+            state_dict = {k: v for k, v in state_dict.items() if not (k in tied and tied[k] in state_dict)}
     model.save_pretrained(partial, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(partial)
     if cfg.models.use_lora and cfg.models.save_merged_model and not cfg.models.sync_ref_model:

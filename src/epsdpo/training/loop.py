@@ -290,13 +290,14 @@ class Trainer:
             pairs = [self.train_pairs[j] for j in global_batch[self.rank * b : (self.rank + 1) * b]]
             with accumulation_boundary(acc, self.model, sync=i == len(window) - 1):
                 logps, lengths, tokens = self._forward(self.model, pairs, "train")
-                batch_beta, keep = beta, None
+                batch_beta, keep, kept_share = beta, None, None
                 if self.beta_dpo is not None:  # β-DPO: statistics of the whole global micro-batch, moved by the loop
                     margins = gather_across_processes(dpo_margins(logps))  # (world·B,) in global-batch order
                     generator = torch.Generator().manual_seed(_stream_seed(t.seed, "beta_dpo", self.global_step, i))
                     batch_beta, kept = self.beta_dpo.batch(margins, generator=generator)
                     keep = rank_slice(kept, self.rank, self.world)  # (B,) this process's pairs
-                result = compute_pair_losses(logps, lengths, self.cfg.loss, batch_beta, keep)
+                    kept_share = float(kept.float().mean())  # every process scales by the global share
+                result = compute_pair_losses(logps, lengths, self.cfg.loss, batch_beta, keep, kept_share)
                 acc.backward(result.loss.losses.sum() * (self.world / window_pairs))
             if result.steps is not None:
                 self.controller.observe(result.steps)  # ε-DPO's decisions s ∈ {−1, 0, +1}, (B,)

@@ -50,11 +50,13 @@ def compute_pair_losses(
     cfg: LossConfig,
     beta: float,
     keep: Tensor | None = None,
+    kept_share: float | None = None,
 ) -> MicroBatchResult:
     """Per-pair losses from the sequence log-probs of 2B rows (0..B−1 chosen, B..2B−1 rejected).
 
     ``completion_tokens`` (2B,) counts each row's completion tokens (IPO's length normalisation). ``beta`` is the
-    step's β (for β-DPO the batch's β); ``keep`` (B,) bool, β-DPO only: the pairs its filtering kept.
+    step's β (for β-DPO the batch's β); ``keep`` (B,) bool, β-DPO only: the pairs its filtering kept, and
+    ``kept_share`` the share kept over the whole global batch (when ``keep`` is one process's slice of it).
     """
     kind = cfg.kind
     b = logps.policy.shape[0] // 2
@@ -81,7 +83,9 @@ def compute_pair_losses(
     elif kind is LossType.BETA_DPO:
         if keep is None:
             raise ValueError("loss_type=beta_dpo needs the kept pairs (keep) from its BetaDPOController")
-        return MicroBatchResult(beta_dpo_loss(*args, keep=keep, beta=beta), None, logps, pair_beta, keep)
+        return MicroBatchResult(
+            beta_dpo_loss(*args, keep=keep, beta=beta, kept_share=kept_share), None, logps, pair_beta, keep
+        )
     elif kind is LossType.IPO:
         loss = ipo_loss(*args, beta=beta)
     else:
