@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 
@@ -11,6 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from epsdpo import BetaController
+from epsdpo.control import BetaDPOController
+from epsdpo.losses import beta_dpo_weights
 
 
 def s(*values: int) -> torch.Tensor:
@@ -153,3 +156,66 @@ def test_two_processes_reduce_decisions_over_gloo():
         beta, fractions = results[rank]
         assert beta == pytest.approx(expected, rel=1e-12)
         assert fractions == pytest.approx((0.75, 0.0, 0.25))
+
+
+# ---- β-DPO's batch β and filtering (Wu et al. 2024) ----
+def t(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def test_beta_dpo_hand_worked_two_batches_without_filtering():
+    c = BetaDPOController(beta=0.1, alpha=0.6, rho=0.0, momentum=0.9)
+    beta, keep = c.batch(t(1, 2, 3, 4))
+    # first batch initialises M0 = 2.5, σ = std([1,2,3,4]) (unbiased) = 1.2910; kept mean = M0 → β = β0
+    assert c.running_mean == pytest.approx(2.5) and c.running_std == pytest.approx(math.sqrt(5 / 3))
+    assert beta == pytest.approx(0.1) and keep.all()
+    beta, keep = c.batch(t(5, 5, 5, 5))
+    # M0 = 0.9·2.5 + 0.1·5 = 2.75; σ = 0.9·1.2910 + 0.1·0; β = 0.1 (1 + 0.6 (5 − 2.75)) = 0.235
+    assert c.running_mean == pytest.approx(2.75)
+    assert c.running_std == pytest.approx(0.9 * math.sqrt(5 / 3))
+    assert beta == pytest.approx(0.235) and c.last_beta == pytest.approx(0.235)
+
+
+def test_beta_dpo_filters_the_outlier_and_sets_beta_from_the_kept_pairs():
+    c = BetaDPOController(beta=0.1, alpha=0.6, rho=0.2, momentum=0.99)
+    c.load_state_dict({**c.state_dict(), "running_mean": 0.0, "running_std": 0.1, "initialized": True})
+    margins = t(0.0, 0.1, -0.1, 0.05, 100.0)
+    torch.manual_seed(0)
+    beta, keep = c.batch(margins)
+    # M0 = 0.99·0 + 0.01·mean(M) = 0.2001; σ = 0.99·0.1 + 0.01·std(M); the outlier's weight is exp(−½·183²) = 0:
+    # ⌊5 · 0.8⌋ = 4 pairs kept, and they are the other four, whatever the random draw.
+    mean = margins.mean().item()
+    std = margins.std().item()
+    assert c.running_mean == pytest.approx(0.01 * mean, rel=1e-5)
+    assert c.running_std == pytest.approx(0.99 * 0.1 + 0.01 * std, rel=1e-5)
+    assert keep.tolist() == [True, True, True, True, False]
+    kept_mean = (0.0 + 0.1 - 0.1 + 0.05) / 4
+    assert beta == pytest.approx(0.1 * (1 + 0.6 * (kept_mean - 0.01 * mean)), rel=1e-5)
+
+
+def test_beta_dpo_weights_and_clamp_and_eval():
+    w = beta_dpo_weights(t(0.0, 1.0, 2.0), running_mean=0.0, running_std=1.0)
+    assert w.tolist() == pytest.approx([1.0, math.exp(-0.5), math.exp(-2.0)])
+    c = BetaDPOController(beta=0.1, alpha=10.0, rho=0.0)
+    c.batch(t(0.0, 1.0))
+    beta, _ = c.batch(t(-50.0, -50.0))  # 0.1 (1 + 10 (−50 − M0)) < 0 → clamped
+    assert beta == 1e-3
+    state = c.state_dict()
+    beta_eval, keep = c.batch(t(-50.0, 3.0), train=False)  # evaluation neither filters nor moves the statistics
+    assert (
+        keep.all()
+        and c.state_dict() == state
+        and beta_eval == pytest.approx(max(1e-3, 0.1 * (1 + 10 * (-23.5 - state["running_mean"]))))
+    )
+
+
+def test_beta_dpo_state_round_trip_and_checks():
+    a = BetaDPOController(beta=0.1)
+    a.batch(t(1, 2, 3, 4, 5))
+    b = BetaDPOController(beta=0.1)
+    b.load_state_dict(a.state_dict())
+    assert b.state_dict() == a.state_dict()
+    with pytest.raises(ValueError, match="rho"):
+        BetaDPOController(beta=0.1, rho=0.3).load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match="rho"):
+        BetaDPOController(beta=0.1, rho=1.0)

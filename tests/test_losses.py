@@ -16,6 +16,7 @@ from epsdpo import (
     perturbation_steps,
     perturbed_betas,
 )
+from epsdpo.losses import beta_dpo_loss
 
 
 def _log_sigmoid(x: float) -> float:
@@ -151,3 +152,16 @@ def test_loss_type_capabilities():
     assert LossType("epsilon_dpo").needs_perturbation
     assert not any(LossType(n).needs_perturbation for n in ("dpo", "cdpo", "ipo", "hinge"))
     assert LossType.CDPO.uses_label_smoothing and not LossType.IPO.uses_label_smoothing
+
+
+def t(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def test_beta_dpo_loss_averages_over_kept_pairs():
+    pc, pr, rc, rr = t(-1, -2, -3, -4), t(-2, -2, -5, -1), t(-1, -1, -1, -1), t(-1, -1, -1, -1)
+    keep = torch.tensor([True, False, True, True])
+    out = beta_dpo_loss(pc, pr, rc, rr, keep=keep, beta=0.3)
+    plain = dpo_loss(pc, pr, rc, rr, beta=0.3).losses
+    assert out.losses[1] == 0
+    assert out.losses.sum() / 4 == pytest.approx(plain[keep].mean())

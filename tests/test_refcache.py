@@ -16,7 +16,7 @@ from epsdpo.training import load_run_config
 from epsdpo.training.loop import Trainer
 from epsdpo.training.metrics import read_metrics
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 DATA = ROOT / "configs" / "data" / "tiny_preferences.jsonl"
 

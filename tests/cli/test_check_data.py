@@ -13,7 +13,7 @@ import pytest
 
 from epsdpo.cli import main
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "data" / "fixtures"
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,7 @@ import pytest
 
 from epsdpo.assets import SPLITS, load_bundled_prompts
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BUNDLED = ROOT / "src" / "epsdpo" / "assets" / "prompts" / "sentiment_prompts.jsonl"
 
 #: what would ask for (or strongly steer towards) one sentiment: regex fragments matched from the start of a word, so

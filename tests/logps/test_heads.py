@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,3 +115,20 @@ def test_documented_training_recipe_lowers_loss_and_moves_beta():
     assert controller.beta < 0.1
     assert controller.last_fractions is not None and controller.last_fractions[0] > 0.5
     assert betas[0] == 0.1 and controller.num_updates == 6
+
+
+@pytest.mark.slow
+def test_fused_path_is_exact_under_fsdp2_sharding():
+    """2 CPU processes, FSDP2 (fully_shard, gloo): values and gradients equal the unsharded model's."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    script = Path(__file__).with_name("fsdp2_fused_check.py")
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", str(script)],
+        cwd=Path(__file__).resolve().parents[2],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("match the unsharded model") == 2
