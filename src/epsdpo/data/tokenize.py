@@ -39,8 +39,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
+from epsdpo.data.config import TruncationMode
 from epsdpo.data.errors import DataError, RowProblem
 from epsdpo.data.formats import Example
 
@@ -284,7 +285,7 @@ class Truncation:
     max_length: int
     max_prompt_length: int | None = None
     max_completion_length: int | None = None
-    mode: str = "keep_end"
+    mode: TruncationMode = "keep_end"
 
 
 def _cut_prompt(ids: list[int], limit: int, mode: str, bos_id: int | None) -> list[int]:
@@ -302,8 +303,8 @@ def truncate_pair(
 
     ``bos_id`` is the BOS to keep in front of a ``keep_end`` cut (pass it only when the tokenizer adds BOS).
     """
-    if limits.mode not in ("keep_end", "keep_start"):
-        raise ValueError(f"truncation_mode must be 'keep_end' or 'keep_start', got {limits.mode!r}")
+    if limits.mode not in get_args(TruncationMode):
+        raise ValueError(f"truncation_mode must be one of {get_args(TruncationMode)}, got {limits.mode!r}")
     reasons: list[str] = []
     if limits.max_prompt_length is not None and len(prompt) > limits.max_prompt_length:
         prompt = _cut_prompt(prompt, limits.max_prompt_length, limits.mode, bos_id)
