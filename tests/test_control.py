@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -219,3 +220,39 @@ def test_beta_dpo_state_round_trip_and_checks():
         BetaDPOController(beta=0.1, rho=0.3).load_state_dict(a.state_dict())
     with pytest.raises(ValueError, match="rho"):
         BetaDPOController(beta=0.1, rho=1.0)
+
+
+# ---- the controls: a frozen global β, bounds, a replayed schedule ----
+def test_frozen_controller_counts_decisions_but_keeps_beta():
+    c = BetaController(beta=0.1, epsilon=0.5, frozen=True)
+    c.observe(s(1, 1, 1, -1))
+    assert c.step() == 0.1 and c.last_fractions == (0.75, 0.0, 0.25)
+
+
+def test_bounds_clamp_the_updated_beta():
+    c = BetaController(beta=0.1, epsilon=0.5, beta_min=0.08)
+    c.observe(s(1, 1))
+    assert c.step() == 0.08  # 0.1 / 1.5 = 0.0667 is below the bound
+    c = BetaController(beta=0.1, epsilon=0.5, beta_max=0.12)
+    c.observe(s(-1, -1))
+    assert c.step() == 0.12  # 0.1 / 0.5 = 0.2 is above it
+
+
+def test_beta_schedule_from_a_file_or_a_run_directory(tmp_path):
+    from epsdpo.control import load_beta_schedule
+
+    (tmp_path / "list.json").write_text("[0.1, 0.09, 0.08]")
+    (tmp_path / "dict.json").write_text('{"beta": [0.1, 0.2]}')
+    assert load_beta_schedule(tmp_path / "list.json") == [0.1, 0.09, 0.08]
+    assert load_beta_schedule(tmp_path / "dict.json") == [0.1, 0.2]
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [{"step": 1, "kl/beta": 0.1}, {"step": 2, "kl/beta": 0.099}, {"step": 2, "eval/loss": 0.5}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert load_beta_schedule(run) == [0.1, 0.099]
+    (run / "metrics.jsonl").write_text('{"step": 1, "kl/beta": 0.1}\n{"step": 3, "kl/beta": 0.1}\n')
+    with pytest.raises(ValueError, match=r"steps \[2\].*logging_steps=1"):
+        load_beta_schedule(run)
+    (tmp_path / "bad.json").write_text("[0.1, -1]")
+    with pytest.raises(ValueError, match="step 2 has β = -1"):
+        load_beta_schedule(tmp_path / "bad.json")

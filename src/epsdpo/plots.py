@@ -6,6 +6,8 @@
   point is the β after training; ``kl/beta`` per step for methods without one), above the shares of pairs whose
   decision was a weaker or a stronger penalty, ``kl/steps_weaker`` / ``kl/steps_stronger``; a run without them
   has a constant β).
+- with ``decisions.jsonl`` (``decision_records=true``), also ``RUN_DIR/plots/decisions.png``: the shares of
+  s = +1 / 0 / −1 against the pair's DPO margin (margin deciles over the whole run) and over training.
 - :func:`plot_reward_vs_kl` reads ``eval.json`` of several runs (``epsdpo eval``) and writes ``reward_vs_kl.png``:
   mean gold reward of sampled responses against the estimated KL(π‖π_ref), both ± one standard error (over prompts,
   :mod:`epsdpo.stats`), one labelled marker per run and the reference model at KL 0 with its own standard error, as
@@ -99,7 +101,66 @@ def plot_training(run_dir: str | Path) -> list[Path]:
     curves = out / "training_curves.png"
     fig.savefig(curves, dpi=110)
     plt.close(fig)
-    return [curves, _plot_beta(plt, records, out / "beta.png", name)]
+    written = [curves, _plot_beta(plt, records, out / "beta.png", name)]
+    if (run / "decisions.jsonl").is_file():
+        written.append(plot_decisions(run / "decisions.jsonl", out / "decisions.png", name))
+    return written
+
+
+def read_decisions(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``decisions.jsonl`` (one per training pair and step)."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def decision_shares_by_margin(records: Sequence[dict[str, Any]], bins: int = 10) -> list[dict[str, float]]:
+    """Per margin quantile bin (over every record): the bin's mean margin, its record count and the shares of
+    s = +1, 0, −1."""
+    ordered = sorted(records, key=lambda r: r["margin"])
+    out = []
+    for k in range(bins):
+        part = ordered[k * len(ordered) // bins : (k + 1) * len(ordered) // bins]
+        if not part:
+            continue
+        n = len(part)
+        out.append(
+            {
+                "margin": sum(r["margin"] for r in part) / n,
+                "n": float(n),
+                **{f"s={s:+d}": sum(r["s"] == s for r in part) / n for s in (1, 0, -1)},
+            }
+        )
+    return out
+
+
+def plot_decisions(path: Path, out: Path, name: str) -> Path:
+    """``decisions.png``: decision shares against the DPO margin, and per step."""
+    plt = _pyplot()
+    records = read_decisions(path)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 3.8), constrained_layout=True)
+    colours = {
+        1: ("tab:green", "weaker penalty (s = +1)"),
+        0: ("0.5", "kept (s = 0)"),
+        -1: ("tab:red", "stronger (s = −1)"),
+    }
+    by_margin = decision_shares_by_margin(records)
+    steps = sorted({r["step"] for r in records})
+    for s, (colour, label) in colours.items():
+        left.plot(
+            [b["margin"] for b in by_margin], [b[f"s={s:+d}"] for b in by_margin], "o-", color=colour, label=label
+        )
+        per_step = [[r for r in records if r["step"] == k] for k in steps]
+        right.plot(steps, [sum(r["s"] == s for r in p) / len(p) for p in per_step], color=colour, label=label)
+    left.set(title="by DPO margin z − γ (deciles over the run)", xlabel="margin (nats)", ylabel="share of pairs")
+    right.set(title="over training", xlabel="optimizer step", ylabel="share of pairs")
+    for ax in (left, right):
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize=8)
+    _integer_steps(right)
+    fig.suptitle(f"{name}: ε-DPO decisions ({len(records)} pair-steps)")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def _plot_beta(plt: Any, records: Sequence[dict[str, Any]], path: Path, name: str) -> Path:

@@ -42,8 +42,8 @@ class EpsilonDPOConfig(DPOConfig):
     decision_precision: str = field(
         default="float32",
         metadata={
-            "help": "'float32' (the exact decision rule, default) or 'bfloat16' (reproduces the published "
-            "code's model-dtype decisions); see docs/epsilon_dpo.md.",
+            "help": "'float32' (the exact decision rule, default), 'published' (the published trainer's order of "
+            "bf16 operations) or 'bfloat16' (float32 decisions rounded once to bf16); see docs/epsilon_dpo.md.",
             "choices": list(DECISION_PRECISIONS),
         },
     )

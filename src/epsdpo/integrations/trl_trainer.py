@@ -256,8 +256,9 @@ class EpsilonDPOTrainer(DPOTrainer):
                 mask,
                 args.epsilon,
                 fused=fused,
-                decision_dtype=torch.bfloat16 if args.decision_precision == "bfloat16" else None,
+                decision_dtype=self._loss_config.decision_dtype,
                 chunk_size=args.logps_chunk_size,
+                published_order=self._loss_config.published_order,
             )
             result = compute_pair_losses(logps, mask.sum(-1), self._loss_config, beta)
         if train:

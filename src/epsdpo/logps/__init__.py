@@ -77,6 +77,7 @@ def perturbed_logps(
     impl: Impl = "chunked",
     decision_dtype: torch.dtype | None = None,
     chunk_size: int | None = None,
+    published_order: bool = False,
 ) -> PerturbedLogps:
     """Per-sequence log-probs of the policy, the reference and the ε-perturbed policies, each (N,) float32.
 
@@ -103,17 +104,26 @@ def perturbed_logps(
             model dtype: mixed logits, per-token log-probs and sums are rounded to that dtype (see
             ``PerturbedLogps.decision_policy`` and SPEC §2 on why this changes which pairs move).
         chunk_size: tokens per chunk for ``impl="chunked"``; default keeps one (chunk, V) float32 buffer ≈ 256 MiB.
+        published_order: with ``decision_dtype``, the published trainer's own arithmetic for the decision side
+            instead of one rounding: ``((1 + ε) * f) − (ε * g)`` as three operations in that dtype (likewise the
+            stronger mixture), then ``log_softmax``, the label gather and the per-sequence sum in it; the policy's
+            own decision log-prob from the same low-precision ``log_softmax``. ε(f − g) below half a unit of f's
+            precision then no longer vanishes into a mixture equal to f (see docs/epsilon_dpo.md).
     """
     if not 0.0 <= epsilon < 1.0:
         raise ValueError(f"epsilon must be in [0, 1), got {epsilon}")
     if decision_dtype is not None and not decision_dtype.is_floating_point:
         raise TypeError(f"decision_dtype must be a floating dtype or None, got {decision_dtype}")
+    if published_order and decision_dtype is None:
+        raise ValueError("published_order needs decision_dtype (the model dtype, bf16 in the published runs)")
     _validate(policy_logits, ref_logits, labels, completion_mask)
     if impl == "chunked":
         return chunked_perturbed_logps(
-            policy_logits, ref_logits, labels, completion_mask, epsilon, decision_dtype, chunk_size
+            policy_logits, ref_logits, labels, completion_mask, epsilon, decision_dtype, chunk_size, published_order
         )
     if impl == "eager":
         full = [s.logits() if isinstance(s, LMHeadInput) else s for s in (policy_logits, ref_logits)]
-        return eager_perturbed_logps(full[0], full[1], labels, completion_mask, epsilon, decision_dtype)
+        return eager_perturbed_logps(
+            full[0], full[1], labels, completion_mask, epsilon, decision_dtype, published_order
+        )
     raise ValueError(f"impl must be 'chunked' or 'eager', got {impl!r}")

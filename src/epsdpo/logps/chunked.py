@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from epsdpo.logps.common import LMHeadInput, PerturbedLogps, round_to
+from epsdpo.logps.common import LMHeadInput, PerturbedLogps, published_token_logps, round_to
 
 # Elements of one (chunk, V) float32 buffer; a chunk holds about four of them at once (f, g, a mixture, scratch).
 # Large enough that the (chunk, H) x (H, V) products run near full GEMM speed: on 2 CPU cores at V = 151,936,
@@ -93,6 +93,7 @@ class _FusedPerturbedTokenLogps(torch.autograd.Function):
         epsilon: float,
         chunk_size: int,
         decision_dtype: torch.dtype | None,
+        published_order: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         compute_dtype = _compute_dtype(policy_hidden, policy_weight, policy_bias)
         ref_dtype = _compute_dtype(ref_hidden, ref_weight, ref_bias)
@@ -124,6 +125,12 @@ class _FusedPerturbedTokenLogps(torch.autograd.Function):
                     weaker_tok[sl] = stronger_tok[sl] = policy_tok[sl]
                     continue
                 ref_tok[sl] = _token_logps(g, y, scratch[:c])[0]
+                if published_order:  # the published arithmetic, every op in the model dtype (see eager.py)
+                    fb, gb = f.to(decision_dtype), g.to(decision_dtype)
+                    weaker_tok[sl] = published_token_logps(((1 + epsilon) * fb) - (epsilon * gb), y).float()
+                    stronger_tok[sl] = published_token_logps(((1 - epsilon) * fb) + (epsilon * gb), y).float()
+                    decision_tok[sl] = published_token_logps(fb, y).float()
+                    continue
                 diff = torch.sub(f, g, out=g)  # f − g, in g's buffer
                 if decision_dtype is None:
                     # weaker = f + ε(f − g) in f's buffer; stronger = weaker − 2ε(f − g) in the same buffer after
@@ -141,7 +148,7 @@ class _FusedPerturbedTokenLogps(torch.autograd.Function):
         del f_buf, g_buf, scratch
         if decision_dtype is None:
             decision_tok.copy_(policy_tok)
-        else:
+        elif not published_order:
             decision_tok.copy_(round_to(policy_tok, decision_dtype))
             weaker_tok.copy_(round_to(weaker_tok, decision_dtype))
             stronger_tok.copy_(round_to(stronger_tok, decision_dtype))
@@ -193,7 +200,7 @@ class _FusedPerturbedTokenLogps(torch.autograd.Function):
             grad_hidden,
             None if grad_w is None else grad_w.to(weight.dtype),
             None if grad_b is None else grad_b.to(bias.dtype),
-            *([None] * 8),
+            *([None] * 9),
         )
 
 
@@ -212,6 +219,7 @@ def chunked_perturbed_logps(
     epsilon: float,
     decision_dtype: torch.dtype | None = None,
     chunk_size: int | None = None,
+    published_order: bool = False,
 ) -> PerturbedLogps:
     """Same values and gradients as :func:`epsdpo.logps.eager.eager_perturbed_logps`, in O(chunk_size · V) memory.
 
@@ -237,11 +245,22 @@ def chunked_perturbed_logps(
         float(epsilon),
         chunk_size or default_chunk_size(vocab),
         decision_dtype,
+        published_order,
     )
 
     def per_sequence(tok: Tensor) -> Tensor:
         return torch.zeros(n, dtype=torch.float32, device=labels.device).index_add(0, sequence, tok)
 
+    if published_order:  # the published per-sequence sums: over the (N, T) grid, zero off the mask, in the dtype
+
+        def per_sequence_published(tok: Tensor) -> Tensor:
+            grid = torch.zeros(n * t, dtype=decision_dtype, device=labels.device)
+            grid[positions] = tok.to(decision_dtype)
+            return grid.view(n, t).sum(-1).float()
+
+        return PerturbedLogps(
+            per_sequence(toks[0]), per_sequence(toks[1]), *(per_sequence_published(x) for x in toks[2:])
+        )
     policy_lp, ref_lp, weaker, stronger, decision = (per_sequence(x) for x in toks)
     return PerturbedLogps(
         policy_lp,

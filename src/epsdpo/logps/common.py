@@ -45,6 +45,12 @@ class LMHeadInput(NamedTuple):
         return F.linear(self.hidden, self.weight, self.bias)
 
 
+def published_token_logps(logits: Tensor, labels: Tensor) -> Tensor:
+    """``gather(logits.log_softmax(-1), -1, labels)`` in the logits' own dtype, as the published ε-DPO trainer
+    computes per-token log-probs (its logits are the model's, bf16 in the published runs): one rounding per op."""
+    return torch.gather(logits.log_softmax(-1), -1, labels.unsqueeze(-1)).squeeze(-1)
+
+
 def round_to(x: Tensor, dtype: torch.dtype | None) -> Tensor:
     """Round a float32 tensor through ``dtype`` and back (identity when ``dtype`` is None)."""
     return x if dtype is None else x.to(dtype).to(x.dtype)

@@ -113,6 +113,7 @@ def policy_logps(
     impl: str = "chunked",
     decision_dtype: torch.dtype | None = None,
     chunk_size: int | None = None,
+    published_order: bool = False,
 ) -> PerturbedLogps:
     """Run the policy through its forward and compute every sequence log-prob (only ``policy`` carries gradient)."""
 
@@ -126,6 +127,7 @@ def policy_logps(
             impl=impl,  # type: ignore[arg-type]
             decision_dtype=decision_dtype,
             chunk_size=chunk_size,
+            published_order=published_order,
         )
 
     if not fused:

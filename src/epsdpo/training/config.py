@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from epsdpo.config import ConfigError, load_config
 from epsdpo.control import Rule
 from epsdpo.data.config import DataConfig
@@ -18,7 +20,7 @@ from epsdpo.logps import Impl
 from epsdpo.losses import LossType
 
 SchedulerName = Literal["cosine", "linear", "constant", "constant_with_warmup"]
-DecisionPrecision = Literal["float32", "bfloat16"]
+DecisionPrecision = Literal["float32", "bfloat16", "published"]
 
 
 @dataclass
@@ -100,9 +102,19 @@ class LossConfig:
         epsilon: ε-DPO's perturbation size ε: pairs use β/(1+ε), β or β/(1−ε); 0 gives DPO.
         label_smoothing: cDPO's assumed probability of a flipped label, in [0, 0.5); also usable with ε-DPO.
         beta_update_rule: ``inverse_mean_step`` (β ← β/(1+ε·mean s)) or ``mean_beta`` (the paper's β ← mean β̃).
-        decision_precision: ``float32`` (exact decisions, default) or ``bfloat16`` (emulates the published code's
-            model-dtype decisions); see docs/epsilon_dpo.md.
+        decision_precision: the arithmetic of ε-DPO's decisions: ``float32`` (the exact rule, default);
+            ``published`` (the published trainer's own order of bf16 operations: each mixture as three rounded bf16
+            operations, then log-softmax, gather, sums and differences in bf16); ``bfloat16`` (float32 mixtures
+            rounded once to bf16: *not* the published arithmetic, kept for comparison). See docs/epsilon_dpo.md.
         decision_tolerance: a dead band τ in nats: a pair moves only when both perturbation gaps exceed τ.
+        beta_schedule: replay the global β of an earlier run, step by step, for any loss: a run directory (its
+            ``metrics.jsonl`` must log every step, ``logging_steps=1``) or a JSON file with a list of β per step
+            (or ``{"beta": [...]}``). With ε-DPO the pairs still get β̃ = β / (1 + ε s) around the replayed β, and
+            the controller does not move it. The control that isolates ε-DPO's per-pair β from its drifting global β:
+            DPO on ε-DPO's own trajectory.
+        freeze_global_beta: ε-DPO with its per-pair β̃ = β₀ / (1 + ε s) but the global β held at β₀.
+        beta_min: a lower bound on ε-DPO's global β (it shrinks when most pairs relax); None: no bound.
+        beta_max: an upper bound on ε-DPO's global β; None: no bound.
         beta_dpo_alpha: β-DPO's α: β_batch = β₀ (1 + α (mean kept margin − running mean margin)).
         beta_dpo_rho: β-DPO's ρ: the fraction of each batch filtered out, sampled by Gaussian weights of the margin.
         beta_dpo_momentum: β-DPO's momentum for the running mean and standard deviation of the margin.
@@ -115,6 +127,10 @@ class LossConfig:
     beta_update_rule: Rule = "inverse_mean_step"
     decision_precision: DecisionPrecision = "float32"
     decision_tolerance: float = 0.0
+    beta_schedule: str | None = None
+    freeze_global_beta: bool = False
+    beta_min: float | None = None
+    beta_max: float | None = None
     beta_dpo_alpha: float = 0.6
     beta_dpo_rho: float = 0.2
     beta_dpo_momentum: float = 0.9
@@ -133,10 +149,26 @@ class LossConfig:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing > 0 and not self.loss_type.uses_label_smoothing:
             raise ValueError(f"label_smoothing has no meaning for loss_type={self.loss_type.value!r}; set it to 0")
+        if self.beta_min is not None and not 0 < self.beta_min <= self.beta:
+            raise ValueError(f"beta_min must be in (0, beta={self.beta}], got {self.beta_min}")
+        if self.beta_max is not None and self.beta_max < self.beta:
+            raise ValueError(f"beta_max must be >= beta={self.beta}, got {self.beta_max}")
+        if self.beta_schedule is not None and self.freeze_global_beta:
+            raise ValueError("beta_schedule and freeze_global_beta both fix the global β; choose one")
         if self.loss_type == "cdpo" and self.label_smoothing == 0:
             raise ValueError("loss_type=cdpo needs label_smoothing > 0 (e.g. 0.1); with 0 it is plain dpo")
         if self.decision_tolerance < 0:
             raise ValueError(f"decision_tolerance must be >= 0, got {self.decision_tolerance}")
+
+    @property
+    def decision_dtype(self) -> torch.dtype | None:
+        """The dtype the decisions are rounded to (None: float32 decisions)."""
+        return None if self.decision_precision == "float32" else torch.bfloat16
+
+    @property
+    def published_order(self) -> bool:
+        """Whether the decisions follow the published trainer's order of low-precision operations."""
+        return self.decision_precision == "published"
 
     @property
     def kind(self) -> LossType:
@@ -173,6 +205,10 @@ class TrainConfig:
         logps_chunk_size: tokens per chunk for the chunked path; None picks ~256 MiB per (chunk, V) buffer.
         report_to: experiment trackers through accelerate (``tensorboard``, ``wandb``), if installed.
         disable_tqdm: no progress bar (metrics still go to metrics.jsonl).
+        decision_records: ε-DPO: write ``decisions.jsonl``, one line per training pair per step: ``step``, ``pair``
+            (its source row), ``s``, ``z`` (the decision-side log-ratio), ``weaker_gap`` z⁻ − z, ``stronger_gap``
+            z − z⁺, ``margin`` (the DPO margin z − γ), ``beta`` (β̃), ``chosen_tokens``, ``rejected_tokens``;
+            ``epsdpo plot`` draws the decision shares against the margin and over training from it.
         use_cpu: run on the CPU even when a GPU is present (always the case when none is).
         plot_after_training: write ``plots/training_curves.png`` and ``plots/beta.png`` into the run directory.
         eval_after_training: run ``epsdpo eval`` on the final model (gold reward and KL of sampled responses on
@@ -206,6 +242,7 @@ class TrainConfig:
     logps_chunk_size: int | None = None
     report_to: list[str] = field(default_factory=list)
     disable_tqdm: bool = False
+    decision_records: bool = False
     use_cpu: bool = False
     plot_after_training: bool = True
     eval_after_training: bool = False

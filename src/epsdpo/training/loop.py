@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from epsdpo.control import BetaController, BetaDPOController
+from epsdpo.control import BetaController, BetaDPOController, load_beta_schedule
 from epsdpo.data import PreferenceCollator, TokenizedPair, batch_indices
 from epsdpo.distributed import accumulation_boundary, gather_across_processes, rank_slice
 from epsdpo.logps import PerturbedLogps
@@ -53,8 +53,14 @@ from epsdpo.training.checkpoint import (
     write_local_weights,
 )
 from epsdpo.training.config import RunConfig
-from epsdpo.training.metrics import MetricsWriter, add_sums, pair_means, reduce_sums
-from epsdpo.training.pair_loss import compute_pair_losses, dpo_margins, pair_metric_sums
+from epsdpo.training.metrics import DecisionRecords, MetricsWriter, add_sums, pair_means, reduce_sums
+from epsdpo.training.pair_loss import (
+    DECISION_COLUMNS,
+    compute_pair_losses,
+    decision_table,
+    dpo_margins,
+    pair_metric_sums,
+)
 from epsdpo.training.plan import ReferenceSource, RunPlan
 from epsdpo.training.policy import PolicyAndReference
 from epsdpo.training.schedule import make_scheduler, warmup_steps
@@ -234,7 +240,21 @@ class Trainer:
                 models.reference = accelerator.prepare_model(models.reference, evaluation_mode=True)
             else:
                 models.reference.to(accelerator.device)
-        self.controller = BetaController(loss.beta, loss.epsilon, rule=loss.beta_update_rule)
+        self.controller = BetaController(
+            loss.beta,
+            loss.epsilon,
+            rule=loss.beta_update_rule,
+            frozen=loss.freeze_global_beta,
+            beta_min=loss.beta_min,
+            beta_max=loss.beta_max,
+        )
+        # beta_schedule: the global β of each step replayed from an earlier run (the controller then never moves)
+        self.beta_schedule = None if loss.beta_schedule is None else load_beta_schedule(loss.beta_schedule)
+        if self.beta_schedule is not None and len(self.beta_schedule) < self.schedule.total_steps:
+            raise TrainingError(
+                f"beta_schedule={loss.beta_schedule!r} holds {len(self.beta_schedule)} steps, this run has "
+                f"{self.schedule.total_steps}; lower max_steps or replay a longer run"
+            )
         self.beta_dpo = (
             BetaDPOController(loss.beta, loss.beta_dpo_alpha, loss.beta_dpo_rho, loss.beta_dpo_momentum)
             if loss.kind.has_batch_beta
@@ -245,6 +265,11 @@ class Trainer:
             enabled=accelerator.is_main_process,
             accelerator=accelerator if t.report_to else None,
         )
+        self.decisions = (
+            DecisionRecords(self.output_dir / "decisions.jsonl", DECISION_COLUMNS, accelerator.is_main_process)
+            if t.decision_records and loss.kind.needs_perturbation
+            else None
+        )
         self.global_step = self.epoch = self.window_in_epoch = 0
         self.last_checkpoint: Path | None = None
         self.resume_path = resume_path
@@ -253,6 +278,19 @@ class Trainer:
     @property
     def unwrapped(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def beta(self) -> float:
+        """The global β of the next step: replayed (``beta_schedule``), or the controller's (β₀ for most losses).
+        After the last step of a replayed schedule: the β its last step used."""
+        if self.beta_schedule is not None:
+            return self.beta_schedule[min(self.global_step, self.schedule.total_steps - 1)]
+        return self.controller.beta
+
+    @property
+    def moves_beta(self) -> bool:
+        """Whether the controller moves β after each step (ε-DPO without a replayed schedule)."""
+        return self.cfg.loss.kind.needs_perturbation and self.beta_schedule is None
 
     # ---- one step -----------------------------------------------------------------------------------------------
     def _forward(self, model: nn.Module, pairs: list[TokenizedPair], split: str) -> tuple[PerturbedLogps, Tensor, int]:
@@ -275,6 +313,7 @@ class Trainer:
                 impl=t.logps_impl,
                 decision_dtype=plan.decision_dtype,
                 chunk_size=t.logps_chunk_size,
+                published_order=plan.published_order,
             )  # each field (2B,) float32; only .policy carries gradient
         return logps, mask.sum(-1), int(attention.sum())
 
@@ -283,7 +322,7 @@ class Trainer:
         acc, t = self.accelerator, self.cfg.train
         self.model.train()
         window_pairs = sum(len(b) for b in window)  # global pairs in the window (known to every process)
-        beta = self.controller.beta  # ε-DPO's global β for this step; β₀ for the other losses
+        beta = self.beta  # the global β of this step: ε-DPO's, a replayed one, or β₀
         b = t.per_device_train_batch_size
         sums: dict[str, float] = {"tokens": 0.0}
         for i, global_batch in enumerate(window):
@@ -301,15 +340,20 @@ class Trainer:
                 acc.backward(result.loss.losses.sum() * (self.world / window_pairs))
             if result.steps is not None:
                 self.controller.observe(result.steps)  # ε-DPO's decisions s ∈ {−1, 0, +1}, (B,)
+                if self.decisions is not None:  # a collective: every process's rows, written by the main one
+                    ids = torch.tensor([p.index for p in pairs])
+                    self.decisions.add(decision_table(result, lengths, ids, self.cfg.loss))
             add_sums(sums, pair_metric_sums(result))
             sums["tokens"] += tokens
         grad_norm = self._clip_gradients()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.cfg.loss.kind.needs_perturbation:
+        if self.moves_beta:
             self.controller.step()  # a collective: the decisions of every process move β for the next step
         self.global_step += 1
+        if self.decisions is not None:
+            self.decisions.write(self.global_step)
         m = self.cfg.models
         if m.sync_ref_model and self.global_step % m.ref_model_sync_steps == 0:
             self._sync_reference(m.ref_model_mixup_alpha)
@@ -354,7 +398,7 @@ class Trainer:
         starts = range(0, len(mine), per_device)
         for start in tqdm(starts, desc=f"held-out pairs ({len(self.eval_pairs)})", disable=quiet, leave=False):
             logps, lengths, _ = self._forward(self.unwrapped, mine[start : start + per_device], "eval")
-            beta, keep = self.controller.beta, None
+            beta, keep = self.beta, None
             if self.beta_dpo is not None:  # this batch's own margins, every pair kept, statistics unmoved
                 beta, keep = self.beta_dpo.batch(dpo_margins(logps), train=False)
             add_sums(sums, pair_metric_sums(compute_pair_losses(logps, lengths, self.cfg.loss, beta, keep)))
@@ -391,7 +435,7 @@ class Trainer:
                     last = self._log(logged, grad_norm, beta)
                     # the β that the next step uses (after the last step: the β after training, as printed at the
                     # end and used by the evaluation's implicit reward); metrics.jsonl keeps both per step
-                    shown = self.controller.beta if self.cfg.loss.kind.needs_perturbation else beta
+                    shown = self.beta if self.moves_beta else beta
                     progress.set_postfix(loss=f"{last['loss']:.4f}", beta_next=f"{shown:.4g}", refresh=False)
                     logged = {}
                 if t.eval_steps and self.global_step % t.eval_steps == 0 and self.global_step < total:
@@ -413,7 +457,7 @@ class Trainer:
             self.output_dir,
             None,
             self.global_step,
-            self.controller.beta,
+            self.beta,
             last,
             interrupted,
             seconds=time.perf_counter() - started,
@@ -431,7 +475,7 @@ class Trainer:
             "grad_norm": grad_norm,
             "tokens_per_second": reduced["tokens"] / max(logged["time"], 1e-9),
         }
-        if self.cfg.loss.kind.needs_perturbation:
+        if self.moves_beta:
             record["kl/beta_next"] = self.controller.beta
         self.metrics.write(record)
         return record
@@ -467,6 +511,8 @@ class Trainer:
         self.global_step, self.epoch, self.window_in_epoch = state["global_step"], state["epoch"], state["window"]
         self.last_checkpoint = self.resume_path
         self.metrics.truncate_after(self.global_step)
+        if self.decisions is not None:
+            self.decisions.truncate_after(self.global_step)
         logger.info("resumed from %s at step %d (β = %.6g)", self.resume_path, self.global_step, self.controller.beta)
 
     def _write_weights(self, directory: Path) -> None:

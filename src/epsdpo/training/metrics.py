@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from epsdpo.distributed import sum_across_processes
+from epsdpo.distributed import gather_across_processes, sum_across_processes
 
 #: sums that are divided by the pair count to give means
 PER_PAIR = (
@@ -48,6 +49,39 @@ def pair_means(sums: Mapping[str, float], prefix: str = "") -> dict[str, float]:
     if pairs <= 0:
         return {}
     return {f"{prefix}{k}": sums[k] / pairs for k in PER_PAIR if k in sums}
+
+
+class DecisionRecords:
+    """``decisions.jsonl``: ε-DPO's per-pair decisions of every training step (``decision_records=true``).
+
+    :meth:`add` is a collective (the rows of every process are gathered; training micro-batches have the same
+    size on every process); the main process writes a step's rows with :meth:`write`.
+    """
+
+    def __init__(self, path: Path, columns: tuple[str, ...], enabled: bool) -> None:
+        self.path, self.columns, self.enabled = path, columns, enabled
+        self._rows: list[Tensor] = []
+
+    def add(self, rows: Tensor) -> None:
+        gathered = gather_across_processes(rows)
+        if self.enabled:
+            self._rows.append(gathered.cpu())
+
+    def write(self, step: int) -> None:
+        if not self.enabled:
+            return
+        integer = {"pair", "s", "chosen_tokens", "rejected_tokens"}
+        with open(self.path, "a", encoding="utf-8") as fh:
+            for row in torch.cat(self._rows).tolist() if self._rows else []:
+                record = {"step": step}
+                record.update({k: int(v) if k in integer else v for k, v in zip(self.columns, row, strict=True)})
+                fh.write(json.dumps(record) + "\n")
+        self._rows = []
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop the steps after ``step`` (the resumed run writes them again)."""
+        if self.enabled and self.path.is_file():
+            MetricsWriter(self.path, enabled=True).truncate_after(step)
 
 
 class MetricsWriter:

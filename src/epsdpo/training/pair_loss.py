@@ -44,6 +44,16 @@ def dpo_margins(logps: PerturbedLogps) -> Tensor:
     return (policy[:b] - policy[b:]) - (reference[:b] - reference[b:])
 
 
+def decision_logratios(logps: PerturbedLogps, cfg: LossConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """(z, z⁻, z⁺), each (B,): chosen − rejected of the decision-side log-probs; with ``decision_precision=
+    published`` each difference is rounded to bf16, as the published trainer subtracts its bf16 sums."""
+    b = logps.policy.shape[0] // 2
+    out = tuple(x[:b] - x[b:] for x in (logps.decision_policy, logps.weaker, logps.stronger))
+    if cfg.published_order:
+        out = tuple(x.to(torch.bfloat16).float() for x in out)
+    return out  # type: ignore[return-value]
+
+
 def compute_pair_losses(
     logps: PerturbedLogps,
     completion_tokens: Tensor,
@@ -69,13 +79,8 @@ def compute_pair_losses(
     steps = None
     pair_beta = torch.full((b,), beta, dtype=torch.float32, device=policy.device)
     if kind is LossType.EPSILON_DPO:
-        z = logps.decision_policy[c] - logps.decision_policy[r]
-        steps = perturbation_steps(
-            z,
-            logps.weaker[c] - logps.weaker[r],
-            logps.stronger[c] - logps.stronger[r],
-            tolerance=cfg.decision_tolerance,
-        )
+        z, z_weaker, z_stronger = decision_logratios(logps, cfg)  # each (B,)
+        steps = perturbation_steps(z, z_weaker, z_stronger, tolerance=cfg.decision_tolerance)
         loss = epsilon_dpo_loss(*args, steps, beta=beta, epsilon=cfg.epsilon, label_smoothing=cfg.label_smoothing)
         pair_beta = beta / (1.0 + cfg.epsilon * steps.to(torch.float32))
     elif kind in (LossType.DPO, LossType.CDPO):
@@ -91,6 +96,43 @@ def compute_pair_losses(
     else:
         loss = hinge_loss(*args, beta=beta)
     return MicroBatchResult(loss, steps, logps, pair_beta)
+
+
+#: the columns of :func:`decision_table` (and of ``decisions.jsonl``, after ``step``)
+DECISION_COLUMNS = (
+    "pair",
+    "s",
+    "z",
+    "weaker_gap",
+    "stronger_gap",
+    "margin",
+    "beta",
+    "chosen_tokens",
+    "rejected_tokens",
+)
+
+
+def decision_table(result: MicroBatchResult, lengths: Tensor, pair_ids: Tensor, cfg: LossConfig) -> Tensor:
+    """(B, len(DECISION_COLUMNS)) float64: every ε-DPO pair's decision and what it was made from.
+
+    ``lengths`` (2B,) completion tokens per row; ``pair_ids`` (B,) the pairs' source rows.
+    """
+    logps, b = result.logps, pair_ids.shape[0]
+    z, z_weaker, z_stronger = decision_logratios(logps, cfg)
+    margin = dpo_margins(logps)
+    assert result.steps is not None
+    columns = (
+        pair_ids.to(z.device),
+        result.steps,
+        z,
+        z_weaker - z,
+        z - z_stronger,
+        margin,
+        result.beta,
+        lengths[:b],
+        lengths[b:],
+    )
+    return torch.stack([c.detach().to(torch.float64) for c in columns], dim=1)
 
 
 def pair_metric_sums(result: MicroBatchResult) -> dict[str, float]:

@@ -46,7 +46,8 @@ class RunPlan:
         whole_reference_head: keep a whole, frozen copy of the reference's output head (sharded launchers, where a
             module's weight is only a shard outside its forward; and the cache, which needs the head beside it).
         epsilon: ε passed to the log-probs (0 for losses that do not use the perturbed policies).
-        decision_dtype: None (float32 decisions) or bfloat16 (``decision_precision=bfloat16``).
+        decision_dtype: None (float32 decisions) or bfloat16 (``decision_precision=bfloat16`` or ``published``).
+        published_order: the decisions in the published trainer's order of bf16 operations.
         metric_keys: the per-pair metrics this loss reports.
     """
 
@@ -56,6 +57,7 @@ class RunPlan:
     whole_reference_head: bool
     epsilon: float
     decision_dtype: torch.dtype | None
+    published_order: bool
     metric_keys: tuple[str, ...]
 
     @property
@@ -104,7 +106,8 @@ def plan_run(cfg: RunConfig, launcher: Launcher, head_is_exact: bool) -> RunPlan
         reference=reference,
         whole_reference_head=fused and (sharded or reference == "cache"),
         epsilon=loss.epsilon if loss.kind.needs_perturbation else 0.0,
-        decision_dtype=torch.bfloat16 if loss.decision_precision == "bfloat16" else None,
+        decision_dtype=loss.decision_dtype,
+        published_order=loss.published_order,
         metric_keys=keys,
     )
 
