@@ -15,7 +15,7 @@ from torch import nn
 
 from epsdpo.cli import main as cli_main
 from epsdpo.data import load_preference_dataset
-from epsdpo.evaluate import EvalConfig, evaluate_models, format_table
+from epsdpo.evaluate import EvalConfig, evaluate, evaluate_models, format_table
 from epsdpo.generate import encode_prompt, load_prompts
 from epsdpo.rewards import load_reward
 
@@ -379,3 +379,30 @@ def test_a_reference_part_from_other_settings_is_refused(smollm2_tokenizer, prom
     part = compute_reference_part(model, smollm2_tokenizer, prompts[:2], reward, cfg)
     with pytest.raises(ValueError, match="holds 2 samples and None pair rows, this evaluation needs 3"):
         evaluate_models(model, model, smollm2_tokenizer, prompts, reward, cfg, reference_part=part)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_checkpoint_evaluates_as_the_model_it_saved(tmp_path, model_cache_dir, lora):
+    """checkpoint=N rebuilds the policy after N steps (LoRA adapters merged): at the last step it is the final model,
+    at 0 the initial model, whose KL to the reference is exactly 0."""
+    from epsdpo.recipe import train
+
+    run = tmp_path / "run"
+    extra = ["use_lora=true", "lora_r=4"] if lora else []
+    train(
+        TINY, [f"output_dir={run}", f"dataset={TINY_DATA}", "max_steps=4", "save_steps=2", "disable_tqdm=true", *extra]
+    )
+    common = dict(run_dir=str(run), num_prompts=3, samples_per_prompt=2, max_new_tokens=8, disable_tqdm=True)
+    final = evaluate(common)
+    last = evaluate({**common, "checkpoint": 4})
+    assert last["name"] == "checkpoint=4,num_prompts=3,samples_per_prompt=2,max_new_tokens=8"
+    for key in ("policy/gold_reward", "kl", "kl/forward", "win_rate", "preference_accuracy", "reward_margin"):
+        assert last[key] == pytest.approx(final[key], abs=1e-5), key
+    assert last["beta"] == final["beta"]
+    start = evaluate({**common, "checkpoint": 0})
+    assert start["kl"] == 0.0 and start["beta"] == 0.1
+    middle = evaluate({**common, "checkpoint": 2})
+    assert middle["kl"] != 0.0
+    with pytest.raises(FileNotFoundError, match="checkpoint-3"):
+        evaluate({**common, "checkpoint": 3})

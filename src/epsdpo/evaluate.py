@@ -83,6 +83,9 @@ class EvalConfig(SamplingConfig):
         run_dir: a run directory of ``epsdpo train``: its ``final/`` model is the policy (base + LoRA adapter for
             LoRA runs), its initial model the reference, its data and β the defaults below.
         model: the policy (alias, directory or Hub id) when there is no run directory; overrides the run's.
+        checkpoint: evaluate the run's policy as saved at ``RUN_DIR/checkpoint-N`` (after N optimizer steps) instead
+            of ``final/``; 0 is the initial model. β is the run's β after that step (``metrics.jsonl``). Points
+            along one run's training trace its reward-vs-KL trajectory (``experiments/trajectory_frontier.py``).
         ref_model: the reference; default: the run's reference (its ``ref_model``, else its initial model).
         eval_dataset: held-out preference pairs for accuracy and margin (any source ``epsdpo.data`` reads, or
             ``bundled`` for the package's test pairs); default: the run's ``eval_dataset``/``eval_split``, else none.
@@ -111,6 +114,7 @@ class EvalConfig(SamplingConfig):
     prompt_split: str | None = "test"
     run_dir: str | None = None
     model: str | None = None
+    checkpoint: int | None = None
     ref_model: str | None = None
     eval_dataset: str | None = None
     num_prompts: int | None = 64
@@ -131,6 +135,8 @@ class EvalConfig(SamplingConfig):
             raise ValueError(f"num_prompts must be >= 1 or null (all prompts), got {self.num_prompts}")
         if self.beta is not None and not (math.isfinite(self.beta) and self.beta > 0):
             raise ValueError(f"beta must be positive, got {self.beta}")
+        if self.checkpoint is not None and (self.checkpoint < 0 or self.run_dir is None or self.model is not None):
+            raise ValueError("checkpoint=N (N >= 0) needs a run directory and no model=")
 
 
 def load_eval_config(
@@ -487,6 +493,8 @@ def _load_from_run(cfg: EvalConfig) -> _Loaded:
     run = Path(str(cfg.run_dir))
     run_cfg = load_run_config(run / "config.yaml")
     final = run / "final"
+    if cfg.checkpoint is not None:
+        return _load_checkpoint(cfg, run, run_cfg)
     if cfg.model is None and not final.is_dir():
         raise FileNotFoundError(
             f"{run} has no final/ model (training did not finish); finish or resume the run "
@@ -529,6 +537,62 @@ def _load_from_run(cfg: EvalConfig) -> _Loaded:
         {"policy": policy_name, "reference": ref_label},
         ref_id,
     )
+
+
+def _load_checkpoint(cfg: EvalConfig, run: Path, run_cfg: Any) -> _Loaded:
+    """The policy after ``cfg.checkpoint`` steps: the initial policy, rebuilt as the trainer built it (LoRA
+    included), with the checkpoint's trainable weights; LoRA adapters merged. Step 0: the initial model."""
+    from epsdpo.models import load_tokenizer
+    from epsdpo.select import reference_identity
+    from epsdpo.training.checkpoint import MODEL_FILE, load_trainable_state
+    from epsdpo.training.config import tokenizer_name
+    from epsdpo.training.policy import build_policy_and_reference
+
+    m, step = run_cfg.models, int(cfg.checkpoint or 0)
+    directory = run / f"checkpoint-{step}"
+    if step > 0 and not (directory / MODEL_FILE).is_file():
+        found = sorted(p.name for p in run.glob("checkpoint-*"))
+        sharded = (
+            " (a sharded FSDP/DeepSpeed checkpoint: not supported here)" if (directory / "sharded").is_dir() else ""
+        )
+        raise FileNotFoundError(f"{directory / MODEL_FILE} not found{sharded}; checkpoints in {run}: {found or 'none'}")
+    tokenizer = load_tokenizer(cfg.tokenizer or tokenizer_name(run_cfg), cfg.trust_remote_code)
+    built = build_policy_and_reference(replace(m, gradient_checkpointing=False), len(tokenizer), run_cfg.train.seed)
+    policy = built.policy
+    if step > 0:
+        load_trainable_state(policy, directory / MODEL_FILE)
+    if m.use_lora:
+        policy = policy.merge_and_unload()
+    initial = build_policy_and_reference(
+        replace(m, use_lora=False, gradient_checkpointing=False), len(tokenizer), run_cfg.train.seed
+    )
+    reference = initial.reference if initial.reference is not None else initial.policy
+    ref_label = m.ref_model or m.model
+    return _Loaded(
+        policy,
+        reference,
+        tokenizer,
+        cfg.beta or _beta_at_step(run, step, run_cfg),
+        run_cfg.data,
+        {
+            "policy": f"{run} after {step} steps ({directory.name if step else 'the initial model'})",
+            "reference": ref_label,
+        },
+        reference_identity(m, run_cfg.train.seed),
+    )
+
+
+def _beta_at_step(run: Path, step: int, run_cfg: Any) -> float:
+    """The run's β after ``step`` optimizer steps (``kl/beta_next`` of that step, else the β it used)."""
+    beta = float(run_cfg.loss.beta)
+    metrics = run / "metrics.jsonl"
+    if step == 0 or not metrics.is_file():
+        return beta
+    for line in metrics.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line) if line.strip() else {}
+        if record.get("step") == step and "kl/beta" in record:
+            beta = float(record.get("kl/beta_next", record["kl/beta"]))
+    return beta
 
 
 def _run_beta(run: Path, run_cfg: Any) -> float:
@@ -705,6 +769,7 @@ def _destination(cfg: EvalConfig) -> tuple[str, Path, Path]:
 _NAME_ORDER = (
     "run_dir",
     "model",
+    "checkpoint",
     "ref_model",
     "tokenizer",
     "trust_remote_code",
