@@ -1,0 +1,414 @@
+"""What does ε-DPO add over DPO? Reward-vs-KL trajectories, with the controls that isolate its two effects (#15).
+
+    .venv/bin/python experiments/trajectory_frontier.py                # every run not yet done, then the report
+    .venv/bin/python experiments/trajectory_frontier.py --list         # the plan and what is done
+    .venv/bin/python experiments/trajectory_frontier.py --only 'dpo-s*' --max-runs 2
+    .venv/bin/python experiments/trajectory_frontier.py --report       # rebuild the report from the summaries only
+
+ε-DPO changes two things at once: its global β drifts (β ← β / (1 + ε·mean s)) and every pair gets its own
+β̃ = β / (1 + ε s). The methods here separate them, each trained 64 steps at β₀ = 0.1 and evaluated every 8 steps
+(``epsdpo eval RUN checkpoint=N``: all 110 held-out prompts × 2 independent samples per model, every held-out pair),
+so each run traces its own reward-vs-KL trajectory instead of one point:
+
+- ``dpo``: DPO at the fixed β₀;
+- ``eps``: ε-DPO, ε = 0.01, float32 decisions (the exact rule);
+- ``eps_published``: ε-DPO with the published trainer's bf16 order of operations for its decisions;
+- ``dpo_on_eps_beta``: DPO with the global β replayed step by step from the same seed's ``eps`` run
+  (``beta_schedule``): ε-DPO's drift without its per-pair β̃;
+- ``eps_frozen``: ε-DPO's per-pair β̃ with the global β held at β₀ (``freeze_global_beta``): the per-pair effect alone;
+- ``beta_dpo`` and ``tr_dpo``: the other adaptive baselines.
+
+Every run is ``epsdpo train experiments/trajectory_frontier.yaml KEY=VALUE…`` into ``runs/trajectory/NAME`` and one
+``epsdpo eval`` per checkpoint (subprocesses, the commands recorded), then one summary
+``docs/results/trajectory/NAME.json`` (commands, per-checkpoint evaluation, β and decision shares per step, the
+machine, wall times). A run whose summary exists is skipped; training resumes from its last checkpoint; a finished
+evaluation is kept. Commit the summaries: the report (``docs/results/trajectory_frontier.{md,png}``) is rebuilt from
+them alone, so the grid can be completed in parts, on other machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = Path("experiments/trajectory_frontier.yaml")  # relative to ROOT, as recorded in the commands
+RUNS = Path("runs/trajectory")
+RESULTS = ROOT / "docs" / "results"
+SUMMARIES = RESULTS / "trajectory"
+SEEDS = (0, 1, 2)
+CHECKPOINTS = (8, 16, 24, 32, 40, 48, 56, 64)
+#: the evaluation of every checkpoint (the sampler seed is the same for all runs, so all share the reference part)
+EVAL = [
+    "num_prompts=null",
+    "samples_per_prompt=2",
+    "max_pairs=null",
+    "max_new_tokens=48",
+    "batch_size=32",
+    "seed=0",
+    "disable_tqdm=true",
+    "reference_cache_dir=runs/trajectory/reference_cache",
+]
+METHODS: dict[str, list[str]] = {
+    "dpo": ["loss_type=dpo"],
+    "eps": ["loss_type=epsilon_dpo", "epsilon=0.01", "decision_records=true"],
+    "eps_published": [
+        "loss_type=epsilon_dpo",
+        "epsilon=0.01",
+        "decision_precision=published",
+        "decision_records=true",
+    ],
+    "dpo_on_eps_beta": ["loss_type=dpo"],  # + beta_schedule=<the same seed's eps run>
+    "eps_frozen": ["loss_type=epsilon_dpo", "epsilon=0.01", "freeze_global_beta=true", "decision_records=true"],
+    "beta_dpo": ["loss_type=beta_dpo"],
+    "tr_dpo": ["loss_type=dpo", "sync_ref_model=true", "precompute_ref_hidden_states=false"],
+}
+LABELS = {
+    "dpo": "DPO",
+    "eps": "ε-DPO (float32 decisions)",
+    "eps_published": "ε-DPO (published bf16 decisions)",
+    "dpo_on_eps_beta": "DPO on ε-DPO's β trajectory",
+    "eps_frozen": "ε-DPO, global β frozen",
+    "beta_dpo": "β-DPO",
+    "tr_dpo": "TR-DPO",
+}
+#: matched-KL comparisons: (method, against) at these KL values (nats), where both trajectories reach them
+COMPARISONS = (("eps", "dpo"), ("eps", "dpo_on_eps_beta"), ("eps_frozen", "dpo"), ("eps_published", "dpo"))
+MATCHED_KL = (2.0, 4.0, 8.0, 12.0)
+
+
+@dataclass(frozen=True)
+class Run:
+    method: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-s{self.seed}"
+
+    @property
+    def overrides(self) -> list[str]:
+        extra = [f"beta_schedule={RUNS / f'eps-s{self.seed}'}"] if self.method == "dpo_on_eps_beta" else []
+        return [*METHODS[self.method], *extra, f"seed={self.seed}"]
+
+    @property
+    def needs(self) -> str | None:
+        """A run that must be trained first (the source of a replayed β)."""
+        return f"eps-s{self.seed}" if self.method == "dpo_on_eps_beta" else None
+
+
+def plan() -> list[Run]:
+    """Seed-major: every method of seed 0 first, so a partial grid already compares all methods."""
+    return [Run(m, s) for s in SEEDS for m in METHODS]
+
+
+def _call(args: list[str], log: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
+    with log.open("a", encoding="utf-8") as f:
+        f.write(f"$ {' '.join(args)}\n")
+        f.flush()
+        code = subprocess.call(args, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if code != 0:
+        raise RuntimeError(f"`{' '.join(args)}` exited with {code}; see {log}")
+
+
+def _epsdpo() -> str:
+    return str(Path(sys.executable).with_name("epsdpo"))
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def run_one(run: Run) -> dict[str, Any]:
+    """Train (or resume), evaluate every checkpoint and summarise one run; returns the summary written."""
+    out = RUNS / run.name
+    (ROOT / out).mkdir(parents=True, exist_ok=True)
+    log = ROOT / out / "experiment.log"
+    if run.needs is not None and not (ROOT / RUNS / run.needs / "final").is_dir():
+        raise RuntimeError(f"{run.name} replays the β of {run.needs}, which is not trained yet; run it first")
+    train_cmd = ["epsdpo", "train", str(CONFIG), *run.overrides, f"output_dir={out}"]
+    started = time.perf_counter()
+    commit = _commit()
+    if not (ROOT / out / "final").is_dir():
+        resume = ["resume_from_checkpoint=auto"] if any((ROOT / out).glob("checkpoint-*")) else []
+        _call([_epsdpo(), *train_cmd[1:], *resume], log)
+    trained = time.perf_counter()
+    eval_cmds = {}
+    for step in CHECKPOINTS:
+        target = out / f"eval-checkpoint-{step}.json"
+        cmd = ["epsdpo", "eval", str(out), f"checkpoint={step}", *EVAL, f"output={target}"]
+        eval_cmds[step] = " ".join(cmd)
+        if not (ROOT / target).is_file():
+            _call([_epsdpo(), *cmd[1:]], log)
+    evaluated = time.perf_counter()
+    for ckpt in (ROOT / out).glob("checkpoint-*"):  # evaluated: keep only the weights (optimizer states are large)
+        for extra in ("optimizer.pt", "scheduler.pt", "reference.safetensors", *[p.name for p in ckpt.glob("rng_*")]):
+            (ckpt / extra).unlink(missing_ok=True)
+    summary = summarise(run, ROOT / out, {"train": " ".join(train_cmd), "eval": eval_cmds})
+    summary.update(
+        commit=commit,
+        machine=_machine(),
+        seconds={"train": round(trained - started, 1), "eval": round(evaluated - trained, 1)},
+    )
+    SUMMARIES.mkdir(parents=True, exist_ok=True)
+    (SUMMARIES / f"{run.name}.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+def _machine() -> str:
+    from epsdpo.machine import machine_label
+
+    return machine_label()
+
+
+#: what a summary keeps of each evaluation
+EVAL_KEYS = (
+    "gold_reward_gain",
+    "gold_reward_gain_se",
+    "policy/gold_reward",
+    "reference/gold_reward",
+    "kl",
+    "kl_se",
+    "kl/forward",
+    "win_rate",
+    "win_rate_se",
+    "preference_accuracy",
+    "preference_accuracy_se",
+    "reward_margin",
+    "beta",
+    "num_prompts",
+    "num_samples",
+    "num_pairs",
+    "policy/distinct_2",
+    "reference/distinct_2",
+)
+
+
+def summarise(run: Run, run_dir: Path, commands: dict[str, Any]) -> dict[str, Any]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = [r for r in records if "loss" in r]
+    points = []
+    for step in CHECKPOINTS:
+        ev = json.loads((run_dir / f"eval-checkpoint-{step}.json").read_text(encoding="utf-8"))
+        points.append({"step": step, **{k: ev[k] for k in EVAL_KEYS if k in ev}})
+    per_step = {
+        "beta": [r["kl/beta"] for r in train],
+        "loss": [r["loss"] for r in train],
+        "accuracy": [r["rewards/accuracies"] for r in train],
+    }
+    if "kl/steps_weaker" in train[0]:
+        per_step["s=+1"] = [r["kl/steps_weaker"] for r in train]
+        per_step["s=0"] = [r["kl/steps_kept"] for r in train]
+        per_step["s=-1"] = [r["kl/steps_stronger"] for r in train]
+    return {
+        "name": run.name,
+        "method": run.method,
+        "seed": run.seed,
+        "overrides": run.overrides,
+        "commands": commands,
+        "trajectory": points,
+        "train": per_step,
+    }
+
+
+# ---- the report ---------------------------------------------------------------------------------------------------
+def load_summaries() -> list[dict[str, Any]]:
+    return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(SUMMARIES.glob("*.json"))]
+
+
+def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
+    """Gain at KL ``x`` along a trajectory (piecewise linear in KL, points sorted by KL); None outside its range."""
+    pts = sorted(points)
+    if not pts or x < pts[0][0] or x > pts[-1][0]:
+        return None
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return pts[-1][1]
+
+
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    mean = statistics.fmean(values)
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+    return mean, se
+
+
+def matched_differences(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each comparison and KL value: the paired (same seed) gain difference, mean ± s.e. over seeds."""
+    by = {(s["method"], s["seed"]): s for s in summaries}
+    rows = []
+    for a, b in COMPARISONS:
+        for kl in MATCHED_KL:
+            diffs = []
+            for seed in SEEDS:
+                if (a, seed) not in by or (b, seed) not in by:
+                    continue
+                ga = interpolate([(p["kl"], p["gold_reward_gain"]) for p in by[a, seed]["trajectory"]], kl)
+                gb = interpolate([(p["kl"], p["gold_reward_gain"]) for p in by[b, seed]["trajectory"]], kl)
+                if ga is not None and gb is not None:
+                    diffs.append(ga - gb)
+            mean, se = _mean_se(diffs)
+            rows.append({"a": a, "b": b, "kl": kl, "n": len(diffs), "diff": mean, "se": se, "diffs": diffs})
+    return rows
+
+
+def curves(summaries: list[dict[str, Any]]) -> dict[str, list[dict[str, float]]]:
+    """Per method and checkpoint: mean KL and gain over seeds, each with its standard error over seeds."""
+    out: dict[str, list[dict[str, float]]] = {}
+    for method in METHODS:
+        runs = [s for s in summaries if s["method"] == method]
+        if not runs:
+            continue
+        rows = []
+        for i, step in enumerate(CHECKPOINTS):
+            kl, kl_se = _mean_se([r["trajectory"][i]["kl"] for r in runs])
+            gain, gain_se = _mean_se([r["trajectory"][i]["gold_reward_gain"] for r in runs])
+            rows.append({"step": step, "kl": kl, "kl_se": kl_se, "gain": gain, "gain_se": gain_se, "n": len(runs)})
+        out[method] = rows
+    return out
+
+
+def _fmt(mean: float, se: float, digits: int = 3) -> str:
+    if math.isnan(mean):
+        return "—"
+    return f"{mean:.{digits}f}" + ("" if math.isnan(se) else f" ± {se:.{digits}f}")
+
+
+def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
+    md, png = RESULTS / "trajectory_frontier.md", RESULTS / "trajectory_frontier.png"
+    plot(summaries, png)
+    done = {s["name"] for s in summaries}
+    lines = [
+        "# What ε-DPO adds over DPO: reward-vs-KL trajectories (issue #15)",
+        "",
+        f"Generated by `experiments/trajectory_frontier.py --report` from the {len(summaries)} run summaries in "
+        "`docs/results/trajectory/` (do not edit by hand). Runs done: "
+        f"{len(done)} of {len(plan())}; missing: {', '.join(r.name for r in plan() if r.name not in done) or 'none'}.",
+        "",
+        "Setup: SmolLM2-135M-Instruct, LoRA r 16 on every linear layer but the head, float32, the 520 bundled "
+        "on-policy sentiment pairs, 64 steps of 8 pairs at lr 5e-4 (cosine, warm-up 0.1), β₀ = 0.1, ε = 0.01, "
+        "checkpoints "
+        "every 8 steps. Each checkpoint is evaluated on all 110 held-out prompts × 2 independent samples per model "
+        "(max 48 new tokens, sampler seed 0, the same reference samples for every run): gold-reward gain over the "
+        "reference (VADER sentiment, mean over prompts ± s.e. over prompts inside a run), KL(π‖π_ref) estimated on "
+        "the policy's samples. Between runs, ± is the standard error over seeds (n in the tables).",
+        "",
+        "![trajectories](trajectory_frontier.png)",
+        "",
+        "## Trajectories (mean over seeds ± s.e. over seeds)",
+        "",
+        "| method | n | " + " | ".join(f"step {s}: KL / gain" for s in CHECKPOINTS[::2]) + " |",
+        "|---|---|" + "---|" * len(CHECKPOINTS[::2]),
+    ]
+    for method, rows in curves(summaries).items():
+        cells = [f"{_fmt(r['kl'], r['kl_se'], 1)} / {_fmt(r['gain'], r['gain_se'])}" for r in rows[::2]]
+        lines.append(f"| {LABELS[method]} | {rows[0]['n']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Gain differences at matched KL (paired by seed, interpolated along each trajectory)",
+        "",
+        "| comparison | " + " | ".join(f"KL {kl:g}" for kl in MATCHED_KL) + " |",
+        "|---|" + "---|" * len(MATCHED_KL),
+    ]
+    rows = matched_differences(summaries)
+    for a, b in COMPARISONS:
+        cells = []
+        for r in (r for r in rows if r["a"] == a and r["b"] == b):
+            cells.append("—" if not r["n"] else f"{_fmt(r['diff'], r['se'])} (n {r['n']})")
+        lines.append(f"| {LABELS[a]} − {LABELS[b]} | " + " | ".join(cells) + " |")
+    lines += ["", "## Decision shares over training (s = +1 / 0 / −1, mean over seeds)", ""]
+    lines += ["| method | steps 1–8 | steps 25–32 | steps 57–64 | β after 64 steps |", "|---|---|---|---|---|"]
+    for method in ("eps", "eps_published", "eps_frozen"):
+        runs = [s for s in summaries if s["method"] == method and "s=+1" in s["train"]]
+        if not runs:
+            continue
+        cells = []
+        for lo, hi in ((0, 8), (24, 32), (56, 64)):
+            shares = [
+                statistics.fmean(statistics.fmean(r["train"][k][lo:hi]) for r in runs) for k in ("s=+1", "s=0", "s=-1")
+            ]
+            cells.append(" / ".join(f"{x:.2f}" for x in shares))
+        beta = statistics.fmean(r["trajectory"][-1]["beta"] for r in runs)
+        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + f" | {beta:.4f} |")
+    machines = sorted({s.get("machine", "?") for s in summaries})
+    lines += ["", "## Provenance", "", *[f"- machine: {m}" for m in machines]]
+    lines += [
+        f"- {s['name']}: commit {s.get('commit')}, train {s['seconds']['train']} s, eval {s['seconds']['eval']} s"
+        for s in summaries
+    ]
+    md.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return md, png
+
+
+def plot(summaries: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5), constrained_layout=True)
+    colours = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+    for method, rows in curves(summaries).items():
+        kl, gain = [r["kl"] for r in rows], [r["gain"] for r in rows]
+        ax.errorbar(
+            kl,
+            gain,
+            xerr=[0 if math.isnan(r["kl_se"]) else r["kl_se"] for r in rows],
+            yerr=[0 if math.isnan(r["gain_se"]) else r["gain_se"] for r in rows],
+            marker="o",
+            markersize=3,
+            capsize=2,
+            color=colours[method],
+            label=f"{LABELS[method]} (n {rows[0]['n']})",
+        )
+    ax.axhline(0, color="0.6", linewidth=0.8)
+    ax.set(
+        xlabel="KL(π‖π_ref), nats (policy samples)",
+        ylabel="gold-reward gain over the reference",
+        title="reward-vs-KL trajectories: checkpoints every 8 of 64 steps (mean ± s.e. over seeds)",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--list", action="store_true", help="print the plan and what is done")
+    parser.add_argument("--report", action="store_true", help="only rebuild the report from the summaries")
+    parser.add_argument("--only", default="*", help="run only the runs whose name matches this glob")
+    parser.add_argument("--max-runs", type=int, default=None, help="stop after this many runs")
+    args = parser.parse_args()
+    done = {s["name"] for s in load_summaries()}
+    if args.list:
+        for run in plan():
+            print(f"{'done' if run.name in done else 'todo'}  {run.name}  {' '.join(run.overrides)}")
+        return
+    if not args.report:
+        todo = [r for r in plan() if r.name not in done and fnmatch.fnmatch(r.name, args.only)]
+        for run in todo[: args.max_runs]:
+            print(f"[trajectory] {run.name}", flush=True)
+            run_one(run)
+    md, png = report(load_summaries())
+    print(f"[trajectory] report: {md.relative_to(ROOT)}, {png.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

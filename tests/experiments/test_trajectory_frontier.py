@@ -1,0 +1,78 @@
+"""experiments/trajectory_frontier.py: the plan, matched-KL interpolation, and the report from summaries alone."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tf():
+    spec = importlib.util.spec_from_file_location(
+        "trajectory_frontier", ROOT / "experiments" / "trajectory_frontier.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["trajectory_frontier"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plan_is_seed_major_and_replays_the_same_seeds_beta(tf):
+    runs = tf.plan()
+    assert len(runs) == len(tf.METHODS) * len(tf.SEEDS) == len({r.name for r in runs})
+    assert [r.seed for r in runs[: len(tf.METHODS)]] == [0] * len(tf.METHODS)
+    replay = next(r for r in runs if r.method == "dpo_on_eps_beta" and r.seed == 2)
+    assert "beta_schedule=runs/trajectory/eps-s2" in replay.overrides and replay.needs == "eps-s2"
+    names = [r.name for r in runs]
+    assert names.index("eps-s0") < names.index("dpo_on_eps_beta-s0")  # the source is trained first
+
+
+def test_interpolation_along_a_trajectory(tf):
+    points = [(1.0, 0.1), (3.0, 0.3), (2.0, 0.25)]
+    assert tf.interpolate(points, 2.5) == pytest.approx(0.275)
+    assert (
+        tf.interpolate(points, 1.0) == 0.1 and tf.interpolate(points, 0.5) is None and tf.interpolate(points, 4) is None
+    )
+
+
+def summary(tf, method: str, seed: int, slope: float) -> dict:
+    trajectory = [
+        {"step": s, "kl": 0.5 * s / 8 * 4, "gold_reward_gain": slope * 0.5 * s / 8 * 4, "beta": 0.1}
+        for s in tf.CHECKPOINTS
+    ]
+    train = {"beta": [0.1] * 64, "loss": [0.6] * 64, "accuracy": [0.5] * 64}
+    if method.startswith("eps"):
+        train.update({"s=+1": [0.5] * 64, "s=0": [0.25] * 64, "s=-1": [0.25] * 64})
+    return {
+        "name": f"{method}-s{seed}",
+        "method": method,
+        "seed": seed,
+        "trajectory": trajectory,
+        "train": train,
+        "machine": "test",
+        "commit": "abc",
+        "seconds": {"train": 1.0, "eval": 2.0},
+    }
+
+
+def test_matched_kl_differences_are_paired_by_seed(tf):
+    summaries = [summary(tf, "dpo", s, 0.05) for s in (0, 1)] + [summary(tf, "eps", s, 0.05 + 0.01 * s) for s in (0, 1)]
+    rows = {(r["a"], r["b"], r["kl"]): r for r in tf.matched_differences(summaries)}
+    at4 = rows["eps", "dpo", 4.0]
+    assert at4["n"] == 2 and at4["diffs"] == pytest.approx([0.0, 0.04]) and at4["diff"] == pytest.approx(0.02)
+    assert rows["eps", "dpo_on_eps_beta", 4.0]["n"] == 0  # not run yet: no number
+
+
+def test_report_is_rebuilt_from_summaries(tf, tmp_path, monkeypatch):
+    monkeypatch.setattr(tf, "RESULTS", tmp_path)
+    summaries = [summary(tf, m, s, 0.05) for m in ("dpo", "eps", "eps_frozen") for s in (0, 1)]
+    md, png = tf.report(summaries)
+    text = md.read_text()
+    assert png.is_file() and "Runs done: 6 of 21" in text and "ε-DPO (float32 decisions) − DPO" in text
+    assert "0.50 / 0.25 / 0.25" in text and json.dumps(summaries)  # shares over training
