@@ -73,9 +73,10 @@ def main() -> None:
     parser.add_argument("--epsilons", type=float, nargs="+", default=[0.005, 0.01, 0.02])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--work", type=Path, default=None, help="run directory to train in (reused if trained)")
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="epsdpo-precision-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="epsdpo-precision-"))
     overrides = [
         f"output_dir={work / 'dpo'}",
         "loss_type=dpo",
@@ -91,12 +92,14 @@ def main() -> None:
         "plot_after_training=false",
         f"seed={args.seed}",
     ]
-    result = train(bundled_config("default"), overrides)
     cfg = load_run_config(bundled_config("default"), overrides)
+    final = work / "dpo" / "final"
+    if not final.is_dir():
+        final = train(cfg).final_model_dir
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     held_out = load_eval_dataset(cfg.data, tokenizer)[0][: args.pairs]
     collate = PreferenceCollator(tokenizer.pad_token_id, None)
-    policy = load_causal_lm(str(result.final_model_dir)).eval()
+    policy = load_causal_lm(str(final)).eval()
     reference = load_causal_lm("smollm2-135m-instruct").eval()
     table = {
         str(eps): {p: decisions(policy, reference, held_out, collate, eps, p) for p in REGIMES} for eps in args.epsilons

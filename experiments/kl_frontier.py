@@ -17,7 +17,8 @@ The plan:
 
 - grid: β ∈ {0.01, 0.05, 0.1, 0.5} × {DPO, ε-DPO (ε = 0.01), β-DPO, TR-DPO} × seeds {0, 1};
 - ε ablation: ε-DPO with ε ∈ {0.005, 0.02} at β = 0.1, seed 0 (ε = 0.01 is in the grid);
-- decision precision (SPEC §2): ε-DPO at β = 0.1, seed 0, trained with the published code's bfloat16 decisions
+- decision precision (SPEC §2): ε-DPO at β = 0.1, seed 0, trained with one-rounding bfloat16 decisions (which these
+  runs took for the published code's; that is ``decision_precision=published``, see docs/epsilon_dpo.md)
   (``decision_precision=bfloat16``), and, on every ε-DPO β = 0.1 final checkpoint, the shares of s = +1/0/−1 that
   float32 and bfloat16 decisions give on the same training pairs;
 - evaluation noise: the seed-1 β = 0.1 DPO and ε-DPO models evaluated again with sampler seeds 1, 2, 3;
@@ -397,6 +398,11 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
         lines += [
             "",
             "## Decision precision (SPEC §2): float32 vs bfloat16 decisions on the same final checkpoints",
+            "",
+            "`bfloat16` here is the one-rounding regime (float32 mixtures rounded once), which these runs called the "
+            "published code's decisions; it is not: the published trainer's order of bf16 operations is "
+            "`decision_precision=published`, measured in docs/epsilon_dpo.md "
+            "(`experiments/decision_precision.py`).",
             "",
             "| run (trained with) | pairs | float32 s=+1 / 0 / −1 | bfloat16 s=+1 / 0 / −1 | β at the last step |",
             "|---|---|---|---|---|",
