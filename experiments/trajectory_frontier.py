@@ -50,6 +50,7 @@ SEEDS = (0, 1, 2)
 CHECKPOINTS = (8, 16, 24, 32, 40, 48, 56, 64)
 #: the evaluation of every checkpoint (the sampler seed is the same for all runs, so all share the reference part)
 EVAL = [
+    "eval_dataset=bundled",
     "num_prompts=null",
     "samples_per_prompt=2",
     "max_pairs=null",
