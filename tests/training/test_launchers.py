@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,15 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny.yaml"
 DATA = ROOT / "configs" / "data" / "tiny_preferences.jsonl"
 COMMON = ("disable_tqdm=true", "plot_after_training=false", "save_steps=0", "max_steps=4", f"dataset={DATA}")
+
+
+DEEPSPEED = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}
+
+
+def engine_steps(checkpoint: Path) -> int:
+    """The optimizer steps DeepSpeed's engine took, from its own state in the checkpoint."""
+    state = torch.load(checkpoint / "sharded" / "pytorch_model" / "mp_rank_00_model_states.pt", weights_only=True)
+    return int(state["global_steps"])
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -147,11 +157,36 @@ def test_deepspeed_steps_once_per_window_and_matches_one_process(tmp_path, refer
         f"ds{accumulation}",
         "per_device_train_batch_size=2",
         f"gradient_accumulation_steps={accumulation}",
-        env={"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"},
+        "save_steps=4",
+        env=DEEPSPEED,
     )
     assert "launcher='deepspeed'" in log
-    # an engine step per micro-batch (3 per window) would change every step after the first and the final weights
+    # the engine's own count of optimizer steps: one per window (an engine step per micro-batch would make it 12)
+    assert engine_steps(run / "checkpoint-4") == 4
+    # ... and would change every step after the first, and the final weights
     assert_same_training(references[accumulation], run)
+
+
+@pytest.mark.slow
+def test_deepspeed_resumes_from_its_sharded_checkpoint_exactly(tmp_path):
+    pytest.importorskip("deepspeed")
+    args = ("per_device_train_batch_size=2", "gradient_accumulation_steps=3", "save_steps=2")
+    full, _ = two_processes(tmp_path, "full", *args, env=DEEPSPEED)
+    assert engine_steps(full / "checkpoint-2") == 2 and engine_steps(full / "checkpoint-4") == 4
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(full / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    resumed, _ = two_processes(tmp_path, "resumed", *args, "resume_from_checkpoint=auto", env=DEEPSPEED)
+    x, y = read_metrics(full / "metrics.jsonl"), read_metrics(resumed / "metrics.jsonl")
+    assert [r["step"] for r in y] == [3, 4]
+    for r, s in zip(x[2:], y, strict=True):
+        for key in ("loss", "grad_norm", "kl/beta", "rewards/margins"):
+            assert s[key] == pytest.approx(r[key], rel=1e-6, abs=1e-7), (r["step"], key)
+    wa, wb = (
+        load_file(str(full / "final" / "model.safetensors")),
+        load_file(str(resumed / "final" / "model.safetensors")),
+    )
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
 # ---- β-DPO: margins gathered and filtered once over processes; evaluation without collectives --------------------

@@ -236,9 +236,10 @@ class Trainer:
         self.scheduler = _scheduler(optimizer, cfg, self.schedule.total_steps)
         self.model, self.optimizer = accelerator.prepare(models.policy, optimizer)
         if models.reference is not None:
-            if plan.sharded:  # shard the frozen reference too (evaluation mode: no optimizer, no gradients)
+            if plan.launcher == "fsdp":  # shard the frozen reference too (evaluation mode: no optimizer, no gradients)
                 models.reference = accelerator.prepare_model(models.reference, evaluation_mode=True)
-            else:
+            else:  # DeepSpeed: a whole frozen copy per process; registered with accelerate, its save_state would
+                # take it for a second DeepSpeed engine and fail
                 models.reference.to(accelerator.device)
         self.controller = BetaController(
             loss.beta,
