@@ -32,7 +32,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -493,9 +493,7 @@ def _load_from_run(cfg: EvalConfig) -> _Loaded:
     run = Path(str(cfg.run_dir))
     run_cfg = load_run_config(run / "config.yaml")
     final = run / "final"
-    if cfg.checkpoint is not None:
-        return _load_checkpoint(cfg, run, run_cfg)
-    if cfg.model is None and not final.is_dir():
+    if cfg.model is None and cfg.checkpoint is None and not final.is_dir():
         raise FileNotFoundError(
             f"{run} has no final/ model (training did not finish); finish or resume the run "
             "(resume_from_checkpoint=auto), or give model=PATH."
@@ -510,7 +508,10 @@ def _load_from_run(cfg: EvalConfig) -> _Loaded:
             return build_from_config(m.model_config, len(tokenizer), run_cfg.train.seed)
         return load_causal_lm(m.model, cfg.trust_remote_code or m.trust_remote_code)
 
-    if cfg.model is not None:
+    if cfg.checkpoint is not None:
+        policy = _checkpoint_policy(run, cfg.checkpoint, m, initial_model)
+        policy_name = f"{run} after {cfg.checkpoint} steps" + ("" if cfg.checkpoint else " (the initial model)")
+    elif cfg.model is not None:
         policy, policy_name = load_causal_lm(cfg.model, cfg.trust_remote_code), cfg.model
     elif (final / "adapter_config.json").is_file():  # LoRA: the base with the adapter merged in
         from peft import PeftModel
@@ -528,27 +529,27 @@ def _load_from_run(cfg: EvalConfig) -> _Loaded:
         m.model if m.model_config is None else f"{m.model} (random init, seed {run_cfg.train.seed})"
     )
     ref_id = model_identity(ref_name) if cfg.ref_model else reference_identity(m, run_cfg.train.seed)
+    if cfg.beta is not None:
+        beta = cfg.beta
+    else:
+        beta = _run_beta(run, run_cfg) if cfg.checkpoint is None else _beta_at_step(run, cfg.checkpoint, run_cfg)
     return _Loaded(
         policy,
         reference,
         tokenizer,
-        cfg.beta or _run_beta(run, run_cfg),
+        beta,
         run_cfg.data,
         {"policy": policy_name, "reference": ref_label},
         ref_id,
     )
 
 
-def _load_checkpoint(cfg: EvalConfig, run: Path, run_cfg: Any) -> _Loaded:
-    """The policy after ``cfg.checkpoint`` steps: the initial policy, rebuilt as the trainer built it (LoRA
-    included), with the checkpoint's trainable weights; LoRA adapters merged. Step 0: the initial model."""
-    from epsdpo.models import load_tokenizer
-    from epsdpo.select import reference_identity
+def _checkpoint_policy(run: Path, step: int, m: Any, initial_model: Callable[[], nn.Module]) -> nn.Module:
+    """The policy after ``step`` optimizer steps: the initial policy (LoRA-wrapped as the trainer wrapped it) with
+    ``checkpoint-{step}``'s trainable weights, adapters merged. Step 0: the initial model."""
     from epsdpo.training.checkpoint import MODEL_FILE, load_trainable_state
-    from epsdpo.training.config import tokenizer_name
-    from epsdpo.training.policy import build_policy_and_reference
+    from epsdpo.training.policy import apply_lora
 
-    m, step = run_cfg.models, int(cfg.checkpoint or 0)
     directory = run / f"checkpoint-{step}"
     if step > 0 and not (directory / MODEL_FILE).is_file():
         found = sorted(p.name for p in run.glob("checkpoint-*"))
@@ -556,40 +557,22 @@ def _load_checkpoint(cfg: EvalConfig, run: Path, run_cfg: Any) -> _Loaded:
             " (a sharded FSDP/DeepSpeed checkpoint: not supported here)" if (directory / "sharded").is_dir() else ""
         )
         raise FileNotFoundError(f"{directory / MODEL_FILE} not found{sharded}; checkpoints in {run}: {found or 'none'}")
-    tokenizer = load_tokenizer(cfg.tokenizer or tokenizer_name(run_cfg), cfg.trust_remote_code)
-    built = build_policy_and_reference(replace(m, gradient_checkpointing=False), len(tokenizer), run_cfg.train.seed)
-    policy = built.policy
+    policy = initial_model()
+    if m.use_lora:
+        policy = apply_lora(policy, m)
     if step > 0:
         load_trainable_state(policy, directory / MODEL_FILE)
-    if m.use_lora:
-        policy = policy.merge_and_unload()
-    initial = build_policy_and_reference(
-        replace(m, use_lora=False, gradient_checkpointing=False), len(tokenizer), run_cfg.train.seed
-    )
-    reference = initial.reference if initial.reference is not None else initial.policy
-    ref_label = m.ref_model or m.model
-    return _Loaded(
-        policy,
-        reference,
-        tokenizer,
-        cfg.beta or _beta_at_step(run, step, run_cfg),
-        run_cfg.data,
-        {
-            "policy": f"{run} after {step} steps ({directory.name if step else 'the initial model'})",
-            "reference": ref_label,
-        },
-        reference_identity(m, run_cfg.train.seed),
-    )
+    return policy.merge_and_unload() if m.use_lora else policy
 
 
 def _beta_at_step(run: Path, step: int, run_cfg: Any) -> float:
     """The run's β after ``step`` optimizer steps (``kl/beta_next`` of that step, else the β it used)."""
+    from epsdpo.training.metrics import read_metrics
+
     beta = float(run_cfg.loss.beta)
-    metrics = run / "metrics.jsonl"
-    if step == 0 or not metrics.is_file():
+    if step == 0 or not (run / "metrics.jsonl").is_file():
         return beta
-    for line in metrics.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line) if line.strip() else {}
+    for record in read_metrics(run / "metrics.jsonl"):
         if record.get("step") == step and "kl/beta" in record:
             beta = float(record.get("kl/beta_next", record["kl/beta"]))
     return beta

@@ -23,7 +23,8 @@ from epsdpo.training.config import ModelConfig
 logger = logging.getLogger(__name__)
 
 
-def _apply_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+def apply_lora(model: nn.Module, cfg: ModelConfig) -> nn.Module:
+    """``model`` wrapped with the LoRA adapters ``cfg`` asks for (peft), as training wraps the policy."""
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(
@@ -82,7 +83,7 @@ def build_policy_and_reference(cfg: ModelConfig, vocab_size: int, seed: int) -> 
     if cfg.use_lora:
         if cfg.gradient_checkpointing:
             policy.enable_input_require_grads()
-        policy = _apply_lora(policy, cfg)
+        policy = apply_lora(policy, cfg)
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     total = sum(p.numel() for p in policy.parameters())
     logger.info("policy: %s trainable of %s parameters", f"{trainable:,}", f"{total:,}")
