@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import socket
@@ -236,23 +235,3 @@ def test_bounds_clamp_the_updated_beta():
     c = BetaController(beta=0.1, epsilon=0.5, beta_max=0.12)
     c.observe(s(-1, -1))
     assert c.step() == 0.12  # 0.1 / 0.5 = 0.2 is above it
-
-
-def test_beta_schedule_from_a_file_or_a_run_directory(tmp_path):
-    from epsdpo.control import load_beta_schedule
-
-    (tmp_path / "list.json").write_text("[0.1, 0.09, 0.08]")
-    (tmp_path / "dict.json").write_text('{"beta": [0.1, 0.2]}')
-    assert load_beta_schedule(tmp_path / "list.json") == [0.1, 0.09, 0.08]
-    assert load_beta_schedule(tmp_path / "dict.json") == [0.1, 0.2]
-    run = tmp_path / "run"
-    run.mkdir()
-    lines = [{"step": 1, "kl/beta": 0.1}, {"step": 2, "kl/beta": 0.099}, {"step": 2, "eval/loss": 0.5}]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    assert load_beta_schedule(run) == [0.1, 0.099]
-    (run / "metrics.jsonl").write_text('{"step": 1, "kl/beta": 0.1}\n{"step": 3, "kl/beta": 0.1}\n')
-    with pytest.raises(ValueError, match=r"steps \[2\].*logging_steps=1"):
-        load_beta_schedule(run)
-    (tmp_path / "bad.json").write_text("[0.1, -1]")
-    with pytest.raises(ValueError, match="step 2 has β = -1"):
-        load_beta_schedule(tmp_path / "bad.json")

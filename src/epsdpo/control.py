@@ -16,10 +16,8 @@ not be observed: they use β̃ for their loss but never move β.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
@@ -108,14 +106,13 @@ class BetaController:
         if total == 0:
             return self._beta
         eps = self.epsilon
-        if self.frozen:
-            pass
-        elif self.rule == "inverse_mean_step":
-            self._beta = self._beta / (1.0 + eps * (relaxed - tightened) / total)
-        else:  # "mean_beta": mean over pairs of β / (1 + ε s)
-            self._beta = self._beta * (relaxed / (1.0 + eps) + kept + tightened / (1.0 - eps)) / total
-        low, high = self.bounds
-        self._beta = min(max(self._beta, low if low is not None else 0.0), high if high is not None else math.inf)
+        if not self.frozen:
+            if self.rule == "inverse_mean_step":
+                beta = self._beta / (1.0 + eps * (relaxed - tightened) / total)
+            else:  # "mean_beta": mean over pairs of β / (1 + ε s)
+                beta = self._beta * (relaxed / (1.0 + eps) + kept + tightened / (1.0 - eps)) / total
+            low, high = self.bounds
+            self._beta = min(max(beta, low if low is not None else 0.0), high if high is not None else math.inf)
         self.num_updates += 1
         self.last_fractions = (relaxed / total, kept / total, tightened / total)
         self.last_num_pairs = int(total)
@@ -166,41 +163,6 @@ class BetaController:
             f"BetaController(beta={self._beta:.6g}, epsilon={self.epsilon}, rule={self.rule!r}, "
             f"updates={self.num_updates}, pending={self.pending_pairs})"
         )
-
-
-def load_beta_schedule(source: str | Path) -> list[float]:
-    """The per-step global β of an earlier run, for ``beta_schedule``: element k is the β optimizer step k + 1 used.
-
-    ``source`` is a run directory (read from its ``metrics.jsonl``: the ``kl/beta`` of every step, which needs
-    ``logging_steps=1`` there) or a JSON file holding a list of numbers or ``{"beta": [...]}``.
-    """
-    path = Path(source)
-    if path.is_dir():
-        metrics = path / "metrics.jsonl"
-        if not metrics.is_file():
-            raise FileNotFoundError(f"beta_schedule={source!r}: {metrics} not found; give a run directory or a file")
-        by_step: dict[int, float] = {}
-        for line in metrics.read_text(encoding="utf-8").splitlines():
-            record = json.loads(line) if line.strip() else {}
-            if "kl/beta" in record:
-                by_step[int(record["step"])] = float(record["kl/beta"])
-        missing = sorted(set(range(1, max(by_step, default=0) + 1)) - set(by_step))
-        if not by_step or missing:
-            raise ValueError(
-                f"beta_schedule={source!r}: {metrics} lacks the β of steps {missing[:8] or 'all'}; the source run "
-                "must log every step (logging_steps=1)"
-            )
-        betas = [by_step[k] for k in sorted(by_step)]
-    else:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        betas = data["beta"] if isinstance(data, dict) else data
-        if not isinstance(betas, list):
-            raise ValueError(f"beta_schedule={source!r}: expected a JSON list of β per step or {{'beta': [...]}}")
-        betas = [float(b) for b in betas]
-    bad = [(k + 1, b) for k, b in enumerate(betas) if not (math.isfinite(b) and b > 0)]
-    if bad:
-        raise ValueError(f"beta_schedule={source!r}: step {bad[0][0]} has β = {bad[0][1]}; every β must be positive")
-    return betas
 
 
 class BetaDPOController:

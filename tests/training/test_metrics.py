@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from epsdpo.training.metrics import PER_PAIR, MetricsWriter, add_sums, pair_means, reduce_sums
+from epsdpo.training.metrics import PER_PAIR, MetricsWriter, add_sums, load_beta_schedule, pair_means, reduce_sums
 
 
 def test_sums_add_and_means_divide_by_pairs():
@@ -40,3 +40,21 @@ def test_writer_appends_and_truncates_after_a_step(tmp_path):
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
     MetricsWriter(tmp_path / "other.jsonl", enabled=False).write({"step": 1})  # not the main process: nothing
     assert not (tmp_path / "other.jsonl").exists()
+
+
+def test_beta_schedule_from_a_file_or_a_run_directory(tmp_path):
+    (tmp_path / "list.json").write_text("[0.1, 0.09, 0.08]")
+    (tmp_path / "dict.json").write_text('{"beta": [0.1, 0.2]}')
+    assert load_beta_schedule(tmp_path / "list.json") == [0.1, 0.09, 0.08]
+    assert load_beta_schedule(tmp_path / "dict.json") == [0.1, 0.2]
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [{"step": 1, "kl/beta": 0.1}, {"step": 2, "kl/beta": 0.099}, {"step": 2, "eval/loss": 0.5}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert load_beta_schedule(run) == [0.1, 0.099]
+    (run / "metrics.jsonl").write_text('{"step": 1, "kl/beta": 0.1}\n{"step": 3, "kl/beta": 0.1}\n')
+    with pytest.raises(ValueError, match=r"steps \[2\].*logging_steps=1"):
+        load_beta_schedule(run)
+    (tmp_path / "bad.json").write_text("[0.1, -1]")
+    with pytest.raises(ValueError, match="step 2 has β = -1"):
+        load_beta_schedule(tmp_path / "bad.json")

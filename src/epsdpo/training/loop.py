@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from epsdpo.control import BetaController, BetaDPOController, load_beta_schedule
+from epsdpo.control import BetaController, BetaDPOController
 from epsdpo.data import PreferenceCollator, TokenizedPair, batch_indices
 from epsdpo.distributed import accumulation_boundary, gather_across_processes, rank_slice
 from epsdpo.logps import PerturbedLogps
@@ -53,7 +53,14 @@ from epsdpo.training.checkpoint import (
     write_local_weights,
 )
 from epsdpo.training.config import RunConfig
-from epsdpo.training.metrics import DecisionRecords, MetricsWriter, add_sums, pair_means, reduce_sums
+from epsdpo.training.metrics import (
+    DecisionRecords,
+    MetricsWriter,
+    add_sums,
+    load_beta_schedule,
+    pair_means,
+    reduce_sums,
+)
 from epsdpo.training.pair_loss import (
     DECISION_COLUMNS,
     compute_pair_losses,

@@ -51,6 +51,15 @@ def pair_means(sums: Mapping[str, float], prefix: str = "") -> dict[str, float]:
     return {f"{prefix}{k}": sums[k] / pairs for k in PER_PAIR if k in sums}
 
 
+def truncate_jsonl_after(path: Path, step: int) -> None:
+    """Drop the records of a JSONL file logged after ``step`` (on resume; nothing when the file does not exist)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [line for line in kept if json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
 class DecisionRecords:
     """``decisions.jsonl``: ε-DPO's per-pair decisions of every training step (``decision_records=true``).
 
@@ -80,8 +89,8 @@ class DecisionRecords:
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop the steps after ``step`` (the resumed run writes them again)."""
-        if self.enabled and self.path.is_file():
-            MetricsWriter(self.path, enabled=True).truncate_after(step)
+        if self.enabled:
+            truncate_jsonl_after(self.path, step)
 
 
 class MetricsWriter:
@@ -94,14 +103,8 @@ class MetricsWriter:
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop lines logged after ``step`` (the resumed run writes them again)."""
-        if not self.enabled or not self.path.is_file():
-            return
-        kept = [
-            line
-            for line in self.path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
-        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        if self.enabled:
+            truncate_jsonl_after(self.path, step)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -117,3 +120,34 @@ class MetricsWriter:
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl`` file."""
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def load_beta_schedule(source: str | Path) -> list[float]:
+    """The per-step global β of an earlier run, for ``beta_schedule``: element k is the β optimizer step k + 1 used.
+
+    ``source`` is a run directory (read from its ``metrics.jsonl``: the ``kl/beta`` of every step, which needs
+    ``logging_steps=1`` there) or a JSON file holding a list of numbers or ``{"beta": [...]}``.
+    """
+    path = Path(source)
+    if path.is_dir():
+        metrics = path / "metrics.jsonl"
+        if not metrics.is_file():
+            raise FileNotFoundError(f"beta_schedule={source!r}: {metrics} not found; give a run directory or a file")
+        by_step = {int(r["step"]): float(r["kl/beta"]) for r in read_metrics(metrics) if "kl/beta" in r}
+        missing = sorted(set(range(1, max(by_step, default=0) + 1)) - set(by_step))
+        if not by_step or missing:
+            raise ValueError(
+                f"beta_schedule={source!r}: {metrics} lacks the β of steps {missing[:8] or 'all'}; the source run "
+                "must log every step (logging_steps=1)"
+            )
+        betas = [by_step[k] for k in sorted(by_step)]
+    else:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        betas = data["beta"] if isinstance(data, dict) else data
+        if not isinstance(betas, list):
+            raise ValueError(f"beta_schedule={source!r}: expected a JSON list of β per step or {{'beta': [...]}}")
+        betas = [float(b) for b in betas]
+    bad = [(k + 1, b) for k, b in enumerate(betas) if not (math.isfinite(b) and b > 0)]
+    if bad:
+        raise ValueError(f"beta_schedule={source!r}: step {bad[0][0]} has β = {bad[0][1]}; every β must be positive")
+    return betas
