@@ -211,6 +211,19 @@ def _flatten(side: Tensor | LMHeadInput) -> tuple[Tensor, Tensor | None, Tensor 
     return side.reshape(-1, side.shape[-1]), None, None
 
 
+def _completion_tokens(labels: Tensor, completion_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(positions, sequence, token labels), each (M,): the completion tokens' indices into the flattened (N*T) grid,
+    the sequence each belongs to, and its label."""
+    positions = completion_mask.reshape(-1).bool().nonzero().squeeze(-1)
+    sequence = torch.div(positions, labels.shape[1], rounding_mode="floor")
+    return positions, sequence, labels.reshape(-1)[positions]
+
+
+def _per_sequence(tokens: Tensor, sequence: Tensor, n: int) -> Tensor:
+    """(N,) float32 sums of per-token values (M,) by sequence."""
+    return torch.zeros(n, dtype=torch.float32, device=tokens.device).index_add(0, sequence, tokens)
+
+
 def chunked_perturbed_logps(
     policy: Tensor | LMHeadInput,
     reference: Tensor | LMHeadInput,
@@ -226,10 +239,7 @@ def chunked_perturbed_logps(
     ``policy``/``reference`` are either (N, T, V) logits or :class:`LMHeadInput` (hidden (N, T, H) and the head).
     """
     n, t = labels.shape
-    mask = completion_mask.reshape(-1).bool()
-    positions = mask.nonzero().squeeze(-1)  # (M,) indices into the flattened (N*T) token grid
-    sequence = torch.div(positions, t, rounding_mode="floor")  # (M,) which sequence each token belongs to
-    token_labels = labels.reshape(-1)[positions]
+    positions, sequence, token_labels = _completion_tokens(labels, completion_mask)  # each (M,)
     p_rows, p_w, p_b = _flatten(policy)
     r_rows, r_w, r_b = _flatten(reference)
     vocab = p_rows.shape[-1] if p_w is None else p_w.shape[0]
@@ -248,9 +258,6 @@ def chunked_perturbed_logps(
         published_order,
     )
 
-    def per_sequence(tok: Tensor) -> Tensor:
-        return torch.zeros(n, dtype=torch.float32, device=labels.device).index_add(0, sequence, tok)
-
     if published_order:  # the published per-sequence sums: over the (N, T) grid, zero off the mask, in the dtype
 
         def per_sequence_published(tok: Tensor) -> Tensor:
@@ -259,9 +266,11 @@ def chunked_perturbed_logps(
             return grid.view(n, t).sum(-1).float()
 
         return PerturbedLogps(
-            per_sequence(toks[0]), per_sequence(toks[1]), *(per_sequence_published(x) for x in toks[2:])
+            _per_sequence(toks[0], sequence, n),
+            _per_sequence(toks[1], sequence, n),
+            *(per_sequence_published(x) for x in toks[2:]),
         )
-    policy_lp, ref_lp, weaker, stronger, decision = (per_sequence(x) for x in toks)
+    policy_lp, ref_lp, weaker, stronger, decision = (_per_sequence(x, sequence, n) for x in toks)
     return PerturbedLogps(
         policy_lp,
         ref_lp,
@@ -278,10 +287,7 @@ def chunked_sequence_logps(
     """Σ_t log softmax(logits)[y_t] over completion tokens, (N,) float32, without autograd: the plain log-prob that
     evaluation and data selection need, from the same chunked projection as training (never the (N, T, V) logits
     when ``side`` is an :class:`LMHeadInput`)."""
-    n, t = labels.shape
-    positions = completion_mask.reshape(-1).bool().nonzero().squeeze(-1)  # (M,) into the flattened (N*T) grid
-    sequence = torch.div(positions, t, rounding_mode="floor")  # (M,)
-    token_labels = labels.reshape(-1)[positions]  # (M,)
+    positions, sequence, token_labels = _completion_tokens(labels, completion_mask)  # each (M,)
     rows, weight, bias = _flatten(side)
     vocab = rows.shape[-1] if weight is None else weight.shape[0]
     step = chunk_size or default_chunk_size(vocab)
@@ -291,4 +297,4 @@ def chunked_sequence_logps(
         stop = min(start + step, positions.shape[0])
         logits = _project(buffer[: stop - start], rows[positions[start:stop]], weight, bias)  # (c, V)
         tokens[start:stop] = _token_logps(logits, token_labels[start:stop], logits)[0]
-    return torch.zeros(n, dtype=torch.float32, device=labels.device).index_add(0, sequence, tokens)
+    return _per_sequence(tokens, sequence, labels.shape[0])
