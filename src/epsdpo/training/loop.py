@@ -22,7 +22,6 @@ reference cache, the final model and its card, the evaluation, the plots) is :mo
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import signal
@@ -40,6 +39,7 @@ from tqdm.auto import tqdm
 from epsdpo.control import BetaController, BetaDPOController
 from epsdpo.data import PreferenceCollator, TokenizedPair, batch_indices
 from epsdpo.distributed import accumulation_boundary, gather_across_processes, rank_slice
+from epsdpo.generate import sample_seed
 from epsdpo.logps import PerturbedLogps
 from epsdpo.logps.heads import policy_logps
 from epsdpo.reference import fold_adapters_into_base, soft_update_reference
@@ -184,11 +184,6 @@ def _scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, total_steps: in
     t = cfg.train
     warmup = warmup_steps(total_steps, t.warmup_steps, t.warmup_ratio)
     return make_scheduler(optimizer, t.lr_scheduler_type, total_steps, warmup)
-
-
-def _stream_seed(*parts: object) -> int:
-    """A stable 63-bit seed from the parts (the same on every process and after a resume)."""
-    return int.from_bytes(hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
 
 
 class Trainer:
@@ -340,7 +335,9 @@ class Trainer:
                 batch_beta, keep, kept_share = beta, None, None
                 if self.beta_dpo is not None:  # β-DPO: statistics of the whole global micro-batch, moved by the loop
                     margins = gather_across_processes(dpo_margins(logps))  # (world·B,) in global-batch order
-                    generator = torch.Generator().manual_seed(_stream_seed(t.seed, "beta_dpo", self.global_step, i))
+                    # the filter's draw: seeded by (seed, step, micro-batch), the same on every process and on resume
+                    seed = sample_seed(t.seed, f"step-{self.global_step}", i, stream="beta_dpo")
+                    generator = torch.Generator().manual_seed(seed)
                     batch_beta, kept = self.beta_dpo.batch(margins, generator=generator)
                     keep = rank_slice(kept, self.rank, self.world)  # (B,) this process's pairs
                     kept_share = float(kept.float().mean())  # every process scales by the global share
