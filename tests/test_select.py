@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -172,3 +173,177 @@ def test_reference_identity_follows_ref_model_even_for_a_random_policy():
     assert reference_identity(ModelConfig(model="x", model_config=arch), 3) == model_identity("x", arch, 3)
     with_ref = ModelConfig(model="x", model_config=arch, ref_model="some/hub-id")
     assert reference_identity(with_ref, 3) == model_identity("some/hub-id") != model_identity("x", arch, 3)
+
+
+# ---- explicit margins from several scores -------------------------------------------------------------------------
+def test_several_scores_give_a_max_minus_min_explicit_margin(smollm2_tokenizer):
+    from epsdpo.data import DataError
+
+    rows = [
+        {"prompt": "q0", "chosen": "good", "rejected": "bad", "all": [0.1, 0.9, -0.3, 0.4]},  # k = 4: 0.9 − (−0.3)
+        {"prompt": "q1", "chosen": "fine", "rejected": "poor", "all": [0.5, 0.2]},  # k = 2: [chosen, rejected]
+        {"prompt": "q2", "chosen": "nice", "rejected": "awful", "all": {"chosen": 2.0, "rejected": -1.0}},
+        {"prompt": "q3", "chosen": "yes", "rejected": "no", "all": [1, 1, 1]},  # equal scores: margin 0
+    ]
+    pairs, _ = load_preference_dataset(rows, smollm2_tokenizer, config=DataConfig(scores_column="all"))
+    assert [p.explicit_margin for p in pairs] == pytest.approx([1.2, 0.3, 3.0, 0.0])
+    assert pairs[0].score_chosen is None and pairs[0].score_margin == pytest.approx(
+        1.2
+    )  # which one was chosen: unknown
+    assert (pairs[1].score_chosen, pairs[1].score_rejected, pairs[1].score_margin) == (0.5, 0.2, None)
+    selection = select_pairs("explicit", pairs, 0.5)
+    assert selection.explicit == pytest.approx([1.2, 0.3, 3.0, 0.0]) and selection.kept == [0, 2]
+    for bad, column in (([0.3], "all"), ([0.1, "x", 0.2], "all[1]"), ([0.1, float("inf"), 0.0], "all[1]")):
+        with pytest.raises(DataError) as caught:
+            load_preference_dataset(
+                [{**rows[0], "all": bad}], smollm2_tokenizer, config=DataConfig(scores_column="all")
+            )
+        assert caught.value.reason == "bad_score" and caught.value.column == column
+
+
+def test_generated_rows_chosen_minus_rejected_is_the_spread_of_all_scores(smollm2_tokenizer):
+    """``epsdpo generate`` keeps best vs worst: its score columns already give max − min of the k scores."""
+    row = {
+        "prompt": "q",
+        "chosen": "best",
+        "rejected": "worst",
+        "score_chosen": 0.8,
+        "score_rejected": -0.4,
+        "scores": [0.1, 0.8, -0.4, 0.0],
+    }
+    (by_columns,), _ = load_preference_dataset([row], smollm2_tokenizer)
+    (by_list,), _ = load_preference_dataset(
+        [{k: v for k, v in row.items() if not k.startswith("score_")}],
+        smollm2_tokenizer,
+        config=DataConfig(scores_column="scores"),
+    )
+    assert by_columns.explicit_margin == pytest.approx(by_list.explicit_margin) == pytest.approx(1.2)
+
+
+# ---- implicit margins under π₀, not under a separate reference ----------------------------------------------------
+@pytest.mark.slow
+def test_implicit_margins_are_the_initial_policys_even_with_a_separate_ref_model(tmp_path, smollm2_tokenizer):
+    from epsdpo.models import build_from_config
+    from epsdpo.recipe import prepare_run
+
+    cfg = load_run_config(TINY, [f"dataset={DATA}"])
+    arch, vocab = cfg.models.model_config, len(smollm2_tokenizer)
+    other = build_from_config(arch, vocab, seed=123)  # a different model as the training reference
+    other.save_pretrained(tmp_path / "ref")
+    smollm2_tokenizer.save_pretrained(tmp_path / "ref")
+    cfg = load_run_config(
+        TINY,
+        [
+            f"dataset={DATA}",
+            f"output_dir={tmp_path / 'run'}",
+            f"ref_model={tmp_path / 'ref'}",
+            "selection=implicit",
+            f"select_cache_dir={tmp_path / 'cache'}",
+            "disable_tqdm=true",
+            "max_steps=1",
+        ],
+    )
+    prepare_run(cfg)
+    recorded = [json.loads(line)["implicit_margin"] for line in (tmp_path / "run" / "selection_scores.jsonl").open()]
+    pairs, _ = load_preference_dataset(DATA, smollm2_tokenizer, config=cfg.data)
+    collate = PreferenceCollator(smollm2_tokenizer.pad_token_id)
+    initial = build_from_config(arch, vocab, seed=cfg.train.seed)
+    under_initial, _ = implicit_margins(initial, "π0", pairs, collate, None)
+    under_reference, _ = implicit_margins(other, "ref", pairs, collate, None)
+    assert recorded == pytest.approx(under_initial, rel=1e-5, abs=1e-7)
+    assert recorded != pytest.approx(under_reference, rel=1e-3)
+
+
+# ---- the margins cache under concurrent writers --------------------------------------------------------------------
+def _write_many(path: str, tag: int, times: int) -> None:
+    from epsdpo.select import write_margins_cache
+
+    for i in range(times):
+        write_margins_cache(Path(path), {"writer": tag, "i": i, "margins": [float(tag)] * 200})
+
+
+def test_two_processes_writing_the_same_margins_cache_never_clash(tmp_path):
+    import multiprocessing
+
+    path = tmp_path / "implicit_margins-key.json"
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_write_many, args=(str(path), tag, 400)) for tag in (1, 2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    assert [w.exitcode for w in workers] == [0, 0]  # a shared temporary name fails here: one renames the other's
+    record = json.loads(path.read_text())
+    assert record["i"] == 399 and record["margins"] == [float(record["writer"])] * 200
+    assert not list(tmp_path.glob("*.partial"))
+
+
+# ---- selection's memory: chunked like training, never the (2B, T, V) logits ----------------------------------------
+class PeakTensorMemory(torch.utils._python_dispatch.TorchDispatchMode):
+    """Bytes of tensor storage alive at once (peak) while active: every op's outputs are counted until freed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.refs: list[Any] = []
+        self.current = self.peak = 0
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import weakref
+
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key in self.live or storage.nbytes() == 0:
+                    continue
+                self.live[key] = storage.nbytes()
+                self.current += storage.nbytes()
+                self.peak = max(self.peak, self.current)
+                self.refs.append(weakref.ref(storage, lambda _, k=key: self._free(k)))
+        return out
+
+
+def test_selection_memory_is_bounded_like_trainings_chunked_path(monkeypatch):
+    from epsdpo.logps import chunked
+    from epsdpo.logps.heads import completion_logps
+
+    monkeypatch.setattr(chunked, "DEFAULT_CHUNK_ELEMENTS", 1 << 20)  # 32 tokens per (chunk, V) block at V = 32768
+    vocab = 32768
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    model = LlamaForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(1)
+    pairs = [
+        TokenizedPair(
+            torch.randint(1, vocab, (16,), generator=gen).tolist(),
+            torch.randint(1, vocab, (60,), generator=gen).tolist(),
+            torch.randint(1, vocab, (56,), generator=gen).tolist(),
+            None,
+            None,
+            i,
+        )
+        for i in range(8)
+    ]
+    collate = PreferenceCollator(pad_token_id=0)
+    full_logits = 2 * 8 * (16 + 60) * vocab * 4  # bytes of the (2B, T, V) float32 logits: 156 MiB
+    with PeakTensorMemory() as selection:
+        mean_token_logps(model, pairs, collate, batch_size=8)
+    batch = collate(pairs)
+    with PeakTensorMemory() as training, torch.no_grad():  # training's reference side on the same batch
+        ids, attention = batch["input_ids"], batch["attention_mask"]
+        completion_logps(model, ids, attention, ids[:, 1:], batch["completion_mask"][:, 1:], fused=True)
+    block = 32 * vocab * 4  # one (chunk, V) float32 buffer: 4 MiB
+    assert training.peak < 8 * block < full_logits / 4
+    assert selection.peak <= 1.1 * training.peak + (1 << 20), (selection.peak, training.peak)

@@ -22,7 +22,7 @@ from epsdpo.logps.heads import frozen_head_copy, fused_head_matches, output_head
 from epsdpo.machine import cpu_has_native_bf16
 from epsdpo.models import cache_dir, load_tokenizer
 from epsdpo.refcache import ReferenceHiddenCache, load_or_compute_reference_hidden
-from epsdpo.select import reference_identity, select_for_config
+from epsdpo.select import initial_policy_identity, reference_identity, select_for_config
 from epsdpo.training.checkpoint import resolve_resume
 from epsdpo.training.config import RunConfig, load_run_config, tokenizer_name
 from epsdpo.training.final import save_final_model
@@ -56,19 +56,26 @@ def _check_output_dir(cfg: RunConfig, resume: Path | None) -> None:
 
 
 def _select(
-    cfg: RunConfig, pairs: list[TokenizedPair], tokenizer: Any, models: PolicyAndReference, main: bool
+    cfg: RunConfig, pairs: list[TokenizedPair], tokenizer: Any, models: PolicyAndReference, accelerator: Any
 ) -> list[TokenizedPair]:
-    """Data selection before training (SPEC §3); implicit margins from the initial policy, which is π_ref."""
-    reference = models.reference if models.reference is not None else models.policy
-    selection = select_for_config(
-        cfg.data,
-        pairs,
-        tokenizer,
-        reference,
-        reference_identity(cfg.models, cfg.train.seed),
-        seed=cfg.train.seed,
-        out_dir=cfg.output_dir if main else None,
-    )
+    """Data selection before training (SPEC §3). The implicit margins are the initial policy's π₀ (the policy before
+    its first step), also when a separate ``ref_model`` is the reference. The main process computes them and fills
+    the margins cache; the other processes then read it, so all keep the same pairs and the work is done once."""
+    main = accelerator.is_main_process
+    selection = None
+    for main_pass in (True, False):
+        if main_pass == main:
+            selection = select_for_config(
+                cfg.data,
+                pairs,
+                tokenizer,
+                models.policy,
+                initial_policy_identity(cfg.models, cfg.train.seed),
+                seed=cfg.train.seed,
+                out_dir=cfg.output_dir if main else None,
+            )
+        accelerator.wait_for_everyone()
+    assert selection is not None
     if main:
         logger.info(
             "selection %s kept %d of %d pairs (select_ratio %g); scores in %s",
@@ -194,15 +201,15 @@ def prepare_run(
     collate = PreferenceCollator(tokenizer.pad_token_id, cfg.data.pad_to_multiple_of)
 
     models = build_policy_and_reference(m, len(tokenizer), t.seed)
+    models.policy.to(acc.device)
     if cfg.data.selection != "none":
-        train_pairs = _select(cfg, train_pairs, tokenizer, models, acc.is_main_process)
+        train_pairs = _select(cfg, train_pairs, tokenizer, models, acc)
     launcher = _launcher(acc)
     if launcher == "deepspeed":
         try:
             configure_deepspeed(acc, t.per_device_train_batch_size, t.max_grad_norm)
         except ValueError as e:
             raise TrainingError(str(e)) from None
-    models.policy.to(acc.device)
     try:
         plan = plan_run(cfg, launcher, _head_is_exact(models, train_pairs, collate, acc.device))
     except PlanError as e:

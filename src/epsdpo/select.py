@@ -3,8 +3,10 @@ Alignment?", ICML 2025, arXiv 2503.01864; ``../shared/SPEC.md`` §3).
 
 Score each pair before training by how much it can still teach the model:
 
-- explicit margin  m_ex = score(y_w) − score(y_l)   (from the data's score columns, or computed with a reward)
-- implicit margin  m_im = | mean-token log π₀(y_w|x) − mean-token log π₀(y_l|x) |   under the initial model π₀ = π_ref
+- explicit margin  m_ex = score(y_w) − score(y_l)   (from the data's score columns, or computed with a reward;
+  max − min over all responses' scores where the data scored several: a k-score ``scores`` column)
+- implicit margin  m_im = | mean-token log π₀(y_w|x) − mean-token log π₀(y_l|x) |   under the initial policy π₀
+  (the model training starts from; π_ref too unless a separate ``ref_model`` is configured, which is not used here)
 - alignment potential  a = z(m_ex) − w · z(m_im),   z the standardisation over the dataset (population std)
 
 and keep the top ``select_ratio`` (0.4 in the paper). A large explicit margin with a small current implicit margin
@@ -22,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,7 +59,7 @@ def selection_scores(
     if method in ("alignment_potential", "explicit") and explicit is None:
         raise ValueError(f"selection {method!r} needs explicit margins: score columns in the data or a reward")
     if method in ("alignment_potential", "implicit") and implicit is None:
-        raise ValueError(f"selection {method!r} needs implicit margins from the reference model")
+        raise ValueError(f"selection {method!r} needs implicit margins under the initial policy π₀")
     if method == "explicit":
         return zscore(explicit)  # type: ignore[arg-type]
     if method == "implicit":
@@ -82,14 +85,15 @@ def top_fraction(scores: Sequence[float] | None, n: int, ratio: float, seed: int
 
 
 def explicit_margins(pairs: Sequence[TokenizedPair]) -> list[float] | None:
-    """score_chosen − score_rejected per pair, or None when the data has no scores; an error if only some do."""
-    have = [p.score_chosen is not None and p.score_rejected is not None for p in pairs]
-    if not any(have):
+    """The data's explicit margin per pair (:attr:`TokenizedPair.explicit_margin`: score_chosen − score_rejected, or
+    max − min of k scores), or None when the data has no scores; an error if only some rows have them."""
+    margins = [p.explicit_margin for p in pairs]
+    if all(m is None for m in margins):
         return None
-    if not all(have):
-        missing = next(p.index for p, h in zip(pairs, have, strict=True) if not h)
+    missing = next((p.index for p, m in zip(pairs, margins, strict=True) if m is None), None)
+    if missing is not None:
         raise ValueError(f"row {missing} has no scores while others do; explicit margins need scores on every row")
-    return [float(p.score_chosen) - float(p.score_rejected) for p in pairs]  # type: ignore[arg-type]
+    return margins  # type: ignore[return-value]
 
 
 @torch.no_grad()
@@ -104,6 +108,7 @@ def mean_token_logps(
     device = next(model.parameters()).device
     chosen: list[float] = []
     rejected: list[float] = []
+    was_training = model.training
     model.eval()
     fused: bool | None = None
     for start in range(0, len(pairs), batch_size):
@@ -117,6 +122,7 @@ def mean_token_logps(
         b = ids.shape[0] // 2
         chosen += mean[:b].tolist()
         rejected += mean[b:].tolist()
+    model.train(was_training)
     return chosen, rejected
 
 
@@ -141,17 +147,28 @@ def implicit_margins(
     Returns the margins and whether they came from the cache. ``model_id`` identifies the weights (e.g. the resolved
     path and the weights file's size and mtime; see :func:`model_identity`).
     """
-    path = None if cache_dir is None else Path(cache_dir) / f"implicit_margins-{cache_key(model_id, pairs)}.json"
+    path = None if cache_dir is None else margins_cache_file(cache_dir, model_id, pairs)
     if path is not None and path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))["margins"], True
     chosen, rejected = mean_token_logps(model, pairs, collate, batch_size)
     margins = [abs(c - r) for c, r in zip(chosen, rejected, strict=True)]
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"model": model_id, "pairs": len(pairs), "margins": margins}), encoding="utf-8")
-        tmp.replace(path)
+        write_margins_cache(path, {"model": model_id, "pairs": len(pairs), "margins": margins})
     return margins, False
+
+
+def margins_cache_file(cache_dir: Path | str, model_id: str, pairs: Sequence[TokenizedPair]) -> Path:
+    """Where :func:`implicit_margins` keeps the margins of ``pairs`` under the model ``model_id``."""
+    return Path(cache_dir) / f"implicit_margins-{cache_key(model_id, pairs)}.json"
+
+
+def write_margins_cache(path: Path, record: dict[str, Any]) -> None:
+    """Write atomically through a temporary file of this process's own: processes (or concurrent runs) that fill
+    the same key each rename a complete file into place, never one another's half-written one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    tmp.write_text(json.dumps(record), encoding="utf-8")
+    tmp.replace(path)
 
 
 def model_identity(name_or_path: str, model_config: dict[str, Any] | None = None, seed: int = 0) -> str:
@@ -167,12 +184,18 @@ def model_identity(name_or_path: str, model_config: dict[str, Any] | None = None
     return str(path) + "".join(f"|{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files)
 
 
+def initial_policy_identity(models: Any, seed: int) -> str:
+    """:func:`model_identity` of the initial policy π₀ of a :class:`~epsdpo.training.config.ModelConfig` (its
+    ``model``, or its random ``model_config`` and seed), whatever reference it trains against."""
+    return model_identity(models.model, models.model_config, seed)
+
+
 def reference_identity(models: Any, seed: int) -> str:
     """:func:`model_identity` of the reference a :class:`~epsdpo.training.config.ModelConfig` trains against:
     ``ref_model`` when given (even for a randomly initialised policy), else the initial policy."""
     if models.ref_model:
         return model_identity(models.ref_model)
-    return model_identity(models.model, models.model_config, seed)
+    return initial_policy_identity(models, seed)
 
 
 @dataclass
@@ -315,7 +338,8 @@ def select_for_config(
 ) -> Selection:
     """Run the selection a :class:`~epsdpo.data.DataConfig` asks for (``method`` overrides ``config.selection``).
 
-    ``reference`` computes the implicit margins (the initial policy: π₀ = π_ref); it may be None for methods that do
+    ``reference`` computes the implicit margins: the initial policy π₀ (SPEC §3), also when training uses a separate
+    ``ref_model``; ``model_id`` identifies it (:func:`initial_policy_identity`). It may be None for methods that do
     not need it. Outputs go to ``out_dir`` when given (see :func:`write_selection`).
     """
     from epsdpo.models import cache_dir
@@ -325,7 +349,7 @@ def select_for_config(
     implicit = None
     if method in ("alignment_potential", "implicit"):
         if reference is None:
-            raise ValueError(f"selection {method!r} needs the reference model for implicit margins")
+            raise ValueError(f"selection {method!r} needs the initial policy π₀ for implicit margins")
         cache = Path(config.select_cache_dir) if config.select_cache_dir else cache_dir() / "margins"
         collate = PreferenceCollator(tokenizer.pad_token_id, config.pad_to_multiple_of)
         implicit, _ = implicit_margins(reference, model_id, pairs, collate, cache, batch_size)

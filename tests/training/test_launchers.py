@@ -149,6 +149,19 @@ def test_ddp_accumulation_matches_one_process(tmp_path, references):
 
 
 @pytest.mark.slow
+def test_ddp_selection_keeps_the_same_pairs_as_one_process(tmp_path):
+    """The main process computes the implicit margins and fills the cache; the other reads it: same pairs kept."""
+    select = ("selection=alignment_potential", "select_ratio=0.5")
+    one = one_process(tmp_path, "one", *select, f"select_cache_dir={tmp_path / 'c1'}", "per_device_train_batch_size=4")
+    two, _ = two_processes(
+        tmp_path, "two", *select, f"select_cache_dir={tmp_path / 'c2'}", "per_device_train_batch_size=2"
+    )
+    assert (one / "selection_scores.jsonl").read_text() == (two / "selection_scores.jsonl").read_text()
+    assert [p.name for p in (tmp_path / "c2").iterdir()] == [p.name for p in (tmp_path / "c1").iterdir()]
+    assert_same_training(one, two)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("accumulation", [1, 3])
 def test_deepspeed_steps_once_per_window_and_matches_one_process(tmp_path, references, accumulation):
     pytest.importorskip("deepspeed")

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from epsdpo.data import DataError, load_preference_dataset
     from epsdpo.data.loading import load_rows
     from epsdpo.models import build_from_config, load_causal_lm, load_tokenizer
-    from epsdpo.select import reference_identity, select_for_config
+    from epsdpo.select import initial_policy_identity, select_for_config
     from epsdpo.training.config import load_run_config, tokenizer_name
 
     is_config = Path(args.source).suffix.lower() in CONFIG_SUFFIXES
@@ -46,14 +46,14 @@ def run(args: argparse.Namespace) -> int:
         return 2
     method = args.method or (cfg.data.selection if cfg.data.selection != "none" else "alignment_potential")
     m = cfg.models
-    reference = None
+    initial = None  # the initial policy π₀ (SPEC §3): the model training would start from, never a ref_model
     if method in ("alignment_potential", "implicit"):
-        reference = (
+        initial = (
             build_from_config(m.model_config, len(tokenizer), cfg.train.seed)
             if m.model_config
-            else load_causal_lm(m.ref_model or m.model, m.trust_remote_code)
+            else load_causal_lm(m.model, m.trust_remote_code)
         )
-    model_id = reference_identity(m, cfg.train.seed)
+    model_id = initial_policy_identity(m, cfg.train.seed)
     data_path = Path(str(cfg.data.dataset))
     out = Path(args.out) if args.out else (data_path.parent if data_path.exists() else Path(".")) / "selection"
     raw = load_rows(cfg.data.dataset, dataset_config=cfg.data.dataset_config, split=cfg.data.split)
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
             cfg.data,
             pairs,
             tokenizer,
-            reference,
+            initial,
             model_id,
             seed=cfg.train.seed,
             out_dir=out,

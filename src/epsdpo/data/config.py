@@ -30,7 +30,10 @@ class DataConfig:
         rejected_column: column holding the dispreferred response.
         score_chosen_column: numeric score of the chosen response; ``None`` uses ``score_chosen`` when present.
         score_rejected_column: numeric score of the rejected response; ``None`` uses ``score_rejected`` when present.
-        scores_column: one column holding both scores, as ``[chosen, rejected]`` or ``{chosen: x, rejected: y}``.
+        scores_column: one column holding both scores, as ``[chosen, rejected]`` or ``{chosen: x, rejected: y}``, or
+            the scores of all k ≥ 3 responses sampled for the prompt: the explicit margin is then their max − min
+            (``epsdpo generate``'s rows need none of this: their ``score_chosen``/``score_rejected`` are the best and
+            the worst of the k scores, so chosen − rejected already is max − min).
         max_length: longest prompt + completion in tokens; completions are cut from their end to fit.
         max_prompt_length: longest prompt in tokens, cut according to ``truncation_mode``; ``None``: no limit.
             Keep it below ``max_length``: a pair whose prompt leaves no room for a completion is dropped (counted).

@@ -10,8 +10,11 @@ Accepted shapes (per row; the report counts how many rows had each):
   (an assistant message); the shared messages are the prompt. A ``prompt`` column may be present too: it must then
   equal the shared messages, or the content of the last of them.
 
-Scores (optional): ``score_chosen``/``score_rejected`` numbers, or one ``scores`` column holding
-``[chosen, rejected]`` or ``{"chosen": …, "rejected": …}``.
+Scores (optional): ``score_chosen``/``score_rejected`` numbers, or one ``scores`` column (``scores_column``) holding
+``[chosen, rejected]``, ``{"chosen": …, "rejected": …}``, or the scores of all k ≥ 3 responses sampled for the prompt
+(as ``epsdpo generate`` writes them). The explicit margin of data selection is score_chosen − score_rejected, or, from
+k scores, their max − min (Huang et al. 2025 score every sampled response and take the spread); with k scores the
+chosen and rejected ones are not known, so ``score_chosen``/``score_rejected`` stay empty.
 
 Completion ends (optional): boolean ``chosen_finished``/``rejected_finished`` columns, as ``epsdpo generate`` writes
 them. ``false`` says the response was cut at a generation limit rather than ended by the model, so it must not be
@@ -50,6 +53,7 @@ class Example:
     score_rejected: float | None = None
     chosen_finished: bool = True
     rejected_finished: bool = True
+    score_margin: float | None = None  # max − min of several scores (a k-score ``scores`` column)
 
     @property
     def is_conversational(self) -> bool:
@@ -284,27 +288,33 @@ def _score(value: Any, column: str, from_csv: bool) -> float:
     return float(value)
 
 
-def _scores(row: Mapping[str, Any], columns: Columns, from_csv: bool) -> tuple[float | None, float | None]:
+def _scores(
+    row: Mapping[str, Any], columns: Columns, from_csv: bool
+) -> tuple[float | None, float | None, float | None]:
+    """(score_chosen, score_rejected, score_margin): a pair of scores, or k ≥ 3 scores' max − min as the margin."""
     if columns.score_chosen is not None and columns.score_rejected is not None:
         return (
             _score(_value(row, columns.score_chosen), columns.score_chosen, from_csv),
             _score(_value(row, columns.score_rejected), columns.score_rejected, from_csv),
+            None,
         )
     if columns.scores is None:
-        return None, None
+        return None, None, None
     value = _value(row, columns.scores)
     if isinstance(value, Mapping) and set(value) == {"chosen", "rejected"}:
-        pair: Sequence[Any] = [value["chosen"], value["rejected"]]
-    elif isinstance(value, list | tuple) and len(value) == 2:
-        pair = value
-    else:
+        value = [value["chosen"], value["rejected"]]
+    if not isinstance(value, list | tuple) or len(value) < 2:
         raise RowProblem(
             "bad_score",
             columns.scores,
-            f"expected [chosen, rejected] scores, got {value!r}",
-            'Give two scores, as [chosen, rejected] or {"chosen": x, "rejected": y}.',
+            f"expected [chosen, rejected] scores or the scores of all responses, got {value!r}",
+            'Give two scores, as [chosen, rejected] or {"chosen": x, "rejected": y}, or a list of every sampled '
+            "response's score (k >= 3).",
         )
-    return _score(pair[0], columns.scores, from_csv), _score(pair[1], columns.scores, from_csv)
+    scores = [_score(v, f"{columns.scores}[{i}]", from_csv) for i, v in enumerate(value)]
+    if len(scores) == 2:
+        return scores[0], scores[1], None
+    return None, None, max(scores) - min(scores)
 
 
 def _flag(value: Any, column: str, from_csv: bool) -> bool:
@@ -354,8 +364,15 @@ def normalize_row(row: Any, columns: Columns, from_csv: bool = False) -> Example
             "the rejected response is identical to the chosen one",
             "Remove the row: a pair with two equal responses carries no preference.",
         )
-    score_chosen, score_rejected = _scores(row, columns, from_csv)
+    score_chosen, score_rejected, score_margin = _scores(row, columns, from_csv)
     ends = [_flag(_value(row, c), c, from_csv) for c in FINISHED_COLUMNS] if columns.finished else [True, True]
     return Example(
-        example.prompt, example.chosen, example.rejected, example.format, score_chosen, score_rejected, *ends
+        example.prompt,
+        example.chosen,
+        example.rejected,
+        example.format,
+        score_chosen,
+        score_rejected,
+        *ends,
+        score_margin=score_margin,
     )

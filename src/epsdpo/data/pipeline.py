@@ -161,6 +161,7 @@ def _truncate(
         index,
         chosen_truncated="chosen_truncated" in reasons or "chosen" in unfinished,
         rejected_truncated="rejected_truncated" in reasons or "rejected" in unfinished,
+        score_margin=example.score_margin,
     )
 
 

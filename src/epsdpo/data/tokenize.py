@@ -218,6 +218,7 @@ class TokenizedPair:
         index: the row's 0-based position in its source.
         chosen_truncated: the chosen completion was cut, here or at generation (so it does not end with EOS).
         rejected_truncated: likewise.
+        score_margin: the explicit margin given by several scores (their max − min), or ``None``.
     """
 
     prompt_ids: list[int]
@@ -228,6 +229,16 @@ class TokenizedPair:
     index: int
     chosen_truncated: bool = False
     rejected_truncated: bool = False
+    score_margin: float | None = None
+
+    @property
+    def explicit_margin(self) -> float | None:
+        """The explicit margin of data selection: ``score_margin`` (k scores), else chosen − rejected, else None."""
+        if self.score_margin is not None:
+            return self.score_margin
+        if self.score_chosen is None or self.score_rejected is None:
+            return None
+        return float(self.score_chosen) - float(self.score_rejected)
 
     @property
     def length(self) -> int:
