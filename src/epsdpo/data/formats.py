@@ -24,7 +24,7 @@ given an end token (training on one would teach the model to stop wherever sampl
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
