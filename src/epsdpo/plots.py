@@ -12,6 +12,8 @@
   mean gold reward of sampled responses against the estimated KL(π‖π_ref), both ± one standard error (over prompts,
   :mod:`epsdpo.stats`), one labelled marker per run and the reference model at KL 0 with its own standard error, as
   in the DPO paper's Figure 2 and ε-DPO's Pareto plot. Each marker's label names the evaluation it shows.
+- :func:`plot_iterate` reads the ``summary.json`` of ``epsdpo iterate`` runs and writes ``iterate.png``: gold-reward
+  gain, KL and win rate against the original model per round.
 
 Missing optional metrics leave a panel with a note instead of failing; a run without ``metrics.jsonl`` is an error.
 """
@@ -24,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_reward_vs_kl", "plot_training", "read_eval", "read_metrics_file"]
+__all__ = ["plot_iterate", "plot_reward_vs_kl", "plot_training", "read_eval", "read_metrics_file"]
 
 PLOTS_DIR = "plots"
 
@@ -283,3 +285,42 @@ def plot_reward_vs_kl(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
     fig.savefig(target, dpi=110)
     plt.close(fig)
     return target
+
+
+def plot_iterate(iterate_dirs: str | Path | Sequence[str | Path], out: str | Path | None = None) -> Path:
+    """``iterate.png``: per round of one or several ``epsdpo iterate`` runs, the gold-reward gain over the original
+    model (paired by prompt), KL(π_r‖original) and the win rate against the original's samples, each ± one standard
+    error; round 0 is the original model (gain 0, KL 0, win rate ½). Written to ``out`` (default: the first run's
+    ``plots/``)."""
+    from epsdpo.iterate import read_summary
+
+    dirs = [Path(iterate_dirs)] if isinstance(iterate_dirs, str | Path) else [Path(d) for d in iterate_dirs]
+    if not dirs:
+        raise ValueError("plot_iterate needs at least one iterate directory")
+    plt = _pyplot()
+    panels = (
+        ("gold_reward_gain", "gold-reward gain over the original", 0.0),
+        ("kl", "KL(π‖original)", 0.0),
+        ("win_rate", "win rate against the original", 0.5),
+    )
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), constrained_layout=True)
+    for number, directory in enumerate(dirs):
+        rounds = [r for r in read_summary(directory)["rounds"] if "evaluate" in r]
+        color = f"C{number % 10}"
+        for ax, (key, label, start) in zip(axes, panels, strict=True):
+            xs = [0] + [r["round"] for r in rounds]
+            ys = [start] + [r["evaluate"].get(key, math.nan) for r in rounds]
+            errors = [0.0] + [r["evaluate"].get(f"{key}_se") or 0.0 for r in rounds]
+            ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, color=color, label=directory.resolve().name)
+            ax.set(title=label, xlabel="round", ylabel=label)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        _integer_steps(ax)
+        ax.legend(loc="best", fontsize=8)
+    fig.suptitle("epsdpo iterate: each round's policy against the original model (± one standard error)")
+    target = Path(out) if out is not None else dirs[0] / PLOTS_DIR
+    target.mkdir(parents=True, exist_ok=True)
+    path = target / "iterate.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

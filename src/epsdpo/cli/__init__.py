@@ -20,6 +20,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "generate": ("epsdpo.cli.generate", "sample responses, score them with a gold reward, write preference pairs"),
     "train": ("epsdpo.cli.train", "align a model with ε-DPO or a baseline"),
     "select": ("epsdpo.cli.select", "keep the pairs with the highest alignment potential"),
+    "iterate": ("epsdpo.cli.iterate", "rounds of on-policy generation, selection, training and evaluation"),
     "eval": ("epsdpo.cli.eval", "gold reward, KL, win rate and preference accuracy of a trained model"),
     "plot": ("epsdpo.cli.plot", "training curves, β trajectory and the reward-vs-KL frontier as PNGs"),
 }

@@ -2,8 +2,9 @@
 
 Per run with ``metrics.jsonl``: ``RUN_DIR/plots/training_curves.png`` and ``RUN_DIR/plots/beta.png``. For the runs
 with an ``eval.json`` (from ``epsdpo eval``): ``reward_vs_kl.png`` in ``--out``, by default ``RUN_DIR/plots/`` for
-a single run and the first run's parent directory (e.g. ``runs/``) for several. Exit status: 0 done, 1 a missing or
-unreadable file.
+a single run and the first run's parent directory (e.g. ``runs/``) for several. Directories of ``epsdpo iterate``
+(with ``iterate.yaml``) give ``iterate.png`` instead: gain, KL and win rate against the original model per round,
+all of them in one figure. Exit status: 0 done, 1 a missing or unreadable file.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories of `epsdpo train`")
+    parser.add_argument(
+        "runs", nargs="+", metavar="RUN_DIR", help="run directories of `epsdpo train` (or of `epsdpo iterate`)"
+    )
     parser.add_argument(
         "--out",
         type=Path,
@@ -27,6 +30,15 @@ def run(args: argparse.Namespace) -> int:
 
     runs = [Path(r) for r in args.runs]
     written: list[Path] = []
+    iterated = [r for r in runs if (r / "iterate.yaml").is_file()]
+    if iterated:
+        from epsdpo.plots import plot_iterate
+
+        if len(iterated) != len(runs):
+            print("epsdpo plot: error: give either `epsdpo iterate` directories or training runs, not both")
+            return 1
+        print(f"written: {plot_iterate(iterated, args.out)}")
+        return 0
     try:
         for run_dir in runs:
             if not run_dir.is_dir():
