@@ -154,6 +154,11 @@ def test_known_win_rate_and_kl_for_constructed_models(smollm2_tokenizer, prompts
     assert metrics["kl/forward"] == pytest.approx(float(lp_ref[end] - lp_pol[end]), rel=1e-5)
     assert metrics["policy/finished"] == 0.0 and metrics["reference/finished"] == 1.0
     assert metrics["policy/response_tokens"] == n and metrics["reference/response_tokens"] == 1
+    # forward_kl=false: the same evaluation without KL(π_ref‖π) (and without the pass it takes)
+    lean = EvalConfig(max_new_tokens=n, batch_size=3, disable_tqdm=True, forward_kl=False)
+    without, records = evaluate_models(policy, reference, smollm2_tokenizer, prompts, length_reward, lean)
+    assert "kl/forward" not in without and all(r["reference_policy_logp"] is None for r in records)
+    assert {k: v for k, v in metrics.items() if not k.startswith("kl/forward")} == without
 
 
 def test_preference_accuracy_and_margin_are_exact(smollm2_tokenizer, prompts):

@@ -7,7 +7,8 @@ For held-out prompts x (the bundled test split by default) the policy π and the
 - ``policy/gold_reward``, ``reference/gold_reward``: mean gold reward r(x, y) of each model's samples (and ``_std``);
 - ``kl`` = mean over y ~ π of log π(y|x) − log π_ref(y|x), the Monte-Carlo estimate of KL(π‖π_ref) from the
   policy's own samples (``kl/std``: the spread of the per-sample values; its standard error is std/√n);
-- ``kl/forward`` = mean over y ~ π_ref of log π_ref(y|x) − log π(y|x), KL(π_ref‖π) from the reference's samples;
+- ``kl/forward`` = mean over y ~ π_ref of log π_ref(y|x) − log π(y|x), KL(π_ref‖π) from the reference's samples
+  (unless ``forward_kl=false``);
 - ``win_rate``: the share of (prompt, sample index) pairs where the policy's response gets the higher gold reward,
   ties counting ½, as in the DPO paper's win rates (Rafailov et al. 2023, §6);
 - on held-out preference pairs (``eval_dataset``), with implicit reward r̂(x, y) = β (log π(y|x) − log π_ref(y|x)):
@@ -109,6 +110,8 @@ class EvalConfig(SamplingConfig):
         overwrite: replace an earlier evaluation of the same name (or ``output``) that was made with other settings;
             without it that is refused. One with the same settings is replaced (a rerun), and said so.
         bf16: sample and score under bfloat16 autocast.
+        forward_kl: also estimate KL(π_ref‖π) (``kl/forward``) from the reference's samples, which takes the policy's
+            log-probs of all of them; false leaves it out (one of the four log-prob passes of an evaluation less).
     """
 
     prompt_split: str | None = "test"
@@ -126,6 +129,7 @@ class EvalConfig(SamplingConfig):
     output: str | None = None
     overwrite: bool = False
     bf16: bool = False
+    forward_kl: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -404,12 +408,11 @@ def evaluate_models(
     pad, opts = tokenizer.pad_token_id, _logp_options(cfg)
     own = [(encoded[i // k], c.ids) for i, c in enumerate(samples["policy"])]
     theirs = [(encoded[i // k], c.ids) for i, c in enumerate(samples["reference"])]
-    # the policy on its samples, then on the reference's; the reference on the policy's samples
-    lp_pol = row_logps(policy, own + theirs, pad, **opts, desc="eval: log-probs (policy)")
+    # the policy on its samples (and on the reference's, for kl/forward); the reference on the policy's samples
+    lp_pol = row_logps(policy, own + (theirs if cfg.forward_kl else []), pad, **opts, desc="eval: log-probs (policy)")
     lp_ref_own = row_logps(reference, own, pad, **opts, desc="eval: log-probs (reference on the policy's samples)")
     lp_ref_theirs = torch.tensor(ref_side.self_logps)
     kl_values = (lp_pol[:n] - lp_ref_own).tolist()  # y ~ π: log π − log π_ref
-    forward_values = (lp_ref_theirs - lp_pol[n:]).tolist()  # y ~ π_ref: log π_ref − log π
     metrics: dict[str, Any] = {}
     for name in ("policy", "reference"):
         _with_se(metrics, f"{name}/gold_reward", estimate(grouped(rewards[name], k)))
@@ -421,8 +424,10 @@ def evaluate_models(
     _with_se(metrics, "gold_reward_gain", paired_gain(rewards["policy"], rewards["reference"], k), interval=True)
     _with_se(metrics, "kl", estimate(grouped(kl_values, k)))
     metrics["kl/std"] = _mean_std(kl_values)[1]
-    _with_se(metrics, "kl/forward", estimate(grouped(forward_values, k)))
-    metrics["kl/forward_std"] = _mean_std(forward_values)[1]
+    if cfg.forward_kl:
+        forward_values = (lp_ref_theirs - lp_pol[n:]).tolist()  # y ~ π_ref: log π_ref − log π
+        _with_se(metrics, "kl/forward", estimate(grouped(forward_values, k)))
+        metrics["kl/forward_std"] = _mean_std(forward_values)[1]
     _with_se(metrics, "win_rate", win_rate(rewards["policy"], rewards["reference"], k), interval=True)
     metrics.update(_pair_metrics(policy, pairs, ref_side.pair_logps, pad, beta, cfg))
     metrics["num_prompts"], metrics["num_samples"], metrics["samples_per_prompt"] = len(prompts), n, k
@@ -438,7 +443,7 @@ def evaluate_models(
             "policy_logp": float(lp_pol[i]),
             "policy_ref_logp": float(lp_ref_own[i]),
             "reference_logp": float(lp_ref_theirs[i]),
-            "reference_policy_logp": float(lp_pol[n + i]),
+            "reference_policy_logp": float(lp_pol[n + i]) if cfg.forward_kl else None,
         }
         for i in range(n)
     ]
@@ -770,6 +775,7 @@ _NAME_ORDER = (
     "beta",
     "batch_size",
     "seed",
+    "forward_kl",
 )
 
 
