@@ -32,16 +32,14 @@ import argparse
 import fnmatch
 import json
 import math
-import os
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from _runs import ROOT, call, commit, epsdpo_command, fmt, machine, mean_se
+
 CONFIG = Path("experiments/trajectory_frontier.yaml")  # relative to ROOT, as recorded in the commands
 RUNS = Path("runs/trajectory")
 RESULTS = ROOT / "docs" / "results"
@@ -116,27 +114,6 @@ def plan() -> list[Run]:
     return [Run(m, s) for s in SEEDS for m in METHODS]
 
 
-def _call(args: list[str], log: Path) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
-    with log.open("a", encoding="utf-8") as f:
-        f.write(f"$ {' '.join(args)}\n")
-        f.flush()
-        code = subprocess.call(args, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
-    if code != 0:
-        raise RuntimeError(f"`{' '.join(args)}` exited with {code}; see {log}")
-
-
-def _epsdpo() -> str:
-    return str(Path(sys.executable).with_name("epsdpo"))
-
-
-def _commit() -> str | None:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def run_one(run: Run) -> dict[str, Any]:
     """Train (or resume), evaluate every checkpoint and summarise one run; returns the summary written."""
     out = RUNS / run.name
@@ -146,10 +123,10 @@ def run_one(run: Run) -> dict[str, Any]:
         raise RuntimeError(f"{run.name} replays the β of {run.needs}, which is not trained yet; run it first")
     train_cmd = ["epsdpo", "train", str(CONFIG), *run.overrides, f"output_dir={out}"]
     started = time.perf_counter()
-    commit = _commit()
+    revision = commit()
     if not (ROOT / out / "final").is_dir():
         resume = ["resume_from_checkpoint=auto"] if any((ROOT / out).glob("checkpoint-*")) else []
-        _call([_epsdpo(), *train_cmd[1:], *resume], log)
+        call([epsdpo_command(), *train_cmd[1:], *resume], log)
     trained = time.perf_counter()
     eval_cmds = {}
     for step in CHECKPOINTS:
@@ -157,26 +134,20 @@ def run_one(run: Run) -> dict[str, Any]:
         cmd = ["epsdpo", "eval", str(out), f"checkpoint={step}", *EVAL, f"output={target}"]
         eval_cmds[step] = " ".join(cmd)
         if not (ROOT / target).is_file():
-            _call([_epsdpo(), *cmd[1:]], log)
+            call([epsdpo_command(), *cmd[1:]], log)
     evaluated = time.perf_counter()
     for ckpt in (ROOT / out).glob("checkpoint-*"):  # evaluated: keep only the weights (optimizer states are large)
         for extra in ("optimizer.pt", "scheduler.pt", "reference.safetensors", *[p.name for p in ckpt.glob("rng_*")]):
             (ckpt / extra).unlink(missing_ok=True)
     summary = summarise(run, ROOT / out, {"train": " ".join(train_cmd), "eval": eval_cmds})
     summary.update(
-        commit=commit,
-        machine=_machine(),
+        commit=revision,
+        machine=machine(),
         seconds={"train": round(trained - started, 1), "eval": round(evaluated - trained, 1)},
     )
     SUMMARIES.mkdir(parents=True, exist_ok=True)
     (SUMMARIES / f"{run.name}.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
-
-
-def _machine() -> str:
-    from epsdpo.machine import machine_label
-
-    return machine_label()
 
 
 #: what a summary keeps of each evaluation
@@ -245,14 +216,6 @@ def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
     return pts[-1][1]
 
 
-def _mean_se(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return math.nan, math.nan
-    mean = statistics.fmean(values)
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
-    return mean, se
-
-
 def matched_differences(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """For each comparison and KL value: the paired (same seed) gain difference, mean ± s.e. over seeds."""
     by = {(s["method"], s["seed"]): s for s in summaries}
@@ -267,7 +230,7 @@ def matched_differences(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]
                 gb = interpolate([(p["kl"], p["gold_reward_gain"]) for p in by[b, seed]["trajectory"]], kl)
                 if ga is not None and gb is not None:
                     diffs.append(ga - gb)
-            mean, se = _mean_se(diffs)
+            mean, se = mean_se(diffs)
             rows.append({"a": a, "b": b, "kl": kl, "n": len(diffs), "diff": mean, "se": se, "diffs": diffs})
     return rows
 
@@ -281,17 +244,11 @@ def curves(summaries: list[dict[str, Any]]) -> dict[str, list[dict[str, float]]]
             continue
         rows = []
         for i, step in enumerate(CHECKPOINTS):
-            kl, kl_se = _mean_se([r["trajectory"][i]["kl"] for r in runs])
-            gain, gain_se = _mean_se([r["trajectory"][i]["gold_reward_gain"] for r in runs])
+            kl, kl_se = mean_se([r["trajectory"][i]["kl"] for r in runs])
+            gain, gain_se = mean_se([r["trajectory"][i]["gold_reward_gain"] for r in runs])
             rows.append({"step": step, "kl": kl, "kl_se": kl_se, "gain": gain, "gain_se": gain_se, "n": len(runs)})
         out[method] = rows
     return out
-
-
-def _fmt(mean: float, se: float, digits: int = 3) -> str:
-    if math.isnan(mean):
-        return "—"
-    return f"{mean:.{digits}f}" + ("" if math.isnan(se) else f" ± {se:.{digits}f}")
 
 
 def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
@@ -321,7 +278,7 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
         "|---|---|" + "---|" * len(CHECKPOINTS[::2]),
     ]
     for method, rows in curves(summaries).items():
-        cells = [f"{_fmt(r['kl'], r['kl_se'], 1)} / {_fmt(r['gain'], r['gain_se'])}" for r in rows[::2]]
+        cells = [f"{fmt(r['kl'], r['kl_se'], 1)} / {fmt(r['gain'], r['gain_se'])}" for r in rows[::2]]
         lines.append(f"| {LABELS[method]} | {rows[0]['n']} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -334,7 +291,7 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
     for a, b in COMPARISONS:
         cells = []
         for r in (r for r in rows if r["a"] == a and r["b"] == b):
-            cells.append("—" if not r["n"] else f"{_fmt(r['diff'], r['se'])} (n {r['n']})")
+            cells.append("—" if not r["n"] else f"{fmt(r['diff'], r['se'])} (n {r['n']})")
         lines.append(f"| {LABELS[a]} − {LABELS[b]} | " + " | ".join(cells) + " |")
     lines += ["", "## Decision shares over training (s = +1 / 0 / −1, mean over seeds)", ""]
     lines += ["| method | steps 1–8 | steps 25–32 | steps 57–64 | β after 64 steps |", "|---|---|---|---|---|"]

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def tf():
+    sys.path.insert(0, str(ROOT / "experiments"))  # as when run as a script: its helpers (_runs) beside it
     spec = importlib.util.spec_from_file_location(
         "trajectory_frontier", ROOT / "experiments" / "trajectory_frontier.py"
     )
