@@ -85,7 +85,8 @@ class IterateConfig:
             source (for the bundled prompts: 110 prompts on subjects the training prompts never mention), every
             prompt, 2 samples per prompt and model, the sampling settings above, the held-out pairs of
             ``eval_dataset`` (``bundled`` for the bundled prompts), the original model as the reference (its part
-            computed once for all rounds).
+            computed once for all rounds, kept in ``OUTPUT_DIR/reference_cache`` unless ``reference_cache_dir`` says
+            otherwise: runs that share the original and the settings can share it).
     """
 
     rounds: int = 3
@@ -403,6 +404,7 @@ def _round_eval_options(setup: IterateSetup) -> dict[str, Any]:
         "batch_size": max(it.generate_batch_size, 8),
         "seed": setup.run.train.seed,
         "eval_dataset": held_out,
+        "reference_cache_dir": str(setup.output_dir / "reference_cache"),
         **it.round_eval,
     }
 
@@ -435,7 +437,6 @@ def _evaluate(setup: IterateSetup, r: int, train_dir: Path, original: str, round
         **_round_eval_options(setup),
         "run_dir": str(train_dir),
         "ref_model": original,
-        "reference_cache_dir": str(setup.output_dir / "reference_cache"),
         "output": str(round_dir / "eval.json"),
         "overwrite": True,
         "disable_tqdm": setup.run.train.disable_tqdm,

@@ -1,0 +1,196 @@
+"""Three rounds of on-policy alignment: alignment-potential selection against random selection (#16).
+
+    .venv/bin/python experiments/iterate_rounds.py                 # every run not yet done, then the report
+    .venv/bin/python experiments/iterate_rounds.py --list          # the plan and what is done
+    .venv/bin/python experiments/iterate_rounds.py --report        # rebuild the report from the summaries only
+
+Each run is ``epsdpo iterate`` with the bundled iterate config (SmolLM2-135M-Instruct with LoRA, ε-DPO, 3 rounds of
+~173 new prompts × 4 samples, the round's policy as its reference, each round evaluated against the original model
+on all 110 held-out prompts × 2 samples) and one selection rule: ``alignment_potential`` (w = 2.5, the self-play
+weighting of Huang et al. 2025) or ``random``, both keeping 40% of each round's pairs; seeds 0 and 1. A killed run
+continues where it stopped (iterate resumes stage by stage). One summary per finished run in
+``docs/results/iterate_rounds/NAME.json``; the report ``docs/results/iterate_rounds.{md,png}`` is rebuilt from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from _runs import ROOT, call, commit, epsdpo_command, fmt, machine, mean_se
+
+RUNS = Path("runs/iterate_rounds")
+RESULTS = ROOT / "docs" / "results"
+SUMMARIES = RESULTS / "iterate_rounds"
+SEEDS = (0, 1)
+RULES = ("alignment_potential", "random")
+LABELS = {"alignment_potential": "alignment potential (w 2.5)", "random": "random"}
+#: every evaluation of a round: common random numbers across runs, no KL(π_ref‖π) pass
+COMMON = [
+    "disable_tqdm=true",
+    "round_eval={samples_per_prompt: 2, batch_size: 32, forward_kl: false, "
+    "reference_cache_dir: runs/iterate_rounds/reference_cache}",
+]
+KEYS = ("gold_reward_gain", "kl", "win_rate", "preference_accuracy")
+
+
+@dataclass(frozen=True)
+class Run:
+    rule: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.rule}-s{self.seed}"
+
+    @property
+    def overrides(self) -> list[str]:
+        return [f"selection={self.rule}", f"seed={self.seed}", *COMMON]
+
+
+def plan() -> list[Run]:
+    return [Run(rule, seed) for seed in SEEDS for rule in RULES]
+
+
+def run_one(run: Run) -> dict[str, Any]:
+    out = RUNS / run.name
+    log = ROOT / out / "experiment.log"
+    cmd = ["epsdpo", "iterate", *run.overrides, f"output_dir={out}"]
+    revision, started = commit(), time.perf_counter()
+    call([epsdpo_command(), *cmd[1:]], log)
+    full = json.loads((ROOT / out / "summary.json").read_text(encoding="utf-8"))
+    summary = {
+        "name": run.name,
+        "rule": run.rule,
+        "seed": run.seed,
+        "command": " ".join(cmd),
+        "commit": revision,
+        "machine": machine(),
+        "seconds": round(time.perf_counter() - started, 1),
+        "rounds": full["rounds"],
+    }
+    SUMMARIES.mkdir(parents=True, exist_ok=True)
+    (SUMMARIES / f"{run.name}.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+def load_summaries() -> list[dict[str, Any]]:
+    return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(SUMMARIES.glob("*.json"))]
+
+
+def by_round(summaries: list[dict[str, Any]], rule: str, key: str) -> list[tuple[float, float, int]]:
+    """Per round: mean ± s.e. over seeds of an evaluation key, and the number of seeds."""
+    runs = [s for s in summaries if s["rule"] == rule]
+    rounds = max((len(s["rounds"]) for s in runs), default=0)
+    out = []
+    for i in range(rounds):
+        values = [s["rounds"][i]["evaluate"][key] for s in runs if len(s["rounds"]) > i]
+        out.append((*mean_se(values), len(values)))
+    return out
+
+
+def paired_by_round(summaries: list[dict[str, Any]], key: str) -> list[tuple[float, float, list[float]]]:
+    """Per round: alignment potential − random of the same seed, mean ± s.e. over seeds."""
+    by = {(s["rule"], s["seed"]): s for s in summaries}
+    seeds = [seed for seed in SEEDS if ("alignment_potential", seed) in by and ("random", seed) in by]
+    rounds = min((len(by[r, s]["rounds"]) for s in seeds for r in RULES), default=0)
+    out = []
+    for i in range(rounds):
+        diffs = [
+            by["alignment_potential", s]["rounds"][i]["evaluate"][key] - by["random", s]["rounds"][i]["evaluate"][key]
+            for s in seeds
+        ]
+        out.append((*mean_se(diffs), diffs))
+    return out
+
+
+def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
+    md, png = RESULTS / "iterate_rounds.md", RESULTS / "iterate_rounds.png"
+    plot(summaries, png)
+    machines = sorted({s["machine"] for s in summaries})
+    lines = [
+        "# Iterative on-policy rounds: alignment-potential against random selection (issue #16)",
+        "",
+        "`experiments/iterate_rounds.py` (rebuilt from `docs/results/iterate_rounds/*.json`): `epsdpo iterate` with "
+        "the bundled iterate config (SmolLM2-135M-Instruct, LoRA r 16, ε-DPO β₀ 0.1 ε 0.01, 3 rounds of ~173 new "
+        "prompts × 4 samples, 40% of each round's pairs kept, the round's policy as its reference); every round's "
+        "policy evaluated against the original model on all 110 held-out prompts × 2 samples. Mean ± standard "
+        f"error over seeds; machine{'s' if len(machines) > 1 else ''}: {'; '.join(machines) or '—'}.",
+        "",
+        "| rule | round | seeds | gold-reward gain | KL | win rate | held-out accuracy |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for rule in RULES:
+        columns = [by_round(summaries, rule, key) for key in KEYS]
+        for i, cells in enumerate(zip(*columns, strict=True)):
+            lines.append(
+                f"| {LABELS[rule]} | {i + 1} | {cells[0][2]} | " + " | ".join(fmt(m, se) for m, se, _ in cells) + " |"
+            )
+    lines += ["", "Alignment potential − random, same seed, per round (mean ± s.e. over seeds; per seed):", ""]
+    lines += ["| round | gain difference | KL difference |", "|---|---|---|"]
+    gains, kls = paired_by_round(summaries, "gold_reward_gain"), paired_by_round(summaries, "kl")
+    for i, (g, k) in enumerate(zip(gains, kls, strict=True)):
+        lines.append(
+            f"| {i + 1} | {fmt(g[0], g[1])} ({', '.join(f'{d:+.3f}' for d in g[2])}) | "
+            f"{fmt(k[0], k[1])} ({', '.join(f'{d:+.2f}' for d in k[2])}) |"
+        )
+    done = {s["name"] for s in summaries}
+    todo = [r.name for r in plan() if r.name not in done]
+    lines += ["", f"Runs done: {len(done)} of {len(plan())}" + (f"; to do: {', '.join(todo)}." if todo else ".")]
+    md.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return md, png
+
+
+def plot(summaries: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    for ax, (key, label) in zip(
+        axes, (("gold_reward_gain", "gold-reward gain"), ("kl", "KL(π‖original)")), strict=True
+    ):
+        for i, rule in enumerate(RULES):
+            rows = by_round(summaries, rule, key)
+            if rows:
+                xs = [0, *range(1, len(rows) + 1)]
+                ys = [0.0, *(m for m, _, _ in rows)]
+                errors = [0.0, *(0.0 if se != se else se for _, se, _ in rows)]
+                ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, color=f"C{i}", label=LABELS[rule])
+        ax.set(xlabel="round", ylabel=label, title=f"{label} per round (mean over seeds ± s.e.)")
+        ax.grid(alpha=0.3)
+        if summaries:
+            ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--list", action="store_true", help="print the plan and what is done")
+    parser.add_argument("--report", action="store_true", help="only rebuild the report from the summaries")
+    parser.add_argument("--only", default="*", help="run only the runs whose name matches this glob")
+    parser.add_argument("--max-runs", type=int, default=None, help="stop after this many runs")
+    args = parser.parse_args()
+    done = {s["name"] for s in load_summaries()}
+    if args.list:
+        for run in plan():
+            print(f"{'done' if run.name in done else 'todo'}  {run.name}  {' '.join(run.overrides)}")
+        return
+    if not args.report:
+        todo = [r for r in plan() if r.name not in done and fnmatch.fnmatch(r.name, args.only)]
+        for run in todo[: args.max_runs]:
+            print(f"[iterate] {run.name}", flush=True)
+            run_one(run)
+    md, png = report(load_summaries())
+    print(f"[iterate] report: {md.relative_to(ROOT)}, {png.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
