@@ -8,7 +8,9 @@ import os
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,3 +60,36 @@ def fmt(mean: float, se: float, digits: int = 3) -> str:
     if math.isnan(mean):
         return "—"
     return f"{mean:.{digits}f}" + ("" if math.isnan(se) else f" ± {se:.{digits}f}")
+
+
+def grid_main(
+    doc: str,
+    tag: str,
+    plan: Callable[[], list[Any]],
+    load_summaries: Callable[[], list[dict[str, Any]]],
+    run_one: Callable[[Any], Any],
+    report: Callable[[list[dict[str, Any]]], tuple[Path, Path]],
+) -> None:
+    """The command line every grid experiment has: ``--list``, ``--report``, ``--only GLOB``, ``--max-runs N``; without
+    ``--report`` it runs every planned run that has no summary yet (in plan order), then rebuilds the report."""
+    import argparse
+    import fnmatch
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--list", action="store_true", help="print the plan and what is done")
+    parser.add_argument("--report", action="store_true", help="only rebuild the report from the summaries")
+    parser.add_argument("--only", default="*", help="run only the runs whose name matches this glob")
+    parser.add_argument("--max-runs", type=int, default=None, help="stop after this many runs")
+    args = parser.parse_args()
+    done = {s["name"] for s in load_summaries()}
+    if args.list:
+        for run in plan():
+            print(f"{'done' if run.name in done else 'todo'}  {run.name}  {' '.join(run.overrides)}")
+        return
+    if not args.report:
+        todo = [r for r in plan() if r.name not in done and fnmatch.fnmatch(r.name, args.only)]
+        for run in todo[: args.max_runs]:
+            print(f"[{tag}] {run.name}", flush=True)
+            run_one(run)
+    md, png = report(load_summaries())
+    print(f"[{tag}] report: {md.relative_to(ROOT)}, {png.relative_to(ROOT)}")

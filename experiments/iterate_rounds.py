@@ -14,15 +14,13 @@ continues where it stopped (iterate resumes stage by stage). One summary per fin
 
 from __future__ import annotations
 
-import argparse
-import fnmatch
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _runs import ROOT, call, commit, epsdpo_command, fmt, machine, mean_se
+from _runs import ROOT, call, commit, epsdpo_command, fmt, grid_main, machine, mean_se
 
 RUNS = Path("runs/iterate_rounds")
 RESULTS = ROOT / "docs" / "results"
@@ -172,24 +170,7 @@ def plot(summaries: list[dict[str, Any]], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--list", action="store_true", help="print the plan and what is done")
-    parser.add_argument("--report", action="store_true", help="only rebuild the report from the summaries")
-    parser.add_argument("--only", default="*", help="run only the runs whose name matches this glob")
-    parser.add_argument("--max-runs", type=int, default=None, help="stop after this many runs")
-    args = parser.parse_args()
-    done = {s["name"] for s in load_summaries()}
-    if args.list:
-        for run in plan():
-            print(f"{'done' if run.name in done else 'todo'}  {run.name}  {' '.join(run.overrides)}")
-        return
-    if not args.report:
-        todo = [r for r in plan() if r.name not in done and fnmatch.fnmatch(r.name, args.only)]
-        for run in todo[: args.max_runs]:
-            print(f"[iterate] {run.name}", flush=True)
-            run_one(run)
-    md, png = report(load_summaries())
-    print(f"[iterate] report: {md.relative_to(ROOT)}, {png.relative_to(ROOT)}")
+    grid_main(__doc__, "iterate", plan, load_summaries, run_one, report)
 
 
 if __name__ == "__main__":

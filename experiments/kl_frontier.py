@@ -38,13 +38,13 @@ import math
 import os
 import statistics
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from _runs import ROOT, call, commit, epsdpo_command, machine
+
 CONFIG = Path("experiments/kl_frontier.yaml")  # relative to ROOT, as recorded in the commands
 RUNS = Path("runs/kl_frontier")
 RESULTS = ROOT / "docs" / "results"
@@ -170,20 +170,6 @@ def _train_data() -> Path:
     return path.relative_to(ROOT)
 
 
-def _epsdpo() -> str:
-    return str(Path(sys.executable).with_name("epsdpo"))
-
-
-def _call(args: list[str], log: Path) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
-    with log.open("a", encoding="utf-8") as f:
-        f.write(f"$ {' '.join(args)}\n")
-        f.flush()
-        code = subprocess.call(args, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
-    if code != 0:
-        raise RuntimeError(f"`{' '.join(args)}` exited with {code}; see {log}")
-
-
 def run_one(run: Run) -> dict[str, Any]:
     """Train (or resume), evaluate and summarise one run; returns the summary written."""
     out = RUNS / (run.base or run.name)  # an evalseed run evaluates its base run's model
@@ -195,17 +181,17 @@ def run_one(run: Run) -> dict[str, Any]:
     eval_args = [e if not e.startswith("seed=") else f"seed={run.eval_seed}" for e in EVAL]
     eval_cmd = ["epsdpo", "eval", str(out), *eval_args, *([f"output={eval_json}"] if run.base else [])]
     started = time.perf_counter()
-    commit = _commit()  # the code that runs (a run resumed later may record a later commit)
+    revision = commit()  # the code that runs (a run resumed later may record a later commit)
     if not (ROOT / out / "final").is_dir():
         resume = ["resume_from_checkpoint=auto"] if any((ROOT / out).glob("checkpoint-*")) else []
-        _call([_epsdpo(), *train_cmd[1:], *resume], log)
+        call([epsdpo_command(), *train_cmd[1:], *resume], log)
     trained = time.perf_counter()
     if not (ROOT / eval_json).is_file():
-        _call([_epsdpo(), *eval_cmd[1:]], log)
+        call([epsdpo_command(), *eval_cmd[1:]], log)
     evaluated = time.perf_counter()
     commands = {"train": " ".join(train_cmd), "eval": " ".join(eval_cmd)}
     summary = summarise(run, ROOT / out, commands, ROOT / eval_json)
-    summary["commit"] = commit
+    summary["commit"] = revision
     summary["machine"] = machine()
     summary["seconds"] = {"train": round(trained - started, 1), "eval": round(evaluated - trained, 1)}
     if run.method == "epsilon_dpo" and run.beta == 0.1 and run.group != "evalseed":
@@ -242,20 +228,6 @@ def summarise(run: Run, run_dir: Path, commands: dict[str, str], eval_json: Path
             "decision_shares": shares,
         },
     }
-
-
-def machine() -> str:
-    """The CPU model, its bf16 support and the torch build: sampling and timings depend on them."""
-    from epsdpo.machine import machine_label
-
-    return machine_label()
-
-
-def _commit() -> str | None:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def decision_shares(run_dir: Path, pairs: int = 32) -> dict[str, Any]:

@@ -28,8 +28,6 @@ them alone, so the grid can be completed in parts, on other machines.
 
 from __future__ import annotations
 
-import argparse
-import fnmatch
 import json
 import math
 import statistics
@@ -38,7 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _runs import ROOT, call, commit, epsdpo_command, fmt, machine, mean_se
+from _runs import ROOT, call, commit, epsdpo_command, fmt, grid_main, machine, mean_se
+
+from epsdpo.evaluate import SUMMARY_KEYS
 
 CONFIG = Path("experiments/trajectory_frontier.yaml")  # relative to ROOT, as recorded in the commands
 RUNS = Path("runs/trajectory")
@@ -151,26 +151,7 @@ def run_one(run: Run) -> dict[str, Any]:
 
 
 #: what a summary keeps of each evaluation
-EVAL_KEYS = (
-    "gold_reward_gain",
-    "gold_reward_gain_se",
-    "policy/gold_reward",
-    "reference/gold_reward",
-    "kl",
-    "kl_se",
-    "kl/forward",
-    "win_rate",
-    "win_rate_se",
-    "preference_accuracy",
-    "preference_accuracy_se",
-    "reward_margin",
-    "beta",
-    "num_prompts",
-    "num_samples",
-    "num_pairs",
-    "policy/distinct_2",
-    "reference/distinct_2",
-)
+EVAL_KEYS = SUMMARY_KEYS
 
 
 def summarise(run: Run, run_dir: Path, commands: dict[str, Any]) -> dict[str, Any]:
@@ -351,24 +332,7 @@ def plot(summaries: list[dict[str, Any]], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--list", action="store_true", help="print the plan and what is done")
-    parser.add_argument("--report", action="store_true", help="only rebuild the report from the summaries")
-    parser.add_argument("--only", default="*", help="run only the runs whose name matches this glob")
-    parser.add_argument("--max-runs", type=int, default=None, help="stop after this many runs")
-    args = parser.parse_args()
-    done = {s["name"] for s in load_summaries()}
-    if args.list:
-        for run in plan():
-            print(f"{'done' if run.name in done else 'todo'}  {run.name}  {' '.join(run.overrides)}")
-        return
-    if not args.report:
-        todo = [r for r in plan() if r.name not in done and fnmatch.fnmatch(r.name, args.only)]
-        for run in todo[: args.max_runs]:
-            print(f"[trajectory] {run.name}", flush=True)
-            run_one(run)
-    md, png = report(load_summaries())
-    print(f"[trajectory] report: {md.relative_to(ROOT)}, {png.relative_to(ROOT)}")
+    grid_main(__doc__, "trajectory", plan, load_summaries, run_one, report)
 
 
 if __name__ == "__main__":

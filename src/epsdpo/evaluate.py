@@ -715,6 +715,29 @@ def evaluate(
     return result
 
 
+#: the figures a summary of an evaluation keeps (iterate's per-round summary, the experiments' run summaries)
+SUMMARY_KEYS = (
+    "gold_reward_gain",
+    "gold_reward_gain_se",
+    "policy/gold_reward",
+    "reference/gold_reward",
+    "kl",
+    "kl_se",
+    "kl/forward",
+    "win_rate",
+    "win_rate_se",
+    "preference_accuracy",
+    "preference_accuracy_se",
+    "reward_margin",
+    "beta",
+    "num_prompts",
+    "num_samples",
+    "num_pairs",
+    "policy/distinct_2",
+    "reference/distinct_2",
+)
+
+
 def _say(cfg: EvalConfig, message: str) -> None:
     if not cfg.disable_tqdm:
         print(message, file=sys.stderr, flush=True)

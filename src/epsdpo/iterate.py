@@ -409,29 +409,8 @@ def _round_eval_options(setup: IterateSetup) -> dict[str, Any]:
     }
 
 
-EVAL_KEYS = (
-    "policy/gold_reward",
-    "reference/gold_reward",
-    "gold_reward_gain",
-    "gold_reward_gain_se",
-    "kl",
-    "kl_se",
-    "win_rate",
-    "win_rate_se",
-    "preference_accuracy",
-    "preference_accuracy_se",
-    "reward_margin",
-    "num_prompts",
-    "num_samples",
-    "num_pairs",
-    "policy/distinct_2",
-    "beta",
-    "seconds",
-)
-
-
 def _evaluate(setup: IterateSetup, r: int, train_dir: Path, original: str, round_dir: Path) -> dict:
-    from epsdpo.evaluate import evaluate
+    from epsdpo.evaluate import SUMMARY_KEYS, evaluate
 
     options = {
         **_round_eval_options(setup),
@@ -443,7 +422,7 @@ def _evaluate(setup: IterateSetup, r: int, train_dir: Path, original: str, round
         "trust_remote_code": setup.run.models.trust_remote_code,
     }
     result = evaluate(options)
-    return {k: result[k] for k in EVAL_KEYS if k in result}
+    return {k: result[k] for k in (*SUMMARY_KEYS, "seconds") if k in result}
 
 
 # ---- the loop -----------------------------------------------------------------------------------------------------

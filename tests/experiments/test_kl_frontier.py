@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def kf():
+    sys.path.insert(0, str(ROOT / "experiments"))  # as when run as a script: its helpers (_runs) beside it
     spec = importlib.util.spec_from_file_location("kl_frontier", ROOT / "experiments" / "kl_frontier.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["kl_frontier"] = module  # dataclasses look their module up there
