@@ -205,3 +205,18 @@ def test_a_continuation_with_other_settings_is_refused(tmp_path):
     _check_settings(load_iterate_config(cfg, ["disable_tqdm=true"]))  # free to change
     with pytest.raises(IterateError, match=r"num_samples: 4 → 6"):
         _check_settings(load_iterate_config(cfg, ["num_samples=6"]))
+
+
+def test_each_rounds_training_config(tmp_path):
+    from epsdpo.iterate import _round_run_config
+
+    setup = load_iterate_config({"model": "orig", "use_lora": True, "output_dir": str(tmp_path), "loss_type": "dpo"})
+    first = _round_run_config(setup, 1, "orig", "orig", "sel.jsonl", tmp_path / "round-1" / "train")
+    later = _round_run_config(setup, 2, "round-1/policy", "orig", "sel2.jsonl", tmp_path / "round-2" / "train")
+    assert (first.models.model, first.models.ref_model) == ("orig", None)
+    assert (later.models.model, later.models.ref_model) == ("round-1/policy", None)  # round_start: itself
+    assert later.models.save_merged_model and later.data.dataset == "sel2.jsonl" and later.data.selection == "none"
+    assert later.train.resume_from_checkpoint == "auto" and later.loss.loss_type.value == "dpo"
+    original = load_iterate_config({"model": "orig", "reference": "original", "output_dir": str(tmp_path)})
+    assert _round_run_config(original, 1, "orig", "orig", "s", tmp_path).models.ref_model is None
+    assert _round_run_config(original, 2, "p1", "orig", "s", tmp_path).models.ref_model == "orig"
