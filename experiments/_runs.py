@@ -93,3 +93,14 @@ def grid_main(
             run_one(run)
     md, png = report(load_summaries())
     print(f"[{tag}] report: {md.relative_to(ROOT)}, {png.relative_to(ROOT)}")
+
+
+def train_seconds(run_dir: Path, measured: float, trained_now: bool) -> float | None:
+    """The training's wall time: as measured around the call, or, when this invocation found the run trained
+    already, the loop's own figure from ``final/final_metrics.json`` (None for runs saved before it was kept)."""
+    if trained_now:
+        return round(measured, 1)
+    import json
+
+    recorded = json.loads((run_dir / "final" / "final_metrics.json").read_text(encoding="utf-8")).get("train_seconds")
+    return None if recorded is None else float(recorded)

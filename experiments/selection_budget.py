@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _runs import ROOT, call, commit, epsdpo_command, fmt, grid_main, machine, mean_se
+from _runs import ROOT, call, commit, epsdpo_command, fmt, grid_main, machine, mean_se, train_seconds
 
 from epsdpo.evaluate import SUMMARY_KEYS
 
@@ -90,7 +90,8 @@ def run_one(run: Run) -> dict[str, Any]:
     eval_target = out / "eval-final.json"
     eval_cmd = ["epsdpo", "eval", str(out), *EVAL, f"output={eval_target}"]
     revision, started = commit(), time.perf_counter()
-    if not (ROOT / out / "final").is_dir():
+    trained_now = not (ROOT / out / "final").is_dir()
+    if trained_now:
         resume = ["resume_from_checkpoint=auto"] if any((ROOT / out).glob("checkpoint-*")) else []
         call([epsdpo_command(), *train_cmd[1:], *resume], log)
     trained = time.perf_counter()
@@ -101,7 +102,10 @@ def run_one(run: Run) -> dict[str, Any]:
     summary.update(
         commit=revision,
         machine=machine(),
-        seconds={"train": round(trained - started, 1), "eval": round(evaluated - trained, 1)},
+        seconds={
+            "train": train_seconds(ROOT / out, trained - started, trained_now),
+            "eval": round(evaluated - trained, 1),
+        },
     )
     SUMMARIES.mkdir(parents=True, exist_ok=True)
     (SUMMARIES / f"{run.name}.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

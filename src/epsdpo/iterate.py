@@ -368,12 +368,10 @@ def _train(setup: IterateSetup, r: int, cfg: RunConfig, say: _Progress) -> dict 
     from epsdpo.recipe import train
 
     final = cfg.output_dir / "final"
-    seconds = None
     if not (final / "final_metrics.json").is_file():  # a kill after the final save but before the record: done
         result = train(cfg)
         if result.interrupted:
             return None
-        seconds = result.seconds
     metrics = json.loads((final / "final_metrics.json").read_text(encoding="utf-8"))
     return {
         "output_dir": str(cfg.output_dir),
@@ -381,8 +379,8 @@ def _train(setup: IterateSetup, r: int, cfg: RunConfig, say: _Progress) -> dict 
         "reference": cfg.models.ref_model or cfg.models.model,
         "steps": metrics.get("step"),
         "beta_final": metrics.get("beta"),
-        "metrics": {k: v for k, v in metrics.items() if k not in ("step", "beta")},
-        "train_seconds": seconds,
+        "metrics": {k: v for k, v in metrics.items() if k not in ("step", "beta", "train_seconds")},
+        "train_seconds": metrics.get("train_seconds"),  # the loop's wall time (its last invocation, if resumed)
     }
 
 

@@ -123,7 +123,8 @@ def save_final_model(
         tokenizer.save_pretrained(partial / "merged")
     (partial / "README.md").write_text(model_card(cfg, metrics, steps, beta, seconds, data_report), encoding="utf-8")
     (partial / "final_metrics.json").write_text(
-        json.dumps({"step": steps, "beta": beta, **metrics}, indent=2) + "\n", encoding="utf-8"
+        json.dumps({"step": steps, "beta": beta, "train_seconds": round(seconds, 1), **metrics}, indent=2) + "\n",
+        encoding="utf-8",
     )
     if final.exists():
         shutil.rmtree(final)
