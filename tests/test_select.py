@@ -256,10 +256,10 @@ def test_implicit_margins_are_the_initial_policys_even_with_a_separate_ref_model
 
 # ---- the margins cache under concurrent writers --------------------------------------------------------------------
 def _write_many(path: str, tag: int, times: int) -> None:
-    from epsdpo.select import write_margins_cache
+    from epsdpo.files import write_text_atomically  # how implicit_margins writes the cache
 
     for i in range(times):
-        write_margins_cache(Path(path), {"writer": tag, "i": i, "margins": [float(tag)] * 200})
+        write_text_atomically(Path(path), json.dumps({"writer": tag, "i": i, "margins": [float(tag)] * 200}))
 
 
 def test_two_processes_writing_the_same_margins_cache_never_clash(tmp_path):

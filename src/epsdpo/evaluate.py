@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -42,6 +41,7 @@ import torch
 from torch import nn
 
 from epsdpo.config import ConfigError, load_config
+from epsdpo.files import write_text_atomically
 from epsdpo.generate import (
     Completion,
     SamplingConfig,
@@ -673,10 +673,7 @@ def evaluate(
     if part is None:
         part = compute_reference_part(loaded.reference, loaded.tokenizer, prompts, reward, cfg, pairs)
         if cache_file is not None:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.partial")  # concurrent writers: own files
-            tmp.write_text(json.dumps(part.to_dict()), encoding="utf-8")
-            tmp.replace(cache_file)
+            write_text_atomically(cache_file, json.dumps(part.to_dict()))  # concurrent writers: their own files
     metrics, records = evaluate_models(
         loaded.policy,
         loaded.reference,

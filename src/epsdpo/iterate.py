@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from epsdpo.config import ConfigError, config_to_dict, dump_config, load_config, read_config_source
+from epsdpo.files import write_text_atomically
 from epsdpo.training.config import SECTIONS, RunConfig, tokenizer_name
 
 __all__ = ["IterateConfig", "IterateError", "iterate", "load_iterate_config", "round_prompt_ids"]
@@ -177,10 +177,7 @@ def round_prompt_ids(prompt_ids: list[str], rounds: int, mode: str) -> list[list
 
 # ---- bookkeeping --------------------------------------------------------------------------------------------------
 def _write_json(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomically(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
 def _read_state(round_dir: Path) -> dict[str, Any]:
@@ -244,7 +241,7 @@ def _original_model(setup: IterateSetup, tokenizer: Any) -> str:
 
 
 def _generate(setup: IterateSetup, r: int, start: str, prompts: list[tuple[str, str]], round_dir: Path) -> dict:
-    from epsdpo.generate import GenerateConfig, generate, sample_seed
+    from epsdpo.generate import GenerateConfig, generate, read_jsonl_resumable, sample_seed
 
     it = setup.iterate
     prompts_file = round_dir / "prompts.jsonl"
@@ -275,7 +272,7 @@ def _generate(setup: IterateSetup, r: int, start: str, prompts: list[tuple[str, 
             f"round {r}: none of the {len(prompts)} prompts gave a pair (skipped: {summary.skipped}); sample more "
             "responses per prompt (num_samples) or check the reward"
         )
-    rows = [json.loads(line) for line in (round_dir / "pairs.jsonl").read_text(encoding="utf-8").splitlines()]
+    rows, _ = read_jsonl_resumable(Path(cfg.output))
     spreads = [max(row["scores"]) - min(row["scores"]) for row in rows]
     return {
         "prompts": len(prompts),
@@ -290,26 +287,22 @@ def _generate(setup: IterateSetup, r: int, start: str, prompts: list[tuple[str, 
     }
 
 
-def _select(setup: IterateSetup, r: int, start: str, round_dir: Path, say: _Progress) -> dict:
-    import torch
-
+def _select(setup: IterateSetup, r: int, start: str, tokenizer: Any, round_dir: Path, say: _Progress) -> dict:
     from epsdpo.data import load_preference_dataset
     from epsdpo.data.loading import load_rows
-    from epsdpo.models import load_causal_lm, load_tokenizer
+    from epsdpo.generate import load_model_for_sampling
     from epsdpo.select import model_identity, select_for_config
 
     d, m = setup.run.data, setup.run.models
     pairs_file = round_dir / "pairs.jsonl"
     data_cfg = dataclasses.replace(d, dataset=str(pairs_file), eval_dataset=None, eval_split=None)
-    tokenizer = load_tokenizer(tokenizer_name(setup.run), m.trust_remote_code)
     pairs, report = load_preference_dataset(data_cfg, tokenizer, warn=False)
     if d.selection == "none":
         return {"method": "none", "pairs": len(pairs), "kept": len(pairs), "share": 1.0, "file": str(pairs_file)}
     initial = None
     if d.selection in ("alignment_potential", "implicit"):
         say(r, f"selection: implicit margins of {len(pairs)} pairs under the round's initial policy")
-        initial = load_causal_lm(start, m.trust_remote_code)
-        initial.to("cuda" if torch.cuda.is_available() and not setup.run.train.use_cpu else "cpu")
+        initial = load_model_for_sampling(start, m.trust_remote_code, "cpu" if setup.run.train.use_cpu else None)
     out = round_dir / "selection"
     raw = load_rows(str(pairs_file))
     selection = select_for_config(
@@ -363,7 +356,7 @@ def _policy_dir(final: Path) -> Path:
     return final / "merged" if (final / "merged" / "config.json").is_file() else final
 
 
-def _train(setup: IterateSetup, r: int, cfg: RunConfig, say: _Progress) -> dict | None:
+def _train(setup: IterateSetup, r: int, cfg: RunConfig) -> dict | None:
     """Train the round (continuing from its last checkpoint); None when interrupted (a checkpoint was saved)."""
     from epsdpo.recipe import train
 
@@ -471,7 +464,7 @@ def iterate(
         if "select" not in stages:
             say(r, f"select: {setup.run.data.selection} (select_ratio {setup.run.data.select_ratio:g})")
             began = time.perf_counter()
-            record = _select(setup, r, start, round_dir, say)
+            record = _select(setup, r, start, tokenizer, round_dir, say)
             _finish_stage(round_dir, "select", {**record, "seconds": _since(began)})
             stages = _read_state(round_dir)["stages"]
         s = stages["select"]
@@ -481,7 +474,7 @@ def iterate(
         if "train" not in stages:
             say(r, f"train: {cfg.loss.loss_type} from {start}, reference {cfg.models.ref_model or 'the same model'}")
             began = time.perf_counter()
-            record = _train(setup, r, cfg, say)
+            record = _train(setup, r, cfg)
             if record is None:
                 say(r, "training interrupted; its checkpoint is saved: rerun the same command to continue")
                 return _finish(setup, interrupted=True)

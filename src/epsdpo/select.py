@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from torch import nn
 
 from epsdpo.data import PreferenceCollator, TokenizedPair
 from epsdpo.data.config import SelectionMethod
+from epsdpo.files import write_text_atomically
 from epsdpo.logps.heads import completion_logps, fused_head_matches
 
 Method = SelectionMethod
@@ -147,28 +147,15 @@ def implicit_margins(
     Returns the margins and whether they came from the cache. ``model_id`` identifies the weights (e.g. the resolved
     path and the weights file's size and mtime; see :func:`model_identity`).
     """
-    path = None if cache_dir is None else margins_cache_file(cache_dir, model_id, pairs)
+    path = None if cache_dir is None else Path(cache_dir) / f"implicit_margins-{cache_key(model_id, pairs)}.json"
     if path is not None and path.is_file():
         return json.loads(path.read_text(encoding="utf-8"))["margins"], True
     chosen, rejected = mean_token_logps(model, pairs, collate, batch_size)
     margins = [abs(c - r) for c, r in zip(chosen, rejected, strict=True)]
     if path is not None:
-        write_margins_cache(path, {"model": model_id, "pairs": len(pairs), "margins": margins})
+        # each process writes through its own temporary file: concurrent writers of one key never clash
+        write_text_atomically(path, json.dumps({"model": model_id, "pairs": len(pairs), "margins": margins}))
     return margins, False
-
-
-def margins_cache_file(cache_dir: Path | str, model_id: str, pairs: Sequence[TokenizedPair]) -> Path:
-    """Where :func:`implicit_margins` keeps the margins of ``pairs`` under the model ``model_id``."""
-    return Path(cache_dir) / f"implicit_margins-{cache_key(model_id, pairs)}.json"
-
-
-def write_margins_cache(path: Path, record: dict[str, Any]) -> None:
-    """Write atomically through a temporary file of this process's own: processes (or concurrent runs) that fill
-    the same key each rename a complete file into place, never one another's half-written one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    tmp.write_text(json.dumps(record), encoding="utf-8")
-    tmp.replace(path)
 
 
 def model_identity(name_or_path: str, model_config: dict[str, Any] | None = None, seed: int = 0) -> str:
