@@ -1,7 +1,7 @@
 """Full training steps (forward, backward, optimizer) of ε-DPO and DPO: epsdpo vs a naive ε-DPO vs TRL's DPOTrainer.
 
-    .venv/bin/python benchmarks/step.py                   # both configurations, all contenders (~15 min on 2 cores)
-    .venv/bin/python benchmarks/step.py --configs b --steps 3
+    .venv/bin/python benchmarks/step.py                   # both configurations, all contenders, 3 rounds
+    .venv/bin/python benchmarks/step.py --configs b --contenders epsdpo-epsilon,epsdpo-dpo,trl-dpo --rounds 4
 
 Configurations (issue #8):
   a  SmolLM2-135M-Instruct (offline alias), bf16 autocast, 4 pairs x 256 tokens
@@ -10,6 +10,8 @@ Configurations (issue #8):
 Contenders, each in its own process on the same synthetic text pairs (every row exactly the configured length):
   epsdpo-epsilon  epsdpo's Trainer.train_step, loss_type=epsilon_dpo (chunked fused log-probs)
   epsdpo-dpo      the same with loss_type=dpo
+  epsdpo-epsilon-eager  epsdpo-epsilon with logps_kernel=eager (torch passes over each (chunk, V) block instead of
+                  the compiled one-pass kernel the default picks; see epsdpo.logps.vocab)
   epsdpo-epsilon-cached  epsdpo-epsilon with precompute_ref_hidden_states=true: the reference's hidden states are
                   computed once before timing (reported: that time and the file's size) and no reference forward runs
   naive-epsilon   ε-DPO built like the published code: four full-vocabulary tensors in autograd (naive_epsilon_dpo.py)
@@ -20,6 +22,11 @@ during the timed steps and its excess over the resident size before them (model,
 achieved model FLOP/s — 8 x tokens x (non-embedding parameters + the head's V x H), i.e. policy forward + backward and
 reference forward, the same useful work for every contender — as a fraction of this machine's measured matmul peak for
 the dtype (a 2048^3 matmul).
+
+Contenders timed one after another drift (the same code gave ε-DPO / DPO = 1.13 in one run and 0.95 in another on
+one machine), so the contenders run in ``--rounds`` rounds, each contender once per round in its own fresh process,
+the order reversed every other round (A B C, C B A, A B C, ...). Every ratio is computed within each round, and
+reported as the median over rounds with its range (min–max) and, from 3 rounds, mean ± standard error.
 """
 
 from __future__ import annotations
@@ -60,7 +67,24 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "tokens": 512,
     },
 }
-CONTENDERS = ("epsdpo-epsilon", "epsdpo-dpo", "epsdpo-epsilon-cached", "naive-epsilon", "trl-dpo")
+CONTENDERS = (
+    "epsdpo-epsilon",
+    "epsdpo-dpo",
+    "epsdpo-epsilon-eager",
+    "epsdpo-epsilon-cached",
+    "naive-epsilon",
+    "trl-dpo",
+)
+#: (name, numerator, denominator, what is compared, target): each computed within a round
+RATIOS = (
+    ("ε-DPO / DPO step time", "epsdpo-epsilon", "epsdpo-dpo", "median_s", 1.03),
+    ("ε-DPO / DPO peak memory", "epsdpo-epsilon", "epsdpo-dpo", "peak_mib", 1.05),
+    ("ε-DPO / TRL DPO step time", "epsdpo-epsilon", "trl-dpo", "median_s", 0.9),
+    ("ε-DPO / TRL DPO peak memory", "epsdpo-epsilon", "trl-dpo", "peak_mib", 0.8),
+    ("ε-DPO / naive ε-DPO excess memory", "epsdpo-epsilon", "naive-epsilon", "excess_mib", 0.5),
+    ("compiled / eager kernel, ε-DPO step time", "epsdpo-epsilon", "epsdpo-epsilon-eager", "median_s", None),
+    ("cached reference / not, ε-DPO step time", "epsdpo-epsilon-cached", "epsdpo-epsilon", "median_s", None),
+)
 BETA, EPSILON, LR = 0.1, 0.01, 1e-6
 
 
@@ -85,7 +109,9 @@ def synthetic_pairs(path: Path, tokenizer: Any, pairs: int, tokens: int) -> None
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
-def run_config(spec: dict[str, Any], data: Path, out_dir: Path, loss_type: str, cached: bool = False) -> Any:
+def run_config(
+    spec: dict[str, Any], data: Path, out_dir: Path, loss_type: str, cached: bool = False, kernel: str = "auto"
+) -> Any:
     from epsdpo.training import load_run_config
 
     overrides = {
@@ -108,6 +134,7 @@ def run_config(spec: dict[str, Any], data: Path, out_dir: Path, loss_type: str, 
         "disable_tqdm": True,
         "seed": 0,
         "precompute_ref_hidden_states": cached,
+        "logps_kernel": kernel,
         "ref_cache_dir": str(out_dir.parent / "ref_cache"),
     }
     return load_run_config({k: v for k, v in overrides.items() if v is not None})
@@ -154,7 +181,9 @@ def measure(config: str, contender: str, warmup: int, steps: int, fp32: bool = F
     data = work / "pairs.jsonl"
     synthetic_pairs(data, tokenizer, spec["pairs"], spec["tokens"])
     cached = contender == "epsdpo-epsilon-cached"
-    cfg = run_config(spec, data, work / "run", "dpo" if contender == "epsdpo-dpo" else "epsilon_dpo", cached)
+    loss = "dpo" if contender == "epsdpo-dpo" else "epsilon_dpo"
+    kernel = "eager" if contender == "epsdpo-epsilon-eager" else "auto"
+    cfg = run_config(spec, data, work / "run", loss, cached, kernel)
     tokens = 2 * spec["pairs"] * spec["tokens"]
     extra: dict[str, Any] = {}
     if contender.startswith("epsdpo"):
@@ -201,8 +230,23 @@ def measure(config: str, contender: str, warmup: int, steps: int, fp32: bool = F
         "excess_mib": (peak - before) / 2**20,
         "model_gflops_per_s": flops / median / 1e9,
         "peak_gflops_per_s": matmul_peak(torch.bfloat16 if spec["bf16"] else torch.float32) / 1e9,
+        "versions": versions(),
         **extra,
     }
+
+
+def versions() -> dict[str, str]:
+    """torch, transformers and (where installed) TRL, as the child process imported them."""
+    import transformers
+
+    out = {"torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        import trl
+
+        out["trl"] = trl.__version__
+    except ImportError:
+        pass
+    return out
 
 
 def _trl(cfg: Any, spec: dict[str, Any], data: Path, tokenizer: Any, warmup: int, steps: int) -> tuple:
@@ -266,8 +310,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="a,b", help="comma-separated: a, b")
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every contender, order alternating")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument(
         "--fp32",
@@ -281,47 +326,80 @@ def main() -> None:
         print("RESULT " + json.dumps(measure(args.child[0], args.child[1], args.warmup, args.steps, args.fp32)))
         return
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    contenders = args.contenders.split(",")
     results = []
     for config in args.configs.split(","):
-        for contender in args.contenders.split(","):
-            cmd = [
-                sys.executable,
-                __file__,
-                "--child",
-                config,
-                contender,
-                "--warmup",
-                str(args.warmup),
-                "--steps",
-                str(args.steps),
-                *(["--fp32"] if args.fp32 else []),
-            ]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if proc.returncode != 0 or line is None:
-                tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
-                print(f"[{config}] {contender}: failed ({' | '.join(tail)})")
-                continue
-            results.append(json.loads(line[len("RESULT ") :]))
-            print(f"[{config}] {contender}: done", flush=True)
+        for round_ in range(args.rounds):
+            for contender in contenders if round_ % 2 == 0 else contenders[::-1]:
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    config,
+                    contender,
+                    "--warmup",
+                    str(args.warmup),
+                    "--steps",
+                    str(args.steps),
+                    *(["--fp32"] if args.fp32 else []),
+                ]
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if proc.returncode != 0 or line is None:
+                    tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+                    print(f"[{config}] round {round_ + 1}, {contender}: failed ({' | '.join(tail)})")
+                    continue
+                results.append({**json.loads(line[len("RESULT ") :]), "round": round_ + 1})
+                print(f"[{config}] round {round_ + 1}, {contender}: {results[-1]['median_s']:.2f} s", flush=True)
     report(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
 
 
+def spread(values: list[float]) -> str:
+    """median [min–max] over rounds, and mean ± standard error from 3 rounds."""
+    med = statistics.median(values)
+    text = f"{med:.3f} [{min(values):.3f}–{max(values):.3f}]"
+    if len(values) >= 3:
+        se = statistics.stdev(values) / len(values) ** 0.5
+        text += f", mean {statistics.fmean(values):.3f} ± {se:.3f}"
+    return text
+
+
+def round_ratios(results: list[dict[str, Any]], config: str) -> dict[str, list[float]]:
+    """Each ratio of RATIOS computed within every round that has both contenders."""
+    out: dict[str, list[float]] = {}
+    for round_ in sorted({r["round"] for r in results if r["config"] == config}):
+        by = {r["contender"]: r for r in results if r["config"] == config and r["round"] == round_}
+        for name, num, den, key, _ in RATIOS:
+            if num in by and den in by:
+                out.setdefault(name, []).append(by[num][key] / max(by[den][key], 1e-9))
+    return out
+
+
 def report(results: list[dict[str, Any]]) -> None:
+    from epsdpo.machine import machine_label
+
     dtypes = ", ".join(sorted({"bf16" if r.get("bf16") else "fp32" for r in results}))
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores; {dtypes}")
+    seen = sorted({", ".join(f"{k} {v}" for k, v in r["versions"].items()) for r in results if "versions" in r})
+    print(f"\n{machine_label()}, {os.cpu_count()} cores; {dtypes}; {' / '.join(seen)}")
     header = (
-        f"{'cfg':<4}{'contender':<16}{'step s':>8}{'tok/s':>9}{'peak MiB':>10}{'excess MiB':>11}"
+        f"{'cfg':<4}{'contender':<23}{'rounds':>7}{'step s':>8}{'tok/s':>9}{'peak MiB':>10}{'excess MiB':>11}"
         f"{'GFLOP/s':>9}{'% peak':>8}"
     )
-    print(header)
+    print("medians over rounds:\n" + header)
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in results:
+        groups.setdefault((r["config"], r["contender"]), []).append(r)
+    for (config, contender), rs in groups.items():
+
+        def med(key: str, rs: list[dict[str, Any]] = rs) -> float:
+            return statistics.median(r[key] for r in rs)
+
         print(
-            f"{r['config']:<4}{r['contender']:<16}{r['median_s']:>8.2f}{r['tokens_per_s']:>9.0f}"
-            f"{r['peak_mib']:>10.0f}{r['excess_mib']:>11.0f}{r['model_gflops_per_s']:>9.1f}"
-            f"{100 * r['model_gflops_per_s'] / r['peak_gflops_per_s']:>7.1f}%"
+            f"{config:<4}{contender:<23}{len(rs):>7}{med('median_s'):>8.2f}{med('tokens_per_s'):>9.0f}"
+            f"{med('peak_mib'):>10.0f}{med('excess_mib'):>11.0f}{med('model_gflops_per_s'):>9.1f}"
+            f"{100 * med('model_gflops_per_s') / med('peak_gflops_per_s'):>7.1f}%"
         )
     for r in results:
         if "cache_build_s" in r:
@@ -329,34 +407,13 @@ def report(results: list[dict[str, Any]]) -> None:
                 f"[{r['config']}] reference cache: built in {r['cache_build_s']:.1f} s for {r['cache_pairs']} pairs, "
                 f"{r['cache_mib']:.1f} MiB on disk ({r['cache_mib'] / r['cache_pairs']:.2f} MiB per pair)"
             )
-    by = {(r["config"], r["contender"]): r for r in results}
+    targets = {name: target for name, *_, target in RATIOS}
     for config in sorted({r["config"] for r in results}):
-        ours, dpo = by.get((config, "epsdpo-epsilon")), by.get((config, "epsdpo-dpo"))
-        naive, trl = by.get((config, "naive-epsilon")), by.get((config, "trl-dpo"))
-        cached = by.get((config, "epsdpo-epsilon-cached"))
-        checks = []
-        if ours and cached:
-            time_ratio, memory_ratio = cached["median_s"] / ours["median_s"], cached["peak_mib"] / ours["peak_mib"]
-            print(
-                f"[{config}] ε-DPO with the reference cache / without: step time {time_ratio:.2f}, "
-                f"peak memory {memory_ratio:.2f}"
-            )
-        if ours and dpo:
-            checks += [
-                ("ε-DPO / DPO step time", ours["median_s"] / dpo["median_s"], 1.05),
-                ("ε-DPO / DPO peak memory", ours["peak_mib"] / dpo["peak_mib"], 1.10),
-            ]
-        if ours and naive:
-            excess = ours["excess_mib"] / max(naive["excess_mib"], 1e-9)
-            checks.append(("ε-DPO / naive excess memory", excess, 0.5))
-        if ours and trl:
-            checks += [
-                ("ε-DPO / TRL DPO step time", ours["median_s"] / trl["median_s"], 1.0),
-                ("ε-DPO / TRL DPO peak memory", ours["peak_mib"] / trl["peak_mib"], 0.8),
-            ]
-        for name, value, target in checks:
-            verdict = "OK" if value <= target else "MISSED"
-            print(f"[{config}] {name:<30} {value:6.2f}  (target <= {target:.2f}) {verdict}")
+        for name, values in round_ratios(results, config).items():
+            target, verdict = targets[name], ""
+            if target is not None:
+                verdict = f"  (target <= {target:.2f}) {'OK' if statistics.median(values) <= target else 'MISSED'}"
+            print(f"[{config}] {name:<42} {spread(values)}{verdict}")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,22 @@
-"""Where the ε-DPO forward spends its extra time: element-wise passes over one (chunk, V) float32 block.
+"""Where the ε-DPO forward spends its extra time: the work over one (chunk, V) float32 block, per kernel.
 
-    .venv/bin/python benchmarks/vocab_passes.py                      # 441 x 151,936 (config b's default chunk)
-    .venv/bin/python benchmarks/vocab_passes.py --rows 1365 --vocab 49152
+    .venv/bin/python benchmarks/vocab_passes.py                      # 441 x 151,936, hidden 256 (config b's chunk)
+    .venv/bin/python benchmarks/vocab_passes.py --rows 1365 --vocab 49152 --hidden 576   # SmolLM2's chunk
+    .venv/bin/python benchmarks/vocab_passes.py --device cuda        # adds the Triton kernel
 
-Times (median of ``--repeats`` after one warm-up) each kind of pass the chunked log-probs make over a block — max,
-subtract, exp, sum, the mixture update — then one log-sum-exp, then the per-chunk work after the two products as
-`epsdpo.logps.chunked` does it for DPO (policy and reference log-sum-exps) and for ε-DPO (those, f − g, and the two
-mixtures' log-sum-exps). docs/performance.md quotes it: with fast matrix products these memory-bound passes are what
-ε-DPO adds to DPO's step.
+Times (median of ``--repeats`` after one warm-up, contenders alternating round by round so drift hits all alike):
+
+1. the kinds of pass the eager kernel makes over a block (max, subtract, exp, sum, a mixture update) and one
+   log-sum-exp;
+2. the per-block work after the two products, for DPO (ε = 0: policy and reference log-sum-exps) and ε-DPO (those
+   and both mixtures'), with each kernel of :mod:`epsdpo.logps.vocab`: ``eager`` (torch passes), ``compiled``
+   (torch.compile), ``triton`` (CUDA only);
+3. the algebraic alternative for a shared frozen head (the LoRA default): (1 ± ε) f ∓ ε g = W((1 ± ε) h_θ ∓ ε h_ref),
+   so each mixture's log-sum-exp is an ordinary linear log-prob of mixed hidden states, one more (c, H) x (H, V)
+   product each — timed as a product plus a log-sum-exp in torch, and, where TRL is installed, with TRL's chunked
+   fused log-prob function (``trl.kernels.chunked_logprob``), which never writes the (c, V) block.
+
+docs/performance.md quotes the figures and chooses the kernel from them.
 """
 
 from __future__ import annotations
@@ -19,76 +28,119 @@ from collections.abc import Callable
 
 import torch
 
-from epsdpo.logps.chunked import _token_logps
+from epsdpo.logps import vocab
+from epsdpo.machine import machine_label
 
 
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+def timed_rounds(contenders: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None]) -> dict:
+    """Median ms per contender; one warm-up each, then ``repeats`` rounds in which every contender runs once, in
+    an order that alternates (A B C, C B A, ...) so that slow drift of the machine is shared."""
+    names = list(contenders)
+    for name in names:
+        contenders[name]()
+    sync()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else reversed(names):
+            start = time.perf_counter()
+            contenders[name]()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=441)
     parser.add_argument("--vocab", type=int, default=151_936)
+    parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--epsilon", type=float, default=0.01)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    g = torch.Generator().manual_seed(0)
-    f0 = torch.randn(args.rows, args.vocab, generator=g) * 3
-    g0 = f0 + torch.randn(args.rows, args.vocab, generator=g)
-    y = torch.randint(0, args.vocab, (args.rows,), generator=g)
-    f, g_, scratch = (torch.empty_like(f0) for _ in range(3))
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    gen = torch.Generator().manual_seed(0)
+    h_policy = torch.randn(args.rows, args.hidden, generator=gen)
+    h_ref = h_policy + 0.3 * torch.randn(args.rows, args.hidden, generator=gen)
+    weight = torch.randn(args.vocab, args.hidden, generator=gen) / args.hidden**0.5 * 3
+    h_policy, h_ref, weight = h_policy.to(device), h_ref.to(device), weight.to(device)
+    f0, g0 = h_policy @ weight.T, h_ref @ weight.T  # (rows, V) float32
+    y = torch.randint(0, args.vocab, (args.rows,), generator=gen).to(device)
+    f, g, scratch = (torch.empty_like(f0) for _ in range(3))
     eps = args.epsilon
 
-    def restore() -> None:
+    def restore() -> None:  # the eager kernel works in place: every timed call starts from fresh copies
         f.copy_(f0)
-        g_.copy_(g0)
+        g.copy_(g0)
 
-    def dpo() -> None:  # the epsilon = 0 route: policy and reference log-sum-exps
-        restore()
-        _token_logps(f, y, scratch)
-        _token_logps(g_, y, g_)
+    def kernel_call(kernel: str, epsilon: float) -> Callable[[], object]:
+        def run() -> object:
+            restore()
+            return vocab.block_logps(f, g, y, epsilon, scratch, kernel)
 
-    def epsilon_dpo() -> None:  # the float32-decision route of _FusedPerturbedTokenLogps.forward
-        restore()
-        _token_logps(f, y, scratch)
-        _token_logps(g_, y, scratch)
-        diff = torch.sub(f, g_, out=g_)
-        weaker = f.add_(diff, alpha=eps)
-        _token_logps(weaker, y, scratch)
-        stronger = weaker.sub_(diff, alpha=2 * eps)
-        _token_logps(stronger, y, stronger)
+        return run
 
-    rows = [
-        ("copy back the two blocks (subtracted below)", median_ms(restore, args.repeats)),
-        ("max over V", median_ms(lambda: f0.amax(dim=-1, keepdim=True), args.repeats)),
-        ("subtract into a buffer", median_ms(lambda: torch.sub(f0, g0, out=scratch), args.repeats)),
-        ("sum over V", median_ms(lambda: f0.sum(-1), args.repeats)),
-        (
-            "exp in place (after a copy, subtracted)",
-            median_ms(lambda: scratch.copy_(f0).exp_(), args.repeats)
-            - median_ms(lambda: scratch.copy_(f0), args.repeats),
-        ),
-        (
-            "mixture update f += ε(f − g)",
-            median_ms(lambda: scratch.copy_(f0).add_(g0, alpha=eps), args.repeats)
-            - median_ms(lambda: scratch.copy_(f0), args.repeats),
-        ),
-        ("one log-sum-exp", median_ms(lambda: _token_logps(f0, y, scratch), args.repeats)),
-    ]
-    copy_ms = rows[0][1]
-    dpo_ms, eps_ms = median_ms(dpo, args.repeats) - copy_ms, median_ms(epsilon_dpo, args.repeats) - copy_ms
-    rows += [("DPO per-chunk work (two log-sum-exps)", dpo_ms), ("ε-DPO per-chunk work", eps_ms)]
-    print(f"({args.rows}, {args.vocab}) float32 block, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    for name, ms in rows:
-        print(f"  {name:<45} {ms:8.1f} ms")
-    print(f"  ε-DPO / DPO per-chunk work: {eps_ms / dpo_ms:.2f}")
+    passes = {
+        "copy back the two blocks (subtracted below)": restore,
+        "max over V": lambda: f0.amax(dim=-1, keepdim=True),
+        "subtract into a buffer": lambda: torch.sub(f0, g0, out=scratch),
+        "sum over V": lambda: f0.sum(-1),
+        "copy + exp in place": lambda: scratch.copy_(f0).exp_(),
+        "copy + mixture update f += ε(f − g)": lambda: scratch.copy_(f0).add_(g0, alpha=eps),
+        "copy alone": lambda: scratch.copy_(f0),
+        "one log-sum-exp (eager)": lambda: vocab.token_logps(f0, y, scratch),
+    }
+    kernels = ["eager", "compiled"] + (["triton"] if device.type == "cuda" and vocab.triton_available() else [])
+    blocks = {f"{k} {method}": kernel_call(k, e) for k in kernels for method, e in (("DPO", 0.0), ("ε-DPO", eps))}
+
+    def algebraic_torch() -> object:  # the two mixtures through the head: two products and two log-sum-exps
+        out = []
+        for sign in (1.0, -1.0):
+            mixed = (1 + sign * eps) * h_policy - sign * eps * h_ref
+            torch.mm(mixed, weight.T, out=scratch)
+            out.append(vocab.token_logps(scratch, y, scratch))
+        return out
+
+    algebraic = {"algebraic: 2 products + 2 log-sum-exps (torch)": algebraic_torch}
+    try:
+        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+        def algebraic_trl() -> object:
+            with torch.no_grad():
+                return [
+                    ChunkedLogProbFunction.apply(
+                        (1 + s * eps) * h_policy - s * eps * h_ref, weight, None, y, 1.0, 4096, None, 1.0, ()
+                    )[0]
+                    for s in (1.0, -1.0)
+                ]
+
+        algebraic["algebraic: 2 x TRL chunked log-prob (no (c, V) block kept)"] = algebraic_trl
+    except ImportError:
+        pass
+
+    with torch.no_grad():
+        t_passes = timed_rounds(passes, args.repeats, sync)
+        t_blocks = timed_rounds(blocks, args.repeats, sync)
+        t_alg = timed_rounds(algebraic, args.repeats, sync)
+    copy_ms = t_passes["copy back the two blocks (subtracted below)"]
+    copy1 = t_passes.pop("copy alone")
+    for key in ("copy + exp in place", "copy + mixture update f += ε(f − g)"):
+        t_passes[key.replace("copy + ", "") + " (copy subtracted)"] = t_passes.pop(key) - copy1
+    print(
+        f"({args.rows}, {args.vocab}) float32 block, hidden {args.hidden}, ε {eps}, {args.repeats} rounds, "
+        f"device {device}, torch {torch.__version__}; {machine_label()}"
+    )
+    for name, ms in t_passes.items():
+        print(f"  {name:<62} {ms:8.1f} ms")
+    print("  per-block work after the two products (copies subtracted):")
+    for name, ms in t_blocks.items():
+        print(f"  {name:<62} {ms - copy_ms:8.1f} ms")
+    for name, ms in t_alg.items():
+        print(f"  {name:<62} {ms:8.1f} ms")
+    for k in kernels:
+        dpo, eps_ms = t_blocks[f"{k} DPO"] - copy_ms, t_blocks[f"{k} ε-DPO"] - copy_ms
+        print(f"  {k}: ε-DPO − DPO per block {eps_ms - dpo:7.1f} ms (ratio {eps_ms / dpo:.2f})")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from typing import get_args
 from trl import DPOConfig
 
 from epsdpo.control import RULES
+from epsdpo.logps import KERNELS
 from epsdpo.training.config import DecisionPrecision
 
 DECISION_PRECISIONS: tuple[str, ...] = get_args(DecisionPrecision)
@@ -58,6 +59,15 @@ class EpsilonDPOConfig(DPOConfig):
             "(chunk, vocabulary) float32 buffer."
         },
     )
+    logps_kernel: str = field(
+        default="auto",
+        metadata={
+            "help": "How each (chunk, vocabulary) block's log-sum-exps are computed with float32 decisions: 'auto' "
+            "(Triton on CUDA, torch.compile on the CPU from a 16,384-token vocabulary, else torch passes), "
+            "'compiled', 'triton' or 'eager'.",
+            "choices": list(KERNELS),
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -78,6 +88,8 @@ def unsupported_options(args: DPOConfig) -> list[str]:
         problems.append(
             f"decision_precision must be one of {list(DECISION_PRECISIONS)}, got {args.decision_precision!r}"
         )
+    if getattr(args, "logps_kernel", "auto") not in KERNELS:
+        problems.append(f"logps_kernel must be one of {list(KERNELS)}, got {args.logps_kernel!r}")
     if getattr(args, "decision_tolerance", 0.0) < 0:
         problems.append(f"decision_tolerance must be >= 0, got {args.decision_tolerance}")
     if args.precompute_ref_log_probs:

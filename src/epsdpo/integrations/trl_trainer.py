@@ -259,6 +259,7 @@ class EpsilonDPOTrainer(DPOTrainer):
                 decision_dtype=self._loss_config.decision_dtype,
                 chunk_size=args.logps_chunk_size,
                 published_order=self._loss_config.published_order,
+                kernel=args.logps_kernel,
             )
             result = compute_pair_losses(logps, mask.sum(-1), self._loss_config, beta)
         if train:

@@ -17,8 +17,11 @@ from torch import Tensor
 from epsdpo.logps.chunked import chunked_perturbed_logps, default_chunk_size
 from epsdpo.logps.common import LMHeadInput, PerturbedLogps
 from epsdpo.logps.eager import eager_perturbed_logps
+from epsdpo.logps.vocab import KERNELS, Kernel
 
 __all__ = [
+    "KERNELS",
+    "Kernel",
     "LMHeadInput",
     "PerturbedLogps",
     "chunked_perturbed_logps",
@@ -78,6 +81,7 @@ def perturbed_logps(
     decision_dtype: torch.dtype | None = None,
     chunk_size: int | None = None,
     published_order: bool = False,
+    kernel: Kernel = "auto",
 ) -> PerturbedLogps:
     """Per-sequence log-probs of the policy, the reference and the ε-perturbed policies, each (N,) float32.
 
@@ -119,7 +123,15 @@ def perturbed_logps(
     _validate(policy_logits, ref_logits, labels, completion_mask)
     if impl == "chunked":
         return chunked_perturbed_logps(
-            policy_logits, ref_logits, labels, completion_mask, epsilon, decision_dtype, chunk_size, published_order
+            policy_logits,
+            ref_logits,
+            labels,
+            completion_mask,
+            epsilon,
+            decision_dtype,
+            chunk_size,
+            published_order,
+            kernel,
         )
     if impl == "eager":
         full = [s.logits() if isinstance(s, LMHeadInput) else s for s in (policy_logits, ref_logits)]

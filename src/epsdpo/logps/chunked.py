@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from epsdpo.logps.common import LMHeadInput, PerturbedLogps, published_token_logps, round_to
+from epsdpo.logps.vocab import block_logps, resolve_kernel, token_logps
 
 # Elements of one (chunk, V) float32 buffer; a chunk holds about four of them at once (f, g, a mixture, scratch).
 # Large enough that the (chunk, H) x (H, V) products run near full GEMM speed: on 2 CPU cores at V = 151,936,
@@ -65,17 +66,6 @@ def _project(out: Tensor, hidden: Tensor, weight: Tensor | None, bias: Tensor | 
     return out.copy_(F.linear(hidden.to(weight.dtype), weight, bias))
 
 
-def _token_logps(logits: Tensor, labels: Tensor, scratch: Tensor) -> tuple[Tensor, Tensor]:
-    """(log softmax(logits)[label], logsumexp(logits)) per row of a float32 (c, V) chunk.
-
-    The exponentials are written into ``scratch`` (same shape); pass ``logits`` itself when it is not needed again.
-    """
-    picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    top = logits.amax(dim=-1, keepdim=True)
-    lse = torch.sub(logits, top, out=scratch).exp_().sum(-1).log_().add_(top.squeeze(-1))
-    return picked - lse, lse
-
-
 class _FusedPerturbedTokenLogps(torch.autograd.Function):
     """Per-token log-probs of the selected completion tokens; gradient flows only into the policy side."""
 
@@ -94,6 +84,7 @@ class _FusedPerturbedTokenLogps(torch.autograd.Function):
         chunk_size: int,
         decision_dtype: torch.dtype | None,
         published_order: bool,
+        kernel: str,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         compute_dtype = _compute_dtype(policy_hidden, policy_weight, policy_bias)
         ref_dtype = _compute_dtype(ref_hidden, ref_weight, ref_bias)
@@ -108,10 +99,13 @@ class _FusedPerturbedTokenLogps(torch.autograd.Function):
         policy_tok, ref_tok, weaker_tok, stronger_tok, decision_tok = out
         policy_lse = torch.empty(num, dtype=torch.float32, device=positions.device)
         vocab = policy_hidden.shape[-1] if policy_weight is None else policy_weight.shape[0]
-        # three (chunk, V) buffers for the whole call: policy logits f, reference logits g, exponentials
-        f_buf, g_buf, scratch = (
-            torch.empty((min(chunk_size, num), vocab), dtype=torch.float32, device=positions.device) for _ in range(3)
-        )
+        # float32 decisions go through one of vocab.py's kernels; the low-precision regimes stay in torch passes
+        eager = decision_dtype is not None or resolve_kernel(kernel, positions.device, vocab) == "eager"
+        # (chunk, V) buffers for the whole call: policy logits f, reference logits g and, for the eager passes,
+        # the exponentials
+        shape = (min(chunk_size, num), vocab)
+        f_buf, g_buf = (torch.empty(shape, dtype=torch.float32, device=positions.device) for _ in range(2))
+        scratch = torch.empty(shape, dtype=torch.float32, device=positions.device) if eager else None
         with torch.autocast(positions.device.type, enabled=False):
             for start in range(0, num, chunk_size):
                 sl = slice(start, start + chunk_size)
@@ -119,32 +113,27 @@ class _FusedPerturbedTokenLogps(torch.autograd.Function):
                 c = rows.numel()
                 f = _project(f_buf[:c], policy_hidden[rows], p_w, p_b)
                 g = _project(g_buf[:c], ref_hidden[rows], r_w, r_b)
-                policy_tok[sl], policy_lse[sl] = _token_logps(f, y, scratch[:c])
-                if epsilon == 0.0 and decision_dtype is None:  # both mixtures are f itself (DPO & co.): same values
-                    ref_tok[sl] = _token_logps(g, y, g)[0]
-                    weaker_tok[sl] = stronger_tok[sl] = policy_tok[sl]
+                if decision_dtype is None:
+                    block = block_logps(f, g, y, epsilon, None if scratch is None else scratch[:c], kernel)
+                    policy_tok[sl], ref_tok[sl], policy_lse[sl] = block.policy, block.reference, block.policy_lse
+                    both = (block.policy, block.policy) if block.weaker is None else (block.weaker, block.stronger)
+                    weaker_tok[sl], stronger_tok[sl] = both  # ε = 0 (DPO & co.): both mixtures are f itself
                     continue
-                ref_tok[sl] = _token_logps(g, y, scratch[:c])[0]
+                policy_tok[sl], policy_lse[sl] = token_logps(f, y, scratch[:c])
+                ref_tok[sl] = token_logps(g, y, scratch[:c])[0]
                 if published_order:  # the published arithmetic, every op in the model dtype (see eager.py)
                     fb, gb = f.to(decision_dtype), g.to(decision_dtype)
                     weaker_tok[sl] = published_token_logps(((1 + epsilon) * fb) - (epsilon * gb), y).float()
                     stronger_tok[sl] = published_token_logps(((1 - epsilon) * fb) + (epsilon * gb), y).float()
                     decision_tok[sl] = published_token_logps(fb, y).float()
                     continue
+                # emulated low-precision decisions: each mixture rounded from f and g as written
                 diff = torch.sub(f, g, out=g)  # f − g, in g's buffer
-                if decision_dtype is None:
-                    # weaker = f + ε(f − g) in f's buffer; stronger = weaker − 2ε(f − g) in the same buffer after
-                    # weaker is read: no buffer beyond the three.
-                    weaker = f.add_(diff, alpha=epsilon)
-                    weaker_tok[sl] = _token_logps(weaker, y, scratch[:c])[0]
-                    stronger = weaker.sub_(diff, alpha=2 * epsilon)
-                    stronger_tok[sl] = _token_logps(stronger, y, stronger)[0]
-                else:  # emulated low-precision decisions: each mixture rounded from f and g as written
-                    weaker = round_to(torch.add(f, diff, alpha=epsilon), decision_dtype)
-                    weaker_tok[sl] = _token_logps(weaker, y, scratch[:c])[0]
-                    del weaker
-                    stronger = round_to(f.sub_(diff, alpha=epsilon), decision_dtype)
-                    stronger_tok[sl] = _token_logps(stronger, y, stronger)[0]
+                weaker = round_to(torch.add(f, diff, alpha=epsilon), decision_dtype)
+                weaker_tok[sl] = token_logps(weaker, y, scratch[:c])[0]
+                del weaker
+                stronger = round_to(f.sub_(diff, alpha=epsilon), decision_dtype)
+                stronger_tok[sl] = token_logps(stronger, y, stronger)[0]
         del f_buf, g_buf, scratch
         if decision_dtype is None:
             decision_tok.copy_(policy_tok)
@@ -200,7 +189,7 @@ class _FusedPerturbedTokenLogps(torch.autograd.Function):
             grad_hidden,
             None if grad_w is None else grad_w.to(weight.dtype),
             None if grad_b is None else grad_b.to(bias.dtype),
-            *([None] * 9),
+            *([None] * 10),
         )
 
 
@@ -233,10 +222,12 @@ def chunked_perturbed_logps(
     decision_dtype: torch.dtype | None = None,
     chunk_size: int | None = None,
     published_order: bool = False,
+    kernel: str = "auto",
 ) -> PerturbedLogps:
     """Same values and gradients as :func:`epsdpo.logps.eager.eager_perturbed_logps`, in O(chunk_size · V) memory.
 
     ``policy``/``reference`` are either (N, T, V) logits or :class:`LMHeadInput` (hidden (N, T, H) and the head).
+    ``kernel`` computes the passes over each (chunk, V) block with float32 decisions (:mod:`epsdpo.logps.vocab`).
     """
     n, t = labels.shape
     positions, sequence, token_labels = _completion_tokens(labels, completion_mask)  # each (M,)
@@ -256,6 +247,7 @@ def chunked_perturbed_logps(
         chunk_size or default_chunk_size(vocab),
         decision_dtype,
         published_order,
+        kernel,
     )
 
     if published_order:  # the published per-sequence sums: over the (N, T) grid, zero off the mask, in the dtype
@@ -296,5 +288,5 @@ def chunked_sequence_logps(
     for start in range(0, positions.shape[0], step):
         stop = min(start + step, positions.shape[0])
         logits = _project(buffer[: stop - start], rows[positions[start:stop]], weight, bias)  # (c, V)
-        tokens[start:stop] = _token_logps(logits, token_labels[start:stop], logits)[0]
+        tokens[start:stop] = token_logps(logits, token_labels[start:stop], logits)[0]
     return _per_sequence(tokens, sequence, labels.shape[0])

@@ -114,6 +114,7 @@ def policy_logps(
     decision_dtype: torch.dtype | None = None,
     chunk_size: int | None = None,
     published_order: bool = False,
+    kernel: str = "auto",
 ) -> PerturbedLogps:
     """Run the policy through its forward and compute every sequence log-prob (only ``policy`` carries gradient)."""
 
@@ -128,6 +129,7 @@ def policy_logps(
             decision_dtype=decision_dtype,
             chunk_size=chunk_size,
             published_order=published_order,
+            kernel=kernel,  # type: ignore[arg-type]
         )
 
     if not fused:

@@ -16,7 +16,7 @@ import torch
 from epsdpo.config import ConfigError, load_config
 from epsdpo.control import Rule
 from epsdpo.data.config import DataConfig
-from epsdpo.logps import Impl
+from epsdpo.logps import Impl, Kernel
 from epsdpo.losses import LossType
 
 SchedulerName = Literal["cosine", "linear", "constant", "constant_with_warmup"]
@@ -203,6 +203,9 @@ class TrainConfig:
         resume_from_checkpoint: ``auto`` (the latest checkpoint in ``output_dir``, if any), a checkpoint path, or None.
         logps_impl: ``chunked`` (fused, memory-efficient; default) or ``eager`` (full logits, the specification).
         logps_chunk_size: tokens per chunk for the chunked path; None picks ~256 MiB per (chunk, V) buffer.
+        logps_kernel: how the chunked path computes each (chunk, V) block's log-sum-exps (float32 decisions):
+            ``auto`` (Triton on CUDA, torch.compile on the CPU for vocabularies of 16,384 and more, else torch
+            passes), ``compiled``, ``triton`` or ``eager``; the same values to float32 rounding (docs/performance.md).
         report_to: experiment trackers through accelerate (``tensorboard``, ``wandb``), if installed.
         disable_tqdm: no progress bar (metrics still go to metrics.jsonl).
         decision_records: ε-DPO: write ``decisions.jsonl``, one line per training pair per step: ``step``, ``pair``
@@ -240,6 +243,7 @@ class TrainConfig:
     resume_from_checkpoint: str | None = None
     logps_impl: Impl = "chunked"
     logps_chunk_size: int | None = None
+    logps_kernel: Kernel = "auto"
     report_to: list[str] = field(default_factory=list)
     disable_tqdm: bool = False
     decision_records: bool = False

@@ -317,6 +317,7 @@ class Trainer:
                 decision_dtype=plan.decision_dtype,
                 chunk_size=t.logps_chunk_size,
                 published_order=plan.published_order,
+                kernel=t.logps_kernel,
             )  # each field (2B,) float32; only .policy carries gradient
         return logps, mask.sum(-1), int(attention.sum())
 

@@ -1,0 +1,191 @@
+"""The work over the vocabulary of one (chunk, V) block: four log-sum-exps and four label log-probs.
+
+Given a block of policy logits f and reference logits g (float32, one row per completion token), ε-DPO needs per row
+
+    log softmax(f)[y],  log softmax(g)[y],  log softmax(f + ε(f − g))[y],  log softmax(f − ε(f − g))[y]
+
+and DPO (ε = 0) the first two. The label terms are cheap (one gathered value per row and distribution); the cost is
+the log-sum-exps, which read the whole block. Three kernels compute them, chosen by ``kernel``:
+
+- ``"eager"``: torch operations over the whole block, one after another (max, subtract, exp, sum per
+  log-sum-exp, plus f − g and two in-place mixture updates): ~10 memory passes for ε-DPO, 4 for DPO. Always
+  available; the reference the others are tested against. It overwrites f and g.
+- ``"compiled"``: the same mathematics as one ``torch.compile`` (Inductor) function. Inductor fuses the four
+  maxima into one loop over the block and the four sums of exponentials into a second, reading f and g twice
+  instead of ~10 times, with the mixtures computed in registers. CPU (C++/OpenMP code) and CUDA.
+- ``"triton"``: a Triton kernel, one program per row, with an online log-sum-exp for the four distributions: f and
+  g are read once. CUDA; in Triton's interpreter (``TRITON_INTERPRET=1``) also on CPU tensors, which is how the
+  tests check it on machines without a GPU.
+
+``"auto"`` picks ``triton`` on CUDA when Triton imports, else ``compiled``; on the CPU ``compiled`` for vocabularies of
+:data:`COMPILE_MIN_VOCAB` tokens and more (compiling costs 10–40 s once per process, less from Inductor's disk cache,
+and pays for itself only where the block is large), else ``eager``; and falls back to ``eager``, with one warning,
+where compiling fails (no C++ compiler, for example). Only the policy's log-sum-exp is kept for the backward pass,
+which is the same for every kernel (see :mod:`epsdpo.logps.chunked`).
+
+The kernels agree to float32 rounding, not bit for bit: they sum the exponentials in different orders.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+Kernel = Literal["auto", "compiled", "triton", "eager"]
+KERNELS: tuple[str, ...] = ("auto", "compiled", "triton", "eager")
+#: ``auto`` compiles on the CPU from this vocabulary size up; tiny test vocabularies stay eager.
+COMPILE_MIN_VOCAB = 16_384
+
+
+class BlockLogps(NamedTuple):
+    """Per-row float32 (c,) results for one block; ``weaker``/``stronger`` are None when ε = 0."""
+
+    policy: Tensor  # log softmax(f)[y]
+    reference: Tensor  # log softmax(g)[y]
+    weaker: Tensor | None  # log softmax(f + ε(f − g))[y]
+    stronger: Tensor | None  # log softmax(f − ε(f − g))[y]
+    policy_lse: Tensor  # logsumexp(f), kept for the backward pass
+
+
+# ---------------------------------------------------------------------------------------------------------- eager
+
+
+def token_logps(logits: Tensor, labels: Tensor, scratch: Tensor) -> tuple[Tensor, Tensor]:
+    """(log softmax(logits)[label], logsumexp(logits)) per row of a float32 (c, V) block, in torch passes.
+
+    The exponentials are written into ``scratch`` (same shape); pass ``logits`` itself when it is not needed again.
+    """
+    picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    top = logits.amax(dim=-1, keepdim=True)
+    lse = torch.sub(logits, top, out=scratch).exp_().sum(-1).log_().add_(top.squeeze(-1))
+    return picked - lse, lse
+
+
+def _eager(f: Tensor, g: Tensor, labels: Tensor, epsilon: float, scratch: Tensor) -> BlockLogps:
+    policy, policy_lse = token_logps(f, labels, scratch)
+    if epsilon == 0.0:
+        return BlockLogps(policy, token_logps(g, labels, g)[0], None, None, policy_lse)
+    reference = token_logps(g, labels, scratch)[0]
+    diff = torch.sub(f, g, out=g)  # f − g, in g's buffer
+    # weaker = f + ε(f − g) in f's buffer; stronger = weaker − 2ε(f − g) in the same buffer once weaker is read
+    weaker_logits = f.add_(diff, alpha=epsilon)
+    weaker = token_logps(weaker_logits, labels, scratch)[0]
+    stronger = token_logps(weaker_logits.sub_(diff, alpha=2 * epsilon), labels, weaker_logits)[0]
+    return BlockLogps(policy, reference, weaker, stronger, policy_lse)
+
+
+# ------------------------------------------------------------------------------------------------------- compiled
+
+
+def _lse(x: Tensor) -> Tensor:
+    top = x.amax(dim=-1, keepdim=True)
+    return (x - top).exp().sum(-1).log() + top.squeeze(-1)
+
+
+def _four_lse(f: Tensor, g: Tensor, epsilon: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """logsumexp of f, g, f + ε(f − g) and f − ε(f − g) per row; compiled, the mixtures never reach memory."""
+    step = epsilon * (f - g)
+    return _lse(f), _lse(g), _lse(f + step), _lse(f - step)
+
+
+def _two_lse(f: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    return _lse(f), _lse(g)
+
+
+@functools.cache
+def _compiled(name: str) -> Any:
+    fn = {"four": _four_lse, "two": _two_lse}[name]
+    # dynamic: one compilation for every chunk length (the last chunk of a step is shorter, steps differ)
+    return torch.compile(fn, dynamic=True, fullgraph=True)
+
+
+def _from_lse(f: Tensor, g: Tensor, labels: Tensor, epsilon: float, lses: tuple[Tensor, ...]) -> BlockLogps:
+    """The label log-probs from the rows' log-sum-exps; the mixtures' label logits from the gathered f and g."""
+    fy = f.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    gy = g.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    if len(lses) == 2:
+        return BlockLogps(fy - lses[0], gy - lses[1], None, None, lses[0])
+    step = epsilon * (fy - gy)
+    return BlockLogps(fy - lses[0], gy - lses[1], fy + step - lses[2], fy - step - lses[3], lses[0])
+
+
+def _compiled_block(f: Tensor, g: Tensor, labels: Tensor, epsilon: float) -> BlockLogps:
+    if epsilon == 0.0:
+        lses = _compiled("two")(f, g)
+    else:
+        lses = _compiled("four")(f, g, torch.tensor(epsilon, dtype=torch.float32, device=f.device))
+    return _from_lse(f, g, labels, epsilon, lses)
+
+
+# --------------------------------------------------------------------------------------------------------- triton
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _triton_block(f: Tensor, g: Tensor, labels: Tensor, epsilon: float, block: int = 4096) -> BlockLogps:
+    rows = f.shape[0]
+    if f.stride(-1) != 1 or g.stride(-1) != 1 or f.stride(0) != g.stride(0):
+        raise ValueError("the triton kernel needs row-major f and g blocks with the same row stride")
+    from epsdpo.logps.triton_kernel import four_lse
+
+    out = torch.empty((2 if epsilon == 0.0 else 4, rows), dtype=torch.float32, device=f.device)
+    four_lse(f, g, epsilon, out, block)
+    return _from_lse(f, g, labels, epsilon, tuple(out))
+
+
+# -------------------------------------------------------------------------------------------------------- dispatch
+
+_COMPILE_FAILED: list[str] = []  # the first failure's message, once compiling has failed in this process
+
+
+def resolve_kernel(kernel: str, device: torch.device, vocab: int) -> str:
+    """The kernel ``auto`` stands for on this device and vocabulary (others are returned as given, checked)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"logps_kernel must be one of {', '.join(KERNELS)}; got {kernel!r}")
+    if kernel != "auto":
+        return kernel
+    if device.type == "cuda":
+        return "triton" if triton_available() else "compiled"
+    if device.type == "cpu" and vocab >= COMPILE_MIN_VOCAB and not _COMPILE_FAILED:
+        return "compiled"
+    return "eager"
+
+
+def block_logps(
+    f: Tensor, g: Tensor, labels: Tensor, epsilon: float, scratch: Tensor | None = None, kernel: str = "auto"
+) -> BlockLogps:
+    """The four (two when ε = 0) label log-probs of one float32 (c, V) block of policy and reference logits.
+
+    ``f`` and ``g`` may be overwritten (the eager kernel works in place); ``scratch`` is a (c, V) float32 buffer for the
+    eager kernel (allocated here when None). ``kernel``: see the module docstring.
+    """
+    chosen = resolve_kernel(kernel, f.device, f.shape[-1])
+    if chosen == "triton":
+        return _triton_block(f, g, labels, epsilon)
+    if chosen == "compiled":
+        try:
+            return _compiled_block(f, g, labels, epsilon)
+        except Exception as error:  # Inductor raises many types (no compiler, unsupported platform, ...)
+            if kernel != "auto":
+                raise RuntimeError(
+                    f"logps_kernel=compiled: torch.compile failed ({type(error).__name__}: {error}); "
+                    "use logps_kernel=eager (or auto, which falls back by itself)"
+                ) from error
+            _COMPILE_FAILED.append(f"{type(error).__name__}: {error}")
+            warnings.warn(
+                f"torch.compile of the vocabulary kernel failed ({_COMPILE_FAILED[0]}); using the eager passes, "
+                "which give the same values more slowly (logps_kernel=eager silences this)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return _eager(f, g, labels, epsilon, torch.empty_like(f) if scratch is None else scratch)

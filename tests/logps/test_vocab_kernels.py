@@ -1,0 +1,169 @@
+"""The one-pass vocabulary kernels (torch.compile, Triton) against the eager passes and the eager specification.
+
+Triton runs in its interpreter on CPU tensors (``TRITON_INTERPRET=1``) unless ``EPSDPO_TEST_DEVICE=cuda`` is set,
+which runs these tests on a GPU with the compiled Triton kernel (``scripts/gpu_check.sh``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+from test_perturbed_logps import grads, make_case
+
+from epsdpo import perturbed_logps
+from epsdpo.logps import vocab
+
+DEVICE = torch.device(os.environ.get("EPSDPO_TEST_DEVICE", "cpu"))
+KERNELS = ["compiled", "triton"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def triton_interpreter():
+    """On the CPU, (re)import the Triton kernel module with the interpreter on, then restore the environment."""
+    if DEVICE.type != "cpu" or importlib.util.find_spec("triton") is None:
+        yield
+        return
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        sys.modules.pop("epsdpo.logps.triton_kernel", None)
+        importlib.import_module("epsdpo.logps.triton_kernel")  # triton.jit reads the flag when it decorates
+        yield
+    finally:
+        sys.modules.pop("epsdpo.logps.triton_kernel", None)
+        if before is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+
+
+def needs(kernel: str) -> None:
+    if kernel == "triton" and importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed")
+
+
+def block(rows: int, v: int, seed: int, scale: float = 3.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    f = torch.randn(rows, v, generator=gen) * scale
+    g = f + torch.randn(rows, v, generator=gen)
+    y = torch.randint(0, v, (rows,), generator=gen)
+    return f.to(DEVICE), g.to(DEVICE), y.to(DEVICE)
+
+
+def on_device(policy, ref, labels, mask):
+    """make_case's tensors on DEVICE, as new leaves (the policy's still requiring gradient)."""
+
+    def move(side):
+        return type(side)(*(None if x is None else x.detach().to(DEVICE).requires_grad_(x.requires_grad) for x in side))
+
+    return move(policy), move(ref), labels.to(DEVICE), mask.to(DEVICE)
+
+
+def test_hand_worked_block():
+    # One row, V = 2: f = [2, 0], g = [0, 0], label 0, ε = 0.5: the mixtures are f ± ε(f − g) = [3, 0] and [1, 0].
+    f, g, y = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 0.0]]), torch.tensor([0])
+    out = vocab.block_logps(f.clone(), g.clone(), y, 0.5, kernel="eager")
+
+    def logp(a: float) -> float:  # log softmax([a, 0])[0]
+        return -torch.log1p(torch.exp(torch.tensor(-a))).item()
+
+    assert out.policy.item() == pytest.approx(logp(2.0), abs=1e-6)
+    assert out.reference.item() == pytest.approx(-torch.log(torch.tensor(2.0)).item(), abs=1e-6)
+    assert out.weaker.item() == pytest.approx(logp(3.0), abs=1e-6)
+    assert out.stronger.item() == pytest.approx(logp(1.0), abs=1e-6)
+    assert out.policy_lse.item() == pytest.approx(torch.logaddexp(torch.tensor(2.0), torch.tensor(0.0)).item())
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("epsilon", [0.0, 0.01, 0.4])
+@pytest.mark.parametrize("rows,v", [(1, 1), (3, 5), (7, 1003), (16, 4099)])
+def test_block_kernels_match_the_eager_passes(kernel, epsilon, rows, v):
+    needs(kernel)
+    f, g, y = block(rows, v, seed=rows * v)
+    eager = vocab.block_logps(f.clone(), g.clone(), y, epsilon, kernel="eager")
+    fast = vocab.block_logps(f.clone(), g.clone(), y, epsilon, kernel=kernel)
+    for name in vocab.BlockLogps._fields:
+        a, b = getattr(eager, name), getattr(fast, name)
+        if a is None:
+            assert b is None and epsilon == 0.0, name
+            continue
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-6, msg=name)
+
+
+def test_triton_online_lse_across_many_blocks_and_a_ragged_tail():
+    needs("triton")
+    from epsdpo.logps.triton_kernel import four_lse
+
+    f, g, _ = block(5, 1000, seed=3, scale=30.0)  # peaked rows: the running max changes from block to block
+    out = torch.empty(4, 5, device=DEVICE)
+    four_lse(f, g, 0.2, out, block=64)  # 15 full blocks and a 40-column tail
+    step = 0.2 * (f - g)
+    for got, x in zip(out, (f, g, f + step, f - step), strict=True):
+        torch.testing.assert_close(got, torch.logsumexp(x.double(), -1).float(), atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("epsilon", [0.0, 0.05])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_with_kernel_matches_the_eager_specification_with_gradients(kernel, epsilon, dtype):
+    needs(kernel)
+    policy, ref, labels, mask = make_case(5, 11, 301, 16, seed=7, dtype=dtype, bias=True, empty_rows=(2,))
+    policy, ref, labels, mask = on_device(policy, ref, labels, mask)
+    eager = perturbed_logps(policy, ref, labels, mask, epsilon, impl="eager")
+    fast = perturbed_logps(policy, ref, labels, mask, epsilon, impl="chunked", chunk_size=6, kernel=kernel)
+    tol = {"atol": 2e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-4, "rtol": 1e-5}
+    for name in eager._fields:
+        torch.testing.assert_close(getattr(fast, name), getattr(eager, name), **tol, msg=name)
+    assert fast.policy[2].item() == 0.0  # the all-prompt row
+    up = torch.randn(5, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    for ge, gf in zip(grads(eager, policy, up), grads(fast, policy, up), strict=True):
+        if dtype == torch.float32:
+            torch.testing.assert_close(gf, ge, atol=1e-5, rtol=1e-4)
+        else:  # bf16 products rounded per chunk in one path, once in the other (as in test_perturbed_logps)
+            torch.testing.assert_close(gf.float(), ge.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_kernels_give_the_eager_passes_values_on_a_large_vocabulary(kernel):
+    """The path training takes on a production-size head: 151,936 tokens, several chunks, float32."""
+    needs(kernel)
+    policy, ref, labels, mask = make_case(2, 9, 151_936, 8, seed=11)
+    policy, ref, labels, mask = on_device(policy, ref, labels, mask)
+    eager = perturbed_logps(policy, ref, labels, mask, 0.01, chunk_size=4, kernel="eager")
+    fast = perturbed_logps(policy, ref, labels, mask, 0.01, chunk_size=4, kernel=kernel)
+    for a, b in zip(eager, fast, strict=True):
+        torch.testing.assert_close(b, a, atol=5e-5, rtol=1e-6)
+
+
+def test_auto_resolution():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert vocab.resolve_kernel("auto", cpu, vocab.COMPILE_MIN_VOCAB - 1) == "eager"
+    assert vocab.resolve_kernel("auto", cpu, vocab.COMPILE_MIN_VOCAB) == "compiled"
+    assert vocab.resolve_kernel("auto", cuda, 10) == ("triton" if vocab.triton_available() else "compiled")
+    assert vocab.resolve_kernel("eager", cuda, 10**6) == "eager"
+    with pytest.raises(ValueError, match="logps_kernel must be one of auto, compiled, triton, eager; got 'fast'"):
+        vocab.resolve_kernel("fast", cpu, 10)
+
+
+def test_auto_falls_back_to_eager_once_when_compiling_fails(monkeypatch):
+    def broken(name):
+        def fail(*args):
+            raise OSError("no C++ compiler")
+
+        return fail
+
+    monkeypatch.setattr(vocab, "_compiled", broken)
+    monkeypatch.setattr(vocab, "_COMPILE_FAILED", [])
+    f, g, y = block(3, vocab.COMPILE_MIN_VOCAB, seed=1)
+    expected = vocab.block_logps(f.clone(), g.clone(), y, 0.1, kernel="eager")
+    with pytest.warns(RuntimeWarning, match="no C.. compiler.*using the eager passes"):
+        out = vocab.block_logps(f.clone(), g.clone(), y, 0.1, kernel="auto")
+    for a, b in zip(expected, out, strict=True):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert vocab.resolve_kernel("auto", torch.device("cpu"), vocab.COMPILE_MIN_VOCAB) == "eager"  # not retried
+    with pytest.raises(RuntimeError, match="logps_kernel=compiled: torch.compile failed .*use logps_kernel=eager"):
+        vocab.block_logps(f.clone(), g.clone(), y, 0.1, kernel="compiled")
