@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/step.py                   # both configurations, all contenders, 3 rounds
     .venv/bin/python benchmarks/step.py --configs b --contenders epsdpo-epsilon,epsdpo-dpo,trl-dpo --rounds 4
+    python3 benchmarks/step.py --device cuda --configs a,b        # on a GPU (scripts/gpu_check.sh runs this)
 
 Configurations (issue #8):
   a  SmolLM2-135M-Instruct (offline alias), bf16 autocast, 4 pairs x 256 tokens
@@ -110,7 +111,13 @@ def synthetic_pairs(path: Path, tokenizer: Any, pairs: int, tokens: int) -> None
 
 
 def run_config(
-    spec: dict[str, Any], data: Path, out_dir: Path, loss_type: str, cached: bool = False, kernel: str = "auto"
+    spec: dict[str, Any],
+    data: Path,
+    out_dir: Path,
+    loss_type: str,
+    cached: bool = False,
+    kernel: str = "auto",
+    device: str = "cpu",
 ) -> Any:
     from epsdpo.training import load_run_config
 
@@ -135,6 +142,7 @@ def run_config(
         "seed": 0,
         "precompute_ref_hidden_states": cached,
         "logps_kernel": kernel,
+        "use_cpu": device == "cpu",
         "ref_cache_dir": str(out_dir.parent / "ref_cache"),
     }
     return load_run_config({k: v for k, v in overrides.items() if v is not None})
@@ -147,32 +155,64 @@ def model_flops(model: torch.nn.Module, tokens: int) -> float:
     return 8.0 * tokens * (non_embedding + head.numel())
 
 
-def matmul_peak(dtype: torch.dtype) -> float:
-    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(dtype: torch.dtype, device: str = "cpu") -> float:
+    size = 2048 if device == "cpu" else 8192
+    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
     a @ b
     times = []
     for _ in range(5):
+        sync(device)
         start = time.perf_counter()
         a @ b
+        sync(device)
         times.append(time.perf_counter() - start)
-    return 2 * 2048**3 / min(times)
+    return 2 * size**3 / min(times)
 
 
-def time_steps(step: Any, warmup: int, steps: int) -> tuple[list[float], int, int]:
+class PeakCUDA:
+    """Peak GPU memory allocated by torch inside the block (the CUDA counterpart of PeakRSS), in bytes."""
+
+    def __enter__(self) -> PeakCUDA:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.peak = 0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        torch.cuda.synchronize()
+        self.peak = torch.cuda.max_memory_allocated()
+
+
+def memory_now(device: str) -> int:
+    return torch.cuda.memory_allocated() if device == "cuda" else psutil.Process().memory_info().rss
+
+
+def time_steps(step: Any, warmup: int, steps: int, device: str = "cpu") -> tuple[list[float], int, int]:
     for _ in range(warmup):
         step()
-    before = psutil.Process().memory_info().rss
+    sync(device)
+    before = memory_now(device)
     times = []
-    with PeakRSS() as peak:
+    with PeakCUDA() if device == "cuda" else PeakRSS() as peak:
         for _ in range(steps):
             start = time.perf_counter()
             step()
+            sync(device)
             times.append(time.perf_counter() - start)
     return times, before, peak.peak
 
 
-def measure(config: str, contender: str, warmup: int, steps: int, fp32: bool = False) -> dict[str, Any]:
-    """Child process: build one contender and time it (``fp32``: ignore the configuration's bf16)."""
+def measure(
+    config: str, contender: str, warmup: int, steps: int, fp32: bool = False, device: str = "cpu"
+) -> dict[str, Any]:
+    """Child process: build one contender and time it (``fp32``: ignore the configuration's bf16).
+
+    Memory: on the CPU the process's resident set size; on CUDA the GPU memory torch allocated."""
     from epsdpo.models import load_tokenizer
 
     spec = {**CONFIGS[config], "bf16": CONFIGS[config]["bf16"] and not fp32}
@@ -183,7 +223,7 @@ def measure(config: str, contender: str, warmup: int, steps: int, fp32: bool = F
     cached = contender == "epsdpo-epsilon-cached"
     loss = "dpo" if contender == "epsdpo-dpo" else "epsilon_dpo"
     kernel = "eager" if contender == "epsdpo-epsilon-eager" else "auto"
-    cfg = run_config(spec, data, work / "run", loss, cached, kernel)
+    cfg = run_config(spec, data, work / "run", loss, cached, kernel, device)
     tokens = 2 * spec["pairs"] * spec["tokens"]
     extra: dict[str, Any] = {}
     if contender.startswith("epsdpo"):
@@ -196,7 +236,7 @@ def measure(config: str, contender: str, warmup: int, steps: int, fp32: bool = F
             extra["cache_mib"] = sum(f.stat().st_size for f in (work / "ref_cache").glob("*.safetensors")) / 2**20
             extra["cache_pairs"] = len(trainer.train_pairs)
         window = [list(range(spec["pairs"]))]
-        times, before, peak = time_steps(lambda: trainer.train_step(window), warmup, steps)
+        times, before, peak = time_steps(lambda: trainer.train_step(window), warmup, steps, device)
         model = trainer.unwrapped
     elif contender == "naive-epsilon":
         from epsdpo.data import PreferenceCollator, load_preference_dataset
@@ -204,18 +244,19 @@ def measure(config: str, contender: str, warmup: int, steps: int, fp32: bool = F
         from naive_epsilon_dpo import naive_epsilon_dpo_step
 
         models = build_policy_and_reference(cfg.models, len(tokenizer), 0)
-        model = models.policy
+        model, reference = models.policy.to(device), models.reference.to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
         pairs, _ = load_preference_dataset(cfg.data, tokenizer)
-        batch = PreferenceCollator(tokenizer.pad_token_id)(pairs[: spec["pairs"]])
+        collated = PreferenceCollator(tokenizer.pad_token_id)(pairs[: spec["pairs"]])
+        batch = {k: v.to(device) for k, v in collated.items()}
 
         def naive() -> None:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec["bf16"]):
-                naive_epsilon_dpo_step(model, models.reference, batch, BETA, EPSILON, optimizer)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=spec["bf16"]):
+                naive_epsilon_dpo_step(model, reference, batch, BETA, EPSILON, optimizer)
 
-        times, before, peak = time_steps(naive, warmup, steps)
+        times, before, peak = time_steps(naive, warmup, steps, device)
     else:
-        times, before, peak, model = _trl(cfg, spec, data, tokenizer, warmup, steps)
+        times, before, peak, model = _trl(cfg, spec, data, tokenizer, warmup, steps, device)
     flops = model_flops(model, tokens)
     median = statistics.median(times)
     return {
@@ -229,7 +270,8 @@ def measure(config: str, contender: str, warmup: int, steps: int, fp32: bool = F
         "peak_mib": peak / 2**20,
         "excess_mib": (peak - before) / 2**20,
         "model_gflops_per_s": flops / median / 1e9,
-        "peak_gflops_per_s": matmul_peak(torch.bfloat16 if spec["bf16"] else torch.float32) / 1e9,
+        "peak_gflops_per_s": matmul_peak(torch.bfloat16 if spec["bf16"] else torch.float32, device) / 1e9,
+        "device": device,
         "versions": versions(),
         **extra,
     }
@@ -249,7 +291,9 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _trl(cfg: Any, spec: dict[str, Any], data: Path, tokenizer: Any, warmup: int, steps: int) -> tuple:
+def _trl(
+    cfg: Any, spec: dict[str, Any], data: Path, tokenizer: Any, warmup: int, steps: int, device: str = "cpu"
+) -> tuple:
     """TRL's DPOTrainer on the same pairs; step times from a callback."""
     from datasets import load_dataset
     from transformers import TrainerCallback
@@ -265,12 +309,14 @@ def _trl(cfg: Any, spec: dict[str, Any], data: Path, tokenizer: Any, warmup: int
     class Timer(TrainerCallback):
         def on_step_begin(self, args, trainer_state, control, **kwargs):  # noqa: ANN001
             if trainer_state.global_step == warmup:
-                state["before"] = psutil.Process().memory_info().rss
-                state["peak"] = PeakRSS().__enter__()
+                sync(device)
+                state["before"] = memory_now(device)
+                state["peak"] = (PeakCUDA() if device == "cuda" else PeakRSS()).__enter__()
             state["start"] = time.perf_counter()
 
         def on_step_end(self, args, trainer_state, control, **kwargs):  # noqa: ANN001
             if trainer_state.global_step > warmup:
+                sync(device)
                 times.append(time.perf_counter() - state["start"])
 
     args = DPOConfig(
@@ -282,7 +328,7 @@ def _trl(cfg: Any, spec: dict[str, Any], data: Path, tokenizer: Any, warmup: int
         beta=BETA,
         loss_type="sigmoid",
         bf16=spec["bf16"],
-        use_cpu=True,
+        use_cpu=device == "cpu",
         report_to="none",
         save_strategy="no",
         logging_steps=1000,
@@ -320,10 +366,12 @@ def main() -> None:
         help="run every configuration in float32 (for CPUs without native bf16 matmuls, where "
         "bf16 autocast falls back to a slow generic GEMM)",
     )
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "CONTENDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(measure(args.child[0], args.child[1], args.warmup, args.steps, args.fp32)))
+        result = measure(args.child[0], args.child[1], args.warmup, args.steps, args.fp32, args.device)
+        print("RESULT " + json.dumps(result))
         return
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
     contenders = args.contenders.split(",")
@@ -342,6 +390,8 @@ def main() -> None:
                     "--steps",
                     str(args.steps),
                     *(["--fp32"] if args.fp32 else []),
+                    "--device",
+                    args.device,
                 ]
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -382,7 +432,9 @@ def report(results: list[dict[str, Any]]) -> None:
 
     dtypes = ", ".join(sorted({"bf16" if r.get("bf16") else "fp32" for r in results}))
     seen = sorted({", ".join(f"{k} {v}" for k, v in r["versions"].items()) for r in results if "versions" in r})
-    print(f"\n{machine_label()}, {os.cpu_count()} cores; {dtypes}; {' / '.join(seen)}")
+    devices = ", ".join(sorted({r.get("device", "cpu") for r in results}))
+    memory = "GPU memory allocated by torch" if "cuda" in devices else "resident set size"
+    print(f"\n{machine_label()}, {os.cpu_count()} cores; {dtypes}; on {devices}; {' / '.join(seen)}; memory: {memory}")
     header = (
         f"{'cfg':<4}{'contender':<23}{'rounds':>7}{'step s':>8}{'tok/s':>9}{'peak MiB':>10}{'excess MiB':>11}"
         f"{'GFLOP/s':>9}{'% peak':>8}"

@@ -11,6 +11,12 @@ import pytest
 
 FIXTURES = Path(__file__).parent / "data" / "fixtures"
 
+# Triton decides when it is first imported (torch.compile imports it too) whether kernels run compiled or in its
+# interpreter; without a GPU the Triton kernel's tests (tests/logps/test_vocab_kernels.py) need the interpreter, so
+# it is switched on before anything imports Triton. EPSDPO_TEST_DEVICE=cuda (scripts/gpu_check.sh) leaves it off.
+if os.environ.get("EPSDPO_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(scope="session")
 def model_cache_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:

@@ -1,14 +1,14 @@
 """The one-pass vocabulary kernels (torch.compile, Triton) against the eager passes and the eager specification.
 
-Triton runs in its interpreter on CPU tensors (``TRITON_INTERPRET=1``) unless ``EPSDPO_TEST_DEVICE=cuda`` is set,
-which runs these tests on a GPU with the compiled Triton kernel (``scripts/gpu_check.sh``).
+Triton runs in its interpreter on CPU tensors (``TRITON_INTERPRET=1``, set by conftest.py) unless
+``EPSDPO_TEST_DEVICE=cuda`` is set, which runs these tests on a GPU with the compiled Triton kernel
+(``scripts/gpu_check.sh``).
 """
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import os
-import sys
 
 import pytest
 import torch
@@ -21,37 +21,19 @@ DEVICE = torch.device(os.environ.get("EPSDPO_TEST_DEVICE", "cpu"))
 KERNELS = ["compiled", "triton"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def triton_interpreter():
-    """On the CPU, (re)import the Triton kernel module with the interpreter on, then restore the environment."""
-    if DEVICE.type != "cpu" or importlib.util.find_spec("triton") is None:
-        yield
-        return
-    before = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        sys.modules.pop("epsdpo.logps.triton_kernel", None)
-        importlib.import_module("epsdpo.logps.triton_kernel")  # triton.jit reads the flag when it decorates
-        yield
-    finally:
-        sys.modules.pop("epsdpo.logps.triton_kernel", None)
-        if before is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = before
-
-
 def needs(kernel: str) -> None:
     if kernel == "triton" and importlib.util.find_spec("triton") is None:
         pytest.skip("Triton is not installed")
 
 
-def block(rows: int, v: int, seed: int, scale: float = 3.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def block(
+    rows: int, v: int, seed: int, scale: float = 3.0, device: torch.device = DEVICE
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     f = torch.randn(rows, v, generator=gen) * scale
     g = f + torch.randn(rows, v, generator=gen)
     y = torch.randint(0, v, (rows,), generator=gen)
-    return f.to(DEVICE), g.to(DEVICE), y.to(DEVICE)
+    return f.to(device), g.to(device), y.to(device)
 
 
 def on_device(policy, ref, labels, mask):
@@ -106,6 +88,28 @@ def test_triton_online_lse_across_many_blocks_and_a_ragged_tail():
         torch.testing.assert_close(got, torch.logsumexp(x.double(), -1).float(), atol=1e-5, rtol=1e-6)
 
 
+@pytest.mark.parametrize("spread", [39.0, 200.0])  # the three-exponential form near its limit; the general form
+def test_compiled_mixtures_exact_when_the_shift_bound_is_loose(spread, monkeypatch):
+    """The peak of f sits where the step ε(f − g) is smallest, the step's peak on a token f gives little weight:
+    the three-exponential form's shifts then overestimate the weaker mixture's maximum by nearly the whole spread."""
+    eps, v = 0.5, 1000
+    gen = torch.Generator().manual_seed(0)
+    f = torch.randn(4, v, generator=gen)
+    f[:, 0] = 30.0
+    d = 0.1 * torch.randn(4, v, generator=gen)
+    d[:, 0], d[:, 1] = -spread / (2 * eps), spread / (2 * eps)
+    g, y = f - d, torch.tensor([0, 1, 2, 3])
+    asked = []
+    real = vocab._compiled
+    monkeypatch.setattr(vocab, "_compiled", lambda name: asked.append(name) or real(name))
+    out = vocab.block_logps(f.clone(), g.clone(), y, eps, kernel="compiled")
+    assert ("four" in asked) == (spread > vocab.MIXTURE_SPREAD_LIMIT), asked
+    step = eps * (f.double() - g.double())
+    for got, x in ((out.weaker, f.double() + step), (out.stronger, f.double() - step)):
+        want = x.gather(-1, y[:, None]).squeeze(-1) - torch.logsumexp(x, -1)
+        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-6)
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("epsilon", [0.0, 0.05])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -158,7 +162,7 @@ def test_auto_falls_back_to_eager_once_when_compiling_fails(monkeypatch):
 
     monkeypatch.setattr(vocab, "_compiled", broken)
     monkeypatch.setattr(vocab, "_COMPILE_FAILED", [])
-    f, g, y = block(3, vocab.COMPILE_MIN_VOCAB, seed=1)
+    f, g, y = block(3, vocab.COMPILE_MIN_VOCAB, seed=1, device=torch.device("cpu"))  # where auto compiles
     expected = vocab.block_logps(f.clone(), g.clone(), y, 0.1, kernel="eager")
     with pytest.warns(RuntimeWarning, match="no C.. compiler.*using the eager passes"):
         out = vocab.block_logps(f.clone(), g.clone(), y, 0.1, kernel="auto")

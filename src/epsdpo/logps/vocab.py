@@ -10,9 +10,11 @@ the log-sum-exps, which read the whole block. Three kernels compute them, chosen
 - ``"eager"``: torch operations over the whole block, one after another (max, subtract, exp, sum per
   log-sum-exp, plus f − g and two in-place mixture updates): ~10 memory passes for ε-DPO, 4 for DPO. Always
   available; the reference the others are tested against. It overwrites f and g.
-- ``"compiled"``: the same mathematics as one ``torch.compile`` (Inductor) function. Inductor fuses the four
-  maxima into one loop over the block and the four sums of exponentials into a second, reading f and g twice
-  instead of ~10 times, with the mixtures computed in registers. CPU (C++/OpenMP code) and CUDA.
+- ``"compiled"``: two ``torch.compile`` (Inductor) loops over the block: one for the row maxima of f, g and of the
+  mixture step ε(f − g), one for the four sums of exponentials, the mixtures computed in registers, never stored.
+  f and g are read twice instead of ~10 times, and the sums take three exponentials per element instead of four
+  (the mixtures' exponentials are the policy's times e^{±ε(f − g)}, see :func:`_mixture_sums`; rows whose step
+  spans more than :data:`MIXTURE_SPREAD_LIMIT` nats take the four-exponential form). CPU (C++/OpenMP) and CUDA.
 - ``"triton"``: a Triton kernel, one program per row, with an online log-sum-exp for the four distributions: f and
   g are read once. CUDA; in Triton's interpreter (``TRITON_INTERPRET=1``) also on CPU tensors, which is how the
   tests check it on machines without a GPU.
@@ -87,7 +89,7 @@ def _lse(x: Tensor) -> Tensor:
 
 
 def _four_lse(f: Tensor, g: Tensor, epsilon: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """logsumexp of f, g, f + ε(f − g) and f − ε(f − g) per row; compiled, the mixtures never reach memory."""
+    """logsumexp of f, g, f + ε(f − g) and f − ε(f − g) per row, four exponentials per element (the general form)."""
     step = epsilon * (f - g)
     return _lse(f), _lse(g), _lse(f + step), _lse(f - step)
 
@@ -96,11 +98,46 @@ def _two_lse(f: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     return _lse(f), _lse(g)
 
 
+def _maxima(f: Tensor, g: Tensor, epsilon: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per row (c, 1): max f, max g, and the max and min of the mixture step ε(f − g)."""
+    step = epsilon * (f - g)
+    return f.amax(-1, keepdim=True), g.amax(-1, keepdim=True), step.amax(-1, keepdim=True), step.amin(-1, keepdim=True)
+
+
+def _mixture_sums(
+    f: Tensor, g: Tensor, epsilon: Tensor, top_f: Tensor, top_g: Tensor, step_max: Tensor, step_min: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The four log-sum-exps from three exponentials per element instead of four.
+
+    With a = e^{f − max f} and r = e^{step − max step} (step = ε(f − g)):
+    e^{f + step − M⁻} = a·r with M⁻ = max f + max step, and e^{f − step − M⁺} = a·e^{min step − step} = a·c/r with
+    M⁺ = max f − min step and c = e^{min step − max step}. M⁻ and M⁺ bound the mixtures' maxima from above, by at
+    most D = max step − min step; with D ≤ :data:`MIXTURE_SPREAD_LIMIT` (checked by the caller) every term within
+    e^{-17} (float32's resolution) of a row's largest is a product of normal floats, so nothing that counts
+    underflows.
+    """
+    step = epsilon * (f - g)
+    a = (f - top_f).exp()
+    r = (step - step_max).exp()
+    c = (step_min - step_max).exp()
+    lse_f = a.sum(-1).log() + top_f.squeeze(-1)
+    lse_g = (g - top_g).exp().sum(-1).log() + top_g.squeeze(-1)
+    lse_weaker = (a * r).sum(-1).log() + (top_f + step_max).squeeze(-1)
+    lse_stronger = (a * c / r).sum(-1).log() + (top_f - step_min).squeeze(-1)
+    return lse_f, lse_g, lse_weaker, lse_stronger
+
+
+#: the three-exponential form is used for a block when every row's ε·(max(f − g) − min(f − g)) is at most this
+#: (ε = 0.01 allows logit differences spanning 4,000 nats); otherwise the block takes the four-exponential form.
+MIXTURE_SPREAD_LIMIT = 40.0
+
+_COMPILABLE = {"two": _two_lse, "four": _four_lse, "maxima": _maxima, "mixture_sums": _mixture_sums}
+
+
 @functools.cache
 def _compiled(name: str) -> Any:
-    fn = {"four": _four_lse, "two": _two_lse}[name]
     # dynamic: one compilation for every chunk length (the last chunk of a step is shorter, steps differ)
-    return torch.compile(fn, dynamic=True, fullgraph=True)
+    return torch.compile(_COMPILABLE[name], dynamic=True, fullgraph=True)
 
 
 def _from_lse(f: Tensor, g: Tensor, labels: Tensor, epsilon: float, lses: tuple[Tensor, ...]) -> BlockLogps:
@@ -115,10 +152,12 @@ def _from_lse(f: Tensor, g: Tensor, labels: Tensor, epsilon: float, lses: tuple[
 
 def _compiled_block(f: Tensor, g: Tensor, labels: Tensor, epsilon: float) -> BlockLogps:
     if epsilon == 0.0:
-        lses = _compiled("two")(f, g)
-    else:
-        lses = _compiled("four")(f, g, torch.tensor(epsilon, dtype=torch.float32, device=f.device))
-    return _from_lse(f, g, labels, epsilon, lses)
+        return _from_lse(f, g, labels, epsilon, _compiled("two")(f, g))
+    eps = torch.tensor(epsilon, dtype=torch.float32, device=f.device)
+    maxima = _compiled("maxima")(f, g, eps)
+    if f.shape[0] and float((maxima[2] - maxima[3]).max()) > MIXTURE_SPREAD_LIMIT:
+        return _from_lse(f, g, labels, epsilon, _compiled("four")(f, g, eps))
+    return _from_lse(f, g, labels, epsilon, _compiled("mixture_sums")(f, g, eps, *maxima))
 
 
 # --------------------------------------------------------------------------------------------------------- triton
