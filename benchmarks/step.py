@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/step.py                   # both configurations, all contenders, 3 rounds
     .venv/bin/python benchmarks/step.py --configs b --contenders epsdpo-epsilon,epsdpo-dpo,trl-dpo --rounds 4
+    .venv/bin/python benchmarks/step.py --configs a,b --paired epsdpo-epsilon,epsdpo-dpo --cycles 10
     python3 benchmarks/step.py --device cuda --configs a,b        # on a GPU (scripts/gpu_check.sh runs this)
 
 Configurations (issue #8):
@@ -28,6 +29,9 @@ Contenders timed one after another drift (the same code gave ε-DPO / DPO = 1.13
 one machine), so the contenders run in ``--rounds`` rounds, each contender once per round in its own fresh process,
 the order reversed every other round (A B C, C B A, A B C, ...). Every ratio is computed within each round, and
 reported as the median over rounds with its range (min–max) and, from 3 rounds, mean ± standard error.
+Separate processes still differ by several percent (memory placement, the allocator); ``--paired A,B`` removes that
+for two epsdpo contenders: both are built in one process and their steps interleaved (A B, B A, ...), giving a
+per-cycle time ratio (its memory cannot be told apart there; the rounds give it).
 """
 
 from __future__ import annotations
@@ -207,12 +211,8 @@ def time_steps(step: Any, warmup: int, steps: int, device: str = "cpu") -> tuple
     return times, before, peak.peak
 
 
-def measure(
-    config: str, contender: str, warmup: int, steps: int, fp32: bool = False, device: str = "cpu"
-) -> dict[str, Any]:
-    """Child process: build one contender and time it (``fp32``: ignore the configuration's bf16).
-
-    Memory: on the CPU the process's resident set size; on CUDA the GPU memory torch allocated."""
+def _setup(config: str, contender: str, fp32: bool, device: str) -> tuple[dict[str, Any], Path, Any, Path, Any]:
+    """The configuration's spec, a work directory, the tokenizer, the synthetic pairs and the run config."""
     from epsdpo.models import load_tokenizer
 
     spec = {**CONFIGS[config], "bf16": CONFIGS[config]["bf16"] and not fp32}
@@ -223,21 +223,59 @@ def measure(
     cached = contender == "epsdpo-epsilon-cached"
     loss = "dpo" if contender == "epsdpo-dpo" else "epsilon_dpo"
     kernel = "eager" if contender == "epsdpo-epsilon-eager" else "auto"
-    cfg = run_config(spec, data, work / "run", loss, cached, kernel, device)
+    return spec, work, tokenizer, data, run_config(spec, data, work / "run", loss, cached, kernel, device)
+
+
+def _epsdpo_step(cfg: Any, spec: dict[str, Any], work: Path, cached: bool) -> tuple[Any, Any, dict[str, Any]]:
+    """(one training step as a function, the policy, cache figures) for an epsdpo contender."""
+    from epsdpo.recipe import prepare_run
+
+    start = time.perf_counter()
+    trainer = prepare_run(cfg).trainer  # with the cache: computes it (and frees the reference) before step 1
+    extra: dict[str, Any] = {}
+    if cached:
+        extra["cache_build_s"] = time.perf_counter() - start  # the whole preparation, cache included
+        extra["cache_mib"] = sum(f.stat().st_size for f in (work / "ref_cache").glob("*.safetensors")) / 2**20
+        extra["cache_pairs"] = len(trainer.train_pairs)
+    window = [list(range(spec["pairs"]))]
+    return (lambda: trainer.train_step(window)), trainer.unwrapped, extra
+
+
+def measure_paired(
+    config: str, pair: list[str], warmup: int, cycles: int, fp32: bool = False, device: str = "cpu"
+) -> dict[str, Any]:
+    """Child process: two epsdpo contenders built side by side, their steps interleaved A B, B A, A B, ... (a cycle
+    is one step of each), so both see the same process and machine state; every step time of each."""
+    steps = {}
+    for name in pair:
+        spec, work, _, _, cfg = _setup(config, name, fp32, device)
+        steps[name] = _epsdpo_step(cfg, spec, work, name == "epsdpo-epsilon-cached")[0]
+    for name in pair:
+        for _ in range(warmup):
+            steps[name]()
+    times: dict[str, list[float]] = {name: [] for name in pair}
+    for cycle in range(cycles):
+        for name in pair if cycle % 2 == 0 else pair[::-1]:
+            sync(device)
+            start = time.perf_counter()
+            steps[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {"config": config, "pair": pair, "times": times, "device": device, "versions": versions()}
+
+
+def measure(
+    config: str, contender: str, warmup: int, steps: int, fp32: bool = False, device: str = "cpu"
+) -> dict[str, Any]:
+    """Child process: build one contender and time it (``fp32``: ignore the configuration's bf16).
+
+    Memory: on the CPU the process's resident set size; on CUDA the GPU memory torch allocated."""
+    spec, work, tokenizer, data, cfg = _setup(config, contender, fp32, device)
     tokens = 2 * spec["pairs"] * spec["tokens"]
     extra: dict[str, Any] = {}
     if contender.startswith("epsdpo"):
-        from epsdpo.recipe import prepare_run
-
-        start = time.perf_counter()
-        trainer = prepare_run(cfg).trainer  # with the cache: computes it (and frees the reference) before step 1
-        if cached:
-            extra["cache_build_s"] = time.perf_counter() - start  # the whole preparation, cache included
-            extra["cache_mib"] = sum(f.stat().st_size for f in (work / "ref_cache").glob("*.safetensors")) / 2**20
-            extra["cache_pairs"] = len(trainer.train_pairs)
-        window = [list(range(spec["pairs"]))]
-        times, before, peak = time_steps(lambda: trainer.train_step(window), warmup, steps, device)
-        model = trainer.unwrapped
+        step, model, extra = _epsdpo_step(cfg, spec, work, contender == "epsdpo-epsilon-cached")
+        times, before, peak = time_steps(step, warmup, steps, device)
     elif contender == "naive-epsilon":
         from epsdpo.data import PreferenceCollator, load_preference_dataset
         from epsdpo.training.policy import build_policy_and_reference
@@ -367,8 +405,25 @@ def main() -> None:
         "bf16 autocast falls back to a slow generic GEMM)",
     )
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument(
+        "--paired",
+        default=None,
+        metavar="A,B",
+        help="instead of rounds: two epsdpo contenders in one process, steps interleaved A B, B A, ... for "
+        "--cycles cycles; reports the per-cycle time ratio A/B (memory is not separable there)",
+    )
+    parser.add_argument("--cycles", type=int, default=8)
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "CONTENDER"), help=argparse.SUPPRESS)
+    parser.add_argument("--paired-child", nargs=2, metavar=("CONFIG", "A,B"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.paired_child:
+        config, pair = args.paired_child[0], args.paired_child[1].split(",")
+        result = measure_paired(config, pair, args.warmup, args.cycles, args.fp32, args.device)
+        print("RESULT " + json.dumps(result))
+        return
+    if args.paired:
+        paired_main(args)
+        return
     if args.child:
         result = measure(args.child[0], args.child[1], args.warmup, args.steps, args.fp32, args.device)
         print("RESULT " + json.dumps(result))
@@ -402,6 +457,40 @@ def main() -> None:
                 results.append({**json.loads(line[len("RESULT ") :]), "round": round_ + 1})
                 print(f"[{config}] round {round_ + 1}, {contender}: {results[-1]['median_s']:.2f} s", flush=True)
     report(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+
+
+def paired_main(args: argparse.Namespace) -> None:
+    """One child per configuration with the two contenders interleaved; the ratio A/B per cycle."""
+    from epsdpo.machine import machine_label
+
+    pair = args.paired.split(",")
+    if len(pair) != 2 or not all(p.startswith("epsdpo") and p in CONTENDERS for p in pair):
+        raise SystemExit(f"--paired needs two epsdpo contenders (A,B), got {args.paired!r}")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    results = []
+    for config in args.configs.split(","):
+        cmd = [sys.executable, __file__, "--paired-child", config, args.paired, "--warmup", str(args.warmup)]
+        cmd += ["--cycles", str(args.cycles), "--device", args.device, *(["--fp32"] if args.fp32 else [])]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            print(
+                f"[{config}] paired {args.paired}: failed ({' | '.join((proc.stdout + proc.stderr).splitlines()[-3:])})"
+            )
+            continue
+        results.append(json.loads(line[len("RESULT ") :]))
+    print(f"\n{machine_label()}, {os.cpu_count()} cores; on {args.device}; interleaved A B, B A, ... in one process")
+    for r in results:
+        a, b = (r["times"][name] for name in r["pair"])
+        ratios = [x / y for x, y in zip(a, b, strict=True)]
+        versions = ", ".join(f"{k} {v}" for k, v in r["versions"].items())
+        print(f"[{r['config']}] {versions}; {len(ratios)} cycles")
+        for name, t in zip(r["pair"], (a, b), strict=True):
+            listed = ", ".join(f"{x:.2f}" for x in t)
+            print(f"[{r['config']}]   {name:<22} median step {statistics.median(t):.3f} s  ({listed})")
+        print(f"[{r['config']}]   {r['pair'][0]} / {r['pair'][1]} per cycle: {spread(ratios)}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
 

@@ -170,6 +170,8 @@ def test_options_that_cannot_work_are_refused_with_what_to_change(tmp_path):
         trl_args(tmp_path, loss_type=["ipo"])
     with pytest.raises(ValueError, match="epsilon must be in"):
         trl_args(tmp_path, epsilon=1.0)
+    with pytest.raises(ValueError, match="logps_kernel must be one of .*'compiled'.*got 'fast'"):
+        trl_args(tmp_path, logps_kernel="fast")
     args = trl_args(tmp_path)
     args.precompute_ref_log_probs = True  # changed after construction: the trainer checks again, before any work
     with pytest.raises(ValueError, match="precompute_ref_log_probs"):

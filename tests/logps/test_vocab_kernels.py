@@ -171,3 +171,12 @@ def test_auto_falls_back_to_eager_once_when_compiling_fails(monkeypatch):
     assert vocab.resolve_kernel("auto", torch.device("cpu"), vocab.COMPILE_MIN_VOCAB) == "eager"  # not retried
     with pytest.raises(RuntimeError, match="logps_kernel=compiled: torch.compile failed .*use logps_kernel=eager"):
         vocab.block_logps(f.clone(), g.clone(), y, 0.1, kernel="compiled")
+
+
+def test_the_run_config_names_the_kernel_key():
+    from epsdpo.config import ConfigError
+    from epsdpo.training import load_run_config
+
+    assert load_run_config({}).train.logps_kernel == "auto"
+    with pytest.raises(ConfigError, match="config key 'logps_kernel': 'fast' is not one of 'auto', 'compiled'"):
+        load_run_config({"logps_kernel": "fast"})
