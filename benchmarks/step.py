@@ -196,18 +196,22 @@ def memory_now(device: str) -> int:
     return torch.cuda.memory_allocated() if device == "cuda" else psutil.Process().memory_info().rss
 
 
+def timed(step: Any, device: str) -> float:
+    """Seconds one call of ``step`` takes, the device synchronised before and after."""
+    sync(device)
+    start = time.perf_counter()
+    step()
+    sync(device)
+    return time.perf_counter() - start
+
+
 def time_steps(step: Any, warmup: int, steps: int, device: str = "cpu") -> tuple[list[float], int, int]:
     for _ in range(warmup):
         step()
     sync(device)
     before = memory_now(device)
-    times = []
     with PeakCUDA() if device == "cuda" else PeakRSS() as peak:
-        for _ in range(steps):
-            start = time.perf_counter()
-            step()
-            sync(device)
-            times.append(time.perf_counter() - start)
+        times = [timed(step, device) for _ in range(steps)]
     return times, before, peak.peak
 
 
@@ -256,11 +260,7 @@ def measure_paired(
     times: dict[str, list[float]] = {name: [] for name in pair}
     for cycle in range(cycles):
         for name in pair if cycle % 2 == 0 else pair[::-1]:
-            sync(device)
-            start = time.perf_counter()
-            steps[name]()
-            sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(timed(steps[name], device))
     return {"config": config, "pair": pair, "times": times, "device": device, "versions": versions()}
 
 
@@ -428,37 +428,34 @@ def main() -> None:
         result = measure(args.child[0], args.child[1], args.warmup, args.steps, args.fp32, args.device)
         print("RESULT " + json.dumps(result))
         return
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
     contenders = args.contenders.split(",")
     results = []
     for config in args.configs.split(","):
         for round_ in range(args.rounds):
             for contender in contenders if round_ % 2 == 0 else contenders[::-1]:
-                cmd = [
-                    sys.executable,
-                    __file__,
-                    "--child",
-                    config,
-                    contender,
-                    "--warmup",
-                    str(args.warmup),
-                    "--steps",
-                    str(args.steps),
-                    *(["--fp32"] if args.fp32 else []),
-                    "--device",
-                    args.device,
-                ]
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-                if proc.returncode != 0 or line is None:
-                    tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
-                    print(f"[{config}] round {round_ + 1}, {contender}: failed ({' | '.join(tail)})")
-                    continue
-                results.append({**json.loads(line[len("RESULT ") :]), "round": round_ + 1})
-                print(f"[{config}] round {round_ + 1}, {contender}: {results[-1]['median_s']:.2f} s", flush=True)
+                label = f"[{config}] round {round_ + 1}, {contender}"
+                result = run_child(["--child", config, contender, "--steps", str(args.steps)], args, label)
+                if result is not None:
+                    results.append({**result, "round": round_ + 1})
+                    print(f"{label}: {result['median_s']:.2f} s", flush=True)
     report(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+
+
+def run_child(child_args: list[str], args: argparse.Namespace, label: str) -> dict[str, Any] | None:
+    """Run this script as a child process with ``child_args`` (and the shared flags); its RESULT, or None with the
+    failure's last lines printed under ``label``."""
+    cmd = [sys.executable, __file__, *child_args, "--warmup", str(args.warmup), "--device", args.device]
+    cmd += ["--fp32"] if args.fp32 else []
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+        print(f"{label}: failed ({' | '.join(tail)})")
+        return None
+    return json.loads(line[len("RESULT ") :])
 
 
 def paired_main(args: argparse.Namespace) -> None:
@@ -468,19 +465,12 @@ def paired_main(args: argparse.Namespace) -> None:
     pair = args.paired.split(",")
     if len(pair) != 2 or not all(p.startswith("epsdpo") and p in CONTENDERS for p in pair):
         raise SystemExit(f"--paired needs two epsdpo contenders (A,B), got {args.paired!r}")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
     results = []
     for config in args.configs.split(","):
-        cmd = [sys.executable, __file__, "--paired-child", config, args.paired, "--warmup", str(args.warmup)]
-        cmd += ["--cycles", str(args.cycles), "--device", args.device, *(["--fp32"] if args.fp32 else [])]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            print(
-                f"[{config}] paired {args.paired}: failed ({' | '.join((proc.stdout + proc.stderr).splitlines()[-3:])})"
-            )
-            continue
-        results.append(json.loads(line[len("RESULT ") :]))
+        child = ["--paired-child", config, args.paired, "--cycles", str(args.cycles)]
+        result = run_child(child, args, f"[{config}] paired {args.paired}")
+        if result is not None:
+            results.append(result)
     print(f"\n{machine_label()}, {os.cpu_count()} cores; on {args.device}; interleaved A B, B A, ... in one process")
     for r in results:
         a, b = (r["times"][name] for name in r["pair"])

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from epsdpo.logps import LMHeadInput, PerturbedLogps, perturbed_logps
+from epsdpo.logps import Kernel, LMHeadInput, PerturbedLogps, perturbed_logps
 from epsdpo.logps.chunked import chunked_sequence_logps
 
 
@@ -114,7 +114,7 @@ def policy_logps(
     decision_dtype: torch.dtype | None = None,
     chunk_size: int | None = None,
     published_order: bool = False,
-    kernel: str = "auto",
+    kernel: Kernel = "auto",
 ) -> PerturbedLogps:
     """Run the policy through its forward and compute every sequence log-prob (only ``policy`` carries gradient)."""
 
@@ -129,7 +129,7 @@ def policy_logps(
             decision_dtype=decision_dtype,
             chunk_size=chunk_size,
             published_order=published_order,
-            kernel=kernel,  # type: ignore[arg-type]
+            kernel=kernel,
         )
 
     if not fused:

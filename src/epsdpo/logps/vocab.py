@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor
 
 Kernel = Literal["auto", "compiled", "triton", "eager"]
-KERNELS: tuple[str, ...] = ("auto", "compiled", "triton", "eager")
+KERNELS: tuple[str, ...] = get_args(Kernel)
 #: ``auto`` compiles on the CPU from this vocabulary size up; tiny test vocabularies stay eager.
 COMPILE_MIN_VOCAB = 16_384
 
@@ -163,6 +163,7 @@ def _compiled_block(f: Tensor, g: Tensor, labels: Tensor, epsilon: float) -> Blo
 # --------------------------------------------------------------------------------------------------------- triton
 
 
+@functools.cache
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
