@@ -14,7 +14,7 @@ so each run traces its own reward-vs-KL trajectory instead of one point:
 - ``eps``: ε-DPO, ε = 0.01, float32 decisions (the exact rule);
 - ``eps_published``: ε-DPO with the published trainer's bf16 order of operations for its decisions;
 - ``dpo_on_eps_beta``: DPO with the global β replayed step by step from the same seed's ``eps`` run
-  (``beta_schedule``): ε-DPO's drift without its per-pair β̃;
+  (``beta_schedule``, written from that run's committed summary): ε-DPO's drift without its per-pair β̃;
 - ``eps_frozen``: ε-DPO's per-pair β̃ with the global β held at β₀ (``freeze_global_beta``): the per-pair effect alone;
 - ``beta_dpo`` and ``tr_dpo``: the other adaptive baselines.
 
@@ -100,13 +100,34 @@ class Run:
 
     @property
     def overrides(self) -> list[str]:
-        extra = [f"beta_schedule={RUNS / f'eps-s{self.seed}'}"] if self.method == "dpo_on_eps_beta" else []
+        extra = [f"beta_schedule={schedule_file(self.needs)}"] if self.needs is not None else []
         return [*METHODS[self.method], *extra, f"seed={self.seed}"]
 
     @property
     def needs(self) -> str | None:
-        """A run that must be trained first (the source of a replayed β)."""
+        """A run that must be summarised first (the source of a replayed β)."""
         return f"eps-s{self.seed}" if self.method == "dpo_on_eps_beta" else None
+
+
+def schedule_file(source: str) -> Path:
+    """Where the β replayed from ``source`` is written (relative to ROOT), from its committed summary."""
+    return RUNS / f"{source}.beta.json"
+
+
+def write_schedule(source: str) -> Path:
+    """The per-step β of ``source`` as a ``beta_schedule`` file, taken from its committed summary.
+
+    The summary keeps every step's ``kl/beta`` exactly as the run logged it (JSON floats round-trip), so the replay
+    equals the one read from the run directory's metrics.jsonl, and needs neither that directory nor this machine.
+    """
+    summary = SUMMARIES / f"{source}.json"
+    if not summary.is_file():
+        raise RuntimeError(f"the β of {source} is replayed from {summary}, which does not exist; run {source} first")
+    betas = json.loads(summary.read_text(encoding="utf-8"))["train"]["beta"]
+    target = ROOT / schedule_file(source)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps({"source": str(summary.relative_to(ROOT)), "beta": betas}) + "\n", encoding="utf-8")
+    return target
 
 
 def plan() -> list[Run]:
@@ -119,8 +140,8 @@ def run_one(run: Run) -> dict[str, Any]:
     out = RUNS / run.name
     (ROOT / out).mkdir(parents=True, exist_ok=True)
     log = ROOT / out / "experiment.log"
-    if run.needs is not None and not (ROOT / RUNS / run.needs / "final").is_dir():
-        raise RuntimeError(f"{run.name} replays the β of {run.needs}, which is not trained yet; run it first")
+    if run.needs is not None:
+        write_schedule(run.needs)
     train_cmd = ["epsdpo", "train", str(CONFIG), *run.overrides, f"output_dir={out}"]
     started = time.perf_counter()
     revision = commit()

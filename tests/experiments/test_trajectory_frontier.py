@@ -29,9 +29,24 @@ def test_plan_is_seed_major_and_replays_the_same_seeds_beta(tf):
     assert len(runs) == len(tf.METHODS) * len(tf.SEEDS) == len({r.name for r in runs})
     assert [r.seed for r in runs[: len(tf.METHODS)]] == [0] * len(tf.METHODS)
     replay = next(r for r in runs if r.method == "dpo_on_eps_beta" and r.seed == 2)
-    assert "beta_schedule=runs/trajectory/eps-s2" in replay.overrides and replay.needs == "eps-s2"
+    assert "beta_schedule=runs/trajectory/eps-s2.beta.json" in replay.overrides and replay.needs == "eps-s2"
     names = [r.name for r in runs]
     assert names.index("eps-s0") < names.index("dpo_on_eps_beta-s0")  # the source is trained first
+
+
+def test_replayed_beta_comes_from_the_committed_summary(tf, tmp_path, monkeypatch):
+    from epsdpo.training.metrics import load_beta_schedule
+
+    monkeypatch.setattr(tf, "ROOT", tmp_path)
+    monkeypatch.setattr(tf, "SUMMARIES", tmp_path / "summaries")
+    with pytest.raises(RuntimeError, match="run eps-s1 first"):
+        tf.write_schedule("eps-s1")
+    betas = [0.1, 0.1, 0.10037641154328733, 0.09938028338454664]  # float reprs round-trip exactly
+    (tmp_path / "summaries").mkdir()
+    (tmp_path / "summaries" / "eps-s1.json").write_text(json.dumps({"train": {"beta": betas}}))
+    written = tf.write_schedule("eps-s1")
+    assert written == tmp_path / tf.schedule_file("eps-s1")
+    assert load_beta_schedule(written) == betas
 
 
 def test_interpolation_along_a_trajectory(tf):
