@@ -34,7 +34,17 @@ COMMON = [
     "round_eval={samples_per_prompt: 2, batch_size: 32, forward_kl: false, "
     "reference_cache_dir: runs/iterate_rounds/reference_cache}",
 ]
-KEYS = ("gold_reward_gain", "kl", "win_rate", "preference_accuracy")
+KEYS = ("gold_reward_gain", "kl", "win_rate", "preference_accuracy", "policy/distinct_2")
+#: per round, what the round's data and selection looked like: (stage, key)
+DATA_KEYS = (
+    ("generate", "mean_score"),
+    ("select", "mean_explicit_margin_kept"),
+    ("select", "mean_explicit_margin_all"),
+    ("select", "mean_implicit_margin_kept"),
+    ("select", "mean_implicit_margin_all"),
+)
+#: policy samples kept per round in a summary, to show what a gold reward means in text
+EXAMPLES = 3
 
 
 @dataclass(frozen=True)
@@ -71,23 +81,39 @@ def run_one(run: Run) -> dict[str, Any]:
         "machine": machine(),
         "seconds": round(time.perf_counter() - started, 1),
         "rounds": full["rounds"],
+        "examples": examples(ROOT / out),
     }
     SUMMARIES.mkdir(parents=True, exist_ok=True)
     (SUMMARIES / f"{run.name}.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
 
 
+def examples(run_dir: Path, n: int = EXAMPLES) -> list[list[dict[str, Any]]]:
+    """Per round, the policy's first ``n`` evaluation samples (prompt, response, gold reward), from eval_samples."""
+    out = []
+    r = 1
+    while (run_dir / f"round-{r}" / "eval_samples.jsonl").is_file():
+        lines = (run_dir / f"round-{r}" / "eval_samples.jsonl").read_text(encoding="utf-8").splitlines()[:n]
+        rows = [json.loads(line) for line in lines]
+        out.append([{"prompt": x["prompt"], "response": x["policy"], "reward": x["policy_reward"]} for x in rows])
+        r += 1
+    return out
+
+
 def load_summaries() -> list[dict[str, Any]]:
     return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(SUMMARIES.glob("*.json"))]
 
 
-def by_round(summaries: list[dict[str, Any]], rule: str, key: str) -> list[tuple[float, float, int]]:
-    """Per round: mean ± s.e. over seeds of an evaluation key, and the number of seeds."""
+def by_round(
+    summaries: list[dict[str, Any]], rule: str, key: str, stage: str = "evaluate"
+) -> list[tuple[float, float, int]]:
+    """Per round: mean ± s.e. over seeds of a stage's key (the evaluation's by default), and the number of seeds."""
     runs = [s for s in summaries if s["rule"] == rule]
     rounds = max((len(s["rounds"]) for s in runs), default=0)
     out = []
     for i in range(rounds):
-        values = [s["rounds"][i]["evaluate"][key] for s in runs if len(s["rounds"]) > i]
+        stages = [s["rounds"][i].get(stage, {}) for s in runs if len(s["rounds"]) > i]
+        values = [st[key] for st in stages if key in st]
         out.append((*mean_se(values), len(values)))
     return out
 
@@ -120,14 +146,33 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
         "policy evaluated against the original model on all 110 held-out prompts × 2 samples. Mean ± standard "
         f"error over seeds; machine{'s' if len(machines) > 1 else ''}: {'; '.join(machines) or '—'}.",
         "",
-        "| rule | round | seeds | gold-reward gain | KL | win rate | held-out accuracy |",
-        "|---|---|---|---|---|---|---|",
+        "| rule | round | seeds | gold-reward gain | KL | win rate | held-out accuracy | distinct-2 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for rule in RULES:
         columns = [by_round(summaries, rule, key) for key in KEYS]
         for i, cells in enumerate(zip(*columns, strict=True)):
             lines.append(
                 f"| {LABELS[rule]} | {i + 1} | {cells[0][2]} | " + " | ".join(fmt(m, se) for m, se, _ in cells) + " |"
+            )
+    original = [s["rounds"][0]["evaluate"]["reference/distinct_2"] for s in summaries if s["rounds"]]
+    if original:
+        lines += ["", f"distinct-2 of the original model's samples: {fmt(*mean_se(original))}."]
+    lines += [
+        "",
+        "Each round's data (mean ± s.e. over seeds): the mean gold reward of the samples the round's policy drew "
+        "for training, and the mean explicit margin (best − worst score) and implicit margin (|mean-token log-ratio| "
+        "under the round's initial policy) of the kept pairs and of all pairs.",
+        "",
+        "| rule | round | mean score of the samples | explicit margin, kept / all | implicit margin, kept / all |",
+        "|---|---|---|---|---|",
+    ]
+    for rule in RULES:
+        columns = [by_round(summaries, rule, key, stage) for stage, key in DATA_KEYS]
+        for i, (score, ex_kept, ex_all, im_kept, im_all) in enumerate(zip(*columns, strict=True)):
+            lines.append(
+                f"| {LABELS[rule]} | {i + 1} | {fmt(*score[:2])} | {fmt(*ex_kept[:2])} / {fmt(*ex_all[:2])} | "
+                f"{fmt(*im_kept[:2])} / {fmt(*im_all[:2])} |"
             )
     lines += ["", "Alignment potential − random, same seed, per round (mean ± s.e. over seeds; per seed):", ""]
     lines += ["| round | gain difference | KL difference |", "|---|---|---|"]
@@ -137,6 +182,13 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
             f"| {i + 1} | {fmt(g[0], g[1])} ({', '.join(f'{d:+.3f}' for d in g[2])}) | "
             f"{fmt(k[0], k[1])} ({', '.join(f'{d:+.2f}' for d in k[2])}) |"
         )
+    shown = [s for s in summaries if s.get("examples")]
+    if shown:
+        lines += ["", "What the policies write: each round's first evaluation samples (gold reward in brackets).", ""]
+    for s in shown:
+        for i, samples in enumerate(s["examples"]):
+            lines.append(f"- {s['name']}, round {i + 1}:")
+            lines += [f"  - [{x['reward']:+.3f}] {json.dumps(x['response'], ensure_ascii=False)}" for x in samples]
     done = {s["name"] for s in summaries}
     todo = [r.name for r in plan() if r.name not in done]
     lines += ["", f"Runs done: {len(done)} of {len(plan())}" + (f"; to do: {', '.join(todo)}." if todo else ".")]

@@ -4,6 +4,7 @@ the reports rebuilt from summaries alone."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -70,11 +71,27 @@ def iterate_summary(rule: str, seed: int, gains: list[float]) -> dict:
     rounds = [
         {
             "round": i + 1,
-            "evaluate": {"gold_reward_gain": g, "kl": 2.0 * (i + 1), "win_rate": 0.6, "preference_accuracy": 0.6},
+            "generate": {"mean_score": 0.4 + 0.1 * i},
+            "select": {
+                "mean_explicit_margin_kept": 1.0,
+                "mean_explicit_margin_all": 0.8,
+                "mean_implicit_margin_kept": 0.3,
+                "mean_implicit_margin_all": 0.7 + seed,
+            },
+            "evaluate": {
+                "gold_reward_gain": g,
+                "kl": 2.0 * (i + 1),
+                "win_rate": 0.6,
+                "preference_accuracy": 0.6,
+                "policy/distinct_2": 0.8,
+                "reference/distinct_2": 0.86,
+            },
         }
         for i, g in enumerate(gains)
     ]
-    return {"name": f"{rule}-s{seed}", "rule": rule, "seed": seed, "rounds": rounds, "machine": "m"}
+    examples = [[{"prompt": "p", "response": f"good {i}", "reward": 0.5}] for i in range(len(gains))]
+    name = f"{rule}-s{seed}"
+    return {"name": name, "rule": rule, "seed": seed, "rounds": rounds, "machine": "m", "examples": examples}
 
 
 def test_iterate_rounds_plan_and_per_round_differences(ir, tmp_path, monkeypatch):
@@ -93,4 +110,20 @@ def test_iterate_rounds_plan_and_per_round_differences(ir, tmp_path, monkeypatch
     assert ir.by_round(summaries, "random", "gold_reward_gain")[1][:2] == pytest.approx((0.175, 0.025))
     monkeypatch.setattr(ir, "RESULTS", tmp_path)
     md, png = ir.report(summaries)
-    assert png.is_file() and "Runs done: 4 of 4." in md.read_text()
+    text = md.read_text()
+    assert png.is_file() and "Runs done: 4 of 4." in text
+    assert "| random | 2 | 0.500 ± 0.000 | 1.000 ± 0.000 / 0.800 ± 0.000 | 0.300 ± 0.000 / 1.200 ± 0.500 |" in text
+    assert "distinct-2 of the original model's samples: 0.860 ± 0.000." in text
+    assert '- random-s1, round 3:\n  - [+0.500] "good 2"' in text
+
+
+def test_iterate_examples_come_from_each_rounds_evaluation_samples(ir, tmp_path):
+    for r, reward in ((1, 0.1), (2, 0.9)):
+        (tmp_path / f"round-{r}").mkdir()
+        rows = [{"prompt": f"q{j}", "policy": f"a{r}{j}", "policy_reward": reward, "reference": "x"} for j in range(5)]
+        (tmp_path / f"round-{r}" / "eval_samples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+    got = ir.examples(tmp_path, n=2)
+    assert got == [
+        [{"prompt": "q0", "response": "a10", "reward": 0.1}, {"prompt": "q1", "response": "a11", "reward": 0.1}],
+        [{"prompt": "q0", "response": "a20", "reward": 0.9}, {"prompt": "q1", "response": "a21", "reward": 0.9}],
+    ]
