@@ -113,7 +113,7 @@ def by_round(
     out = []
     for i in range(rounds):
         stages = [s["rounds"][i].get(stage, {}) for s in runs if len(s["rounds"]) > i]
-        values = [st[key] for st in stages if key in st]
+        values = [st[key] for st in stages if st.get(key) is not None]  # random: no implicit margins computed
         out.append((*mean_se(values), len(values)))
     return out
 
@@ -155,9 +155,9 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
             lines.append(
                 f"| {LABELS[rule]} | {i + 1} | {cells[0][2]} | " + " | ".join(fmt(m, se) for m, se, _ in cells) + " |"
             )
-    original = [s["rounds"][0]["evaluate"]["reference/distinct_2"] for s in summaries if s["rounds"]]
-    if original:
-        lines += ["", f"distinct-2 of the original model's samples: {fmt(*mean_se(original))}."]
+    original = sorted({round(s["rounds"][0]["evaluate"]["reference/distinct_2"], 3) for s in summaries if s["rounds"]})
+    if original:  # one sampler seed for every evaluation: the original's samples are the same in every run
+        lines += ["", f"distinct-2 of the original model's samples: {', '.join(f'{v:.3f}' for v in original)}."]
     lines += [
         "",
         "Each round's data (mean ± s.e. over seeds): the mean gold reward of the samples the round's policy drew "
