@@ -15,6 +15,7 @@ continues where it stopped (iterate resumes stage by stage). One summary per fin
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +156,13 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
             lines.append(
                 f"| {LABELS[rule]} | {i + 1} | {cells[0][2]} | " + " | ".join(fmt(m, se) for m, se, _ in cells) + " |"
             )
+    ceiling = gain_ceiling(summaries)
+    if ceiling is not None:
+        lines += [
+            "",
+            f"The gain cannot exceed {ceiling:.3f}: the gold reward is at most 1 and the original's samples average "
+            f"{1 - ceiling:.3f}. A gain near it means the policy's samples all score near 1.",
+        ]
     original = sorted({round(s["rounds"][0]["evaluate"]["reference/distinct_2"], 3) for s in summaries if s["rounds"]})
     if original:  # one sampler seed for every evaluation: the original's samples are the same in every run
         lines += ["", f"distinct-2 of the original model's samples: {', '.join(f'{v:.3f}' for v in original)}."]
@@ -196,15 +204,22 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
     return md, png
 
 
+def gain_ceiling(summaries: list[dict[str, Any]]) -> float | None:
+    """The largest possible gain: 1 (the gold reward's maximum) − the original model's mean gold reward."""
+    refs = sorted({s["rounds"][0]["evaluate"]["reference/gold_reward"] for s in summaries if s["rounds"]})
+    return None if not refs else 1.0 - statistics.fmean(refs)
+
+
 def plot(summaries: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2), constrained_layout=True)
+    ceiling = gain_ceiling(summaries)
     for ax, (key, label) in zip(
-        axes, (("gold_reward_gain", "gold-reward gain"), ("kl", "KL(π‖original)")), strict=True
+        axes[:2], (("gold_reward_gain", "gold-reward gain"), ("kl", "KL(π‖original)")), strict=True
     ):
         for i, rule in enumerate(RULES):
             rows = by_round(summaries, rule, key)
@@ -214,9 +229,28 @@ def plot(summaries: list[dict[str, Any]], path: Path) -> None:
                 errors = [0.0, *(0.0 if se != se else se for _, se, _ in rows)]
                 ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, color=f"C{i}", label=LABELS[rule])
         ax.set(xlabel="round", ylabel=label, title=f"{label} per round (mean over seeds ± s.e.)")
+        ax.set_xticks(range(0, 1 + max((len(s["rounds"]) for s in summaries), default=0)))
+    ax = axes[2]  # the path in reward vs KL: every seed's rounds, the original model at the origin
+    for i, rule in enumerate(RULES):
+        for j, run in enumerate(s for s in summaries if s["rule"] == rule):
+            evals = [r["evaluate"] for r in run["rounds"]]
+            ax.plot(
+                [0.0, *(e["kl"] for e in evals)],
+                [0.0, *(e["gold_reward_gain"] for e in evals)],
+                marker="o",
+                color=f"C{i}",
+                alpha=0.8,
+                linestyle=("-", "--", ":")[j % 3],
+                label=f"{LABELS[rule]}, seed {run['seed']}",
+            )
+    ax.set(xlabel="KL(π‖original), nats", ylabel="gold-reward gain", title="gain against KL, rounds 0–3 per seed")
+    for ax in axes[[0, 2]]:
+        if ceiling is not None:
+            ax.axhline(ceiling, color="grey", linestyle=":", linewidth=1, label="ceiling (reward 1)")
+    for ax in axes:
         ax.grid(alpha=0.3)
         if summaries:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

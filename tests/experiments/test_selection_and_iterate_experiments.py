@@ -85,6 +85,7 @@ def iterate_summary(rule: str, seed: int, gains: list[float]) -> dict:
                 "preference_accuracy": 0.6,
                 "policy/distinct_2": 0.8,
                 "reference/distinct_2": 0.86,
+                "reference/gold_reward": 0.4,
             },
         }
         for i, g in enumerate(gains)
@@ -114,6 +115,7 @@ def test_iterate_rounds_plan_and_per_round_differences(ir, tmp_path, monkeypatch
     assert png.is_file() and "Runs done: 4 of 4." in text
     assert "| random | 2 | 0.500 ± 0.000 | 1.000 ± 0.000 / 0.800 ± 0.000 | 0.300 ± 0.000 / 1.200 ± 0.500 |" in text
     assert "distinct-2 of the original model's samples: 0.860." in text
+    assert "The gain cannot exceed 0.600" in text
     assert '- random-s1, round 3:\n  - [+0.500] "good 2"' in text
 
 
