@@ -15,7 +15,6 @@ continues where it stopped (iterate resumes stage by stage). One summary per fin
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,16 +155,19 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
             lines.append(
                 f"| {LABELS[rule]} | {i + 1} | {cells[0][2]} | " + " | ".join(fmt(m, se) for m, se, _ in cells) + " |"
             )
-    ceiling = gain_ceiling(summaries)
-    if ceiling is not None:
+    ceilings = gain_ceilings(summaries)
+    if ceilings:
         lines += [
             "",
-            f"The gain cannot exceed {ceiling:.3f}: the gold reward is at most 1 and the original's samples average "
-            f"{1 - ceiling:.3f}. A gain near it means the policy's samples all score near 1.",
+            "The gain cannot exceed 1 − the original's mean gold reward (the gold reward is at most 1; each seed's "
+            "evaluation draws its own samples of the original, the same for both rules): "
+            + ", ".join(f"{c:.3f} (seed {seed})" for seed, c in sorted(ceilings.items()))
+            + ". A gain near it means nearly every sample of the policy scores near 1.",
         ]
-    original = sorted({round(s["rounds"][0]["evaluate"]["reference/distinct_2"], 3) for s in summaries if s["rounds"]})
-    if original:  # one sampler seed for every evaluation: the original's samples are the same in every run
-        lines += ["", f"distinct-2 of the original model's samples: {', '.join(f'{v:.3f}' for v in original)}."]
+    original = {s["seed"]: s["rounds"][0]["evaluate"]["reference/distinct_2"] for s in summaries if s["rounds"]}
+    if original:
+        shown = ", ".join(f"{v:.3f} (seed {seed})" for seed, v in sorted(original.items()))
+        lines += ["", f"distinct-2 of the original model's samples: {shown}."]
     lines += [
         "",
         "Each round's data (mean ± s.e. over seeds): the mean gold reward of the samples the round's policy drew "
@@ -204,10 +206,11 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
     return md, png
 
 
-def gain_ceiling(summaries: list[dict[str, Any]]) -> float | None:
-    """The largest possible gain: 1 (the gold reward's maximum) − the original model's mean gold reward."""
-    refs = sorted({s["rounds"][0]["evaluate"]["reference/gold_reward"] for s in summaries if s["rounds"]})
-    return None if not refs else 1.0 - statistics.fmean(refs)
+def gain_ceilings(summaries: list[dict[str, Any]]) -> dict[int, float]:
+    """Per seed, the largest possible gain: 1 (the gold reward's maximum) − the original model's mean gold reward.
+
+    The evaluation's sampler seed is the run's seed: both rules of a seed score the same samples of the original."""
+    return {s["seed"]: 1.0 - s["rounds"][0]["evaluate"]["reference/gold_reward"] for s in summaries if s["rounds"]}
 
 
 def plot(summaries: list[dict[str, Any]], path: Path) -> None:
@@ -217,7 +220,7 @@ def plot(summaries: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2), constrained_layout=True)
-    ceiling = gain_ceiling(summaries)
+    ceilings = gain_ceilings(summaries)
     for ax, (key, label) in zip(
         axes[:2], (("gold_reward_gain", "gold-reward gain"), ("kl", "KL(π‖original)")), strict=True
     ):
@@ -245,8 +248,8 @@ def plot(summaries: list[dict[str, Any]], path: Path) -> None:
             )
     ax.set(xlabel="KL(π‖original), nats", ylabel="gold-reward gain", title="gain against KL, rounds 0–3 per seed")
     for ax in axes[[0, 2]]:
-        if ceiling is not None:
-            ax.axhline(ceiling, color="grey", linestyle=":", linewidth=1, label="ceiling (reward 1)")
+        for j, (seed, c) in enumerate(sorted(ceilings.items())):
+            ax.axhline(c, color="grey", linestyle=("-", "--", ":")[j % 3], linewidth=0.8, label=f"ceiling, seed {seed}")
     for ax in axes:
         ax.grid(alpha=0.3)
         if summaries:

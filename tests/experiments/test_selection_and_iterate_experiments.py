@@ -114,8 +114,8 @@ def test_iterate_rounds_plan_and_per_round_differences(ir, tmp_path, monkeypatch
     text = md.read_text()
     assert png.is_file() and "Runs done: 4 of 4." in text
     assert "| random | 2 | 0.500 ± 0.000 | 1.000 ± 0.000 / 0.800 ± 0.000 | 0.300 ± 0.000 / 1.200 ± 0.500 |" in text
-    assert "distinct-2 of the original model's samples: 0.860." in text
-    assert "The gain cannot exceed 0.600" in text
+    assert "distinct-2 of the original model's samples: 0.860 (seed 0), 0.860 (seed 1)." in text
+    assert "0.600 (seed 0), 0.600 (seed 1). A gain near it" in text
     assert '- random-s1, round 3:\n  - [+0.500] "good 2"' in text
 
 
