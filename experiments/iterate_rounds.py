@@ -43,6 +43,8 @@ DATA_KEYS = (
     ("select", "mean_implicit_margin_kept"),
     ("select", "mean_implicit_margin_all"),
 )
+#: one line style per seed in the figure
+LINESTYLES = ("-", "--", ":")
 #: policy samples kept per round in a summary, to show what a gold reward means in text
 EXAMPLES = 3
 
@@ -92,9 +94,9 @@ def examples(run_dir: Path, n: int = EXAMPLES) -> list[list[dict[str, Any]]]:
     """Per round, the policy's first ``n`` evaluation samples (prompt, response, gold reward), from eval_samples."""
     out = []
     r = 1
-    while (run_dir / f"round-{r}" / "eval_samples.jsonl").is_file():
-        lines = (run_dir / f"round-{r}" / "eval_samples.jsonl").read_text(encoding="utf-8").splitlines()[:n]
-        rows = [json.loads(line) for line in lines]
+    while (path := run_dir / f"round-{r}" / "eval_samples.jsonl").is_file():
+        with path.open(encoding="utf-8") as f:
+            rows = [json.loads(line) for line, _ in zip(f, range(n), strict=False)]
         out.append([{"prompt": x["prompt"], "response": x["policy"], "reward": x["policy_reward"]} for x in rows])
         r += 1
     return out
@@ -243,13 +245,14 @@ def plot(summaries: list[dict[str, Any]], path: Path) -> None:
                 marker="o",
                 color=f"C{i}",
                 alpha=0.8,
-                linestyle=("-", "--", ":")[j % 3],
+                linestyle=LINESTYLES[j % len(LINESTYLES)],
                 label=f"{LABELS[rule]}, seed {run['seed']}",
             )
     ax.set(xlabel="KL(π‖original), nats", ylabel="gold-reward gain", title="gain against KL, rounds 0–3 per seed")
     for ax in axes[[0, 2]]:
         for j, (seed, c) in enumerate(sorted(ceilings.items())):
-            ax.axhline(c, color="grey", linestyle=("-", "--", ":")[j % 3], linewidth=0.8, label=f"ceiling, seed {seed}")
+            style = LINESTYLES[j % len(LINESTYLES)]
+            ax.axhline(c, color="grey", linestyle=style, linewidth=0.8, label=f"ceiling, seed {seed}")
     for ax in axes:
         ax.grid(alpha=0.3)
         if summaries:
