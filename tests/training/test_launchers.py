@@ -210,9 +210,16 @@ def test_beta_dpo_with_one_pair_per_process_filters_the_global_batch(tmp_path):
     x, y = read_metrics(one / "metrics.jsonl"), read_metrics(two / "metrics.jsonl")
     # ⌊2 · (1 − 0.2)⌋ = 1 of the 2 pairs of each global batch, as in one process (locally: 1 of 1, nothing dropped)
     assert all(r["kl/pairs_kept"] == 0.5 for r in x) and all(r["kl/pairs_kept"] == 0.5 for r in y)
+    logps = ("logps/chosen", "logps/rejected", "logps/ref_chosen", "logps/ref_rejected")
     for r, s in zip(x, y, strict=True):
-        for key in ("loss", "kl/pair_beta", "rewards/margins"):
+        for key in ("loss", "kl/pair_beta"):
             assert s[key] == pytest.approx(r[key], rel=1e-5, abs=1e-6), (r["step"], key)
+        for key in logps:  # batches of 1 per process and of 2 in one take other float32 kernels: sums differ in ulps
+            assert s[key] == pytest.approx(r[key], rel=1e-6), (r["step"], key)
+        # a margin is β × a difference of those four sums (each ~150 nats), so its rounding error is relative to them,
+        # not to the margin itself (~0.04): on an Intel Xeon with AMX it differed by 1.8e-6 = 5e-5 of the margin
+        scale = r["kl/pair_beta"] * sum(abs(r[key]) for key in logps)
+        assert s["rewards/margins"] == pytest.approx(r["rewards/margins"], rel=1e-5, abs=1e-6 * scale), r["step"]
 
 
 @pytest.mark.slow
