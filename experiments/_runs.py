@@ -104,3 +104,38 @@ def train_seconds(run_dir: Path, measured: float, trained_now: bool) -> float | 
 
     recorded = json.loads((run_dir / "final" / "final_metrics.json").read_text(encoding="utf-8")).get("train_seconds")
     return None if recorded is None else float(recorded)
+
+
+def short_machine(summary: dict[str, Any]) -> str:
+    """``Intel(R) Xeon(R) Processor (native bf16), 2 threads, …`` → ``Intel Xeon``."""
+    cpu = summary.get("machine", "").split(" (native")[0].split(" (no native")[0].split(" (bf16")[0]
+    return " ".join(w for w in cpu.replace("(R)", "").replace("(TM)", "").split() if w not in ("Processor", "CPU"))
+
+
+def reference_text(
+    summaries: list[dict[str, Any]], reward_of: Callable[[dict[str, Any]], float], consequence: str
+) -> list[str]:
+    """The reference's gold reward (``reward_of`` a summary), and which runs share which reference samples.
+
+    ``consequence`` says, for the report at hand, what differing reference samples mean for its numbers.
+    """
+    by_value: dict[float, list[dict[str, Any]]] = {}
+    for s in summaries:
+        by_value.setdefault(round(reward_of(s), 4), []).append(s)
+    if len(by_value) == 1:
+        value = next(iter(by_value))
+        return [f"Reference model (the same samples for every run): gold reward {value:.3f}."]
+    lines = [
+        "Reference model: the sampler's seed is the same for every run, but the samples depend on the machine's "
+        "floating-point kernels (a last-bit difference in a logit changes a sampled token, and the rest of the "
+        "response with it), so runs made on different machines were compared with different reference samples; "
+        f"a policy's own samples move the same way. {consequence}",
+        "",
+    ]
+    for value, rows in sorted(by_value.items()):
+        machines = sorted({s.get("machine", "machine not recorded") for s in rows})
+        lines.append(
+            f"- reference gold reward {value:.3f} ({len(rows)} run{'s' * (len(rows) > 1)}; {'; '.join(machines)}): "
+            + ", ".join(s["name"] for s in rows)
+        )
+    return lines

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _runs import ROOT, call, commit, epsdpo_command, machine
+from _runs import ROOT, call, commit, epsdpo_command, machine, reference_text, short_machine
 
 CONFIG = Path("experiments/kl_frontier.yaml")  # relative to ROOT, as recorded in the commands
 RUNS = Path("runs/kl_frontier")
@@ -363,7 +363,7 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
         eps = next((o.split("=")[1] for o in s["overrides"] if o.startswith("epsilon=")), "")
         lines.append(
             f"| {s['name']} | {LABELS[s['method']]} | {s['beta']:g} | {eps} | {s['seed']} | {_result_cells(s)} | "
-            f"{s['seconds']['train']:.0f} | {s['seconds']['eval']:.0f} | {_short_machine(s)} |"
+            f"{s['seconds']['train']:.0f} | {s['seconds']['eval']:.0f} | {short_machine(s)} |"
         )
     precision = [s for s in summaries if "decision_precision" in s]
     if precision:
@@ -441,7 +441,7 @@ def _paired_text(summaries: list[dict[str, Any]]) -> list[str]:
             d = grid[("epsilon_dpo", b, sd)][key] - grid[("dpo", b, sd)][key]
             diffs[key].append(d)
             row.append(f"{d:+.3f}")
-        pair = [_short_machine(runs[(m, b, sd)]) for m in ("dpo", "epsilon_dpo")]
+        pair = [short_machine(runs[(m, b, sd)]) for m in ("dpo", "epsilon_dpo")]
         row.append("same" if pair[0] == pair[1] and pair[0] else " / ".join(m or "unknown" for m in pair))
         lines.append(f"| {b:g} | {sd} | " + " | ".join(row) + " |")
     if len(keys) > 1:
@@ -521,36 +521,15 @@ def _noise_text(summaries: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _short_machine(summary: dict[str, Any]) -> str:
-    """``Intel(R) Xeon(R) Processor (native bf16), 2 threads, …`` → ``Intel Xeon``."""
-    cpu = summary.get("machine", "").split(" (native")[0].split(" (no native")[0].split(" (bf16")[0]
-    return " ".join(w for w in cpu.replace("(R)", "").replace("(TM)", "").split() if w not in ("Processor", "CPU"))
-
-
 def _reference_text(summaries: list[dict[str, Any]]) -> list[str]:
-    """The reference's gold reward, and which runs share which reference samples."""
-    by_value: dict[float, list[dict[str, Any]]] = {}
-    for s in summaries:
-        by_value.setdefault(round(s["eval"]["reference/gold_reward"], 4), []).append(s)
-    if len(by_value) == 1:
-        value = next(iter(by_value))
-        return [f"Reference model (the same samples for every run): gold reward {value:.3f}."]
-    lines = [
-        "Reference model: the sampler's seed is the same for every run, but the samples depend on the machine's "
-        "floating-point kernels (a last-bit difference in a logit changes a sampled token, and the rest of the "
-        "response with it), so runs made on different machines were compared with different reference samples; "
-        "a policy's own samples move the same way. Win rates across such groups differ by this sampling noise "
-        "too; gold reward and KL come from each policy's own samples, so they do not depend on the reference's "
-        "samples, but they move with the machine in the same way.",
-        "",
-    ]
-    for value, rows in sorted(by_value.items()):
-        machines = sorted({s.get("machine", "machine not recorded") for s in rows})
-        lines.append(
-            f"- reference gold reward {value:.3f} ({len(rows)} runs; {'; '.join(machines)}): "
-            + ", ".join(s["name"] for s in rows)
-        )
-    return lines
+    """The reference's gold reward (of the run's one evaluation), and which runs share which reference samples."""
+    return reference_text(
+        summaries,
+        lambda s: s["eval"]["reference/gold_reward"],
+        "Win rates across such groups differ by this sampling noise too; gold reward and KL come from each "
+        "policy's own samples, so they do not depend on the reference's samples, but they move with the machine "
+        "in the same way.",
+    )
 
 
 def _setup_text() -> str:

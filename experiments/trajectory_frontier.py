@@ -36,7 +36,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _runs import ROOT, call, commit, epsdpo_command, fmt, grid_main, machine, mean_se, train_seconds
+from _runs import (
+    ROOT,
+    call,
+    commit,
+    epsdpo_command,
+    fmt,
+    grid_main,
+    machine,
+    mean_se,
+    reference_text,
+    short_machine,
+    train_seconds,
+)
 
 from epsdpo.evaluate import SUMMARY_KEYS
 
@@ -257,6 +269,19 @@ def curves(summaries: list[dict[str, Any]]) -> dict[str, list[dict[str, float]]]
     return out
 
 
+#: What differing reference samples mean here: every gain is over the reference samples of the run's own machine.
+CROSS_MACHINE = (
+    "Each run's gain is measured over its own machine's reference samples, so a difference between runs made on "
+    "different machines carries the difference of their reference gold rewards (below) as well as the sampling "
+    "noise of the policies' own samples."
+)
+
+
+def _reference_reward(summary: dict[str, Any]) -> float:
+    """The reference's gold reward in a run's evaluations (the same samples at every checkpoint)."""
+    return summary["trajectory"][0]["reference/gold_reward"]
+
+
 def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
     md, png = RESULTS / "trajectory_frontier.md", RESULTS / "trajectory_frontier.png"
     plot(summaries, png)
@@ -272,7 +297,8 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
         "on-policy sentiment pairs, 64 steps of 8 pairs at lr 5e-4 (cosine, warm-up 0.1), β₀ = 0.1, ε = 0.01, "
         "checkpoints "
         "every 8 steps. Each checkpoint is evaluated on all 110 held-out prompts × 2 independent samples per model "
-        "(max 48 new tokens, sampler seed 0, the same reference samples for every run): gold-reward gain over the "
+        "(max 48 new tokens, sampler seed 0; every run on one machine shares the reference samples, see "
+        "Provenance): gold-reward gain over the "
         "reference (VADER sentiment, mean over prompts ± s.e. over prompts inside a run), KL(π‖π_ref) estimated on "
         "the policy's samples. Between runs, ± is the standard error over seeds (n in the tables).",
         "",
@@ -313,10 +339,10 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
             cells.append(" / ".join(f"{x:.2f}" for x in shares))
         beta = statistics.fmean(r["trajectory"][-1]["beta"] for r in runs)
         lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + f" | {beta:.4f} |")
-    machines = sorted({s.get("machine", "?") for s in summaries})
-    lines += ["", "## Provenance", "", *[f"- machine: {m}" for m in machines]]
+    lines += ["", "## Provenance", "", *reference_text(summaries, _reference_reward, CROSS_MACHINE), ""]
     lines += [
-        f"- {s['name']}: commit {s.get('commit')}, train {s['seconds']['train']} s, eval {s['seconds']['eval']} s"
+        f"- {s['name']}: {short_machine(s) or 'machine not recorded'}, commit {s.get('commit')}, "
+        f"train {s['seconds']['train']} s, eval {s['seconds']['eval']} s"
         for s in summaries
     ]
     md.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -97,7 +97,7 @@ def test_reference_text_names_which_runs_share_reference_samples(kf):
     other["eval"]["reference/gold_reward"] = 0.33
     other["machine"] = "CPU X (native bf16), 2 threads, torch 2"
     text = "\n".join(kf._reference_text([*same, other]))
-    assert "- reference gold reward 0.330 (1 runs; CPU X (native bf16), 2 threads, torch 2): dpo-b0.5-s0" in text
+    assert "- reference gold reward 0.330 (1 run; CPU X (native bf16), 2 threads, torch 2): dpo-b0.5-s0" in text
     assert "- reference gold reward 0.440 (2 runs; machine not recorded): dpo-b0.1-s0, dpo-b0.1-s1" in text
 
 
@@ -141,9 +141,9 @@ def test_noise_text_pairs_the_methods_seed_by_seed(kf):
 
 
 def test_short_machine_keeps_the_cpu_name(kf):
-    assert kf._short_machine({"machine": "Intel(R) Xeon(R) Processor (native bf16), 2 threads"}) == "Intel Xeon"
-    assert kf._short_machine({"machine": "AMD EPYC 7B13 (no native bf16), 2 threads"}) == "AMD EPYC 7B13"
-    assert kf._short_machine({}) == ""
+    assert kf.short_machine({"machine": "Intel(R) Xeon(R) Processor (native bf16), 2 threads"}) == "Intel Xeon"
+    assert kf.short_machine({"machine": "AMD EPYC 7B13 (no native bf16), 2 threads"}) == "AMD EPYC 7B13"
+    assert kf.short_machine({}) == ""
 
 
 def test_paired_text_subtracts_dpo_from_epsilon_dpo_per_beta_and_seed(kf):

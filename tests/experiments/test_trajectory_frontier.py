@@ -59,7 +59,13 @@ def test_interpolation_along_a_trajectory(tf):
 
 def summary(tf, method: str, seed: int, slope: float) -> dict:
     trajectory = [
-        {"step": s, "kl": 0.5 * s / 8 * 4, "gold_reward_gain": slope * 0.5 * s / 8 * 4, "beta": 0.1}
+        {
+            "step": s,
+            "kl": 0.5 * s / 8 * 4,
+            "gold_reward_gain": slope * 0.5 * s / 8 * 4,
+            "beta": 0.1,
+            "reference/gold_reward": 0.46,
+        }
         for s in tf.CHECKPOINTS
     ]
     train = {"beta": [0.1] * 64, "loss": [0.6] * 64, "accuracy": [0.5] * 64}
@@ -71,7 +77,7 @@ def summary(tf, method: str, seed: int, slope: float) -> dict:
         "seed": seed,
         "trajectory": trajectory,
         "train": train,
-        "machine": "test",
+        "machine": "AMD EPYC (native bf16), 2 threads, torch 2",
         "commit": "abc",
         "seconds": {"train": 1.0, "eval": 2.0},
     }
@@ -92,3 +98,19 @@ def test_report_is_rebuilt_from_summaries(tf, tmp_path, monkeypatch):
     text = md.read_text()
     assert png.is_file() and "Runs done: 6 of 21" in text and "ε-DPO (float32 decisions) − DPO" in text
     assert "0.50 / 0.25 / 0.25" in text and json.dumps(summaries)  # shares over training
+
+
+def test_report_names_each_machines_reference_samples(tf, tmp_path, monkeypatch):
+    monkeypatch.setattr(tf, "RESULTS", tmp_path)
+    summaries = [summary(tf, m, 0, 0.05) for m in ("dpo", "eps")]
+    text = tf.report(summaries)[0].read_text()
+    assert "Reference model (the same samples for every run): gold reward 0.460." in text
+    other = summary(tf, "eps_published", 0, 0.05)
+    other["machine"] = "Intel(R) Xeon(R) Processor (native bf16), 2 threads, torch 2"
+    for point in other["trajectory"]:
+        point["reference/gold_reward"] = 0.4586
+    text = tf.report([*summaries, other])[0].read_text()
+    assert "different reference samples" in text and "own machine's reference samples" in text
+    assert "- reference gold reward 0.459 (1 run; Intel(R) Xeon(R) Processor (native bf16), 2 threads" in text
+    assert "- reference gold reward 0.460 (2 runs; AMD EPYC (native bf16), 2 threads, torch 2): dpo-s0, eps-s0" in text
+    assert "- eps_published-s0: Intel Xeon, commit abc" in text
