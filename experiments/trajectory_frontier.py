@@ -235,7 +235,14 @@ def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
 
 
 def matched_differences(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """For each comparison and KL value: the paired (same seed) gain difference, mean ± s.e. over seeds."""
+    """For each comparison and KL value: the paired (same seed) difference of the policies' gold rewards, mean ± s.e.
+    over seeds.
+
+    The policies' gold rewards, not their gains: a gain subtracts the reference samples' reward, and those samples
+    differ between machines (see :data:`CROSS_MACHINE`). Two runs made on one machine share them, so there the two
+    differences are equal; across machines only the policy's reward keeps the comparison free of them. KL is
+    estimated on the policy's own samples and needs no reference samples either.
+    """
     by = {(s["method"], s["seed"]): s for s in summaries}
     rows = []
     for a, b in COMPARISONS:
@@ -244,8 +251,8 @@ def matched_differences(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]
             for seed in SEEDS:
                 if (a, seed) not in by or (b, seed) not in by:
                     continue
-                ga = interpolate([(p["kl"], p["gold_reward_gain"]) for p in by[a, seed]["trajectory"]], kl)
-                gb = interpolate([(p["kl"], p["gold_reward_gain"]) for p in by[b, seed]["trajectory"]], kl)
+                ga = interpolate([(p["kl"], p["policy/gold_reward"]) for p in by[a, seed]["trajectory"]], kl)
+                gb = interpolate([(p["kl"], p["policy/gold_reward"]) for p in by[b, seed]["trajectory"]], kl)
                 if ga is not None and gb is not None:
                     diffs.append(ga - gb)
             mean, se = mean_se(diffs)
@@ -271,9 +278,11 @@ def curves(summaries: list[dict[str, Any]]) -> dict[str, list[dict[str, float]]]
 
 #: What differing reference samples mean here: every gain is over the reference samples of the run's own machine.
 CROSS_MACHINE = (
-    "Each run's gain is measured over its own machine's reference samples, so a difference between runs made on "
-    "different machines carries the difference of their reference gold rewards (below) as well as the sampling "
-    "noise of the policies' own samples."
+    "Each run's gain is measured over its own machine's reference samples, so the gains of runs made on different "
+    "machines (the trajectories table and the figure) also differ by the difference of their reference gold rewards "
+    "(below). The matched-KL differences compare the policies' own gold rewards, which involve no reference samples "
+    "(for two runs on one machine they equal the gain differences), so they carry only the sampling noise of the "
+    "policies' own samples."
 )
 
 
@@ -314,7 +323,11 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
         lines.append(f"| {LABELS[method]} | {rows[0]['n']} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "## Gain differences at matched KL (paired by seed, interpolated along each trajectory)",
+        "## Reward differences at matched KL (paired by seed, interpolated along each trajectory)",
+        "",
+        "The difference of the two policies' gold rewards at the same KL(π‖π_ref), mean ± s.e. over seeds, then "
+        "n (the seeds whose two trajectories both reach that KL) and each seed's difference. On one machine it equals the "
+        "difference of the gains; it does not depend on the reference's samples (see Provenance).",
         "",
         "| comparison | " + " | ".join(f"KL {kl:g}" for kl in MATCHED_KL) + " |",
         "|---|" + "---|" * len(MATCHED_KL),
@@ -323,7 +336,8 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
     for a, b in COMPARISONS:
         cells = []
         for r in (r for r in rows if r["a"] == a and r["b"] == b):
-            cells.append("—" if not r["n"] else f"{fmt(r['diff'], r['se'])} (n {r['n']})")
+            per_seed = ", ".join(f"{d:+.3f}" for d in r["diffs"])
+            cells.append("—" if not r["n"] else f"{fmt(r['diff'], r['se'])} (n {r['n']}: {per_seed})")
         lines.append(f"| {LABELS[a]} − {LABELS[b]} | " + " | ".join(cells) + " |")
     lines += ["", "## Decision shares over training (s = +1 / 0 / −1, mean over seeds)", ""]
     lines += ["| method | steps 1–8 | steps 25–32 | steps 57–64 | β after 64 steps |", "|---|---|---|---|---|"]

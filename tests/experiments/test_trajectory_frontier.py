@@ -63,6 +63,7 @@ def summary(tf, method: str, seed: int, slope: float) -> dict:
             "step": s,
             "kl": 0.5 * s / 8 * 4,
             "gold_reward_gain": slope * 0.5 * s / 8 * 4,
+            "policy/gold_reward": 0.46 + slope * 0.5 * s / 8 * 4,
             "beta": 0.1,
             "reference/gold_reward": 0.46,
         }
@@ -89,6 +90,17 @@ def test_matched_kl_differences_are_paired_by_seed(tf):
     at4 = rows["eps", "dpo", 4.0]
     assert at4["n"] == 2 and at4["diffs"] == pytest.approx([0.0, 0.04]) and at4["diff"] == pytest.approx(0.02)
     assert rows["eps", "dpo_on_eps_beta", 4.0]["n"] == 0  # not run yet: no number
+
+
+def test_matched_kl_differences_leave_out_each_machines_reference_samples(tf):
+    """A run made on another machine has other reference samples: its gain moves with their reward, its policy's
+    reward does not, and the matched difference is taken on the latter."""
+    dpo, eps = summary(tf, "dpo", 0, 0.05), summary(tf, "eps", 0, 0.06)
+    for point in eps["trajectory"]:  # the same policy rewards, measured against a reference 0.006 lower
+        point["reference/gold_reward"] = 0.454
+        point["gold_reward_gain"] = point["policy/gold_reward"] - 0.454
+    rows = {(r["a"], r["b"], r["kl"]): r for r in tf.matched_differences([dpo, eps])}
+    assert rows["eps", "dpo", 4.0]["diffs"] == pytest.approx([0.04])  # 4 × (0.06 − 0.05), not 0.04 + 0.006
 
 
 def test_report_is_rebuilt_from_summaries(tf, tmp_path, monkeypatch):
