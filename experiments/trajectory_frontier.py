@@ -326,8 +326,8 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
         "## Reward differences at matched KL (paired by seed, interpolated along each trajectory)",
         "",
         "The difference of the two policies' gold rewards at the same KL(π‖π_ref), mean ± s.e. over seeds, then "
-        "n (the seeds whose two trajectories both reach that KL) and each seed's difference. On one machine it equals the "
-        "difference of the gains; it does not depend on the reference's samples (see Provenance).",
+        "n (the seeds whose two trajectories both reach that KL) and each seed's difference. On one machine it "
+        "equals the difference of the gains; it does not depend on the reference's samples (see Provenance).",
         "",
         "| comparison | " + " | ".join(f"KL {kl:g}" for kl in MATCHED_KL) + " |",
         "|---|" + "---|" * len(MATCHED_KL),
