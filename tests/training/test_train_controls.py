@@ -4,6 +4,8 @@ records, end to end on configs/tiny.yaml."""
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -45,6 +47,22 @@ def test_a_replayed_schedule_reproduces_the_source_runs_beta_exactly(tmp_path, s
     assert first["kl/pair_beta"] == pytest.approx(betas[1], rel=1e-7)
     with pytest.raises(TrainingError, match="holds 6 steps, this run has 8"):
         train(tiny(tmp_path, "long", "loss_type=dpo", f"beta_schedule={source}", "max_steps=8"))
+
+
+@pytest.mark.slow
+def test_a_replayed_schedule_resumes_on_the_sources_beta(tmp_path, source, caplog):
+    betas = [r["kl/beta"] for r in metrics(source)]
+    replay = ["loss_type=dpo", f"beta_schedule={source}", "plot_after_training=false"]
+    full = train(tiny(tmp_path, "full", *replay, "save_steps=3"))
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(full.output_dir / "checkpoint-3", resumed_dir / "checkpoint-3")
+    with caplog.at_level(logging.INFO, logger="epsdpo.training.loop"):
+        resumed = train(tiny(tmp_path, "resumed", *replay, "save_steps=3", "resume_from_checkpoint=auto"))
+    assert [r["kl/beta"] for r in metrics(resumed.output_dir)] == betas[3:]  # steps 4-6 on the source's β
+    assert [r["loss"] for r in metrics(resumed.output_dir)] == [r["loss"] for r in metrics(full.output_dir)][3:]
+    assert betas[3] != 0.1
+    assert f"at step 3 (next step's β = {betas[3]:.6g})" in caplog.text  # the replayed β, not the idle controller's
 
 
 @pytest.mark.slow

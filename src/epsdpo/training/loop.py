@@ -519,7 +519,7 @@ class Trainer:
         self.metrics.truncate_after(self.global_step)
         if self.decisions is not None:
             self.decisions.truncate_after(self.global_step)
-        logger.info("resumed from %s at step %d (β = %.6g)", self.resume_path, self.global_step, self.controller.beta)
+        logger.info("resumed from %s at step %d (next step's β = %.6g)", self.resume_path, self.global_step, self.beta)
 
     def _write_weights(self, directory: Path) -> None:
         if self.plan.sharded:  # a collective: accelerate writes each process's shard of model and optimizer
