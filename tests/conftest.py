@@ -53,6 +53,29 @@ def smollm2_tokenizer(smollm2_path: str) -> Any:
     return load_tokenizer(smollm2_path)
 
 
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """A random tiny Llama with SmolLM2's tokenizer (and chat template), saved like any local checkpoint."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(smollm2_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    smollm2_tokenizer.save_pretrained(path)
+    return path
+
+
 #: a Llama-2-like template that writes ``bos_token`` itself: with a BOS-adding tokenizer this is where double BOS
 #: comes from when the rendered text is tokenized with special tokens
 BOS_CHAT_TEMPLATE = (

@@ -40,28 +40,6 @@ def constant(prompts, responses):
 """
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
-    """A random tiny Llama with SmolLM2's tokenizer (and chat template), saved like any local checkpoint."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(smollm2_tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    smollm2_tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.fixture
 def hooks(tmp_path, monkeypatch):
     """A throwaway reward-hook module on sys.path (``gen_hooks:length`` crashes on call CRASH_AT_CALL)."""

@@ -143,6 +143,8 @@ def test_noise_text_pairs_the_methods_seed_by_seed(kf):
 def test_short_machine_keeps_the_cpu_name(kf):
     assert kf.short_machine({"machine": "Intel(R) Xeon(R) Processor (native bf16), 2 threads"}) == "Intel Xeon"
     assert kf.short_machine({"machine": "AMD EPYC 7B13 (no native bf16), 2 threads"}) == "AMD EPYC 7B13"
+    gpu = "AMD EPYC 9454 48-Core Processor (native bf16), 1 threads, torch 2.11.0+cu130, GPU NVIDIA H200"
+    assert kf.short_machine({"machine": gpu}) == "NVIDIA H200 (AMD EPYC 9454 48-Core)"
     assert kf.short_machine({}) == ""
 
 

@@ -126,3 +126,68 @@ def test_report_names_each_machines_reference_samples(tf, tmp_path, monkeypatch)
     assert "- reference gold reward 0.459 (1 run; Intel(R) Xeon(R) Processor (native bf16), 2 threads" in text
     assert "- reference gold reward 0.460 (2 runs; AMD EPYC (native bf16), 2 threads, torch 2): dpo-s0, eps-s0" in text
     assert "- eps_published-s0: Intel Xeon, commit abc" in text
+
+
+def test_tasks_wait_for_their_training_the_replayed_source_and_the_reference(tf):
+    todo = ["eps-s3", "dpo_on_eps_beta-s3", "dpo-s3"]
+    by_run = {
+        name: tf.tasks(tf.Run(*name.rsplit("-s", 1)[0:1], int(name.rsplit("-s", 1)[1])), todo, 4) for name in todo
+    }
+    after = {t.name: t.after for ts in by_run.values() for t in ts}
+    assert after["eps-s3:train"] == () and after["eps-s3:eval-8"] == ("eps-s3:train",)  # the first writes the cache
+    assert after["eps-s3:eval-16"] == ("eps-s3:train", "eps-s3:eval-8")
+    assert after["dpo-s3:eval-64"] == ("dpo-s3:train", "eps-s3:eval-8")
+    assert after["dpo_on_eps_beta-s3:train"] == ("eps-s3:summary",)  # its β comes from that summary
+    assert after["dpo-s3:summary"] == tuple(f"dpo-s3:eval-{s}" for s in tf.CHECKPOINTS)
+    alone = tf.tasks(tf.Run("dpo_on_eps_beta", 3), ["dpo_on_eps_beta-s3"], 1)  # its source summarised already
+    assert alone[0].after == ()
+
+
+def test_plan_takes_further_seeds_after_the_grid(tf):
+    names = [r.name for r in tf.plan((0, 1, 2, 3))]
+    assert names[: len(tf.plan())] == [r.name for r in tf.plan()] and names[-1] == "tr_dpo-s3"
+
+
+def test_the_grid_runs_as_parallel_tasks_end_to_end(tf, tiny_model_dir, tmp_path, monkeypatch):
+    """``--jobs 2`` on a tiny random model through the real CLI: the replay's source is summarised before the replay
+    trains, the replay equals its source's β, every task is timed, and the summaries and the report are written."""
+    import _runs
+    import torch
+
+    (tmp_path / "tiny.yaml").write_text(
+        f"model: {tiny_model_dir}\ndataset: bundled:sentiment_pairs\nmax_length: 64\nmax_prompt_length: 32\n"
+        "beta: 0.1\nmax_steps: 2\nper_device_train_batch_size: 2\nsave_steps: 1\nlogging_steps: 1\n"
+        "disable_tqdm: true\nplot_after_training: false\neval_after_training: false\n"
+    )
+    evaluation = [
+        *(e for e in tf.EVAL if e.split("=")[0] in ("eval_dataset", "seed", "disable_tqdm", "reference_cache_dir")),
+        *("num_prompts=3", "samples_per_prompt=2", "max_pairs=4", "max_new_tokens=6", "batch_size=8"),
+    ]
+    results = tmp_path / "results"
+    for module, name, value in [
+        (tf, "ROOT", tmp_path),
+        (_runs, "ROOT", tmp_path),
+        (tf, "RESULTS", results),
+        (tf, "SUMMARIES", results / "trajectory"),
+        (tf, "CONFIG", Path("tiny.yaml")),
+        (tf, "CHECKPOINTS", (1, 2)),
+        (tf, "EVAL", evaluation),
+        (tf, "METHODS", {m: tf.METHODS[m] for m in ("dpo_on_eps_beta", "eps")}),  # the replay first in the plan
+    ]:
+        monkeypatch.setattr(module, name, value)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(sys, "argv", ["trajectory_frontier.py", "--jobs", "2", "--seeds", "0"])
+    threads = torch.get_num_threads()
+    try:
+        tf.main()
+    finally:
+        torch.set_num_threads(threads)
+    source, replay = (
+        json.loads((results / "trajectory" / f"{n}.json").read_text()) for n in ("eps-s0", "dpo_on_eps_beta-s0")
+    )
+    assert replay["train"]["beta"] == source["train"]["beta"] and len(source["train"]["beta"]) == 2
+    assert [p["step"] for p in replay["trajectory"]] == [1, 2] and replay["seconds"]["jobs"] == 2
+    assert replay["seconds"]["train"] > 0 and replay["seconds"]["eval"] > 0 and "1 threads" in replay["machine"]
+    evals = [json.loads((tmp_path / tf.RUNS / "eps-s0" / f"eval-checkpoint-{s}.json").read_text()) for s in (1, 2)]
+    assert all(e["reference_cache"] for e in evals)
+    assert "Runs done: 2 of 6" in (results / "trajectory_frontier.md").read_text()
