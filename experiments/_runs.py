@@ -36,14 +36,17 @@ def call(args: list[str], log: Path) -> None:
 
 
 def commit() -> str | None:
-    """The short commit the experiment runs from: git's, or in a copy of a checkout without its ``.git`` (a GPU
-    machine's, say) ``$EPSDPO_COMMIT``; None when neither says."""
+    """The short commit the experiment runs from: ``$EPSDPO_COMMIT`` when set (a copy of a checkout on another
+    machine, whose ``.git`` may be missing or older than the files beside it, as a GPU machine's was), else git's;
+    None when neither says."""
+    if os.environ.get("EPSDPO_COMMIT"):
+        return os.environ["EPSDPO_COMMIT"]
     try:
         return subprocess.check_output(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True, stderr=subprocess.DEVNULL
         ).strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("EPSDPO_COMMIT")
+        return None
 
 
 def machine() -> str:

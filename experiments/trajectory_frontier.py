@@ -63,6 +63,7 @@ from _runs import (
 
 from epsdpo.evaluate import SUMMARY_KEYS
 from epsdpo.files import write_text_atomically
+from epsdpo.stats import t_interval95
 
 CONFIG = Path("experiments/trajectory_frontier.yaml")  # relative to ROOT, as recorded in the commands
 RUNS = Path("runs/trajectory")
@@ -109,7 +110,14 @@ LABELS = {
     "tr_dpo": "TR-DPO",
 }
 #: matched-KL comparisons: (method, against) at these KL values (nats), where both trajectories reach them
-COMPARISONS = (("eps", "dpo"), ("eps", "dpo_on_eps_beta"), ("eps_frozen", "dpo"), ("eps_published", "dpo"))
+COMPARISONS = (
+    ("eps", "dpo"),
+    ("eps", "dpo_on_eps_beta"),
+    ("eps_frozen", "dpo"),
+    ("eps_published", "dpo"),
+    ("beta_dpo", "dpo"),
+    ("tr_dpo", "dpo"),
+)
 MATCHED_KL = (2.0, 4.0, 8.0, 12.0)
 
 
@@ -332,7 +340,7 @@ def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
 
 def matched_differences(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """For each comparison and KL value: the paired (same seed) difference of the policies' gold rewards, mean ± s.e.
-    over seeds.
+    over seeds and its 95% Student-t interval (``ci``; None below two seeds).
 
     The policies' gold rewards, not their gains: a gain subtracts the reference samples' reward, and those samples
     differ between machines (see :data:`CROSS_MACHINE`). Two runs made on one machine share them, so there the two
@@ -352,12 +360,14 @@ def matched_differences(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]
                 if ga is not None and gb is not None:
                     diffs.append(ga - gb)
             mean, se = mean_se(diffs)
-            rows.append({"a": a, "b": b, "kl": kl, "n": len(diffs), "diff": mean, "se": se, "diffs": diffs})
+            ci = t_interval95(diffs) if len(diffs) > 1 else None
+            rows.append({"a": a, "b": b, "kl": kl, "n": len(diffs), "diff": mean, "se": se, "ci": ci, "diffs": diffs})
     return rows
 
 
 def curves(summaries: list[dict[str, Any]]) -> dict[str, list[dict[str, float]]]:
-    """Per method and checkpoint: mean KL and gain over seeds, each with its standard error over seeds."""
+    """Per method and checkpoint: mean KL, policy gold reward and gain over seeds, each with its standard error over
+    seeds."""
     out: dict[str, list[dict[str, float]]] = {}
     for method in METHODS:
         runs = [s for s in summaries if s["method"] == method]
@@ -367,19 +377,43 @@ def curves(summaries: list[dict[str, Any]]) -> dict[str, list[dict[str, float]]]
         for i, step in enumerate(CHECKPOINTS):
             kl, kl_se = mean_se([r["trajectory"][i]["kl"] for r in runs])
             gain, gain_se = mean_se([r["trajectory"][i]["gold_reward_gain"] for r in runs])
-            rows.append({"step": step, "kl": kl, "kl_se": kl_se, "gain": gain, "gain_se": gain_se, "n": len(runs)})
+            reward, reward_se = mean_se([r["trajectory"][i]["policy/gold_reward"] for r in runs])
+            rows.append(
+                {
+                    "step": step,
+                    "kl": kl,
+                    "kl_se": kl_se,
+                    "reward": reward,
+                    "reward_se": reward_se,
+                    "gain": gain,
+                    "gain_se": gain_se,
+                    "n": len(runs),
+                }
+            )
         out[method] = rows
     return out
 
 
 #: What differing reference samples mean here: every gain is over the reference samples of the run's own machine.
 CROSS_MACHINE = (
-    "Each run's gain is measured over its own machine's reference samples, so the gains of runs made on different "
-    "machines (the trajectories table and the figure) also differ by the difference of their reference gold rewards "
-    "(below). The matched-KL differences compare the policies' own gold rewards, which involve no reference samples "
-    "(for two runs on one machine they equal the gain differences), so they carry only the sampling noise of the "
-    "policies' own samples."
+    "So the trajectories table, the figure and the matched-KL differences use the policies' own gold rewards, which "
+    "involve no reference samples (for two runs on one machine their differences equal the differences of the "
+    "gains) and carry only the sampling noise of the policies' own samples; a run's gain over its reference (in its "
+    "summary) also carries its machine's reference draw (below)."
 )
+
+
+def _reference_range(summaries: list[dict[str, Any]]) -> str:
+    values = sorted({round(_reference_reward(s), 3) for s in summaries})
+    return f"{values[0]:.3f}" if len(values) == 1 else f"{values[0]:.3f}–{values[-1]:.3f} depending on the machine"
+
+
+def _excluding_zero(rows: list[dict[str, Any]]) -> str:
+    """Which comparisons' intervals exclude 0, out of how many cells have one."""
+    with_ci = [r for r in rows if r["ci"] is not None]
+    hits = [r for r in with_ci if r["ci"][0] > 0 or r["ci"][1] < 0]
+    named = ", ".join(f"{LABELS[r['a']]} − {LABELS[r['b']]} at KL {r['kl']:g} ({r['diff']:+.3f})" for r in hits)
+    return f"{len(hits)} of {len(with_ci)}" + (f": {named}" if hits else "")
 
 
 def _reference_reward(summary: dict[str, Any]) -> float:
@@ -407,27 +441,31 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
         "checkpoints "
         "every 8 steps. Each checkpoint is evaluated on all 110 held-out prompts × 2 independent samples per model "
         "(max 48 new tokens, sampler seed 0; every run on one machine shares the reference samples, see "
-        "Provenance): gold-reward gain over the "
-        "reference (VADER sentiment, mean over prompts ± s.e. over prompts inside a run), KL(π‖π_ref) estimated on "
-        "the policy's samples. Between runs, ± is the standard error over seeds (n in the tables).",
+        "Provenance): the policy's gold reward (VADER sentiment of its samples, mean over prompts; the reference's "
+        "is "
+        f"{_reference_range(summaries)}), KL(π‖π_ref) estimated on the policy's samples. "
+        "Between runs, ± is the standard error over seeds (n in the tables) and intervals are 95% Student-t "
+        "intervals over seeds (with 3 seeds, ± 4.3 standard errors).",
         "",
         "![trajectories](trajectory_frontier.png)",
         "",
         "## Trajectories (mean over seeds ± s.e. over seeds)",
         "",
-        "| method | n | " + " | ".join(f"step {s}: KL / gain" for s in CHECKPOINTS[::2]) + " |",
+        "| method | n | " + " | ".join(f"step {s}: KL / gold reward" for s in CHECKPOINTS[::2]) + " |",
         "|---|---|" + "---|" * len(CHECKPOINTS[::2]),
     ]
     for method, rows in curves(summaries).items():
-        cells = [f"{fmt(r['kl'], r['kl_se'], 1)} / {fmt(r['gain'], r['gain_se'])}" for r in rows[::2]]
+        cells = [f"{fmt(r['kl'], r['kl_se'], 1)} / {fmt(r['reward'], r['reward_se'])}" for r in rows[::2]]
         lines.append(f"| {LABELS[method]} | {rows[0]['n']} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "## Reward differences at matched KL (paired by seed, interpolated along each trajectory)",
         "",
-        "The difference of the two policies' gold rewards at the same KL(π‖π_ref), mean ± s.e. over seeds, then "
-        "n (the seeds whose two trajectories both reach that KL) and each seed's difference. On one machine it "
-        "equals the difference of the gains; it does not depend on the reference's samples (see Provenance).",
+        "The difference of the two policies' gold rewards at the same KL(π‖π_ref), mean ± s.e. over seeds, its 95% "
+        "t interval over seeds, then n (the seeds whose two trajectories both reach that KL) and each seed's "
+        "difference. On one machine it equals the difference of the gains; it does not depend on the reference's "
+        "samples (see Provenance). Cells whose interval excludes 0: "
+        f"{_excluding_zero(matched_differences(summaries))}.",
         "",
         "| comparison | " + " | ".join(f"KL {kl:g}" for kl in MATCHED_KL) + " |",
         "|---|" + "---|" * len(MATCHED_KL),
@@ -437,7 +475,8 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
         cells = []
         for r in (r for r in rows if r["a"] == a and r["b"] == b):
             per_seed = ", ".join(f"{d:+.3f}" for d in r["diffs"])
-            cells.append("—" if not r["n"] else f"{fmt(r['diff'], r['se'])} (n {r['n']}: {per_seed})")
+            ci = "" if r["ci"] is None else f", [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]"
+            cells.append("—" if not r["n"] else f"{fmt(r['diff'], r['se'])}{ci} (n {r['n']}: {per_seed})")
         lines.append(f"| {LABELS[a]} − {LABELS[b]} | " + " | ".join(cells) + " |")
     lines += ["", "## Decision shares over training (s = +1 / 0 / −1, mean over seeds)", ""]
     lines += ["| method | steps 1–8 | steps 25–32 | steps 57–64 | β after 64 steps |", "|---|---|---|---|---|"]
@@ -467,34 +506,59 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
 
 
 def plot(summaries: list[dict[str, Any]], path: Path) -> None:
+    """Left: each method's trajectory (policy gold reward against KL, mean ± s.e. over seeds) over the band of the
+    machines' reference gold rewards. Right: the matched-KL differences with their 95% t intervals over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.5), constrained_layout=True)
+    fig, (ax, dx) = plt.subplots(1, 2, figsize=(13, 5.5), constrained_layout=True, width_ratios=(3, 2))
     colours = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
     for method, rows in curves(summaries).items():
-        kl, gain = [r["kl"] for r in rows], [r["gain"] for r in rows]
         ax.errorbar(
-            kl,
-            gain,
+            [r["kl"] for r in rows],
+            [r["reward"] for r in rows],
             xerr=[0 if math.isnan(r["kl_se"]) else r["kl_se"] for r in rows],
-            yerr=[0 if math.isnan(r["gain_se"]) else r["gain_se"] for r in rows],
+            yerr=[0 if math.isnan(r["reward_se"]) else r["reward_se"] for r in rows],
             marker="o",
             markersize=3,
             capsize=2,
             color=colours[method],
             label=f"{LABELS[method]} (n {rows[0]['n']})",
         )
-    ax.axhline(0, color="0.6", linewidth=0.8)
+    references = [_reference_reward(s) for s in summaries]
+    if references:
+        ax.axhspan(min(references) - 1e-3, max(references) + 1e-3, color="0.85", label="reference (per machine)")
     ax.set(
         xlabel="KL(π‖π_ref), nats (policy samples)",
-        ylabel="gold-reward gain over the reference",
-        title="reward-vs-KL trajectories: checkpoints every 8 of 64 steps (mean ± s.e. over seeds)",
+        ylabel="policy gold reward (VADER)",
+        title="trajectories: checkpoints every 8 of 64 steps (mean ± s.e. over seeds)",
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
+    rows = matched_differences(summaries)
+    width = 0.8 / len(COMPARISONS)
+    for i, (a, b) in enumerate(COMPARISONS):
+        cells = [r for r in rows if r["a"] == a and r["b"] == b and r["ci"] is not None]
+        if not cells:
+            continue
+        x = [MATCHED_KL.index(r["kl"]) + (i - (len(COMPARISONS) - 1) / 2) * width for r in cells]
+        dx.errorbar(
+            x,
+            [r["diff"] for r in cells],
+            yerr=[[r["diff"] - r["ci"][0] for r in cells], [r["ci"][1] - r["diff"] for r in cells]],
+            fmt="o",
+            markersize=4,
+            capsize=2,
+            color=colours[a] if b == "dpo" else "0.3",
+            label=f"{LABELS[a]} − {LABELS[b]}",
+        )
+    dx.axhline(0, color="0.4", linewidth=0.8)
+    dx.set_xticks(range(len(MATCHED_KL)), [f"KL {kl:g}" for kl in MATCHED_KL])
+    dx.set(ylabel="gold-reward difference (paired by seed)", title="at matched KL: mean and 95% t interval over seeds")
+    dx.grid(alpha=0.3, axis="y")
+    dx.legend(fontsize=7, loc="upper left")
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

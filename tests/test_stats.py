@@ -54,3 +54,26 @@ def test_distinct_2_and_one_token_repeated():
     assert distinct_n(["one", ""], 2) == 0.0
     assert one_token_repeated([5, 5, 5, 2], end_ids=[2])
     assert not one_token_repeated([5, 2], end_ids=[2]) and not one_token_repeated([5, 6, 5])
+
+
+def test_t_quantiles_from_the_table_and_beyond_it():
+    from epsdpo.stats import t95
+
+    assert t95(1) == 12.706 and t95(2) == 4.303 and t95(3) == 3.182 and t95(30) == 2.042
+    # beyond the table, against published values of t_{0.975}: 31 → 2.0395, 60 → 2.0003, 120 → 1.9799
+    assert t95(31) == pytest.approx(2.0395, abs=5e-4) and t95(60) == pytest.approx(2.0003, abs=5e-4)
+    assert t95(120) == pytest.approx(1.9799, abs=5e-4) and t95(10**6) == pytest.approx(1.96, abs=1e-4)
+    with pytest.raises(ValueError, match="at least 1 degree"):
+        t95(0)
+
+
+def test_t_interval_of_three_seeds_by_hand():
+    from epsdpo.stats import t_interval95
+
+    # 0.01, 0.02, 0.06: mean 0.03, sd = √((0.0004 + 0.0001 + 0.0009) / 2) = √0.0007, se = √(0.0007 / 3)
+    lo, hi = t_interval95([0.01, 0.02, 0.06])
+    half = 4.303 * math.sqrt(0.0007 / 3)
+    assert lo == pytest.approx(0.03 - half) and hi == pytest.approx(0.03 + half)
+    assert hi - lo > 2 * 1.96 * math.sqrt(0.0007 / 3) * 2  # more than twice as wide as the normal interval
+    with pytest.raises(ValueError, match="at least 2 values"):
+        t_interval95([0.1])

@@ -89,6 +89,8 @@ def test_matched_kl_differences_are_paired_by_seed(tf):
     rows = {(r["a"], r["b"], r["kl"]): r for r in tf.matched_differences(summaries)}
     at4 = rows["eps", "dpo", 4.0]
     assert at4["n"] == 2 and at4["diffs"] == pytest.approx([0.0, 0.04]) and at4["diff"] == pytest.approx(0.02)
+    # se = sd / √2 = 0.02; with one degree of freedom the 95% t interval is ± 12.706 se
+    assert at4["se"] == pytest.approx(0.02) and at4["ci"] == pytest.approx((0.02 - 0.25412, 0.02 + 0.25412))
     assert rows["eps", "dpo_on_eps_beta", 4.0]["n"] == 0  # not run yet: no number
 
 
@@ -110,6 +112,8 @@ def test_report_is_rebuilt_from_summaries(tf, tmp_path, monkeypatch):
     text = md.read_text()
     assert png.is_file() and "Runs done: 6 of 21" in text and "ε-DPO (float32 decisions) − DPO" in text
     assert "0.50 / 0.25 / 0.25" in text and json.dumps(summaries)  # shares over training
+    # two seeds with equal differences: a zero-width t interval; the reference's reward is named in the setup
+    assert "0.000 ± 0.000, [+0.000, +0.000] (n 2" in text and "the reference's is 0.460)" in text
 
 
 def test_report_names_each_machines_reference_samples(tf, tmp_path, monkeypatch):
@@ -122,7 +126,7 @@ def test_report_names_each_machines_reference_samples(tf, tmp_path, monkeypatch)
     for point in other["trajectory"]:
         point["reference/gold_reward"] = 0.4586
     text = tf.report([*summaries, other])[0].read_text()
-    assert "different reference samples" in text and "own machine's reference samples" in text
+    assert "different reference samples" in text and "the policies' own gold rewards" in text
     assert "- reference gold reward 0.459 (1 run; Intel(R) Xeon(R) Processor (native bf16), 2 threads" in text
     assert "- reference gold reward 0.460 (2 runs; AMD EPYC (native bf16), 2 threads, torch 2): dpo-s0, eps-s0" in text
     assert "- eps_published-s0: Intel Xeon, commit abc" in text
