@@ -558,7 +558,8 @@ def plot(summaries: list[dict[str, Any]], path: Path) -> None:
     dx.set_xticks(range(len(MATCHED_KL)), [f"KL {kl:g}" for kl in MATCHED_KL])
     dx.set(ylabel="gold-reward difference (paired by seed)", title="at matched KL: mean and 95% t interval over seeds")
     dx.grid(alpha=0.3, axis="y")
-    dx.legend(fontsize=7, loc="upper left")
+    if dx.get_legend_handles_labels()[0]:  # no comparison has two seeds yet: nothing to draw
+        dx.legend(fontsize=7, loc="upper left")
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
