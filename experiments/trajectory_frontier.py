@@ -182,17 +182,14 @@ _TIMES_LOCK = threading.Lock()  # with --jobs, evaluations of one run finish in 
 
 
 def _record_time(out: Path, step: int | None, seconds: float) -> None:
+    """Add the training's (``step`` None) or one evaluation's wall time to the run's ``times.json``."""
     with _TIMES_LOCK:
-        _write_time(out, step, seconds)
-
-
-def _write_time(out: Path, step: int | None, seconds: float) -> None:
-    times = _times(out)
-    if step is None:
-        times["train"] = round(seconds, 1)
-    else:
-        times["eval"][str(step)] = round(seconds, 1)
-    write_text_atomically(ROOT / out / "times.json", json.dumps(times) + "\n")
+        times = _times(out)
+        if step is None:
+            times["train"] = round(seconds, 1)
+        else:
+            times["eval"][str(step)] = round(seconds, 1)
+        write_text_atomically(ROOT / out / "times.json", json.dumps(times) + "\n")
 
 
 def train_cmd(run: Run) -> list[str]:

@@ -134,10 +134,8 @@ def test_report_names_each_machines_reference_samples(tf, tmp_path, monkeypatch)
 
 def test_tasks_wait_for_their_training_the_replayed_source_and_the_reference(tf):
     todo = ["eps-s3", "dpo_on_eps_beta-s3", "dpo-s3"]
-    by_run = {
-        name: tf.tasks(tf.Run(*name.rsplit("-s", 1)[0:1], int(name.rsplit("-s", 1)[1])), todo, 4) for name in todo
-    }
-    after = {t.name: t.after for ts in by_run.values() for t in ts}
+    assert tf.Run.named("dpo_on_eps_beta-s3") == tf.Run("dpo_on_eps_beta", 3)
+    after = {t.name: t.after for name in todo for t in tf.tasks(tf.Run.named(name), todo, 4)}
     assert after["eps-s3:train"] == () and after["eps-s3:eval-8"] == ("eps-s3:train",)  # the first writes the cache
     assert after["eps-s3:eval-16"] == ("eps-s3:train", "eps-s3:eval-8")
     assert after["dpo-s3:eval-64"] == ("dpo-s3:train", "eps-s3:eval-8")
