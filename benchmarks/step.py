@@ -232,7 +232,7 @@ def _setup(config: str, contender: str, fp32: bool, device: str) -> tuple[dict[s
 
 def _epsdpo_step(cfg: Any, spec: dict[str, Any], work: Path, cached: bool) -> tuple[Any, Any, dict[str, Any]]:
     """(one training step as a function, the policy, cache figures) for an epsdpo contender."""
-    from epsdpo.recipe import prepare_run
+    from epsdpo.recipes.train import prepare_run
 
     start = time.perf_counter()
     trainer = prepare_run(cfg).trainer  # with the cache: computes it (and frees the reference) before step 1

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from epsdpo.stats import estimate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,9 +60,8 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     """Mean and its standard error (sample std / √n); NaN where undefined (no value; one value for the error)."""
     if not values:
         return math.nan, math.nan
-    mean = statistics.fmean(values)
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
-    return mean, se
+    est = estimate(values)
+    return est.mean, est.se if est.n > 1 else math.nan
 
 
 def fmt(mean: float, se: float, digits: int = 3) -> str:

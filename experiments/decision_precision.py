@@ -28,7 +28,7 @@ from epsdpo.data import PreferenceCollator, load_eval_dataset
 from epsdpo.logps.heads import policy_logps, reference_side
 from epsdpo.machine import machine_label
 from epsdpo.models import load_causal_lm, load_tokenizer
-from epsdpo.recipe import train
+from epsdpo.recipes.train import train
 from epsdpo.training import load_run_config
 from epsdpo.training.config import LossConfig
 from epsdpo.training.pair_loss import compute_pair_losses

@@ -235,13 +235,14 @@ def decision_shares(run_dir: Path, pairs: int = 32) -> dict[str, Any]:
     import torch
 
     from epsdpo.data import PreferenceCollator, load_preference_dataset
-    from epsdpo.evaluate import EvalConfig, _load_from_run
     from epsdpo.logps import perturbed_logps
     from epsdpo.losses import perturbation_steps
+    from epsdpo.stages.evaluate import EvalConfig
+    from epsdpo.stages.evaluate.measure import load_run_models
     from epsdpo.training.config import load_run_config
 
     cfg = load_run_config(run_dir / "config.yaml")
-    loaded = _load_from_run(EvalConfig(run_dir=str(run_dir)))
+    loaded = load_run_models(EvalConfig(run_dir=str(run_dir)))
     data, _ = load_preference_dataset(cfg.data, loaded.tokenizer, warn=False)
     collate = PreferenceCollator(loaded.tokenizer.pad_token_id)
     counts: dict[str, list[int]] = {"float32": [0, 0, 0], "bfloat16": [0, 0, 0]}

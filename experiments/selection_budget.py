@@ -31,7 +31,7 @@ from typing import Any
 
 from _runs import ROOT, call, commit, epsdpo_command, fmt, grid_main, machine, mean_se, train_seconds
 
-from epsdpo.evaluate import SUMMARY_KEYS
+from epsdpo.stages.evaluate import SUMMARY_KEYS
 
 CONFIG = Path("experiments/selection_budget.yaml")  # relative to ROOT, as recorded in the commands
 RUNS = Path("runs/selection_budget")

@@ -61,8 +61,8 @@ from _runs import (
     train_seconds,
 )
 
-from epsdpo.evaluate import SUMMARY_KEYS
 from epsdpo.files import write_text_atomically
+from epsdpo.stages.evaluate import SUMMARY_KEYS
 from epsdpo.stats import t_interval95
 
 CONFIG = Path("experiments/trajectory_frontier.yaml")  # relative to ROOT, as recorded in the commands

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from epsdpo import control, losses, reference, select
+from epsdpo import control, losses
+from epsdpo.stages import select
+from epsdpo.training import reference
 from epsdpo.data.config import DataConfig
 from epsdpo.training.config import LossConfig, ModelConfig
 

@@ -15,9 +15,9 @@ from torch import nn
 
 from epsdpo.cli import main as cli_main
 from epsdpo.data import load_preference_dataset
-from epsdpo.evaluate import EvalConfig, evaluate, evaluate_models, format_table
-from epsdpo.generate import encode_prompt, load_prompts
 from epsdpo.rewards import load_reward
+from epsdpo.sampling import encode_prompt, load_prompts
+from epsdpo.stages.evaluate import EvalConfig, evaluate, evaluate_models, format_table
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -195,8 +195,8 @@ def test_preference_accuracy_and_margin_are_exact(smollm2_tokenizer, prompts):
 def test_samples_are_scored_where_generation_sampled_them(smollm2_tokenizer, prompts):
     """The log-prob of a sampled response equals the sum of the per-step log-probs of the tokens drawn."""
     from epsdpo.data import TokenizedPair
-    from epsdpo.evaluate import sequence_logps
-    from epsdpo.generate import end_token_ids, sample_completions
+    from epsdpo.logps.scoring import sequence_logps
+    from epsdpo.sampling import end_token_ids, sample_completions
 
     model = tiny_llama(len(smollm2_tokenizer), seed=3)
     ids = encode_prompt(smollm2_tokenizer, prompts[0][1], True)
@@ -219,7 +219,7 @@ def test_samples_are_scored_where_generation_sampled_them(smollm2_tokenizer, pro
 
 @pytest.mark.slow
 def test_eval_and_plot_a_tiny_training_run_through_the_cli(tmp_path, model_cache_dir, capsys):
-    from epsdpo.recipe import train
+    from epsdpo.recipes.train import train
 
     run = tmp_path / "tiny-run"
     train(TINY, [f"output_dir={run}", f"dataset={TINY_DATA}", "max_steps=3", "save_steps=0", "disable_tqdm=true"])
@@ -267,7 +267,7 @@ def test_eval_and_plot_a_tiny_training_run_through_the_cli(tmp_path, model_cache
         )
     )
     plot = run / "plots" / "reward_vs_kl.png"
-    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # redrawn by the evaluation itself
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # redrawn by the eval verb
     common = ["num_prompts=2", "max_new_tokens=4", "disable_tqdm=true"]
     assert cli_main(["eval", str(run), *common, "name=second"]) == 0
     latest = json.loads((run / "eval.json").read_text())
@@ -287,8 +287,8 @@ def test_eval_and_plot_a_tiny_training_run_through_the_cli(tmp_path, model_cache
 
 @pytest.mark.slow
 def test_eval_of_a_lora_run_loads_base_plus_adapter(tmp_path, model_cache_dir):
-    from epsdpo.evaluate import evaluate
-    from epsdpo.recipe import train
+    from epsdpo.recipes.train import train
+    from epsdpo.stages.evaluate import evaluate
 
     run = tmp_path / "lora-run"
     train(
@@ -315,7 +315,7 @@ def test_eval_of_a_lora_run_loads_base_plus_adapter(tmp_path, model_cache_dir):
 
 def test_config_errors(tmp_path):
     from epsdpo.config import ConfigError
-    from epsdpo.evaluate import evaluate
+    from epsdpo.stages.evaluate import evaluate
 
     with pytest.raises(ConfigError, match="model=… and ref_model=…"):
         evaluate(None, ["model=x"])
@@ -330,8 +330,8 @@ def test_config_errors(tmp_path):
 def test_reference_cache_gives_the_same_evaluation_without_touching_the_reference(
     tmp_path, model_cache_dir, monkeypatch
 ):
-    import epsdpo.evaluate as ev
-    from epsdpo.recipe import train
+    import epsdpo.stages.evaluate.measure as ev
+    from epsdpo.recipes.train import train
 
     runs = []
     for name, lr in (("a", "0.01"), ("b", "0.02")):  # two policies, one reference
@@ -376,7 +376,7 @@ def test_reference_cache_gives_the_same_evaluation_without_touching_the_referenc
 
 
 def test_a_reference_part_from_other_settings_is_refused(smollm2_tokenizer, prompts):
-    from epsdpo.evaluate import compute_reference_part
+    from epsdpo.stages.evaluate import compute_reference_part
 
     model = tiny_llama(len(smollm2_tokenizer))
     reward = load_reward("sentiment")
@@ -391,7 +391,7 @@ def test_a_reference_part_from_other_settings_is_refused(smollm2_tokenizer, prom
 def test_a_checkpoint_evaluates_as_the_model_it_saved(tmp_path, model_cache_dir, lora):
     """checkpoint=N rebuilds the policy after N steps (LoRA adapters merged): at the last step it is the final model,
     at 0 the initial model, whose KL to the reference is exactly 0."""
-    from epsdpo.recipe import train
+    from epsdpo.recipes.train import train
 
     run = tmp_path / "run"
     extra = ["use_lora=true", "lora_r=4"] if lora else []

@@ -13,14 +13,9 @@ import torch
 from epsdpo.cli import main as cli_main
 from epsdpo.config import ConfigError
 from epsdpo.data import load_preference_dataset
-from epsdpo.generate import (
-    encode_prompt,
-    generate,
-    make_row,
-    read_jsonl_resumable,
-    sample_next_tokens,
-    sample_seed,
-)
+from epsdpo.files import read_jsonl_resumable
+from epsdpo.sampling import encode_prompt, sample_next_tokens, sample_seed
+from epsdpo.stages.generate import generate, make_row
 
 HOOKS = """
 CRASH_AT_CALL = None
@@ -268,7 +263,7 @@ def test_the_sampler_sees_the_raw_logits_whatever_the_generation_config(monkeypa
     tokens, a minimum length): every step's scores handed to the sampler are the model's own logits."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    import epsdpo.generate as gen
+    import epsdpo.sampling as gen
 
     torch.manual_seed(0)
     config = LlamaConfig(

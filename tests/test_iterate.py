@@ -12,17 +12,17 @@ from typing import Any
 import pytest
 import yaml
 
-import epsdpo.iterate
+import epsdpo.recipes.iterate
 from epsdpo.cli import main as cli_main
 from epsdpo.config import ConfigError
-from epsdpo.iterate import (
+from epsdpo.recipes.iterate import (
     STAGES,
     IterateError,
     iterate,
     load_iterate_config,
-    read_summary,
     round_prompt_ids,
 )
+from epsdpo.rundir import read_iterate_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_ARCH = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())["model_config"]
@@ -113,7 +113,9 @@ def tiny_iterate(tmp_path, monkeypatch) -> Path:
 
 
 #: the stage functions as the module defines them (each StageCalls wraps these, not an earlier wrapper)
-STAGE_FUNCTIONS = {name: getattr(epsdpo.iterate, name) for name in ("_generate", "_select", "_train", "_evaluate")}
+STAGE_FUNCTIONS = {
+    name: getattr(epsdpo.recipes.iterate, name) for name in ("_generate", "_select", "_train", "_evaluate")
+}
 
 
 class Killed(Exception):
@@ -121,10 +123,10 @@ class Killed(Exception):
 
 
 class StageCalls:
-    """Wraps the stage functions of epsdpo.iterate: records (stage, round) and can fail one, as a kill would."""
+    """Wraps the stage functions of epsdpo.recipes.iterate: records (stage, round) and can fail one, as a kill would."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, fail: tuple[str, int] | None = None) -> None:
-        import epsdpo.iterate as module
+        import epsdpo.recipes.iterate as module
 
         self.calls: list[tuple[str, int]] = []
         originals = STAGE_FUNCTIONS
@@ -157,7 +159,7 @@ def test_two_rounds_end_to_end_then_a_kill_and_a_resume_that_redoes_nothing(
     assert calls.calls == [(stage, r) for r in (1, 2) for stage in STAGES]
     run = tmp_path / "iter"
     summary = json.loads((run / "summary.json").read_text())
-    assert summary == {**read_summary(run), "machine": summary["machine"]}
+    assert summary == {**read_iterate_summary(run), "machine": summary["machine"]}
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
     for rec in summary["rounds"]:
         g, s, t, e = (rec[k] for k in STAGES)
@@ -199,7 +201,7 @@ def test_two_rounds_end_to_end_then_a_kill_and_a_resume_that_redoes_nothing(
 
 def test_a_continuation_with_other_settings_is_refused(tmp_path):
     cfg = {"model": "m", "output_dir": str(tmp_path / "it")}
-    from epsdpo.iterate import _check_settings
+    from epsdpo.recipes.iterate import _check_settings
 
     _check_settings(load_iterate_config(cfg))
     _check_settings(load_iterate_config(cfg, ["disable_tqdm=true"]))  # free to change
@@ -208,7 +210,7 @@ def test_a_continuation_with_other_settings_is_refused(tmp_path):
 
 
 def test_each_rounds_training_config(tmp_path):
-    from epsdpo.iterate import _round_run_config
+    from epsdpo.recipes.iterate import _round_run_config
 
     setup = load_iterate_config({"model": "orig", "use_lora": True, "output_dir": str(tmp_path), "loss_type": "dpo"})
     first = _round_run_config(setup, 1, "orig", "orig", "sel.jsonl", tmp_path / "round-1" / "train")

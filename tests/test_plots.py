@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from epsdpo.cli import main as cli_main
-from epsdpo.plots import plot_reward_vs_kl, plot_training, read_metrics_file
+from epsdpo.rundir import read_metrics_file
+from epsdpo.stages.plots import plot_reward_vs_kl, plot_training
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -10,11 +10,11 @@ import torch
 
 from epsdpo.logps import perturbed_logps
 from epsdpo.logps.heads import reference_side
-from epsdpo.recipe import prepare_run, train
-from epsdpo.refcache import compute_reference_hidden, load_cache, save_cache
+from epsdpo.recipes.train import prepare_run, train
 from epsdpo.training import load_run_config
 from epsdpo.training.loop import Trainer
 from epsdpo.training.metrics import read_metrics
+from epsdpo.training.refcache import compute_reference_hidden, load_cache, save_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"

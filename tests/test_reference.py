@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from epsdpo.reference import fold_adapters_into_base, soft_update_reference
+from epsdpo.training.reference import fold_adapters_into_base, soft_update_reference
 
 
 def test_soft_update_reference_formula():

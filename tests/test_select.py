@@ -14,8 +14,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from epsdpo.cli import main as cli_main
 from epsdpo.data import PreferenceCollator, TokenizedPair, load_preference_dataset
 from epsdpo.data.config import DataConfig
-from epsdpo.recipe import train
-from epsdpo.select import (
+from epsdpo.recipes.train import train
+from epsdpo.stages.select import (
     implicit_margins,
     mean_token_logps,
     select_pairs,
@@ -166,7 +166,7 @@ def test_selection_as_a_training_data_option(tmp_path):
 
 
 def test_reference_identity_follows_ref_model_even_for_a_random_policy():
-    from epsdpo.select import model_identity, reference_identity
+    from epsdpo.models import model_identity, reference_identity
     from epsdpo.training.config import ModelConfig
 
     arch = {"model_type": "llama", "hidden_size": 8}
@@ -224,7 +224,7 @@ def test_generated_rows_chosen_minus_rejected_is_the_spread_of_all_scores(smollm
 @pytest.mark.slow
 def test_implicit_margins_are_the_initial_policys_even_with_a_separate_ref_model(tmp_path, smollm2_tokenizer):
     from epsdpo.models import build_from_config
-    from epsdpo.recipe import prepare_run
+    from epsdpo.recipes.train import prepare_run
 
     cfg = load_run_config(TINY, [f"dataset={DATA}"])
     arch, vocab = cfg.models.model_config, len(smollm2_tokenizer)

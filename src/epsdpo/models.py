@@ -30,8 +30,13 @@ __all__ = [
     "BuiltinModel",
     "build_from_config",
     "cache_dir",
+    "initial_model",
     "load_causal_lm",
+    "load_model_for_sampling",
     "load_tokenizer",
+    "initial_policy_identity",
+    "model_identity",
+    "reference_identity",
     "resolve_model_path",
 ]
 
@@ -188,3 +193,50 @@ def build_from_config(model_config: dict[str, Any], vocab_size: int, seed: int) 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def initial_model(
+    model: str, model_config: dict[str, Any] | None, vocab_size: int, seed: int, trust_remote_code: bool = False
+) -> nn.Module:
+    """The initial policy π₀ of a run: a random model built from ``model_config`` (seeded), else ``model`` loaded.
+
+    The one builder: training, evaluation of a run, selection and iterate all start from what it returns, so a run's
+    reference and its implicit margins are computed from exactly the model training started from.
+    """
+    if model_config is not None:
+        return build_from_config(model_config, vocab_size, seed)
+    return load_causal_lm(model, trust_remote_code)
+
+
+def load_model_for_sampling(name: str, trust_remote_code: bool, device: str | None) -> nn.Module:
+    """A causal LM in evaluation mode on ``device`` (a GPU when there is one and ``device`` is None)."""
+    import torch
+
+    model = load_causal_lm(name, trust_remote_code)
+    return model.eval().to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def model_identity(name_or_path: str, model_config: dict[str, Any] | None = None, seed: int = 0) -> str:
+    """What determines a model's weights (for cache keys): a random model's architecture and seed, or the weights
+    files (names, sizes, modification times) of a local directory, or the Hub id."""
+    if model_config is not None:
+        return f"random:{json.dumps(model_config, sort_keys=True)}:seed={seed}"
+    path = Path(resolve_model_path(name_or_path))
+    if not path.is_dir():
+        return name_or_path  # a Hub id: its revision is whatever the cache holds
+    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
+    return str(path) + "".join(f"|{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files)
+
+
+def initial_policy_identity(models: Any, seed: int) -> str:
+    """:func:`model_identity` of the initial policy π₀ of a :class:`~epsdpo.training.config.ModelConfig` (its
+    ``model``, or its random ``model_config`` and seed), whatever reference it trains against."""
+    return model_identity(models.model, models.model_config, seed)
+
+
+def reference_identity(models: Any, seed: int) -> str:
+    """:func:`model_identity` of the reference a :class:`~epsdpo.training.config.ModelConfig` trains against:
+    ``ref_model`` when given (even for a randomly initialised policy), else the initial policy."""
+    if models.ref_model:
+        return model_identity(models.ref_model)
+    return initial_policy_identity(models, seed)

@@ -8,7 +8,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from epsdpo.data import (
-    PairBatchSampler,
     PreferenceCollator,
     TokenizedPair,
     Truncation,
@@ -136,11 +135,3 @@ def test_length_grouping_cuts_padding() -> None:
     grouped = batch_indices(lengths, 8, group_by_length=True, seed=0)
     assert padding(grouped) < padding(batch_indices(lengths, 8, seed=0)) / 4
     assert max(lengths[i] for i in grouped[0]) == max(lengths)  # the longest batch first: OOM shows at once
-
-
-def test_sampler_epochs_differ_and_len() -> None:
-    sampler = PairBatchSampler(list(range(20)), 6, group_by_length=True)
-    first = list(sampler)
-    sampler.set_epoch(1)
-    assert list(sampler) != first and len(sampler) == len(first) == 4
-    assert len(PairBatchSampler(list(range(20)), 6, drop_last=True)) == 3

@@ -30,7 +30,7 @@ from epsdpo.control import BetaController  # noqa: E402
 from epsdpo.data import batch_indices, load_preference_dataset  # noqa: E402
 from epsdpo.integrations.trl import EpsilonDPOCallback, EpsilonDPOConfig, EpsilonDPOTrainer  # noqa: E402
 from epsdpo.models import build_from_config  # noqa: E402
-from epsdpo.recipe import train  # noqa: E402
+from epsdpo.recipes.train import train  # noqa: E402
 from epsdpo.training import load_run_config  # noqa: E402
 from epsdpo.training.metrics import read_metrics  # noqa: E402
 

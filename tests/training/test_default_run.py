@@ -11,7 +11,7 @@ import pytest
 from epsdpo.assets import bundled_config, bundled_dataset
 from epsdpo.data import DataError
 from epsdpo.data.loading import load_rows
-from epsdpo.recipe import train
+from epsdpo.recipes.train import train
 from epsdpo.training import load_run_config
 
 ROOT = Path(__file__).resolve().parents[2]

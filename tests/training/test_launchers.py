@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from epsdpo.distributed import accumulation_boundary, configure_deepspeed, rank_slice
-from epsdpo.recipe import train
+from epsdpo.recipes.train import train
 from epsdpo.training import load_run_config
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from epsdpo.cli import main as cli_main
 from epsdpo.models import build_from_config
-from epsdpo.recipe import train
+from epsdpo.recipes.train import train
 from epsdpo.training import load_run_config
 from epsdpo.training.metrics import read_metrics
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from epsdpo.plots import decision_shares_by_margin, read_decisions
-from epsdpo.recipe import train
+from epsdpo.recipes.train import train
+from epsdpo.stages.plots import decision_shares_by_margin, read_decisions
 from epsdpo.training import TrainingError, load_run_config
 
 ROOT = Path(__file__).resolve().parents[2]

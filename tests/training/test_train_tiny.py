@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from epsdpo.cli import main as cli_main
-from epsdpo.recipe import train
+from epsdpo.recipes.train import train
 from epsdpo.training import TrainingError, load_run_config
 from epsdpo.training.checkpoint import STATE_FILE, checkpoint_dirs
 from epsdpo.training.metrics import read_metrics

@@ -1,12 +1,14 @@
 """``epsdpo eval RUN_DIR_OR_CONFIG [key=value …]``: gold reward, KL, win rate and preference accuracy of a policy.
 
-See :mod:`epsdpo.evaluate` and docs/generate.md. Writes ``eval.json`` (default ``RUN_DIR/eval.json``) and prints a
-table. Exit status: 0 done, 1 a data or model problem, 2 a bad config or command line.
+See :mod:`epsdpo.stages.evaluate` and docs/generate.md. Writes the evaluation under ``RUN_DIR/evals/NAME/`` (or
+``output=``), makes it the run's headline ``RUN_DIR/eval.json``, redraws ``RUN_DIR/plots/reward_vs_kl.png`` and
+prints a table. Exit status: 0 done, 1 a data or model problem, 2 a bad config or command line.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,11 +30,16 @@ def run(args: argparse.Namespace) -> int:
     from epsdpo.cli import config_and_overrides
     from epsdpo.config import ConfigError
     from epsdpo.data import DataError
-    from epsdpo.evaluate import evaluate, format_table
+    from epsdpo.eval_config import load_eval_config
+    from epsdpo.recipes.train import publish_run_evaluation
+    from epsdpo.stages.evaluate import evaluate, format_table
 
     source, overrides = config_and_overrides(args.source, args.overrides)  # `epsdpo eval model=… ref_model=…`
     try:
-        result = evaluate(source, overrides)
+        cfg = load_eval_config(source, overrides)
+        result = evaluate(cfg)
+        if cfg.run_dir is not None and cfg.output is None:  # the run's headline evaluation, and its plot, follow
+            publish_run_evaluation(Path(cfg.run_dir), result)
     except ConfigError as err:
         print(f"epsdpo eval: error: {err}")
         return 2

@@ -1,6 +1,6 @@
 """``epsdpo generate [CONFIG.yaml] [key=value …]``: sample k responses per prompt, score them, write best/worst pairs.
 
-See :mod:`epsdpo.generate` and docs/generate.md. Exit status: 0 done, 1 a data or model problem, 2 a bad config.
+See :mod:`epsdpo.stages.generate` and docs/generate.md. Exit status: 0 done, 1 a data or model problem, 2 a bad config.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from epsdpo.cli import config_and_overrides
     from epsdpo.config import ConfigError
     from epsdpo.data import DataError
-    from epsdpo.generate import generate
+    from epsdpo.stages.generate import generate
 
     config, overrides = config_and_overrides(args.config, args.overrides)
     try:

@@ -1,5 +1,5 @@
 """``epsdpo iterate CONFIG.yaml [key=value …]``: rounds of on-policy generation, selection, training and evaluation
-(see :mod:`epsdpo.iterate` and docs/iterate.md). Rerun the same command to continue a killed run."""
+(see :mod:`epsdpo.recipes.iterate` and docs/iterate.md). Rerun the same command to continue a killed run."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from epsdpo.cli import config_and_overrides
     from epsdpo.config import ConfigError
     from epsdpo.data import DataError
-    from epsdpo.iterate import IterateError, iterate
+    from epsdpo.recipes.iterate import IterateError, iterate
     from epsdpo.training import TrainingError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -26,13 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from epsdpo.plots import PLOTS_DIR, plot_reward_vs_kl, plot_training
+    from epsdpo.stages.plots import PLOTS_DIR, plot_reward_vs_kl, plot_training
 
     runs = [Path(r) for r in args.runs]
     written: list[Path] = []
     iterated = [r for r in runs if (r / "iterate.yaml").is_file()]
     if iterated:
-        from epsdpo.plots import plot_iterate
+        from epsdpo.stages.plots import plot_iterate
 
         if len(iterated) != len(runs):
             print("epsdpo plot: error: give either `epsdpo iterate` directories or training runs, not both")

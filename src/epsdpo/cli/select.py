@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from epsdpo.select import METHODS
+from epsdpo.stages.select import METHODS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,8 +32,8 @@ def run(args: argparse.Namespace) -> int:
     from epsdpo.config import ConfigError
     from epsdpo.data import DataError, load_preference_dataset
     from epsdpo.data.loading import load_rows
-    from epsdpo.models import build_from_config, load_causal_lm, load_tokenizer
-    from epsdpo.select import initial_policy_identity, select_for_config
+    from epsdpo.models import initial_model, initial_policy_identity, load_tokenizer
+    from epsdpo.stages.select import select_for_config
     from epsdpo.training.config import load_run_config, tokenizer_name
 
     is_config = Path(args.source).suffix.lower() in CONFIG_SUFFIXES
@@ -48,11 +48,7 @@ def run(args: argparse.Namespace) -> int:
     m = cfg.models
     initial = None  # the initial policy π₀ (SPEC §3): the model training would start from, never a ref_model
     if method in ("alignment_potential", "implicit"):
-        initial = (
-            build_from_config(m.model_config, len(tokenizer), cfg.train.seed)
-            if m.model_config
-            else load_causal_lm(m.model, m.trust_remote_code)
-        )
+        initial = initial_model(m.model, m.model_config, len(tokenizer), cfg.train.seed, m.trust_remote_code)
     model_id = initial_policy_identity(m, cfg.train.seed)
     data_path = Path(str(cfg.data.dataset))
     out = Path(args.out) if args.out else (data_path.parent if data_path.exists() else Path(".")) / "selection"

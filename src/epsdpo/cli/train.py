@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from epsdpo.cli import config_and_overrides
     from epsdpo.config import ConfigError
     from epsdpo.data import DataError
-    from epsdpo.recipe import train
+    from epsdpo.recipes.train import train
     from epsdpo.training import TrainingError, load_run_config
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

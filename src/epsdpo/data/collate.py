@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +26,7 @@ from torch import Tensor
 
 from epsdpo.data.tokenize import TokenizedPair
 
-__all__ = ["PairBatchSampler", "PreferenceCollator", "batch_indices", "shift_for_logps"]
+__all__ = ["PreferenceCollator", "batch_indices", "shift_for_logps"]
 
 
 def shift_for_logps(input_ids: Tensor, completion_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -123,41 +123,3 @@ def batch_indices(
             rng.shuffle(batches)
         batches.insert(0, first)
     return batches
-
-
-class PairBatchSampler:
-    """A ``torch.utils.data.DataLoader`` ``batch_sampler`` over :func:`batch_indices`; call :meth:`set_epoch`."""
-
-    def __init__(
-        self,
-        lengths: Sequence[int],
-        batch_size: int,
-        *,
-        shuffle: bool = True,
-        group_by_length: bool = False,
-        seed: int = 0,
-        drop_last: bool = False,
-    ) -> None:
-        self.lengths, self.batch_size = list(lengths), batch_size
-        self.shuffle, self.group_by_length, self.seed, self.drop_last = shuffle, group_by_length, seed, drop_last
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _batches(self) -> list[list[int]]:
-        return batch_indices(
-            self.lengths,
-            self.batch_size,
-            shuffle=self.shuffle,
-            group_by_length=self.group_by_length,
-            seed=self.seed + self.epoch,
-            drop_last=self.drop_last,
-        )
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self._batches())
-
-    def __len__(self) -> int:
-        full, rest = divmod(len(self.lengths), self.batch_size)
-        return full + (1 if rest and not self.drop_last else 0)

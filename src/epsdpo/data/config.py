@@ -45,7 +45,8 @@ class DataConfig:
         group_by_length: batch pairs of similar length together (less padding; order stays random across groups).
         selection: train on a selected subset (SPEC §3): ``alignment_potential`` (z(m_ex) − w·z(m_im)), the
             single-term baselines ``explicit`` and ``implicit``, ``random``, or ``none`` (all pairs). Implicit
-            margins come from the reference model; see epsdpo/select.py and docs/select.md.
+            margins come from the initial policy π₀ (the model training starts from, not a separate
+            ``ref_model``); see :mod:`epsdpo.stages.select` and docs/methods/alignment-potential.md.
         select_ratio: the fraction of pairs kept by ``selection`` (0.4 in Huang et al. 2025).
         select_implicit_weight: w, the weight of the implicit-margin term.
         select_reward: compute explicit margins with this reward (``sentiment``, a reward model, ``module:fn``)

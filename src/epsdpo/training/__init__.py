@@ -1,6 +1,6 @@
 """Training: configuration, the run's plan, the explicit step loop, checkpoints and metrics.
 
-The whole run (selection, reference cache, loop, final model, evaluation, plots) is :func:`epsdpo.recipe.train`.
+The whole run (selection, reference cache, loop, final model, evaluation, plots) is :func:`epsdpo.recipes.train.train`.
 """
 
 from epsdpo.training.config import LossConfig, ModelConfig, RunConfig, TrainConfig, load_run_config

@@ -17,7 +17,7 @@ Per optimizer step (a *window* of ``gradient_accumulation_steps`` micro-batches)
 
 How the run computes its log-probs (fused head or full logits; live reference or cache) is a frozen
 :class:`~epsdpo.training.plan.RunPlan` decided before the loop. What happens around the loop (data selection, the
-reference cache, the final model and its card, the evaluation, the plots) is :mod:`epsdpo.recipe`.
+reference cache, the final model and its card, the evaluation, the plots) is :mod:`epsdpo.recipes.train`.
 """
 
 from __future__ import annotations
@@ -37,12 +37,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from epsdpo.control import BetaController, BetaDPOController
-from epsdpo.data import PreferenceCollator, TokenizedPair, batch_indices
+from epsdpo.data import PreferenceCollator, TokenizedPair, batch_indices, shift_for_logps
 from epsdpo.distributed import accumulation_boundary, gather_across_processes, rank_slice
-from epsdpo.generate import sample_seed
 from epsdpo.logps import PerturbedLogps
 from epsdpo.logps.heads import policy_logps
-from epsdpo.reference import fold_adapters_into_base, soft_update_reference
+from epsdpo.sampling import sample_seed
 from epsdpo.training.checkpoint import (
     REFERENCE_FILE,
     load_checkpoint,
@@ -70,6 +69,7 @@ from epsdpo.training.pair_loss import (
 )
 from epsdpo.training.plan import ReferenceSource, RunPlan
 from epsdpo.training.policy import PolicyAndReference
+from epsdpo.training.reference import fold_adapters_into_base, soft_update_reference
 from epsdpo.training.schedule import make_scheduler, warmup_steps
 
 logger = logging.getLogger(__name__)
@@ -187,8 +187,8 @@ def _scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, total_steps: in
 
 
 class Trainer:
-    """The step loop of one run, over pieces built by :func:`epsdpo.recipe.build_trainer`. Most users call
-    :func:`epsdpo.recipe.train`.
+    """The step loop of one run, over pieces built by :func:`epsdpo.recipes.train.build_trainer`. Most users call
+    :func:`epsdpo.recipes.train.train`.
 
     Args:
         cfg: the run's config.
@@ -301,7 +301,7 @@ class Trainer:
         t, plan = self.cfg.train, self.plan
         batch = {k: v.to(self.accelerator.device) for k, v in self.collate(pairs).items()}
         ids, attention = batch["input_ids"], batch["attention_mask"]  # (2B, T): rows 0..B−1 chosen, B..2B−1 rejected
-        labels, mask = ids[:, 1:], batch["completion_mask"][:, 1:]  # (2B, T−1): logits[:, t] scores ids[:, t + 1]
+        labels, mask = shift_for_logps(ids, batch["completion_mask"])  # (2B, T−1): logits[:, t] scores ids[:, t + 1]
         with self.accelerator.autocast():
             reference = self.reference.side(self.unwrapped, pairs, ids, attention, mask, split)  # no grad
             logps = policy_logps(

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from epsdpo.distributed import gather_across_processes, sum_across_processes
+from epsdpo.files import read_jsonl
 
 #: sums that are divided by the pair count to give means
 PER_PAIR = (
@@ -119,7 +120,7 @@ class MetricsWriter:
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl`` file."""
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 def load_beta_schedule(source: str | Path) -> list[float]:

@@ -19,9 +19,9 @@ from torch import Tensor, nn
 from epsdpo.data import TokenizedPair
 from epsdpo.logps import LMHeadInput
 from epsdpo.logps.heads import reference_side
-from epsdpo.refcache import ReferenceHiddenCache
 from epsdpo.training.config import RunConfig
 from epsdpo.training.metrics import PER_PAIR
+from epsdpo.training.refcache import ReferenceHiddenCache
 
 Launcher = Literal["single", "ddp", "fsdp", "deepspeed"]
 ReferenceKind = Literal["frozen_copy", "adapters_off", "cache"]

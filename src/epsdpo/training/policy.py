@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from epsdpo.models import build_from_config, load_causal_lm, quiet_peft_wrapping
+from epsdpo.models import initial_model, load_causal_lm, quiet_peft_wrapping
 from epsdpo.training.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -62,10 +62,7 @@ class PolicyAndReference:
 
 def build_policy_and_reference(cfg: ModelConfig, vocab_size: int, seed: int) -> PolicyAndReference:
     """Load or build the policy, enable LoRA / gradient checkpointing, and set up the reference."""
-    if cfg.model_config is not None:
-        policy = build_from_config(cfg.model_config, vocab_size, seed)
-    else:
-        policy = load_causal_lm(cfg.model, cfg.trust_remote_code)
+    policy = initial_model(cfg.model, cfg.model_config, vocab_size, seed, cfg.trust_remote_code)
     reference: nn.Module | None = None
     if cfg.ref_model is not None:
         reference = load_causal_lm(cfg.ref_model, cfg.trust_remote_code)

@@ -40,13 +40,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 from epsdpo.config import ConfigError, config_to_dict, dump_config, load_config, read_config_source
-from epsdpo.files import write_text_atomically
+from epsdpo.data import load_preference_dataset
+from epsdpo.data.loading import load_rows
+from epsdpo.files import read_jsonl_resumable
+from epsdpo.models import initial_model, load_model_for_sampling, load_tokenizer, model_identity
+from epsdpo.recipes.train import train
+from epsdpo.rundir import ITERATE_STAGES, read_iterate_summary, read_round_state, write_json
+from epsdpo.sampling import load_prompts, sample_seed
+from epsdpo.stages.evaluate import SUMMARY_KEYS, evaluate
+from epsdpo.stages.generate import GenerateConfig, generate
+from epsdpo.stages.plots import plot_iterate
+from epsdpo.stages.select import select_for_config
 from epsdpo.training.config import SECTIONS, RunConfig, tokenizer_name
 
 __all__ = ["IterateConfig", "IterateError", "iterate", "load_iterate_config", "round_prompt_ids"]
 
 #: the stages of a round, in order (``round-r/state.json`` records the finished ones)
-STAGES = ("generate", "select", "train", "evaluate")
+STAGES = ITERATE_STAGES
 #: keys of the training config whose default differs under ``iterate`` (applied when the config does not set them)
 ITERATE_DEFAULTS = {"selection": "alignment_potential", "select_implicit_weight": 2.5}
 #: settings that may change between a run and its continuation
@@ -176,19 +186,10 @@ def round_prompt_ids(prompt_ids: list[str], rounds: int, mode: str) -> list[list
 
 
 # ---- bookkeeping --------------------------------------------------------------------------------------------------
-def _write_json(path: Path, value: Any) -> None:
-    write_text_atomically(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
-
-
-def _read_state(round_dir: Path) -> dict[str, Any]:
-    path = round_dir / "state.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"stages": {}}
-
-
 def _finish_stage(round_dir: Path, stage: str, record: dict[str, Any]) -> None:
-    state = _read_state(round_dir)
+    state = read_round_state(round_dir)
     state["stages"][stage] = record
-    _write_json(round_dir / "state.json", state)
+    write_json(round_dir / "state.json", state)
 
 
 def _check_settings(setup: IterateSetup) -> None:
@@ -228,12 +229,10 @@ def _original_model(setup: IterateSetup, tokenizer: Any) -> str:
     m = setup.run.models
     if m.model_config is None:
         return m.model
-    from epsdpo.models import build_from_config
-
     initial = setup.output_dir / "initial"
     if not (initial / "config.json").is_file():
         partial = initial.with_name("initial.partial")
-        model = build_from_config(m.model_config, len(tokenizer), setup.run.train.seed)
+        model = initial_model(m.model, m.model_config, len(tokenizer), setup.run.train.seed)
         model.save_pretrained(partial, safe_serialization=True)
         tokenizer.save_pretrained(partial)
         partial.replace(initial)
@@ -241,8 +240,6 @@ def _original_model(setup: IterateSetup, tokenizer: Any) -> str:
 
 
 def _generate(setup: IterateSetup, r: int, start: str, prompts: list[tuple[str, str]], round_dir: Path) -> dict:
-    from epsdpo.generate import GenerateConfig, generate, read_jsonl_resumable, sample_seed
-
     it = setup.iterate
     prompts_file = round_dir / "prompts.jsonl"
     prompts_file.write_text(
@@ -288,11 +285,6 @@ def _generate(setup: IterateSetup, r: int, start: str, prompts: list[tuple[str, 
 
 
 def _select(setup: IterateSetup, r: int, start: str, tokenizer: Any, round_dir: Path, say: _Progress) -> dict:
-    from epsdpo.data import load_preference_dataset
-    from epsdpo.data.loading import load_rows
-    from epsdpo.generate import load_model_for_sampling
-    from epsdpo.select import model_identity, select_for_config
-
     d, m = setup.run.data, setup.run.models
     pairs_file = round_dir / "pairs.jsonl"
     data_cfg = dataclasses.replace(d, dataset=str(pairs_file), eval_dataset=None, eval_split=None)
@@ -358,8 +350,6 @@ def _policy_dir(final: Path) -> Path:
 
 def _train(setup: IterateSetup, r: int, cfg: RunConfig) -> dict | None:
     """Train the round (continuing from its last checkpoint); None when interrupted (a checkpoint was saved)."""
-    from epsdpo.recipe import train
-
     final = cfg.output_dir / "final"
     if not (final / "final_metrics.json").is_file():  # a kill after the final save but before the record: done
         result = train(cfg)
@@ -401,8 +391,6 @@ def _round_eval_options(setup: IterateSetup) -> dict[str, Any]:
 
 
 def _evaluate(setup: IterateSetup, r: int, train_dir: Path, original: str, round_dir: Path) -> dict:
-    from epsdpo.evaluate import SUMMARY_KEYS, evaluate
-
     options = {
         **_round_eval_options(setup),
         "run_dir": str(train_dir),
@@ -431,9 +419,6 @@ def iterate(
     config: IterateSetup | str | Path | dict[str, Any] | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> IterateResult:
     """Run (or continue) every round; see the module docstring."""
-    from epsdpo.generate import load_prompts
-    from epsdpo.models import load_tokenizer
-
     setup = config if isinstance(config, IterateSetup) else load_iterate_config(config, overrides)
     it, out = setup.iterate, setup.output_dir
     _check_settings(setup)
@@ -447,7 +432,7 @@ def iterate(
     for r in range(1, it.rounds + 1):
         round_dir = out / f"round-{r}"
         round_dir.mkdir(parents=True, exist_ok=True)
-        stages = _read_state(round_dir)["stages"]
+        stages = read_round_state(round_dir)["stages"]
         done = [s for s in STAGES if s in stages]
         if done:
             say(r, f"already done: {', '.join(done)}")
@@ -457,7 +442,7 @@ def iterate(
             began = time.perf_counter()
             record = _generate(setup, r, start, [(pid, by_id[pid]) for pid in parts[r - 1]], round_dir)
             _finish_stage(round_dir, "generate", {**record, "start_policy": start, "seconds": _since(began)})
-            stages = _read_state(round_dir)["stages"]
+            stages = read_round_state(round_dir)["stages"]
         g = stages["generate"]
         say(r, f"generated {g['pairs']} pairs from {g['prompts']} prompts (mean score {g['mean_score']:.4f})")
 
@@ -466,7 +451,7 @@ def iterate(
             began = time.perf_counter()
             record = _select(setup, r, start, tokenizer, round_dir, say)
             _finish_stage(round_dir, "select", {**record, "seconds": _since(began)})
-            stages = _read_state(round_dir)["stages"]
+            stages = read_round_state(round_dir)["stages"]
         s = stages["select"]
         say(r, f"selected {s['kept']} of {s['pairs']} pairs ({s['method']})")
 
@@ -479,7 +464,7 @@ def iterate(
                 say(r, "training interrupted; its checkpoint is saved: rerun the same command to continue")
                 return _finish(setup, interrupted=True)
             _finish_stage(round_dir, "train", {**record, "seconds": _since(began)})
-            stages = _read_state(round_dir)["stages"]
+            stages = read_round_state(round_dir)["stages"]
         t = stages["train"]
         say(r, f"trained {t['steps']} steps; policy {t['policy']}")
 
@@ -488,7 +473,7 @@ def iterate(
             began = time.perf_counter()
             record = _evaluate(setup, r, round_dir / "train", original, round_dir)
             _finish_stage(round_dir, "evaluate", {**record, "seconds": _since(began)})
-            stages = _read_state(round_dir)["stages"]
+            stages = read_round_state(round_dir)["stages"]
         if "evaluate" in stages:
             e = stages["evaluate"]
             say(
@@ -506,30 +491,14 @@ def _since(began: float) -> float:
 
 
 def _finish(setup: IterateSetup, interrupted: bool) -> IterateResult:
-    from epsdpo.plots import plot_iterate
-
     summary = _write_summary(setup)
     plot = plot_iterate(setup.output_dir) if summary["rounds"] else None
     return IterateResult(setup.output_dir, summary, interrupted, plot)
 
 
-def read_summary(output_dir: Path) -> dict[str, Any]:
-    """The summary of an iterate run, rebuilt from its rounds' ``state.json`` files."""
-    from epsdpo.machine import machine_label
-
-    rounds = []
-    r = 1
-    while (output_dir / f"round-{r}" / "state.json").is_file():
-        stages = _read_state(output_dir / f"round-{r}")["stages"]
-        rounds.append({"round": r, **{stage: stages[stage] for stage in STAGES if stage in stages}})
-        r += 1
-    config = read_config_source(output_dir / "iterate.yaml") if (output_dir / "iterate.yaml").is_file() else {}
-    return {"output_dir": str(output_dir), "machine": machine_label(), "config": config, "rounds": rounds}
-
-
 def _write_summary(setup: IterateSetup) -> dict[str, Any]:
-    summary = read_summary(setup.output_dir)
-    _write_json(setup.output_dir / "summary.json", summary)
+    summary = read_iterate_summary(setup.output_dir)
+    write_json(setup.output_dir / "summary.json", summary)
     (setup.output_dir / "summary.md").write_text(summary_table(summary), encoding="utf-8")
     return summary
 

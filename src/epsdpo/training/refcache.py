@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from epsdpo.data.collate import PreferenceCollator
+from epsdpo.data.collate import PreferenceCollator, shift_for_logps
 from epsdpo.data.tokenize import TokenizedPair
+from epsdpo.files import cache_key
 from epsdpo.logps import LMHeadInput
-from epsdpo.select import cache_key
 
 __all__ = ["ReferenceHiddenCache", "compute_reference_hidden", "load_or_compute_reference_hidden"]
 
@@ -104,7 +104,7 @@ def compute_reference_hidden(
         chunk = list(pairs[start : start + batch_size])
         batch = collate(chunk)
         ids, attention = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        where = batch["completion_mask"][:, 1:].bool().to(device)
+        _, where = shift_for_logps(ids, batch["completion_mask"].to(device).bool())  # (2B, T−1) completion labels
         with autocast():
             out = model(
                 input_ids=ids, attention_mask=attention, output_hidden_states=True, logits_to_keep=1, use_cache=False

@@ -3,9 +3,10 @@
     config → accelerator → tokenizer and data → models → selection (SPEC §3) → plan → reference (live or cached)
         → Trainer.fit() (the step loop, :mod:`epsdpo.training.loop`) → final model and card → evaluation → plots
 
-Each stage is a plain call here, in order, so the loop itself only steps. This module sits above both
-:mod:`epsdpo.training` and :mod:`epsdpo.evaluate` (which reads run directories through the training config), so
-nothing imports in a circle.
+Each stage is a plain call here, in order, so the loop itself only steps. A recipe sits above the training library
+(:mod:`epsdpo.training`) and the stages (:mod:`epsdpo.stages`) and is the one that writes into the run directory
+what they return: the run's headline evaluation and its plots (:func:`publish_run_evaluation`, which the ``eval``
+verb uses too).
 """
 
 from __future__ import annotations
@@ -20,17 +21,20 @@ from epsdpo.data import DataReport, PreferenceCollator, TokenizedPair, load_eval
 from epsdpo.distributed import configure_deepspeed, make_accelerator
 from epsdpo.logps.heads import frozen_head_copy, fused_head_matches, output_head
 from epsdpo.machine import cpu_has_native_bf16
-from epsdpo.models import cache_dir, load_tokenizer
-from epsdpo.refcache import ReferenceHiddenCache, load_or_compute_reference_hidden
-from epsdpo.select import initial_policy_identity, reference_identity, select_for_config
+from epsdpo.models import cache_dir, initial_policy_identity, load_tokenizer, reference_identity
+from epsdpo.rundir import publish_evaluation
+from epsdpo.stages.evaluate import evaluate, format_table
+from epsdpo.stages.plots import PLOTS_DIR, plot_reward_vs_kl, plot_training
+from epsdpo.stages.select import select_for_config
 from epsdpo.training.checkpoint import resolve_resume
 from epsdpo.training.config import RunConfig, load_run_config, tokenizer_name
 from epsdpo.training.final import save_final_model
 from epsdpo.training.loop import Trainer, TrainingError, TrainResult
 from epsdpo.training.plan import CachedReference, Launcher, LiveReference, PlanError, ReferenceSource, RunPlan, plan_run
 from epsdpo.training.policy import PolicyAndReference, build_policy_and_reference
+from epsdpo.training.refcache import ReferenceHiddenCache, load_or_compute_reference_hidden
 
-__all__ = ["PreparedRun", "prepare_run", "train"]
+__all__ = ["PreparedRun", "prepare_run", "publish_run_evaluation", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -251,19 +255,26 @@ def _save_final(run: PreparedRun, result: TrainResult) -> Path:
     return final
 
 
+def publish_run_evaluation(run: Path, result: dict[str, Any]) -> Path:
+    """Make an evaluation kept in ``RUN_DIR/evals/NAME/`` the run's headline one (``RUN_DIR/eval.json``) and redraw
+    the run's reward-vs-KL plot from it; records the plot in ``result["plot"]`` and returns it."""
+    publish_evaluation(run, result)
+    plot = plot_reward_vs_kl([run], run / PLOTS_DIR)
+    result["plot"] = str(plot)
+    return plot
+
+
 def _evaluate_and_plot(cfg: RunConfig, result: TrainResult) -> None:
     """Plots of the run, then (if asked) the evaluation of the final model and the reward-vs-KL plot."""
-    from epsdpo.evaluate import evaluate, format_table
-    from epsdpo.plots import plot_training
-
     t = cfg.train
     if t.eval_after_training:
         result.eval_metrics = evaluate({**t.eval_options, "run_dir": str(cfg.output_dir)})
+        reward_vs_kl = publish_run_evaluation(cfg.output_dir, result.eval_metrics)
         print(format_table(result.eval_metrics))
     if t.plot_after_training:
         result.plots = plot_training(cfg.output_dir)
-        if result.eval_metrics is not None:  # the evaluation redrew it
-            result.plots.append(Path(result.eval_metrics["plot"]))
+        if result.eval_metrics is not None:
+            result.plots.append(reward_vs_kl)
 
 
 def train(

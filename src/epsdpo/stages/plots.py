@@ -20,11 +20,13 @@ Missing optional metrics leave a panel with a note instead of failing; a run wit
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from epsdpo.files import read_jsonl
+from epsdpo.rundir import read_eval, read_iterate_summary, read_metrics_file
 
 __all__ = ["plot_iterate", "plot_reward_vs_kl", "plot_training", "read_eval", "read_metrics_file"]
 
@@ -38,23 +40,6 @@ def _pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def read_metrics_file(run_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The training records and the held-out (``eval/``) records of ``RUN_DIR/metrics.jsonl``."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; give the run directory of `epsdpo train` (it holds metrics.jsonl)")
-    train, held_out = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg})") from err
-        (held_out if any(k.startswith("eval/") for k in record) else train).append(record)
-    return train, held_out
 
 
 def _series(records: Sequence[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
@@ -111,7 +96,7 @@ def plot_training(run_dir: str | Path) -> list[Path]:
 
 def read_decisions(path: str | Path) -> list[dict[str, Any]]:
     """The records of a ``decisions.jsonl`` (one per training pair and step)."""
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 def decision_shares_by_margin(records: Sequence[dict[str, Any]], bins: int = 10) -> list[dict[str, float]]:
@@ -205,15 +190,6 @@ def _plot_beta(plt: Any, records: Sequence[dict[str, Any]], path: Path, name: st
     return path
 
 
-def read_eval(run_dir: str | Path) -> dict[str, Any]:
-    """``eval.json`` of a run directory (or the file itself when given one)."""
-    path = Path(run_dir)
-    path = path if path.is_file() else path / "eval.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; run `epsdpo eval {path.parent}` first")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
@@ -292,8 +268,6 @@ def plot_iterate(iterate_dirs: str | Path | Sequence[str | Path], out: str | Pat
     model (paired by prompt), KL(π_r‖original) and the win rate against the original's samples, each ± one standard
     error; round 0 is the original model (gain 0, KL 0, win rate ½). Written to ``out`` (default: the first run's
     ``plots/``)."""
-    from epsdpo.iterate import read_summary
-
     dirs = [Path(iterate_dirs)] if isinstance(iterate_dirs, str | Path) else [Path(d) for d in iterate_dirs]
     if not dirs:
         raise ValueError("plot_iterate needs at least one iterate directory")
@@ -305,7 +279,7 @@ def plot_iterate(iterate_dirs: str | Path | Sequence[str | Path], out: str | Pat
     )
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), constrained_layout=True)
     for number, directory in enumerate(dirs):
-        rounds = [r for r in read_summary(directory)["rounds"] if "evaluate" in r]
+        rounds = [r for r in read_iterate_summary(directory)["rounds"] if "evaluate" in r]
         color = f"C{number % 10}"
         for ax, (key, label, start) in zip(axes, panels, strict=True):
             xs = [0] + [r["round"] for r in rounds]

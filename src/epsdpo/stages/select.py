@@ -21,7 +21,6 @@ Ties are broken by the row index (lower first), so the selection is deterministi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -33,10 +32,12 @@ from typing import Any, get_args
 import torch
 from torch import nn
 
-from epsdpo.data import PreferenceCollator, TokenizedPair
+from epsdpo.data import PreferenceCollator, TokenizedPair, shift_for_logps
 from epsdpo.data.config import SelectionMethod
-from epsdpo.files import write_text_atomically
+from epsdpo.files import cache_key, write_text_atomically
 from epsdpo.logps.heads import completion_logps, fused_head_matches
+from epsdpo.models import cache_dir as default_cache_dir
+from epsdpo.rewards import load_reward
 
 Method = SelectionMethod
 METHODS: tuple[str, ...] = get_args(Method)
@@ -114,24 +115,16 @@ def mean_token_logps(
     for start in range(0, len(pairs), batch_size):
         batch = collate(list(pairs[start : start + batch_size]))
         ids, attention = batch["input_ids"].to(device), batch["attention_mask"].to(device)  # (2B, T)
-        mask = batch["completion_mask"][:, 1:].to(device)  # (2B, T−1): position t scores token t + 1
+        labels, mask = shift_for_logps(ids, batch["completion_mask"].to(device))  # (2B, T−1)
         if fused is None:
             fused = fused_head_matches(model, ids, attention)
-        total = completion_logps(model, ids, attention, ids[:, 1:], mask, fused=fused)  # (2B,)
+        total = completion_logps(model, ids, attention, labels, mask, fused=fused)  # (2B,)
         mean = total / mask.sum(-1).clamp(min=1)
         b = ids.shape[0] // 2
         chosen += mean[:b].tolist()
         rejected += mean[b:].tolist()
     model.train(was_training)
     return chosen, rejected
-
-
-def cache_key(model_id: str, pairs: Sequence[TokenizedPair]) -> str:
-    """A key that changes when the model or any token of the data changes."""
-    digest = hashlib.sha256(model_id.encode())
-    for p in pairs:
-        digest.update(json.dumps([p.index, p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
-    return digest.hexdigest()[:24]
 
 
 def implicit_margins(
@@ -156,33 +149,6 @@ def implicit_margins(
         # each process writes through its own temporary file: concurrent writers of one key never clash
         write_text_atomically(path, json.dumps({"model": model_id, "pairs": len(pairs), "margins": margins}))
     return margins, False
-
-
-def model_identity(name_or_path: str, model_config: dict[str, Any] | None = None, seed: int = 0) -> str:
-    """What determines the reference's weights: a random model's architecture and seed, or the weights files."""
-    if model_config is not None:
-        return f"random:{json.dumps(model_config, sort_keys=True)}:seed={seed}"
-    from epsdpo.models import resolve_model_path
-
-    path = Path(resolve_model_path(name_or_path))
-    if not path.is_dir():
-        return name_or_path  # a Hub id: its revision is whatever the cache holds
-    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
-    return str(path) + "".join(f"|{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files)
-
-
-def initial_policy_identity(models: Any, seed: int) -> str:
-    """:func:`model_identity` of the initial policy π₀ of a :class:`~epsdpo.training.config.ModelConfig` (its
-    ``model``, or its random ``model_config`` and seed), whatever reference it trains against."""
-    return model_identity(models.model, models.model_config, seed)
-
-
-def reference_identity(models: Any, seed: int) -> str:
-    """:func:`model_identity` of the reference a :class:`~epsdpo.training.config.ModelConfig` trains against:
-    ``ref_model`` when given (even for a randomly initialised policy), else the initial policy."""
-    if models.ref_model:
-        return model_identity(models.ref_model)
-    return initial_policy_identity(models, seed)
 
 
 @dataclass
@@ -297,8 +263,6 @@ def plot_selection(selection: Selection, out_dir: Path) -> Path:
 
 def reward_margins(pairs: Sequence[TokenizedPair], tokenizer: Any, reward_spec: str) -> list[float]:
     """Explicit margins computed by a gold reward (as ``epsdpo generate`` scores): reward(y_w) − reward(y_l)."""
-    from epsdpo.rewards import load_reward
-
     reward = load_reward(reward_spec)
 
     def text(ids: list[int]) -> str:
@@ -329,15 +293,13 @@ def select_for_config(
     ``ref_model``; ``model_id`` identifies it (:func:`initial_policy_identity`). It may be None for methods that do
     not need it. Outputs go to ``out_dir`` when given (see :func:`write_selection`).
     """
-    from epsdpo.models import cache_dir
-
     method = method or config.selection
     explicit = reward_margins(pairs, tokenizer, config.select_reward) if config.select_reward else None
     implicit = None
     if method in ("alignment_potential", "implicit"):
         if reference is None:
             raise ValueError(f"selection {method!r} needs the initial policy π₀ for implicit margins")
-        cache = Path(config.select_cache_dir) if config.select_cache_dir else cache_dir() / "margins"
+        cache = Path(config.select_cache_dir) if config.select_cache_dir else default_cache_dir() / "margins"
         collate = PreferenceCollator(tokenizer.pad_token_id, config.pad_to_multiple_of)
         implicit, _ = implicit_margins(reference, model_id, pairs, collate, cache, batch_size)
     selection = select_pairs(

@@ -1,0 +1,516 @@
+"""Evaluating an aligned model honestly (``../shared/SPEC.md`` §5): gold reward against KL, win rate, accuracy.
+
+For held-out prompts x (the bundled test split by default) the policy π and the reference π_ref each sample
+``samples_per_prompt`` responses, drawn independently: the policy's sample j of prompt x from the stream ``policy``,
+the reference's from the stream ``reference`` (:func:`epsdpo.sampling.sample_seed`). The gold reward scores every
+response. Then, over the n sampled responses of each model (standard errors over prompts, :mod:`epsdpo.stats`):
+
+- ``policy/gold_reward``, ``reference/gold_reward``: mean gold reward r(x, y) of each model's samples (and ``_std``);
+- ``gold_reward_gain``: the policy's mean reward minus the reference's, paired by prompt;
+- ``kl`` = mean over y ~ π of log π(y|x) − log π_ref(y|x), the Monte-Carlo estimate of KL(π‖π_ref) from the
+  policy's own samples (``kl/std``: the spread of the per-sample values);
+- ``kl/forward`` = mean over y ~ π_ref of log π_ref(y|x) − log π(y|x), KL(π_ref‖π) from the reference's samples
+  (unless ``forward_kl=false``);
+- ``win_rate`` = P(r(Y) > r(Y′)) with Y ~ π and Y′ ~ π_ref drawn independently for the same prompt, ties counting ½
+  (:func:`epsdpo.stats.win_rate`: every policy sample of a prompt against every reference sample of it);
+- on held-out preference pairs (``eval_dataset``), with implicit reward r̂(x, y) = β (log π(y|x) − log π_ref(y|x)):
+  ``reward_margin`` = mean r̂(x, y_w) − r̂(x, y_l), and ``preference_accuracy`` = the share of pairs where it is > 0.
+
+Log-probabilities are sums over the sampled completion tokens (the end token included when it was sampled) of the
+model's raw log-softmax, i.e. at temperature 1 without top-p. With the defaults ``temperature=1`` and ``top_p=1`` the
+responses are samples of π itself and ``kl`` estimates the model's own KL(π‖π_ref) without bias. With other settings
+the responses come from the tempered/truncated sampling policy, and ``kl`` is E_{y ~ sampler}[log π − log π_ref]: a
+number to compare between runs evaluated with the same settings, not a KL of the models (the table says so).
+
+:func:`evaluate` writes the evaluation's own files (``eval.json`` and its samples, where ``name``/``output`` say) and
+returns the result; publishing it as a run's headline evaluation (``RUN_DIR/eval.json``, the reward-vs-KL plot) is
+for the caller (the ``train`` recipe, the ``eval`` verb: :func:`epsdpo.rundir.publish_evaluation`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from torch import nn
+from tqdm.auto import tqdm
+
+from epsdpo.config import ConfigError
+from epsdpo.data import DataConfig, load_eval_dataset, load_preference_dataset
+from epsdpo.eval_config import BUNDLED_TEST_PAIRS, EvalConfig, load_eval_config
+from epsdpo.files import write_text_atomically
+from epsdpo.logps.scoring import autocast, pair_rows, row_logps
+from epsdpo.machine import machine_label
+from epsdpo.models import (
+    initial_model,
+    load_causal_lm,
+    load_tokenizer,
+    model_identity,
+    quiet_peft_wrapping,
+    reference_identity,
+)
+from epsdpo.rewards import load_reward
+from epsdpo.rundir import beta_at_step, checkpoint_policy, final_beta
+from epsdpo.sampling import (
+    Completion,
+    decode_completion,
+    encode_prompt,
+    end_token_ids,
+    load_prompts,
+    sample_completions,
+    sample_seed,
+    wants_chat_template,
+)
+from epsdpo.stages.evaluate.config import check_overwrite, destination, evaluation_settings
+from epsdpo.stats import Estimate, distinct_n, estimate, grouped, one_token_repeated, paired_gain, win_rate
+from epsdpo.training.config import load_run_config, tokenizer_name
+
+__all__ = ["LoadedModels", "ReferencePart", "compute_reference_part", "evaluate", "evaluate_models", "load_run_models"]
+
+
+def _sample_all(
+    model: nn.Module,
+    tokenizer: Any,
+    encoded: Sequence[list[int]],
+    prompt_ids: Sequence[str],
+    cfg: EvalConfig,
+    end_ids: Sequence[int],
+    stream: str,
+) -> list[Completion]:
+    """``samples_per_prompt`` completions per prompt (prompt-major); sample j of a prompt is seeded by (seed, id, j)
+    in the model's own family of streams (``policy`` or ``reference``), so the two models' draws are independent."""
+    k = cfg.samples_per_prompt
+    out: list[Completion] = []
+    batches = range(0, len(encoded), cfg.batch_size)
+    for start in tqdm(batches, desc=f"eval: sample ({stream})", disable=cfg.disable_tqdm, dynamic_ncols=True):
+        ids = [p for p in encoded[start : start + cfg.batch_size] for _ in range(k)]
+        seeds = [
+            sample_seed(cfg.seed, pid, j, stream)
+            for pid in prompt_ids[start : start + cfg.batch_size]
+            for j in range(k)
+        ]
+        with autocast(model, cfg.bf16):
+            out.extend(
+                sample_completions(
+                    model,
+                    ids,
+                    seeds,
+                    max_new_tokens=cfg.max_new_tokens,
+                    end_ids=end_ids,
+                    pad_id=tokenizer.pad_token_id,
+                    temperature=cfg.temperature,
+                    top_p=cfg.top_p,
+                )
+            )
+    return out
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+def _logp_options(cfg: EvalConfig) -> dict[str, Any]:
+    """The :func:`row_logps` options every scoring pass of an evaluation uses."""
+    return {"batch_size": cfg.batch_size, "bf16": cfg.bf16, "disable_tqdm": cfg.disable_tqdm}
+
+
+def _with_se(metrics: dict[str, Any], key: str, est: Estimate, interval: bool = False) -> None:
+    """``key`` = the mean, ``key_se`` its standard error (over prompts), ``key_ci95`` its interval if asked."""
+    metrics[key], metrics[f"{key}_se"] = est.mean, est.se
+    if interval:
+        metrics[f"{key}_ci95"] = list(est.ci95)
+
+
+@dataclass
+class ReferencePart:
+    """What an evaluation computes from the reference alone: the same for every policy evaluated against this
+    reference with the same prompts, settings and held-out pairs (see ``reference_cache_dir``).
+
+    Attributes:
+        samples: the reference's sampled responses, prompt-major (:class:`Completion` ids and finished flags).
+        rewards: their gold rewards.
+        self_logps: log π_ref of each of its own samples.
+        pair_logps: log π_ref of the held-out pairs' rows (chosen rows, then rejected rows), or None without pairs.
+    """
+
+    samples: list[Completion]
+    rewards: list[float]
+    self_logps: list[float]
+    pair_logps: list[float] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "samples": [[c.ids, c.finished] for c in self.samples],
+            "rewards": self.rewards,
+            "self_logps": self.self_logps,
+            "pair_logps": self.pair_logps,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ReferencePart:
+        return cls(
+            [Completion(list(ids), bool(done)) for ids, done in d["samples"]],
+            list(d["rewards"]),
+            list(d["self_logps"]),
+            None if d["pair_logps"] is None else list(d["pair_logps"]),
+        )
+
+
+def _encoded_prompts(tokenizer: Any, prompts: Sequence[tuple[str, str]], cfg: EvalConfig) -> list[list[int]]:
+    chat = wants_chat_template(tokenizer, cfg.use_chat_template)
+    return [encode_prompt(tokenizer, text, chat) for _, text in prompts]
+
+
+def _prompt_texts(prompts: Sequence[tuple[str, str]], k: int) -> list[str]:
+    return [text for _, text in prompts for _ in range(k)]
+
+
+def compute_reference_part(
+    reference: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[tuple[str, str]],
+    reward: Any,
+    cfg: EvalConfig,
+    pairs: Sequence[Any] | None = None,
+) -> ReferencePart:
+    """Sample, score and take the log-probs the evaluation needs from the reference alone."""
+    encoded = _encoded_prompts(tokenizer, prompts, cfg)
+    samples = _sample_all(
+        reference, tokenizer, encoded, [pid for pid, _ in prompts], cfg, end_token_ids(tokenizer), "reference"
+    )
+    k = cfg.samples_per_prompt
+    texts = [decode_completion(tokenizer, c) for c in samples]
+    rows = [(encoded[i // k], c.ids) for i, c in enumerate(samples)]
+    pad, opts = tokenizer.pad_token_id, _logp_options(cfg)
+    pair_logps = (
+        row_logps(reference, pair_rows(pairs), pad, **opts, desc="eval: held-out pairs (reference)").tolist()
+        if pairs
+        else None
+    )
+    self_logps = row_logps(reference, rows, pad, **opts, desc="eval: log-probs (reference)").tolist()
+    return ReferencePart(samples, list(reward(_prompt_texts(prompts, k), texts)), self_logps, pair_logps)
+
+
+def evaluate_models(
+    policy: nn.Module,
+    reference: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[tuple[str, str]],
+    reward: Any,
+    cfg: EvalConfig,
+    *,
+    pairs: Sequence[Any] | None = None,
+    beta: float = 0.1,
+    reference_part: ReferencePart | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The metrics of the module docstring for loaded models; also one record per sampled (prompt, j).
+
+    ``prompts``: ``(prompt_id, text)``; ``reward``: a :class:`epsdpo.rewards.Reward`; ``pairs``: held-out
+    :class:`TokenizedPair` s (or None); ``beta``: β of the implicit reward; ``reference_part``: the reference's part,
+    computed earlier with the same settings (:func:`compute_reference_part`), or None to compute it here.
+    """
+    ref_side = reference_part or compute_reference_part(reference, tokenizer, prompts, reward, cfg, pairs)
+    expected = (len(prompts) * cfg.samples_per_prompt, None if not pairs else 2 * len(pairs))
+    got = (len(ref_side.samples), None if ref_side.pair_logps is None else len(ref_side.pair_logps))
+    if got != expected:
+        raise ValueError(
+            f"the reference part holds {got[0]} samples and {got[1]} pair rows, this evaluation needs "
+            f"{expected[0]} and {expected[1]}: it was computed for other prompts, settings or pairs"
+        )
+    encoded = _encoded_prompts(tokenizer, prompts, cfg)
+    ids = [pid for pid, _ in prompts]
+    k = cfg.samples_per_prompt
+    end_ids = end_token_ids(tokenizer)
+    samples = {
+        "policy": _sample_all(policy, tokenizer, encoded, ids, cfg, end_ids, "policy"),
+        "reference": ref_side.samples,
+    }
+    texts = {name: [decode_completion(tokenizer, c) for c in done] for name, done in samples.items()}
+    prompt_texts = _prompt_texts(prompts, k)
+    rewards = {"policy": list(reward(prompt_texts, texts["policy"])), "reference": ref_side.rewards}
+    n = len(samples["policy"])
+    pad, opts = tokenizer.pad_token_id, _logp_options(cfg)
+    own = [(encoded[i // k], c.ids) for i, c in enumerate(samples["policy"])]
+    theirs = [(encoded[i // k], c.ids) for i, c in enumerate(samples["reference"])]
+    # the policy on its samples (and on the reference's, for kl/forward); the reference on the policy's samples
+    lp_pol = row_logps(policy, own + (theirs if cfg.forward_kl else []), pad, **opts, desc="eval: log-probs (policy)")
+    lp_ref_own = row_logps(reference, own, pad, **opts, desc="eval: log-probs (reference on the policy's samples)")
+    lp_ref_theirs = torch.tensor(ref_side.self_logps)
+    kl_values = (lp_pol[:n] - lp_ref_own).tolist()  # y ~ π: log π − log π_ref
+    metrics: dict[str, Any] = {}
+    for name in ("policy", "reference"):
+        _with_se(metrics, f"{name}/gold_reward", estimate(grouped(rewards[name], k)))
+        metrics[f"{name}/gold_reward_std"] = _mean_std(rewards[name])[1]
+        metrics[f"{name}/response_tokens"] = statistics.fmean(len(c.ids) for c in samples[name])
+        metrics[f"{name}/finished"] = statistics.fmean(c.finished for c in samples[name])
+        metrics[f"{name}/distinct_2"] = distinct_n(texts[name], 2)
+        metrics[f"{name}/one_token_repeated"] = sum(one_token_repeated(c.ids, end_ids) for c in samples[name])
+    _with_se(metrics, "gold_reward_gain", paired_gain(rewards["policy"], rewards["reference"], k), interval=True)
+    _with_se(metrics, "kl", estimate(grouped(kl_values, k)))
+    metrics["kl/std"] = _mean_std(kl_values)[1]
+    if cfg.forward_kl:
+        forward_values = (lp_ref_theirs - lp_pol[n:]).tolist()  # y ~ π_ref: log π_ref − log π
+        _with_se(metrics, "kl/forward", estimate(grouped(forward_values, k)))
+        metrics["kl/forward_std"] = _mean_std(forward_values)[1]
+    _with_se(metrics, "win_rate", win_rate(rewards["policy"], rewards["reference"], k), interval=True)
+    metrics.update(_pair_metrics(policy, pairs, ref_side.pair_logps, pad, beta, cfg))
+    metrics["num_prompts"], metrics["num_samples"], metrics["samples_per_prompt"] = len(prompts), n, k
+    records = [
+        {
+            "prompt_id": ids[i // k],
+            "sample": i % k,
+            "prompt": prompt_texts[i],
+            "policy": texts["policy"][i],
+            "reference": texts["reference"][i],
+            "policy_reward": rewards["policy"][i],
+            "reference_reward": rewards["reference"][i],
+            "policy_logp": float(lp_pol[i]),
+            "policy_ref_logp": float(lp_ref_own[i]),
+            "reference_logp": float(lp_ref_theirs[i]),
+            "reference_policy_logp": float(lp_pol[n + i]) if cfg.forward_kl else None,
+        }
+        for i in range(n)
+    ]
+    return metrics, records
+
+
+def _pair_metrics(
+    policy: nn.Module,
+    pairs: Sequence[Any] | None,
+    ref_logps: list[float] | None,
+    pad_id: int,
+    beta: float,
+    cfg: EvalConfig,
+) -> dict[str, Any]:
+    """Preference accuracy and mean implicit reward margin on held-out pairs (None without pairs)."""
+    if not pairs or ref_logps is None:
+        return {
+            "preference_accuracy": None,
+            "preference_accuracy_se": None,
+            "reward_margin": None,
+            "reward_margin_se": None,
+            "num_pairs": 0,
+            "beta": beta,
+        }
+    lp_pol = row_logps(policy, pair_rows(pairs), pad_id, **_logp_options(cfg), desc="eval: held-out pairs (policy)")
+    lp_ref = torch.tensor(ref_logps)
+    p = len(pairs)
+    margins = beta * ((lp_pol[:p] - lp_ref[:p]) - (lp_pol[p:] - lp_ref[p:]))  # r̂(y_w) − r̂(y_l)
+    metrics: dict[str, Any] = {"num_pairs": p, "beta": beta}
+    _with_se(metrics, "preference_accuracy", estimate((margins > 0).float().tolist()))
+    _with_se(metrics, "reward_margin", estimate(margins.tolist()))
+    return metrics
+
+
+# ---- loading ------------------------------------------------------------------------------------------------------
+@dataclass
+class LoadedModels:
+    policy: nn.Module
+    reference: nn.Module
+    tokenizer: Any
+    beta: float
+    data: Any  # the run's DataConfig, or None
+    names: dict[str, str]
+    reference_id: str  # what determines the reference's weights (epsdpo.stages.select.model_identity)
+
+
+def load_run_models(cfg: EvalConfig) -> LoadedModels:
+    run = Path(str(cfg.run_dir))
+    run_cfg = load_run_config(run / "config.yaml")
+    final = run / "final"
+    if cfg.model is None and cfg.checkpoint is None and not final.is_dir():
+        raise FileNotFoundError(
+            f"{run} has no final/ model (training did not finish); finish or resume the run "
+            "(resume_from_checkpoint=auto), or give model=PATH."
+        )
+    tokenizer = load_tokenizer(
+        cfg.tokenizer or (str(final) if final.is_dir() else tokenizer_name(run_cfg)), cfg.trust_remote_code
+    )
+    m = run_cfg.models
+
+    def initial() -> nn.Module:  # the run's starting point, rebuilt exactly as the trainer built it
+        return initial_model(
+            m.model, m.model_config, len(tokenizer), run_cfg.train.seed, cfg.trust_remote_code or m.trust_remote_code
+        )
+
+    if cfg.checkpoint is not None:
+        policy = checkpoint_policy(run, cfg.checkpoint, m, initial)
+        policy_name = f"{run} after {cfg.checkpoint} steps" + ("" if cfg.checkpoint else " (the initial model)")
+    elif cfg.model is not None:
+        policy, policy_name = load_causal_lm(cfg.model, cfg.trust_remote_code), cfg.model
+    elif (final / "adapter_config.json").is_file():  # LoRA: the base with the adapter merged in
+        with quiet_peft_wrapping():
+            policy = PeftModel.from_pretrained(initial(), str(final)).merge_and_unload()
+        policy_name = f"{m.model} + LoRA adapter {final}"
+    else:
+        policy, policy_name = load_causal_lm(str(final), cfg.trust_remote_code), str(final)
+    ref_name = cfg.ref_model or m.ref_model
+    reference = load_causal_lm(ref_name, cfg.trust_remote_code) if ref_name else initial()
+    ref_label = ref_name or (
+        m.model if m.model_config is None else f"{m.model} (random init, seed {run_cfg.train.seed})"
+    )
+    ref_id = model_identity(ref_name) if cfg.ref_model else reference_identity(m, run_cfg.train.seed)
+    if cfg.beta is not None:
+        beta = cfg.beta
+    else:
+        beta = final_beta(run, run_cfg) if cfg.checkpoint is None else beta_at_step(run, cfg.checkpoint, run_cfg)
+    return LoadedModels(
+        policy,
+        reference,
+        tokenizer,
+        beta,
+        run_cfg.data,
+        {"policy": policy_name, "reference": ref_label},
+        ref_id,
+    )
+
+
+def _load_models(cfg: EvalConfig) -> LoadedModels:
+    if cfg.run_dir is not None:
+        loaded = load_run_models(cfg)
+    else:
+        if cfg.model is None or cfg.ref_model is None:
+            raise ConfigError("give a run directory (epsdpo eval RUN_DIR), or both model=… and ref_model=…")
+        loaded = LoadedModels(
+            load_causal_lm(cfg.model, cfg.trust_remote_code),
+            load_causal_lm(cfg.ref_model, cfg.trust_remote_code),
+            load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code),
+            cfg.beta or 0.1,
+            None,
+            {"policy": cfg.model, "reference": cfg.ref_model},
+            model_identity(cfg.ref_model),
+        )
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    for model in (loaded.policy, loaded.reference):
+        model.requires_grad_(False).eval().to(device)
+    return loaded
+
+
+def _held_out_pairs(cfg: EvalConfig, run_data: Any, tokenizer: Any) -> tuple[list[Any] | None, str | None]:
+    """The held-out pairs (the first ``max_pairs``) and where they came from."""
+    pairs, source = _all_held_out_pairs(cfg, run_data, tokenizer)
+    if pairs is not None and cfg.max_pairs is not None:
+        pairs = pairs[: cfg.max_pairs]
+    return pairs, source
+
+
+def _all_held_out_pairs(cfg: EvalConfig, run_data: Any, tokenizer: Any) -> tuple[list[Any] | None, str | None]:
+    """The held-out pairs (tokenized as in training, with the run's length limits) and where they came from."""
+
+    base = run_data if run_data is not None else DataConfig()
+    if cfg.eval_dataset is None:
+        if run_data is None:
+            return None, None
+        loaded = load_eval_dataset(run_data, tokenizer)
+        source = run_data.eval_dataset or f"{run_data.dataset}[{run_data.eval_split}]"
+        return (loaded[0], source) if loaded else (None, None)
+    source = cfg.eval_dataset
+    if source == "bundled":
+        source = str(files("epsdpo.assets").joinpath(BUNDLED_TEST_PAIRS))
+    pairs, _ = load_preference_dataset(replace(base, dataset=source, split="train"), tokenizer)
+    return pairs, source
+
+
+def evaluate(
+    config: EvalConfig | str | Path | Mapping[str, Any] | None = None, overrides: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Load the models, sample, score and write ``eval.json`` (and ``…_samples.jsonl``); returns the metrics.
+
+    ``config``: an :class:`EvalConfig`, a run directory, a YAML file, a mapping or ``None``, plus overrides.
+    """
+
+    cfg = load_eval_config(config, overrides)
+    started = time.perf_counter()
+    # where it goes, and whether that is allowed, before the minutes of sampling (a refusal costs nothing)
+    name, output, samples_path = destination(cfg)
+    settings = evaluation_settings(cfg)
+    check_overwrite(output, settings, cfg.overwrite)
+    _say(cfg, "eval: loading the policy and the reference")
+    loaded = _load_models(cfg)
+    prompts = load_prompts(cfg.prompts, cfg.prompt_split, cfg.prompt_column, cfg.num_prompts)
+    pairs, pairs_source = _held_out_pairs(cfg, loaded.data, loaded.tokenizer)
+    reward = load_reward(cfg.reward)
+    part, cache_file = None, None
+    if cfg.reference_cache_dir:
+        cache_file = _reference_cache_file(cfg, loaded, prompts, pairs)
+        if cache_file.is_file():
+            part = ReferencePart.from_dict(json.loads(cache_file.read_text(encoding="utf-8")))
+    if part is None:
+        part = compute_reference_part(loaded.reference, loaded.tokenizer, prompts, reward, cfg, pairs)
+        if cache_file is not None:
+            write_text_atomically(cache_file, json.dumps(part.to_dict()))  # concurrent writers: their own files
+    metrics, records = evaluate_models(
+        loaded.policy,
+        loaded.reference,
+        loaded.tokenizer,
+        prompts,
+        reward,
+        cfg,
+        pairs=pairs,
+        beta=loaded.beta,
+        reference_part=part,
+    )
+    result = {
+        **metrics,
+        "name": name,
+        "policy": loaded.names["policy"],
+        "reference": loaded.names["reference"],
+        "eval_dataset": pairs_source,
+        "samples_file": samples_path.name,
+        "seconds": time.perf_counter() - started,
+        "reference_cache": None if cache_file is None else str(cache_file),
+        "machine": machine_label(),
+        "settings": settings,
+    }
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    samples_path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    result["output"] = str(output)
+    return result
+
+
+def _say(cfg: EvalConfig, message: str) -> None:
+    if not cfg.disable_tqdm:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _reference_cache_file(
+    cfg: EvalConfig, loaded: LoadedModels, prompts: Sequence[tuple[str, str]], pairs: Sequence[Any] | None
+) -> Path:
+    """The cache file of the reference's part: a key over everything that determines it."""
+    determines = {
+        "format": 2,
+        "reference": loaded.reference_id,
+        "prompts": list(prompts),
+        "reward": cfg.reward,
+        "prompt_ids": _encoded_prompts(loaded.tokenizer, prompts, cfg),
+        "pad": loaded.tokenizer.pad_token_id,
+        "end_ids": list(end_token_ids(loaded.tokenizer)),
+        "device": str(next(loaded.reference.parameters()).device),
+        "settings": {
+            k: getattr(cfg, k)
+            for k in (
+                "samples_per_prompt",
+                "max_new_tokens",
+                "temperature",
+                "top_p",
+                "batch_size",
+                "seed",
+                "bf16",
+                "use_chat_template",
+            )
+        },
+        "pairs": None if not pairs else [[p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in pairs],
+    }
+    key = hashlib.sha256(json.dumps(determines, sort_keys=True).encode()).hexdigest()[:24]
+    return Path(cfg.reference_cache_dir or ".") / f"eval_reference-{key}.json"
