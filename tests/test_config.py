@@ -11,6 +11,7 @@ from epsdpo.config import (
     ConfigError,
     coerce_value,
     dump_config,
+    fields_where,
     load_config,
     parse_override,
 )
@@ -286,3 +287,18 @@ def test_dump_writes_nested_configs_as_mappings_and_round_trips(tmp_path: Path) 
         "sampling": {"temperature": 1.0, "top_p": 1.0},
     }  # plain values, init fields only (no `calls`)
     assert dumped["warm_eval"]["sampling"] == {"temperature": 0.5, "top_p": 1.0} and dumped["steps"] == 3
+
+
+def test_fields_where_reads_field_metadata() -> None:
+    assert fields_where(Evals, "identifies") == ("num_prompts", "max_new_tokens", "sampling")
+    assert fields_where(Evals(), "resume", default=False) == ("num_prompts", "sampling")
+    assert fields_where(Evals, "resume") == ("num_prompts", "max_new_tokens", "output", "sampling")  # no `calls`
+
+    @dataclass
+    class Loose:
+        seed: int = field(default=0, metadata={"identifies": "no"})
+
+    with pytest.raises(TypeError, match="metadata 'identifies' of field 'seed' must be True or False, got 'no'"):
+        fields_where(Loose, "identifies")
+    with pytest.raises(TypeError, match="needs a dataclass"):
+        fields_where(dict, "identifies")

@@ -21,7 +21,8 @@ Errors name a key by its path from the section's field: ``'max_length'``, ``'eva
 ``'tags[0]'`` (field names are unique across sections, so this is also the key to write in an override).
 
 :func:`dump_config` writes the resolved sections back as YAML (for the run directory), nested configs as nested
-mappings; loading that YAML again gives equal dataclasses.
+mappings; loading that YAML again gives equal dataclasses. :func:`fields_where` reads what a config's fields declare
+in their metadata (e.g. which settings identify a result).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ __all__ = [
     "coerce_value",
     "config_to_dict",
     "dump_config",
+    "fields_where",
     "load_config",
     "parse_override",
     "read_config_source",
@@ -437,3 +439,30 @@ def dump_config(configs: Mapping[str, Any], path: str | Path | None = None) -> s
     if path is not None:
         Path(path).write_text(text, encoding="utf-8")
     return text
+
+
+def fields_where(cls: Any, key: str, *, default: bool = True) -> tuple[str, ...]:
+    """The names of the ``init`` fields of a config dataclass (or instance) whose metadata ``key`` is true.
+
+    A field declares it with ``dataclasses.field(metadata={key: True or False})``; a field that does not say takes
+    ``default``. Names come in declaration order; a nested config is one field (read its class for its own). E.g.
+    the settings that change what an evaluation measures, and those a resumed generation must share::
+
+        output: str = field(default="eval.json", metadata={"identifies": False})
+        fields_where(EvalConfig, "identifies")                 # all fields but `output`
+        fields_where(GenerateConfig, "resume", default=False)  # only fields with metadata={"resume": True}
+
+    Raises:
+        TypeError: ``cls`` is not a dataclass, or a field's metadata value for ``key`` is not a bool (a string
+            such as ``"no"`` would read as true).
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"fields_where needs a dataclass or an instance of one, got {cls!r}")
+    names = []
+    for f in dataclasses.fields(cls):
+        flag = f.metadata.get(key, default)
+        if not isinstance(flag, bool):
+            raise TypeError(f"metadata {key!r} of field {f.name!r} must be True or False, got {flag!r}")
+        if f.init and flag:
+            names.append(f.name)
+    return tuple(names)
