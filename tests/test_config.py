@@ -7,7 +7,14 @@ from typing import Literal
 import pytest
 import yaml
 
-from epsdpo.config import ConfigError, coerce_value, dump_config, load_config, parse_override
+from epsdpo.config import (
+    ConfigError,
+    coerce_value,
+    dump_config,
+    fields_where,
+    load_config,
+    parse_override,
+)
 from epsdpo.data import DataConfig
 
 
@@ -141,3 +148,157 @@ def test_coerce_value_rules() -> None:
         coerce_value(4.5, int, "k")
     assert parse_override("a=[1, 2]") == ("a", [1, 2])
     assert parse_override("a=") == ("a", None)
+
+
+@dataclass
+class Sampling:
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+@dataclass
+class Evals:
+    num_prompts: int = field(default=16, metadata={"resume": True})
+    max_new_tokens: int = 32
+    output: Path = field(default=Path("eval.json"), metadata={"identifies": False})
+    sampling: Sampling = field(default_factory=Sampling, metadata={"resume": True})
+    calls: int = field(init=False, default=0)  # not a setting: never read or dumped
+
+    def __post_init__(self) -> None:
+        if self.num_prompts < 1:
+            raise ValueError(f"num_prompts must be >= 1, got {self.num_prompts}")
+
+
+@dataclass
+class Run:
+    steps: int = 10
+    eval_options: Evals = field(default_factory=Evals)
+    final_eval: Evals | None = None
+    warm_eval: Evals = field(default_factory=lambda: Evals(max_new_tokens=48))
+
+
+NESTED = {"data": DataConfig, "run": Run}
+
+
+def test_a_nested_config_is_built_from_a_mapping_and_keeps_its_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "run:\n  eval_options: {num_prompts: 64, sampling: {temperature: 7e-1}}\n"
+        "final_eval: {max_new_tokens: 8, output: out/e.json}\n"
+    )
+    run = load_config(path, [], NESTED)["run"]
+    assert run.eval_options == Evals(num_prompts=64, sampling=Sampling(temperature=0.7))  # '7e-1' coerced
+    assert run.final_eval == Evals(max_new_tokens=8, output=Path("out/e.json"))
+    assert run.warm_eval == Evals(max_new_tokens=48) and run.steps == 10  # not given: the field's default
+    built = Evals(num_prompts=3)
+    assert load_config({"eval_options": built}, [], NESTED)["run"].eval_options is built  # an instance as it is
+
+
+def test_an_optional_nested_config_takes_null_or_a_mapping() -> None:
+    assert load_config({"final_eval": None}, [], NESTED)["run"].final_eval is None
+    assert load_config({"final_eval": {"num_prompts": 2}}, [], NESTED)["run"].final_eval == Evals(num_prompts=2)
+    run = load_config({"final_eval": {"num_prompts": 2}}, ["final_eval=null"], NESTED)["run"]
+    assert run.final_eval is None
+    run = load_config({"final_eval": None}, ["run.final_eval.max_new_tokens=5"], NESTED)["run"]
+    assert run.final_eval == Evals(max_new_tokens=5)  # from null: the class's defaults plus the override
+
+
+@pytest.mark.parametrize(
+    ("source", "overrides", "expected"),
+    [
+        (
+            {"eval_options": {"num_prompt": 64}},
+            [],
+            "unknown config key 'eval_options.num_prompt' (not a field of Evals). Did you mean 'num_prompts'? "
+            "Valid keys: max_new_tokens, num_prompts, output, sampling.",
+        ),
+        ({}, ["eval_options.num_prompt=64"], "unknown config key 'eval_options.num_prompt' (not a field of Evals)"),
+        ({}, ["run.eval_options.num_prompt=64"], "Did you mean 'num_prompts'?"),
+        (
+            {"run": {"eval_options": {"sampling": {"temprature": 0.5}}}},
+            [],
+            "unknown config key 'eval_options.sampling.temprature' (not a field of Sampling). "
+            "Did you mean 'temperature'? Valid keys: temperature, top_p.",
+        ),
+        (
+            {},
+            ["eval_options.sampling.top=0.5"],
+            "'eval_options.sampling.top' (not a field of Sampling). Did you mean 'top_p'",
+        ),
+        ({"final_eval": {"num_prompt": 1}}, [], "'final_eval.num_prompt' (not a field of Evals). Did you mean"),
+        ({}, ["eval_option.num_prompts=3"], "unknown config key 'eval_option' (section of override"),
+        ({}, ["eval_option.num_prompts=3"], "Did you mean 'eval_options'? Valid keys: data, eval_options, final_eval"),
+        ({}, ["steps.x=1"], "config key 'steps' (int) is not a nested config; give its whole value (steps=VALUE)"),
+        ({}, ["run.eval_options.output.x=1"], "config key 'eval_options.output' (Path) is not a nested config"),
+    ],
+)
+def test_a_typo_in_a_nested_key_names_its_path_and_suggests(source: dict, overrides: list[str], expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(source, overrides, NESTED)
+    assert expected in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("source", "overrides", "expected"),
+    [
+        ({"eval_options": {"num_prompts": -1}}, [], "config key 'eval_options': num_prompts must be >= 1, got -1"),
+        ({}, ["run.final_eval.num_prompts=0"], "config key 'final_eval': num_prompts must be >= 1, got 0"),
+        ({"eval_options": {"num_prompts": "many"}}, [], "config key 'eval_options.num_prompts': expected int, got"),
+        (
+            {},
+            ["eval_options.sampling.temperature=hot"],
+            "config key 'eval_options.sampling.temperature': expected float",
+        ),
+        ({"eval_options": 3}, [], "config key 'eval_options': expected a mapping of Evals keys, got 3."),
+        ({"eval_options": "x"}, ["eval_options.num_prompts=3"], "config key 'eval_options' is 'x', not a mapping"),
+    ],
+)
+def test_a_bad_nested_value_names_its_path(source: dict, overrides: list[str], expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(source, overrides, NESTED)
+    assert expected in str(err.value)
+
+
+def test_an_override_into_a_nested_config_merges_with_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  eval_options: {num_prompts: 64, sampling: {temperature: 0.7}}\n")
+    overrides = ["eval_options.max_new_tokens=8", "run.eval_options.sampling.top_p=0.9", "warm_eval.num_prompts=2"]
+    run = load_config(path, overrides, NESTED)["run"]
+    assert run.eval_options == Evals(num_prompts=64, max_new_tokens=8, sampling=Sampling(temperature=0.7, top_p=0.9))
+    assert run.warm_eval == Evals(num_prompts=2, max_new_tokens=48)  # not in the file: its default, one key changed
+    # a whole mapping replaces the file's; later dotted overrides go into it
+    run = load_config(path, ["eval_options={max_new_tokens: 8}", "eval_options.sampling.top_p=0.5"], NESTED)["run"]
+    assert run.eval_options == Evals(max_new_tokens=8, sampling=Sampling(top_p=0.5))
+
+
+def test_dump_writes_nested_configs_as_mappings_and_round_trips(tmp_path: Path) -> None:
+    for overrides in (
+        ["eval_options.num_prompts=64", "eval_options.sampling.top_p=0.9", "eval_options.output=o.json"],
+        ["final_eval={num_prompts: 2}", "warm_eval.sampling.temperature=0.5", "steps=3"],
+    ):
+        configs = load_config({}, overrides, NESTED)
+        text = dump_config(configs, tmp_path / "config.yaml")
+        assert load_config(tmp_path / "config.yaml", [], NESTED) == configs
+    dumped = yaml.safe_load(text)["run"]
+    assert dumped["final_eval"] == {
+        "num_prompts": 2,
+        "max_new_tokens": 32,
+        "output": "eval.json",
+        "sampling": {"temperature": 1.0, "top_p": 1.0},
+    }  # plain values, init fields only (no `calls`)
+    assert dumped["warm_eval"]["sampling"] == {"temperature": 0.5, "top_p": 1.0} and dumped["steps"] == 3
+
+
+def test_fields_where_reads_field_metadata() -> None:
+    assert fields_where(Evals, "identifies") == ("num_prompts", "max_new_tokens", "sampling")
+    assert fields_where(Evals(), "resume", default=False) == ("num_prompts", "sampling")
+    assert fields_where(Evals, "resume") == ("num_prompts", "max_new_tokens", "output", "sampling")  # no `calls`
+
+    @dataclass
+    class Loose:
+        seed: int = field(default=0, metadata={"identifies": "no"})
+
+    with pytest.raises(TypeError, match="metadata 'identifies' of field 'seed' must be True or False, got 'no'"):
+        fields_where(Loose, "identifies")
+    with pytest.raises(TypeError, match="needs a dataclass"):
+        fields_where(dict, "identifies")
