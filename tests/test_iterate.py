@@ -52,6 +52,13 @@ def test_config_defaults_and_refusals():
         load_iterate_config({"model": "m", "rounds": 0})
 
 
+def test_a_round_evaluation_typo_or_bad_value_fails_when_the_config_is_loaded():
+    with pytest.raises(ConfigError, match=r"iterate.round_eval: .*'num_prompt'.*Did you mean 'num_prompts'"):
+        load_iterate_config({"model": "m", "round_eval": {"num_prompt": 8}})
+    with pytest.raises(ConfigError, match=r"iterate.round_eval: .*samples_per_prompt must be >= 1"):
+        load_iterate_config({"model": "m"}, ["round_eval={samples_per_prompt: 0}"])
+
+
 HOOKS = """
 def length(prompts, responses):
     return [float(len(r)) for r in responses]

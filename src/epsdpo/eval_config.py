@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,13 +71,13 @@ class EvalConfig(SamplingConfig):
     eval_dataset: str | None = None
     num_prompts: int | None = 64
     max_pairs: int | None = None
-    samples_per_prompt: int = 1
+    samples_per_prompt: int = field(default=1, metadata={"reference_part": True})
     beta: float | None = None
     reference_cache_dir: str | None = None
-    name: str | None = None
-    output: str | None = None
-    overwrite: bool = False
-    bf16: bool = False
+    name: str | None = field(default=None, metadata={"identifies": False})
+    output: str | None = field(default=None, metadata={"identifies": False})
+    overwrite: bool = field(default=False, metadata={"identifies": False})
+    bf16: bool = field(default=False, metadata={"reference_part": True})
     forward_kl: bool = True
 
     def __post_init__(self) -> None:

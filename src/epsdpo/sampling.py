@@ -22,7 +22,7 @@ import hashlib
 import inspect
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -51,6 +51,12 @@ __all__ = [
 class SamplingConfig:
     """What ``epsdpo generate`` and ``epsdpo eval`` share: where the prompts come from and how responses are sampled.
 
+    What a setting means for a run is declared on the field (``dataclasses.field`` metadata, read with
+    :func:`epsdpo.config.fields_where`): ``identifies=False`` marks settings that change nothing sampled or measured
+    (an evaluation's identity, a generation's resume check leave them out); ``resume=False`` those a resumed
+    generation may change; ``reference_part=True`` those that decide the reference's part of an evaluation (its
+    cache key).
+
     Attributes:
         tokenizer: tokenizer name or path; ``None``: the model's own (for ``eval`` of a run: the run's).
         trust_remote_code: allow model repositories to run their own Python code. Off unless you trust the source.
@@ -78,19 +84,19 @@ class SamplingConfig:
     """
 
     tokenizer: str | None = None
-    trust_remote_code: bool = False
+    trust_remote_code: bool = field(default=False, metadata={"resume": False})
     prompts: str = "bundled"
     prompt_column: str = "prompt"
     prompt_split: str | None = "train"
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    top_p: float = 1.0
-    batch_size: int = 8
+    max_new_tokens: int = field(default=48, metadata={"reference_part": True})
+    temperature: float = field(default=1.0, metadata={"reference_part": True})
+    top_p: float = field(default=1.0, metadata={"reference_part": True})
+    batch_size: int = field(default=8, metadata={"reference_part": True})
     reward: str = "sentiment"
-    seed: int = 0
-    use_chat_template: bool | None = None
-    device: str | None = None
-    disable_tqdm: bool = False
+    seed: int = field(default=0, metadata={"reference_part": True})
+    use_chat_template: bool | None = field(default=None, metadata={"reference_part": True})
+    device: str | None = field(default=None, metadata={"identifies": False})
+    disable_tqdm: bool = field(default=False, metadata={"identifies": False})
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature > 0):

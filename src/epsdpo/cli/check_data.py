@@ -57,6 +57,7 @@ def _print_examples(pairs: Sequence[Any], tokenizer: Any, count: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # deferred: argument parsing and `epsdpo --help` never import torch or transformers
     from epsdpo.config import ConfigError
     from epsdpo.data import DataError, load_preference_dataset
     from epsdpo.models import load_tokenizer

@@ -27,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # deferred: argument parsing and `epsdpo --help` never import torch or transformers
     from epsdpo.cli import config_and_overrides
     from epsdpo.config import ConfigError
     from epsdpo.data import DataError

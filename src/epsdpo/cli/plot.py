@@ -26,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # deferred: argument parsing and `epsdpo --help` never import torch or transformers
     from epsdpo.stages.plots import PLOTS_DIR, plot_reward_vs_kl, plot_training
 
     runs = [Path(r) for r in args.runs]

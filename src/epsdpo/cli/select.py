@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # deferred: argument parsing and `epsdpo --help` never import torch or transformers
     from epsdpo.cli.check_data import CONFIG_SUFFIXES
     from epsdpo.config import ConfigError
     from epsdpo.data import DataError, load_preference_dataset

@@ -47,7 +47,7 @@ from epsdpo.models import initial_model, load_model_for_sampling, load_tokenizer
 from epsdpo.recipes.train import train
 from epsdpo.rundir import ITERATE_STAGES, read_iterate_summary, read_round_state, write_json
 from epsdpo.sampling import load_prompts, sample_seed
-from epsdpo.stages.evaluate import SUMMARY_KEYS, evaluate
+from epsdpo.stages.evaluate import SUMMARY_KEYS, evaluate, load_eval_config
 from epsdpo.stages.generate import GenerateConfig, generate
 from epsdpo.stages.plots import plot_iterate
 from epsdpo.stages.select import select_for_config
@@ -172,7 +172,12 @@ def load_iterate_config(
             f"dataset={run.data.dataset!r}: iterate generates each round's pairs itself from `prompts`; remove "
             "dataset (eval_dataset, for held-out accuracy, is kept)"
         )
-    return IterateSetup(iterate_cfg, run)
+    setup = IterateSetup(iterate_cfg, run)
+    try:  # the rounds' evaluation settings are checked now, not after a round's sampling and training
+        load_eval_config(_round_eval_options(setup))
+    except ConfigError as err:
+        raise ConfigError(f"iterate.round_eval: {err}") from err
+    return setup
 
 
 def round_prompt_ids(prompt_ids: list[str], rounds: int, mode: str) -> list[list[str]]:

@@ -11,6 +11,7 @@ verb uses too).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,7 +269,7 @@ def _evaluate_and_plot(cfg: RunConfig, result: TrainResult) -> None:
     """Plots of the run, then (if asked) the evaluation of the final model and the reward-vs-KL plot."""
     t = cfg.train
     if t.eval_after_training:
-        result.eval_metrics = evaluate({**t.eval_options, "run_dir": str(cfg.output_dir)})
+        result.eval_metrics = evaluate(dataclasses.replace(t.eval_options, run_dir=str(cfg.output_dir)))
         reward_vs_kl = publish_run_evaluation(cfg.output_dir, result.eval_metrics)
         print(format_table(result.eval_metrics))
     if t.plot_after_training:

@@ -42,7 +42,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from epsdpo.config import ConfigError, load_config
+from epsdpo.config import ConfigError, fields_where, load_config
 from epsdpo.files import append_jsonl, read_jsonl_resumable
 from epsdpo.models import load_model_for_sampling, load_tokenizer
 from epsdpo.rewards import load_reward
@@ -59,24 +59,6 @@ from epsdpo.sampling import (
 
 __all__ = ["GenerateConfig", "GenerateSummary", "generate", "load_generate_config", "make_row"]
 
-#: settings that must match for a rerun to continue an existing output file
-RESUME_KEYS = (
-    "model",
-    "tokenizer",
-    "prompts",
-    "prompt_column",
-    "prompt_split",
-    "num_samples",
-    "max_new_tokens",
-    "temperature",
-    "top_p",
-    "reward",
-    "seed",
-    "use_chat_template",
-    "batch_size",
-)
-
-
 @dataclass
 class GenerateConfig(SamplingConfig):
     """Settings of ``epsdpo generate`` (section ``generate``; every key also works flat and as ``key=value``).
@@ -91,9 +73,9 @@ class GenerateConfig(SamplingConfig):
     """
 
     model: str = "smollm2-135m-instruct"
-    max_prompts: int | None = None
+    max_prompts: int | None = field(default=None, metadata={"resume": False})
     num_samples: int = 4
-    output: str = "generated/pairs.jsonl"
+    output: str = field(default="generated/pairs.jsonl", metadata={"identifies": False})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -101,6 +83,10 @@ class GenerateConfig(SamplingConfig):
             raise ValueError(f"num_samples must be >= 2 (a pair needs two responses), got {self.num_samples}")
         if self.max_prompts is not None and self.max_prompts < 1:
             raise ValueError(f"max_prompts must be >= 1 or null (all prompts), got {self.max_prompts}")
+
+
+#: settings that must match for a rerun to continue an existing output file (declared on the fields)
+RESUME_KEYS = tuple(k for k in fields_where(GenerateConfig, "identifies") if k in fields_where(GenerateConfig, "resume"))
 
 
 def load_generate_config(

@@ -16,6 +16,7 @@ import torch
 from epsdpo.config import ConfigError, load_config
 from epsdpo.control import Rule
 from epsdpo.data.config import DataConfig
+from epsdpo.eval_config import EvalConfig
 from epsdpo.logps import Impl, Kernel
 from epsdpo.losses import LossType
 
@@ -46,13 +47,13 @@ class ModelConfig:
         save_merged_model: with LoRA, also save the base with the adapter merged in (``final/merged``).
         sync_ref_model: TR-DPO (Gorbatovski et al. 2024): move the reference toward the policy every
             ``ref_model_sync_steps`` steps, θ_ref ← α θ + (1 − α) θ_ref. Works with any loss_type, with a separate
-            reference and with LoRA (the adapter is partly folded into the base; see epsdpo/reference.py).
+            reference and with LoRA (the adapter is partly folded into the base; see epsdpo/training/reference.py).
         ref_model_mixup_alpha: α of the update; 1 copies the policy (hard update).
         ref_model_sync_steps: τ, optimizer steps between reference updates.
         precompute_ref_hidden_states: run the frozen reference over the training (and eval) pairs once before
             training, keep its final hidden states at completion positions on disk, and train without a reference
             forward pass (the frozen copy is then released). Exact: the cached states and the frozen head give the
-            reference's logits, which ε-DPO needs in full (see epsdpo/refcache.py). Not with ``sync_ref_model``.
+            reference's logits, which ε-DPO needs in full (see epsdpo/training/refcache.py). Not with ``sync_ref_model``.
         ref_cache_dir: where those caches are kept (keyed by reference, precision and data, so runs on the same
             data share one); default ``$EPSDPO_CACHE_DIR/reference``.
     """
@@ -216,7 +217,9 @@ class TrainConfig:
         plot_after_training: write ``plots/training_curves.png`` and ``plots/beta.png`` into the run directory.
         eval_after_training: run ``epsdpo eval`` on the final model (gold reward and KL of sampled responses on
             held-out prompts, win rate against the reference, held-out preference accuracy) and write ``eval.json``.
-        eval_options: keys for that evaluation (see ``epsdpo eval``; e.g. ``{num_prompts: 64, max_new_tokens: 48}``).
+        eval_options: the settings of that evaluation, an :class:`~epsdpo.eval_config.EvalConfig` given as a mapping of
+            ``epsdpo eval`` keys (e.g. ``{num_prompts: 64, max_new_tokens: 48}``; the others keep their defaults),
+            checked when the config is loaded; one key is set with ``eval_options.num_prompts=64``.
         overwrite_output_dir: allow training into a directory that already holds a finished run.
     """
 
@@ -250,7 +253,7 @@ class TrainConfig:
     use_cpu: bool = False
     plot_after_training: bool = True
     eval_after_training: bool = False
-    eval_options: dict[str, Any] = field(default_factory=dict)
+    eval_options: EvalConfig = field(default_factory=EvalConfig)
     overwrite_output_dir: bool = False
 
     def __post_init__(self) -> None:

@@ -7,30 +7,31 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from epsdpo.config import ConfigError
-from epsdpo.eval_config import EvalConfig, load_eval_config
+from epsdpo.config import ConfigError, fields_where
+from epsdpo.eval_config import EvalConfig
 from epsdpo.training.config import load_run_config
 
 __all__ = ["check_overwrite", "destination", "evaluation_settings"]
 
 
-#: settings that do not change what an evaluation measures
-_NOT_SETTINGS = ("disable_tqdm", "output", "name", "overwrite", "device")
+#: the settings that change what an evaluation measures (declared on EvalConfig's fields: ``identifies``)
+IDENTIFYING = fields_where(EvalConfig, "identifies")
 
 
 def evaluation_settings(cfg: EvalConfig) -> dict[str, Any]:
-    return {k: v for k, v in asdict(cfg).items() if k not in _NOT_SETTINGS}
+    """What identifies an evaluation: its settings but those that change nothing measured (output, name, …)."""
+    return {k: v for k, v in asdict(cfg).items() if k in IDENTIFYING}
 
 
 def _run_eval_settings(run_dir: str) -> dict[str, Any] | None:
     """The settings of the run's own evaluation (its ``eval_options``), or None if they cannot be read."""
     try:
         run_cfg = load_run_config(Path(run_dir) / "config.yaml")
-        return evaluation_settings(load_eval_config({**run_cfg.train.eval_options, "run_dir": run_dir}))
+        return evaluation_settings(replace(run_cfg.train.eval_options, run_dir=run_dir))
     except (ConfigError, OSError, ValueError):
         return None
 
@@ -49,7 +50,8 @@ def destination(cfg: EvalConfig) -> tuple[str, Path, Path]:
     return name, directory / "eval.json", directory / "samples.jsonl"
 
 
-#: the order of the keys in an automatic evaluation name (fixed, so that names stay those of earlier versions)
+#: the order of the keys in an automatic evaluation name: presentation only (what identifies an evaluation is
+#: IDENTIFYING); fixed, so that names stay those of earlier versions
 _NAME_ORDER = (
     "run_dir",
     "model",

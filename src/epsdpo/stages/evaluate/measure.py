@@ -45,7 +45,7 @@ from peft import PeftModel
 from torch import nn
 from tqdm.auto import tqdm
 
-from epsdpo.config import ConfigError
+from epsdpo.config import ConfigError, fields_where
 from epsdpo.data import DataConfig, load_eval_dataset, load_preference_dataset
 from epsdpo.eval_config import BUNDLED_TEST_PAIRS, EvalConfig, load_eval_config
 from epsdpo.files import write_text_atomically
@@ -497,19 +497,7 @@ def _reference_cache_file(
         "pad": loaded.tokenizer.pad_token_id,
         "end_ids": list(end_token_ids(loaded.tokenizer)),
         "device": str(next(loaded.reference.parameters()).device),
-        "settings": {
-            k: getattr(cfg, k)
-            for k in (
-                "samples_per_prompt",
-                "max_new_tokens",
-                "temperature",
-                "top_p",
-                "batch_size",
-                "seed",
-                "bf16",
-                "use_chat_template",
-            )
-        },
+        "settings": {k: getattr(cfg, k) for k in fields_where(cfg, "reference_part", default=False)},
         "pairs": None if not pairs else [[p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in pairs],
     }
     key = hashlib.sha256(json.dumps(determines, sort_keys=True).encode()).hexdigest()[:24]
