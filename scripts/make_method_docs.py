@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from epsdpo import control, losses
+from epsdpo.data.config import DataConfig
 from epsdpo.stages import select
 from epsdpo.training import reference
-from epsdpo.data.config import DataConfig
 from epsdpo.training.config import LossConfig, ModelConfig
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "methods"

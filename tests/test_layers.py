@@ -130,9 +130,7 @@ def problems(root: Path) -> list[str]:
                 f"{imp.importer} (line {imp.line}, {where}) imports {imp.imported}: "
                 f"layer '{LAYERS[layer_of(imp.imported)][0]}' is above '{LAYERS[layer_of(imp.importer)][0]}'"
             )
-        elif imp.deferred and not any(
-            imp.importer == p or imp.importer.startswith(p + ".") for p in DEFERRED_ALLOWED
-        ):
+        elif imp.deferred and not any(imp.importer == p or imp.importer.startswith(p + ".") for p in DEFERRED_ALLOWED):
             found.append(f"{imp.importer} (line {imp.line}) imports {imp.imported} inside a function")
     found += [f"import circle: {' → '.join(c)}" for c in cycles(modules, imports)]
     return found

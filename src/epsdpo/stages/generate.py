@@ -59,6 +59,7 @@ from epsdpo.sampling import (
 
 __all__ = ["GenerateConfig", "GenerateSummary", "generate", "load_generate_config", "make_row"]
 
+
 @dataclass
 class GenerateConfig(SamplingConfig):
     """Settings of ``epsdpo generate`` (section ``generate``; every key also works flat and as ``key=value``).
@@ -86,7 +87,9 @@ class GenerateConfig(SamplingConfig):
 
 
 #: settings that must match for a rerun to continue an existing output file (declared on the fields)
-RESUME_KEYS = tuple(k for k in fields_where(GenerateConfig, "identifies") if k in fields_where(GenerateConfig, "resume"))
+RESUME_KEYS = tuple(
+    k for k in fields_where(GenerateConfig, "identifies") if k in fields_where(GenerateConfig, "resume")
+)
 
 
 def load_generate_config(

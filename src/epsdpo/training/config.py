@@ -53,7 +53,8 @@ class ModelConfig:
         precompute_ref_hidden_states: run the frozen reference over the training (and eval) pairs once before
             training, keep its final hidden states at completion positions on disk, and train without a reference
             forward pass (the frozen copy is then released). Exact: the cached states and the frozen head give the
-            reference's logits, which ε-DPO needs in full (see epsdpo/training/refcache.py). Not with ``sync_ref_model``.
+            reference's logits, which ε-DPO needs in full (see epsdpo/training/refcache.py). Not with
+            ``sync_ref_model``.
         ref_cache_dir: where those caches are kept (keyed by reference, precision and data, so runs on the same
             data share one); default ``$EPSDPO_CACHE_DIR/reference``.
     """
