@@ -63,7 +63,7 @@ def test_epsilon_dpo_moves_beta_per_pair_from_the_decisions():
     # pair 1: no perturbed margin differs from z: s = 0, β̃ = β
     lp = logps(**TWO, weaker=[-0.9, -4.0, -2.1, -2.0], stronger=[-1.1, -4.0, -1.9, -2.0])
     cfg = LossConfig(loss_type="epsilon_dpo", beta=0.1, epsilon=0.1)
-    out = compute_pair_losses(lp, TOKENS, cfg, beta=0.1)
+    out = compute_pair_losses(lp, TOKENS, cfg, beta=0.1, decision=cfg.decision_spec())
     assert out.steps.tolist() == [1, 0]
     assert out.beta.tolist() == pytest.approx([0.1 / 1.1, 0.1])
     assert out.loss.losses[0].item() == pytest.approx(sigmoid_loss(0.1 / 1.1 * 1.0))

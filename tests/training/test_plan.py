@@ -21,7 +21,7 @@ def cfg(*overrides: str):
 def test_default_plan_is_fused_with_a_frozen_copy():
     plan = plan_run(cfg(), "single", head_is_exact=True)
     assert plan.fused and plan.reference == "frozen_copy" and not plan.whole_reference_head and not plan.sharded
-    assert plan.epsilon == 0.01 and plan.decision_dtype is None and "kl/steps_weaker" in plan.metric_keys
+    assert plan.decision.epsilon == 0.01 and plan.decision.dtype is None and "kl/steps_weaker" in plan.metric_keys
 
 
 def test_lora_reference_is_the_policy_without_adapters_unless_a_reference_is_given():
@@ -49,9 +49,13 @@ def test_cache_plan_and_losses_without_perturbation():
     plan = plan_run(cfg("precompute_ref_hidden_states=true"), "ddp", True)
     assert plan.reference == "cache" and plan.whole_reference_head
     dpo = plan_run(cfg("loss_type=dpo"), "single", True)
-    assert dpo.epsilon == 0.0 and "kl/steps_weaker" not in dpo.metric_keys and "kl/pairs_kept" not in dpo.metric_keys
+    assert (
+        dpo.decision.epsilon == 0.0
+        and "kl/steps_weaker" not in dpo.metric_keys
+        and "kl/pairs_kept" not in dpo.metric_keys
+    )
     assert "kl/pairs_kept" in plan_run(cfg("loss_type=beta_dpo"), "single", True).metric_keys
-    assert plan_run(cfg("decision_precision=bfloat16"), "single", True).decision_dtype is torch.bfloat16
+    assert plan_run(cfg("decision_precision=bfloat16"), "single", True).decision.dtype is torch.bfloat16
 
 
 def test_the_plan_is_frozen():
