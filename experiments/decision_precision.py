@@ -39,6 +39,7 @@ REGIMES = ("float32", "bfloat16", "published")
 def decisions(policy, reference, pairs, collate, epsilon: float, precision: str, batch: int = 8) -> list[int]:
     """Counts of s = +1, 0, −1 over ``pairs`` in one regime."""
     cfg = LossConfig(loss_type="epsilon_dpo", epsilon=epsilon, decision_precision=precision)
+    spec = cfg.decision_spec()
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "float32")
     counts = [0, 0, 0]
     with torch.no_grad(), autocast:
@@ -47,19 +48,8 @@ def decisions(policy, reference, pairs, collate, epsilon: float, precision: str,
             ids, attention = data["input_ids"], data["attention_mask"]
             labels, mask = ids[:, 1:], data["completion_mask"][:, 1:]
             ref = reference_side(reference, ids, attention, fused=True)
-            logps = policy_logps(
-                policy,
-                ids,
-                attention,
-                ref,
-                labels,
-                mask,
-                epsilon,
-                fused=True,
-                decision_dtype=cfg.decision_dtype,
-                published_order=cfg.published_order,
-            )
-            steps = compute_pair_losses(logps, mask.sum(-1), cfg, beta=0.1).steps
+            logps = policy_logps(policy, ids, attention, ref, labels, mask, spec, fused=True)
+            steps = compute_pair_losses(logps, mask.sum(-1), cfg, beta=0.1, decision=spec).steps
             for k, s in enumerate((1, 0, -1)):
                 counts[k] += int((steps == s).sum())
     return counts

@@ -235,7 +235,7 @@ def decision_shares(run_dir: Path, pairs: int = 32) -> dict[str, Any]:
     import torch
 
     from epsdpo.data import PreferenceCollator, load_preference_dataset
-    from epsdpo.logps import perturbed_logps
+    from epsdpo.logps import DecisionSpec, compute_perturbed_logps
     from epsdpo.losses import perturbation_steps
     from epsdpo.stages.evaluate import EvalConfig
     from epsdpo.stages.evaluate.measure import load_run_models
@@ -253,15 +253,10 @@ def decision_shares(run_dir: Path, pairs: int = 32) -> dict[str, Any]:
             labels, mask = ids[:, 1:], batch["completion_mask"][:, 1:]
             pol = loaded.policy(input_ids=ids, attention_mask=attention).logits[:, :-1]
             ref = loaded.reference(input_ids=ids, attention_mask=attention).logits[:, :-1]
-            b = ids.shape[0] // 2
-            for name, dtype in (("float32", None), ("bfloat16", torch.bfloat16)):
-                lp = perturbed_logps(pol, ref, labels, mask, cfg.loss.epsilon, decision_dtype=dtype)
-                s = perturbation_steps(
-                    lp.decision_policy[:b] - lp.decision_policy[b:],
-                    lp.weaker[:b] - lp.weaker[b:],
-                    lp.stronger[:b] - lp.stronger[b:],
-                    tolerance=cfg.loss.decision_tolerance,
-                )
+            for name in ("float32", "bfloat16"):  # the run's ε and τ in either precision
+                spec = DecisionSpec.from_precision(cfg.loss.epsilon, name, cfg.loss.decision_tolerance)
+                lp = compute_perturbed_logps(pol, ref, labels, mask, spec)
+                s = perturbation_steps(*spec.logratios(lp), tolerance=spec.tolerance)
                 for i, value in enumerate((1, 0, -1)):
                     counts[name][i] += int((s == value).sum())
     total = sum(counts["float32"])

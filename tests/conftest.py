@@ -28,7 +28,7 @@ def model_cache_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
     configured = os.environ.get("EPSDPO_CACHE_DIR")
     if configured:
         path = Path(configured)
-    elif request.config.cache is not None:
+    elif getattr(request.config, "cache", None) is not None:  # absent under -p no:cacheprovider
         path = Path(request.config.cache.mkdir("epsdpo-models"))
     else:
         path = tmp_path_factory.mktemp("epsdpo-models")

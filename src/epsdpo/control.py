@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from epsdpo.distributed import sum_across_processes
+from epsdpo.logps.decision import check_epsilon
 from epsdpo.losses import beta_dpo_weights
 
 Rule = Literal["inverse_mean_step", "mean_beta"]
@@ -56,13 +57,11 @@ class BetaController:
     ) -> None:
         if not (math.isfinite(beta) and beta > 0):
             raise ValueError(f"beta must be a positive finite number, got {beta}")
-        if not 0.0 <= epsilon < 1.0:
-            raise ValueError(f"epsilon must be in [0, 1), got {epsilon}")
+        self.epsilon = check_epsilon(epsilon)
         if rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
         self._beta = float(beta)
         self.initial_beta = float(beta)
-        self.epsilon = float(epsilon)
         self.rule: Rule = rule
         self._reduce = reduce_fn or sum_across_processes
         # Local counts of s = +1, 0, −1 observed since the last step (this process only).

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from epsdpo.logps.decision import check_epsilon
+
 __all__ = [
     "LossType",
     "beta_dpo_loss",
@@ -196,8 +198,7 @@ def perturbation_steps(
 
 def perturbed_betas(beta: float | Tensor, steps: Tensor, epsilon: float) -> Tensor:
     """β̃ = β / (1 + ε s) per pair: β/(1+ε) where s = +1 (relaxed), β/(1−ε) where s = −1 (tightened), β where s = 0."""
-    if not 0.0 <= epsilon < 1.0:
-        raise ValueError(f"epsilon must be in [0, 1), got {epsilon}: β/(1−ε) is undefined at ε = 1.")
+    epsilon = check_epsilon(epsilon)  # the DecisionSpec's rule: a public function checks its own argument
     return beta / (1.0 + epsilon * steps.to(torch.float32))
 
 

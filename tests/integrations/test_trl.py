@@ -96,12 +96,13 @@ def kl_history(trainer: Trainer) -> list[dict[str, float]]:
 
 
 class Recorder:
-    """Records what both trainers pass through the shared epsdpo functions: decisions and per-pair losses."""
+    """Records what both trainers pass through the shared epsdpo functions: decisions and per-pair losses (ε-DPO's
+    loss is computed in ``pair_loss`` as DPO's loss at each pair's β̃)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.decisions: list[list[int]] = []
         self.losses: list[torch.Tensor] = []
-        observe, loss_fn = BetaController.observe, pair_loss.epsilon_dpo_loss
+        observe, loss_fn = BetaController.observe, pair_loss.dpo_loss
 
         def recording_observe(controller: BetaController, steps: torch.Tensor) -> None:
             self.decisions.append(steps.tolist())
@@ -114,7 +115,7 @@ class Recorder:
             return out
 
         monkeypatch.setattr(BetaController, "observe", recording_observe)
-        monkeypatch.setattr(pair_loss, "epsilon_dpo_loss", recording_loss)
+        monkeypatch.setattr(pair_loss, "dpo_loss", recording_loss)
 
     def take(self) -> tuple[list[list[int]], list[torch.Tensor]]:
         taken = self.decisions, self.losses

@@ -19,6 +19,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from epsdpo.logps import DecisionSpec, LogpsOptions
 from epsdpo.logps.heads import policy_logps, reference_side
 
 
@@ -46,7 +47,8 @@ def main() -> None:
     mask[1, :4] = 0
     ref = reference_side(reference, ids, attention, fused=True)
 
-    expected = policy_logps(plain, ids, attention, ref, labels, mask, 0.01, fused=True, chunk_size=7)
+    spec, options = DecisionSpec(0.01), LogpsOptions(chunk_size=7)
+    expected = policy_logps(plain, ids, attention, ref, labels, mask, spec, options, fused=True)
     (expected.policy * torch.arange(1.0, 5.0)).sum().backward()
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
@@ -55,7 +57,7 @@ def main() -> None:
     fully_shard(sharded.lm_head, mesh=mesh)
     fully_shard(sharded, mesh=mesh)
     assert isinstance(sharded.lm_head.weight, DTensor)  # only a shard outside the forward
-    got = policy_logps(sharded, ids, attention, ref, labels, mask, 0.01, fused=True, chunk_size=7)
+    got = policy_logps(sharded, ids, attention, ref, labels, mask, spec, options, fused=True)
     (got.policy * torch.arange(1.0, 5.0)).sum().backward()
 
     for a, b in zip(expected, got, strict=True):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from epsdpo.logps import LMHeadInput, perturbed_logps
+from epsdpo.logps import LMHeadInput, LogpsOptions, compute_perturbed_logps, perturbed_logps
 from epsdpo.training.config import LossConfig
 from epsdpo.training.pair_loss import compute_pair_losses
 
@@ -62,7 +62,7 @@ def test_published_regime_equals_the_transcription_bit_for_bit(impl, seed):
     assert torch.equal(out.stronger, stronger.float())
     assert torch.equal(out.decision_policy, policy.float())
     cfg = LossConfig(loss_type="epsilon_dpo", epsilon=eps, decision_precision="published")
-    result = compute_pair_losses(out, mask.sum(-1), cfg, beta=0.1)
+    result = compute_pair_losses(out, mask.sum(-1), cfg, beta=0.1, decision=cfg.decision_spec())
     assert torch.equal(result.steps, steps)
 
 
@@ -112,10 +112,9 @@ def test_published_decisions_move_pairs_that_rounding_once_keeps():
     moved = {}
     for precision in ("float32", "bfloat16", "published"):
         c = LossConfig(loss_type="epsilon_dpo", epsilon=0.01, decision_precision=precision)
-        out = perturbed_logps(
-            f, g, labels, mask, 0.01, impl="eager", decision_dtype=c.decision_dtype, published_order=c.published_order
-        )
-        moved[precision] = int((compute_pair_losses(out, mask.sum(-1), c, beta=0.1).steps != 0).sum())
+        spec = c.decision_spec()
+        out = compute_perturbed_logps(f, g, labels, mask, spec, LogpsOptions(impl="eager"))
+        moved[precision] = int((compute_pair_losses(out, mask.sum(-1), c, beta=0.1, decision=spec).steps != 0).sum())
     assert moved["float32"] == 32  # exact arithmetic: every pair of these moves
     assert moved["bfloat16"] == 0 < moved["published"] < 32
 

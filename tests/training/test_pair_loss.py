@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from epsdpo.logps import PerturbedLogps
+from epsdpo.logps import DecisionSpec, PerturbedLogps
 from epsdpo.training.config import LossConfig
 from epsdpo.training.pair_loss import compute_pair_losses, dpo_margins, pair_metric_sums
 
@@ -63,12 +63,25 @@ def test_epsilon_dpo_moves_beta_per_pair_from_the_decisions():
     # pair 1: no perturbed margin differs from z: s = 0, β̃ = β
     lp = logps(**TWO, weaker=[-0.9, -4.0, -2.1, -2.0], stronger=[-1.1, -4.0, -1.9, -2.0])
     cfg = LossConfig(loss_type="epsilon_dpo", beta=0.1, epsilon=0.1)
-    out = compute_pair_losses(lp, TOKENS, cfg, beta=0.1)
+    out = compute_pair_losses(lp, TOKENS, cfg, beta=0.1, decision=cfg.decision_spec())
     assert out.steps.tolist() == [1, 0]
     assert out.beta.tolist() == pytest.approx([0.1 / 1.1, 0.1])
     assert out.loss.losses[0].item() == pytest.approx(sigmoid_loss(0.1 / 1.1 * 1.0))
     sums = pair_metric_sums(out)
     assert (sums["kl/steps_weaker"], sums["kl/steps_kept"], sums["kl/steps_stronger"]) == (1.0, 1.0, 0.0)
+
+
+def test_epsilon_dpo_takes_its_arithmetic_from_the_spec_and_keeps_what_it_compared():
+    lp = logps(**TWO, weaker=[-0.9, -4.0, -2.1, -2.0], stronger=[-1.1, -4.0, -1.9, -2.0])
+    cfg = LossConfig(loss_type="epsilon_dpo", beta=0.1, epsilon=0.1)
+    with pytest.raises(ValueError, match="needs the run's DecisionSpec"):
+        compute_pair_losses(lp, TOKENS, cfg, beta=0.1)
+    # the spec, not the config, decides: a dead band of 0.5 nats keeps pair 0 (gaps of 0.2)
+    out = compute_pair_losses(lp, TOKENS, cfg, beta=0.1, decision=DecisionSpec(0.1, tolerance=0.5))
+    assert out.steps.tolist() == [0, 0] and out.beta.tolist() == pytest.approx([0.1, 0.1])
+    z, weaker, stronger = out.logratios  # chosen − rejected: what the decisions compared
+    assert z.tolist() == [1.0, -2.0]
+    assert weaker.tolist() == pytest.approx([1.2, -2.0]) and stronger.tolist() == pytest.approx([0.8, -2.0])
 
 
 def test_beta_dpo_takes_its_batch_beta_and_kept_pairs_from_the_caller():

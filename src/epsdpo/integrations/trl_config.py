@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import get_args
 
 from trl import DPOConfig
 
 from epsdpo.control import RULES
-from epsdpo.logps import KERNELS
-from epsdpo.training.config import DecisionPrecision
-
-DECISION_PRECISIONS: tuple[str, ...] = get_args(DecisionPrecision)
+from epsdpo.logps import KERNELS, DecisionSpec
+from epsdpo.logps.decision import DECISION_PRECISIONS
 
 
 @dataclass
@@ -79,19 +76,18 @@ class EpsilonDPOConfig(DPOConfig):
 def unsupported_options(args: DPOConfig) -> list[str]:
     """What in ``args`` ε-DPO cannot honour, one sentence each saying what to change (empty when all is well)."""
     problems = []
-    epsilon = getattr(args, "epsilon", 0.0)
-    if not 0.0 <= epsilon < 1.0:
-        problems.append(f"epsilon must be in [0, 1), got {epsilon}")
+    try:  # epsilon, decision_precision and decision_tolerance: the decision arithmetic, checked where it is defined
+        DecisionSpec.from_precision(
+            getattr(args, "epsilon", 0.0),
+            getattr(args, "decision_precision", "float32"),  # type: ignore[arg-type]
+            getattr(args, "decision_tolerance", 0.0),
+        )
+    except (TypeError, ValueError) as error:
+        problems.append(str(error))
     if getattr(args, "beta_update_rule", RULES[0]) not in RULES:
         problems.append(f"beta_update_rule must be one of {list(RULES)}, got {args.beta_update_rule!r}")
-    if getattr(args, "decision_precision", "float32") not in DECISION_PRECISIONS:
-        problems.append(
-            f"decision_precision must be one of {list(DECISION_PRECISIONS)}, got {args.decision_precision!r}"
-        )
     if getattr(args, "logps_kernel", "auto") not in KERNELS:
         problems.append(f"logps_kernel must be one of {list(KERNELS)}, got {args.logps_kernel!r}")
-    if getattr(args, "decision_tolerance", 0.0) < 0:
-        problems.append(f"decision_tolerance must be >= 0, got {args.decision_tolerance}")
     if args.precompute_ref_log_probs:
         problems.append(
             "precompute_ref_log_probs=True is not possible: ε-DPO mixes the reference's full-vocabulary logits with "

@@ -38,6 +38,7 @@ from trl import DPOTrainer
 from epsdpo.control import BetaController
 from epsdpo.distributed import sum_across_processes
 from epsdpo.integrations.trl_config import EpsilonDPOConfig, unsupported_options
+from epsdpo.logps import LogpsOptions
 from epsdpo.logps.heads import fused_head_matches, policy_logps, reference_side
 from epsdpo.training.config import LossConfig
 from epsdpo.training.metrics import PER_PAIR, pair_means
@@ -156,7 +157,13 @@ class EpsilonDPOTrainer(DPOTrainer):
             decision_precision=args.decision_precision,  # type: ignore[arg-type]
             decision_tolerance=args.decision_tolerance,
         )
-        callback = EpsilonDPOCallback(args.beta, args.epsilon, args.beta_update_rule)
+        # the decision arithmetic (the builder `epsdpo train`'s plan uses) and the log-prob options, built once
+        self._decision = self._loss_config.decision_spec()
+        self._logps_options = LogpsOptions(
+            chunk_size=args.logps_chunk_size,
+            kernel=args.logps_kernel,  # type: ignore[arg-type]
+        )
+        callback = EpsilonDPOCallback(args.beta, self._decision.epsilon, args.beta_update_rule)
         super().__init__(
             model,
             ref_model=ref_model,
@@ -242,26 +249,15 @@ class EpsilonDPOTrainer(DPOTrainer):
         ids, attention = inputs["input_ids"], inputs["attention_mask"]  # (2B, T): chosen rows, then rejected
         labels, mask = ids[:, 1:], inputs["completion_mask"][:, 1:]  # logits[:, t] scores ids[:, t + 1]
         fused = self._use_fused(ids, attention)
-        controller, args = self.beta_controller, self.args
+        controller = self.beta_controller
         beta = controller.beta
         with self.accelerator.autocast():
             with self._reference() as reference:
                 ref_side = reference_side(reference, ids, attention, fused)
             logps = policy_logps(
-                model,
-                ids,
-                attention,
-                ref_side,
-                labels,
-                mask,
-                args.epsilon,
-                fused=fused,
-                decision_dtype=self._loss_config.decision_dtype,
-                chunk_size=args.logps_chunk_size,
-                published_order=self._loss_config.published_order,
-                kernel=args.logps_kernel,
+                model, ids, attention, ref_side, labels, mask, self._decision, self._logps_options, fused=fused
             )
-            result = compute_pair_losses(logps, mask.sum(-1), self._loss_config, beta)
+            result = compute_pair_losses(logps, mask.sum(-1), self._loss_config, beta, decision=self._decision)
         if train:
             controller.observe(result.steps)
             self._step_beta = beta

@@ -1,36 +1,42 @@
 """Sequence log-probs of the policy, the reference and the two ε-perturbed policies (``../shared/SPEC.md`` §2).
 
-One public function, :func:`perturbed_logps`, with two implementations behind ``impl=``:
+One computation, :func:`compute_perturbed_logps`, taking *what* to compute as a :class:`DecisionSpec` (ε and the
+decision arithmetic, shared with the loss) and *how* as :class:`LogpsOptions`, with two implementations behind
+``options.impl``:
 
 - ``"eager"`` (:mod:`epsdpo.logps.eager`): full (N, T, V) logits, formulas as written; the test oracle.
 - ``"chunked"`` (:mod:`epsdpo.logps.chunked`, the default): completion tokens only, ``chunk_size`` tokens at a time,
   starting from hidden states and lm_head weights when given an :class:`LMHeadInput`; the same values and gradients.
+
+:func:`perturbed_logps` is the same computation with the spec's and the options' fields as keyword arguments.
 """
 
 from __future__ import annotations
-
-from typing import Literal
 
 import torch
 from torch import Tensor
 
 from epsdpo.logps.chunked import chunked_perturbed_logps, default_chunk_size
-from epsdpo.logps.common import LMHeadInput, PerturbedLogps
+from epsdpo.logps.common import DEFAULT_OPTIONS, Impl, LMHeadInput, LogpsOptions, PerturbedLogps
+from epsdpo.logps.decision import DecisionLogratios, DecisionSpec
 from epsdpo.logps.eager import eager_perturbed_logps
 from epsdpo.logps.vocab import KERNELS, Kernel
 
 __all__ = [
     "KERNELS",
+    "DecisionLogratios",
+    "DecisionSpec",
+    "Impl",
     "Kernel",
     "LMHeadInput",
+    "LogpsOptions",
     "PerturbedLogps",
     "chunked_perturbed_logps",
+    "compute_perturbed_logps",
     "default_chunk_size",
     "eager_perturbed_logps",
     "perturbed_logps",
 ]
-
-Impl = Literal["chunked", "eager"]
 
 
 def _shape(side: Tensor | LMHeadInput) -> tuple[tuple[int, ...], int]:
@@ -70,18 +76,13 @@ def _validate(
         )
 
 
-def perturbed_logps(
+def compute_perturbed_logps(
     policy_logits: Tensor | LMHeadInput,
     ref_logits: Tensor | LMHeadInput,
     labels: Tensor,
     completion_mask: Tensor,
-    epsilon: float,
-    *,
-    impl: Impl = "chunked",
-    decision_dtype: torch.dtype | None = None,
-    chunk_size: int | None = None,
-    published_order: bool = False,
-    kernel: Kernel = "auto",
+    spec: DecisionSpec,
+    options: LogpsOptions = DEFAULT_OPTIONS,
 ) -> PerturbedLogps:
     """Per-sequence log-probs of the policy, the reference and the ε-perturbed policies, each (N,) float32.
 
@@ -101,41 +102,41 @@ def perturbed_logps(
             them in full.
         labels: (N, T) token ids; any value (e.g. -100) where ``completion_mask`` is 0.
         completion_mask: (N, T), 1 on completion tokens. Rows with no completion token get 0.
-        epsilon: the perturbation size ε in [0, 1).
-        impl: ``"chunked"`` (default, memory-efficient) or ``"eager"`` (the readable specification).
-        decision_dtype: None for float32 decisions (the default, and the exact rule). ``torch.bfloat16`` emulates
-            the published implementation, which computed ``weaker``/``stronger`` and the policy's log-probs in the
-            model dtype: mixed logits, per-token log-probs and sums are rounded to that dtype (see
+        spec: ε and the arithmetic of the decision side (``weaker``, ``stronger``, ``decision_policy``): float32, or
+            rounded to ``spec.dtype`` once or in the published order of operations (see :class:`DecisionSpec`,
             ``PerturbedLogps.decision_policy`` and SPEC §2 on why this changes which pairs move).
-        chunk_size: tokens per chunk for ``impl="chunked"``; default keeps one (chunk, V) float32 buffer ≈ 256 MiB.
-        published_order: with ``decision_dtype``, the published trainer's own arithmetic for the decision side
-            instead of one rounding: ``((1 + ε) * f) − (ε * g)`` as three operations in that dtype (likewise the
-            stronger mixture), then ``log_softmax``, the label gather and the per-sequence sum in it; the policy's
-            own decision log-prob from the same low-precision ``log_softmax``. ε(f − g) below half a unit of f's
-            precision then no longer vanishes into a mixture equal to f (see docs/epsilon_dpo.md).
+        options: the implementation, chunk size and vocabulary kernel (:class:`LogpsOptions`).
     """
-    if not 0.0 <= epsilon < 1.0:
-        raise ValueError(f"epsilon must be in [0, 1), got {epsilon}")
-    if decision_dtype is not None and not decision_dtype.is_floating_point:
-        raise TypeError(f"decision_dtype must be a floating dtype or None, got {decision_dtype}")
-    if published_order and decision_dtype is None:
-        raise ValueError("published_order needs decision_dtype (the model dtype, bf16 in the published runs)")
     _validate(policy_logits, ref_logits, labels, completion_mask)
-    if impl == "chunked":
-        return chunked_perturbed_logps(
-            policy_logits,
-            ref_logits,
-            labels,
-            completion_mask,
-            epsilon,
-            decision_dtype,
-            chunk_size,
-            published_order,
-            kernel,
-        )
-    if impl == "eager":
-        full = [s.logits() if isinstance(s, LMHeadInput) else s for s in (policy_logits, ref_logits)]
-        return eager_perturbed_logps(
-            full[0], full[1], labels, completion_mask, epsilon, decision_dtype, published_order
-        )
-    raise ValueError(f"impl must be 'chunked' or 'eager', got {impl!r}")
+    if options.impl == "chunked":
+        return chunked_perturbed_logps(policy_logits, ref_logits, labels, completion_mask, spec, options)
+    full = [s.logits() if isinstance(s, LMHeadInput) else s for s in (policy_logits, ref_logits)]
+    return eager_perturbed_logps(full[0], full[1], labels, completion_mask, spec)
+
+
+def perturbed_logps(
+    policy_logits: Tensor | LMHeadInput,
+    ref_logits: Tensor | LMHeadInput,
+    labels: Tensor,
+    completion_mask: Tensor,
+    epsilon: float,
+    *,
+    impl: Impl = "chunked",
+    decision_dtype: torch.dtype | None = None,
+    chunk_size: int | None = None,
+    published_order: bool = False,
+    kernel: Kernel = "auto",
+) -> PerturbedLogps:
+    """:func:`compute_perturbed_logps` with ``DecisionSpec(epsilon, decision_dtype, published_order)`` and
+    ``LogpsOptions(impl, chunk_size, kernel)`` given field by field (see those classes for each argument).
+
+    ``epsilon`` is ε in [0, 1). ``decision_dtype`` None (default) gives float32 decisions, the exact rule;
+    ``torch.bfloat16`` emulates the published implementation, whose decision-side log-probs were in the model dtype,
+    rounded once; ``published_order`` (with ``decision_dtype``) follows the published trainer's own order of
+    operations instead: ``((1 + ε) * f) − (ε * g)`` as three operations in that dtype (likewise the stronger
+    mixture), then ``log_softmax``, the label gather and the per-sequence sum in it, where ε(f − g) below half a unit
+    of f's precision no longer vanishes into a mixture equal to f (see docs/epsilon_dpo.md).
+    """
+    spec = DecisionSpec(epsilon, decision_dtype, published_order=published_order)
+    options = LogpsOptions(impl, chunk_size, kernel)
+    return compute_perturbed_logps(policy_logits, ref_logits, labels, completion_mask, spec, options)

@@ -20,13 +20,22 @@ own lm_head would); everything after the product runs in float32.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from epsdpo.logps.common import LMHeadInput, PerturbedLogps, published_token_logps, round_to
+from epsdpo.logps.common import (
+    DEFAULT_OPTIONS,
+    LMHeadInput,
+    LogpsOptions,
+    PerturbedLogps,
+    published_token_logps,
+    round_to,
+)
+from epsdpo.logps.decision import DecisionSpec
 from epsdpo.logps.vocab import block_logps, resolve_kernel, token_logps
 
 # Elements of one (chunk, V) float32 buffer; a chunk holds about four of them at once (f, g, a mixture, scratch).
@@ -80,12 +89,11 @@ class _FusedPerturbedTokenLogps(torch.autograd.Function):
         ref_bias: Tensor | None,
         positions: Tensor,  # (M,) rows of the flattened (N*T) inputs that are completion tokens
         labels: Tensor,  # (M,)
-        epsilon: float,
-        chunk_size: int,
-        decision_dtype: torch.dtype | None,
-        published_order: bool,
-        kernel: str,
+        spec: DecisionSpec,
+        options: LogpsOptions,  # its chunk_size resolved (not None)
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        epsilon, decision_dtype, chunk_size, kernel = spec.epsilon, spec.dtype, options.chunk_size, options.kernel
+        assert chunk_size is not None
         compute_dtype = _compute_dtype(policy_hidden, policy_weight, policy_bias)
         ref_dtype = _compute_dtype(ref_hidden, ref_weight, ref_bias)
         # Cast the heads once (autocast would cache the same casts), then run the chunks without autocast.
@@ -121,7 +129,7 @@ class _FusedPerturbedTokenLogps(torch.autograd.Function):
                     continue
                 policy_tok[sl], policy_lse[sl] = token_logps(f, y, scratch[:c])
                 ref_tok[sl] = token_logps(g, y, scratch[:c])[0]
-                if published_order:  # the published arithmetic, every op in the model dtype (see eager.py)
+                if spec.published_order:  # the published arithmetic, every op in the model dtype (see eager.py)
                     fb, gb = f.to(decision_dtype), g.to(decision_dtype)
                     weaker_tok[sl] = published_token_logps(((1 + epsilon) * fb) - (epsilon * gb), y).float()
                     stronger_tok[sl] = published_token_logps(((1 - epsilon) * fb) + (epsilon * gb), y).float()
@@ -137,7 +145,7 @@ class _FusedPerturbedTokenLogps(torch.autograd.Function):
         del f_buf, g_buf, scratch
         if decision_dtype is None:
             decision_tok.copy_(policy_tok)
-        elif not published_order:
+        elif not spec.published_order:
             decision_tok.copy_(round_to(policy_tok, decision_dtype))
             weaker_tok.copy_(round_to(weaker_tok, decision_dtype))
             stronger_tok.copy_(round_to(stronger_tok, decision_dtype))
@@ -189,7 +197,7 @@ class _FusedPerturbedTokenLogps(torch.autograd.Function):
             grad_hidden,
             None if grad_w is None else grad_w.to(weight.dtype),
             None if grad_b is None else grad_b.to(bias.dtype),
-            *([None] * 10),
+            *([None] * 7),  # ref_hidden, ref_weight, ref_bias, positions, labels, spec, options
         )
 
 
@@ -218,39 +226,25 @@ def chunked_perturbed_logps(
     reference: Tensor | LMHeadInput,
     labels: Tensor,
     completion_mask: Tensor,
-    epsilon: float,
-    decision_dtype: torch.dtype | None = None,
-    chunk_size: int | None = None,
-    published_order: bool = False,
-    kernel: str = "auto",
+    spec: DecisionSpec,
+    options: LogpsOptions = DEFAULT_OPTIONS,
 ) -> PerturbedLogps:
     """Same values and gradients as :func:`epsdpo.logps.eager.eager_perturbed_logps`, in O(chunk_size · V) memory.
 
     ``policy``/``reference`` are either (N, T, V) logits or :class:`LMHeadInput` (hidden (N, T, H) and the head).
-    ``kernel`` computes the passes over each (chunk, V) block with float32 decisions (:mod:`epsdpo.logps.vocab`).
+    ``options.chunk_size`` tokens per chunk; ``options.kernel`` computes the passes over each (chunk, V) block with
+    float32 decisions (:mod:`epsdpo.logps.vocab`); ``options.impl`` is not consulted here.
     """
     n, t = labels.shape
     positions, sequence, token_labels = _completion_tokens(labels, completion_mask)  # each (M,)
     p_rows, p_w, p_b = _flatten(policy)
     r_rows, r_w, r_b = _flatten(reference)
     vocab = p_rows.shape[-1] if p_w is None else p_w.shape[0]
-    toks = _FusedPerturbedTokenLogps.apply(
-        p_rows,
-        p_w,
-        p_b,
-        r_rows,
-        r_w,
-        r_b,
-        positions,
-        token_labels,
-        float(epsilon),
-        chunk_size or default_chunk_size(vocab),
-        decision_dtype,
-        published_order,
-        kernel,
-    )
+    chunks = replace(options, chunk_size=options.chunk_size or default_chunk_size(vocab))
+    toks = _FusedPerturbedTokenLogps.apply(p_rows, p_w, p_b, r_rows, r_w, r_b, positions, token_labels, spec, chunks)
+    decision_dtype = spec.dtype
 
-    if published_order:  # the published per-sequence sums: over the (N, T) grid, zero off the mask, in the dtype
+    if spec.published_order:  # the published per-sequence sums: over the (N, T) grid, zero off the mask, in the dtype
 
         def per_sequence_published(tok: Tensor) -> Tensor:
             grid = torch.zeros(n * t, dtype=decision_dtype, device=labels.device)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from epsdpo.logps.vocab import Kernel
+
+Impl = Literal["chunked", "eager"]
 
 
 class PerturbedLogps(NamedTuple):
@@ -17,7 +22,7 @@ class PerturbedLogps(NamedTuple):
     - ``weaker``: log-prob under softmax((1+ε) f_θ − ε f_ref), the policy at a weaker KL penalty β/(1+ε).
     - ``stronger``: log-prob under softmax((1−ε) f_θ + ε f_ref), the policy at a stronger KL penalty β/(1−ε).
     - ``decision_policy``: the policy log-prob at the precision the decisions are made in: ``policy.detach()`` by
-      default; rounded like ``weaker``/``stronger`` when ``decision_dtype`` emulates a model-dtype implementation.
+      default; rounded like ``weaker``/``stronger`` when the decision dtype emulates a model-dtype implementation.
       Compare it, not ``policy``, with ``weaker``/``stronger``.
     """
 
@@ -26,6 +31,32 @@ class PerturbedLogps(NamedTuple):
     weaker: Tensor
     stronger: Tensor
     decision_policy: Tensor
+
+
+@dataclass(frozen=True)
+class LogpsOptions:
+    """How the log-probs are computed, never what (that is the :class:`~epsdpo.logps.decision.DecisionSpec`): every
+    choice gives the same values to float32 rounding.
+
+    Attributes:
+        impl: ``"chunked"`` (default, memory-efficient: completion tokens only, a chunk at a time, from hidden
+            states and the head when given an :class:`LMHeadInput`) or ``"eager"`` (full logits, the specification).
+        chunk_size: tokens per chunk for ``impl="chunked"``; None keeps one (chunk, V) float32 buffer ≈ 256 MiB.
+        kernel: how the chunked path computes each (chunk, V) block's log-sum-exps with float32 decisions
+            (:mod:`epsdpo.logps.vocab`): ``auto``, ``compiled``, ``triton`` or ``eager``.
+    """
+
+    impl: Impl = "chunked"
+    chunk_size: int | None = None
+    kernel: Kernel = "auto"
+
+    def __post_init__(self) -> None:
+        if self.impl not in get_args(Impl):
+            raise ValueError(f"impl must be 'chunked' or 'eager', got {self.impl!r}")
+
+
+#: the defaults: chunked, ~256 MiB chunks, the kernel picked for the device
+DEFAULT_OPTIONS = LogpsOptions()
 
 
 class LMHeadInput(NamedTuple):

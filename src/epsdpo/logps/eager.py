@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from epsdpo.logps.common import PerturbedLogps, published_token_logps, round_to
+from epsdpo.logps.decision import DecisionSpec
 
 
 def _sequence_logps(logits: Tensor, labels: Tensor, mask: Tensor, emulate_dtype: torch.dtype | None = None) -> Tensor:
@@ -29,19 +30,19 @@ def eager_perturbed_logps(
     ref_logits: Tensor,
     labels: Tensor,
     completion_mask: Tensor,
-    epsilon: float,
-    decision_dtype: torch.dtype | None = None,
-    published_order: bool = False,
+    spec: DecisionSpec,
 ) -> PerturbedLogps:
     """Policy, reference and ε-perturbed sequence log-probs from full logits (N, T, V) aligned with labels (N, T).
 
     weaker  = log-probs under softmax((1+ε) f_θ − ε f_ref)   (the policy at a weaker penalty β/(1+ε))
     stronger = log-probs under softmax((1−ε) f_θ + ε f_ref)  (the policy at a stronger penalty β/(1−ε))
 
-    ``published_order`` (with ``decision_dtype``): the decision-side values in the published trainer's arithmetic,
-    every operation in ``decision_dtype``: ``((1 + ε) * f) − (ε * g)`` as three rounded operations (likewise the
-    stronger mixture), ``log_softmax``, the label gather and the per-sequence sum, all in that dtype.
+    ``spec`` gives ε and the decision arithmetic: with ``spec.dtype`` the decision side is rounded to that dtype;
+    with ``spec.published_order`` it is the published trainer's arithmetic, every operation in ``spec.dtype``:
+    ``((1 + ε) * f) − (ε * g)`` as three rounded operations (likewise the stronger mixture), ``log_softmax``, the
+    label gather and the per-sequence sum, all in that dtype.
     """
+    epsilon, decision_dtype = spec.epsilon, spec.dtype
     mask = completion_mask.to(torch.float32)
     safe_labels = torch.where(completion_mask.bool(), labels, torch.zeros_like(labels))  # -100 → 0, masked out
     policy = _sequence_logps(policy_logits, safe_labels, mask)
@@ -57,9 +58,8 @@ def eager_perturbed_logps(
             decision_policy = policy.detach()
         else:
             decision_policy = _sequence_logps(f, safe_labels, mask, decision_dtype)
-        if published_order:
-            if decision_dtype is None:
-                raise ValueError("published_order needs decision_dtype (the model dtype, bf16 in the published runs)")
+        if spec.published_order:
+            assert decision_dtype is not None  # DecisionSpec guarantees it
             fb, gb, keep = f.to(decision_dtype), g.to(decision_dtype), completion_mask.bool()
 
             def published(logits: Tensor) -> Tensor:  # (N,): per-token in the dtype, zero off the mask, summed in it

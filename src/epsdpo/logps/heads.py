@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from epsdpo.logps import Kernel, LMHeadInput, PerturbedLogps, perturbed_logps
+from epsdpo.logps import DecisionSpec, LMHeadInput, LogpsOptions, PerturbedLogps, compute_perturbed_logps
 from epsdpo.logps.chunked import chunked_sequence_logps
+from epsdpo.logps.common import DEFAULT_OPTIONS
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -107,30 +108,19 @@ def policy_logps(
     reference: Tensor | LMHeadInput,
     labels: Tensor,
     mask: Tensor,
-    epsilon: float,
+    spec: DecisionSpec,
+    options: LogpsOptions = DEFAULT_OPTIONS,
     *,
     fused: bool,
-    impl: str = "chunked",
-    decision_dtype: torch.dtype | None = None,
-    chunk_size: int | None = None,
-    published_order: bool = False,
-    kernel: Kernel = "auto",
 ) -> PerturbedLogps:
-    """Run the policy through its forward and compute every sequence log-prob (only ``policy`` carries gradient)."""
+    """Run the policy through its forward and compute every sequence log-prob (only ``policy`` carries gradient).
+
+    ``spec`` and ``options`` as for :func:`~epsdpo.logps.compute_perturbed_logps`; ``fused``: inside the output
+    head, from its hidden states (see the module docstring), else from the model's full logits.
+    """
 
     def compute(policy_side: Tensor | LMHeadInput) -> PerturbedLogps:
-        return perturbed_logps(
-            policy_side,
-            reference,
-            labels,
-            mask,
-            epsilon,
-            impl=impl,  # type: ignore[arg-type]
-            decision_dtype=decision_dtype,
-            chunk_size=chunk_size,
-            published_order=published_order,
-            kernel=kernel,
-        )
+        return compute_perturbed_logps(policy_side, reference, labels, mask, spec, options)
 
     if not fused:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]

@@ -7,21 +7,19 @@ over; every field works as a top-level ``key=value`` override (see :mod:`epsdpo.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
-
-import torch
 
 from epsdpo.config import ConfigError, load_config
 from epsdpo.control import Rule
 from epsdpo.data.config import DataConfig
 from epsdpo.eval_config import EvalConfig
-from epsdpo.logps import Impl, Kernel
+from epsdpo.logps import DecisionSpec, Impl, Kernel
+from epsdpo.logps.decision import DecisionPrecision
 from epsdpo.losses import LossType
 
 SchedulerName = Literal["cosine", "linear", "constant", "constant_with_warmup"]
-DecisionPrecision = Literal["float32", "bfloat16", "published"]
 
 
 @dataclass
@@ -145,8 +143,6 @@ class LossConfig:
             raise ValueError(f"beta_dpo_momentum must be in [0, 1), got {self.beta_dpo_momentum}")
         if not (math.isfinite(self.beta) and self.beta > 0):
             raise ValueError(f"beta must be positive, got {self.beta}")
-        if not 0.0 <= self.epsilon < 1.0:
-            raise ValueError(f"epsilon must be in [0, 1), got {self.epsilon}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing > 0 and not self.loss_type.uses_label_smoothing:
@@ -159,18 +155,14 @@ class LossConfig:
             raise ValueError("beta_schedule and freeze_global_beta both fix the global β; choose one")
         if self.loss_type == "cdpo" and self.label_smoothing == 0:
             raise ValueError("loss_type=cdpo needs label_smoothing > 0 (e.g. 0.1); with 0 it is plain dpo")
-        if self.decision_tolerance < 0:
-            raise ValueError(f"decision_tolerance must be >= 0, got {self.decision_tolerance}")
+        self.decision_spec()  # ε, decision_precision and decision_tolerance, checked where they are defined
 
-    @property
-    def decision_dtype(self) -> torch.dtype | None:
-        """The dtype the decisions are rounded to (None: float32 decisions)."""
-        return None if self.decision_precision == "float32" else torch.bfloat16
-
-    @property
-    def published_order(self) -> bool:
-        """Whether the decisions follow the published trainer's order of low-precision operations."""
-        return self.decision_precision == "published"
+    def decision_spec(self) -> DecisionSpec:
+        """The decision arithmetic this loss names, for the log-probs and the loss alike (the run's plan builds it
+        once): ``epsilon`` (0 for losses that do not use the perturbed policies), ``decision_precision`` and
+        ``decision_tolerance``. Nothing else turns these fields into arithmetic."""
+        spec = DecisionSpec.from_precision(self.epsilon, self.decision_precision, self.decision_tolerance)
+        return spec if self.kind.needs_perturbation else replace(spec, epsilon=0.0)
 
     @property
     def kind(self) -> LossType:

@@ -298,26 +298,14 @@ class Trainer:
     # ---- one step -----------------------------------------------------------------------------------------------
     def _forward(self, model: nn.Module, pairs: list[TokenizedPair], split: str) -> tuple[PerturbedLogps, Tensor, int]:
         """The five sequence log-probs of a micro-batch's 2B rows, its completion lengths (2B,) and token count."""
-        t, plan = self.cfg.train, self.plan
+        plan = self.plan
         batch = {k: v.to(self.accelerator.device) for k, v in self.collate(pairs).items()}
         ids, attention = batch["input_ids"], batch["attention_mask"]  # (2B, T): rows 0..B−1 chosen, B..2B−1 rejected
         labels, mask = shift_for_logps(ids, batch["completion_mask"])  # (2B, T−1): logits[:, t] scores ids[:, t + 1]
         with self.accelerator.autocast():
             reference = self.reference.side(self.unwrapped, pairs, ids, attention, mask, split)  # no grad
             logps = policy_logps(
-                model,
-                ids,
-                attention,
-                reference,
-                labels,
-                mask,
-                plan.epsilon,
-                fused=plan.fused,
-                impl=t.logps_impl,
-                decision_dtype=plan.decision_dtype,
-                chunk_size=t.logps_chunk_size,
-                published_order=plan.published_order,
-                kernel=t.logps_kernel,
+                model, ids, attention, reference, labels, mask, plan.decision, plan.logps, fused=plan.fused
             )  # each field (2B,) float32; only .policy carries gradient
         return logps, mask.sum(-1), int(attention.sum())
 
@@ -342,13 +330,15 @@ class Trainer:
                     batch_beta, kept = self.beta_dpo.batch(margins, generator=generator)
                     keep = rank_slice(kept, self.rank, self.world)  # (B,) this process's pairs
                     kept_share = float(kept.float().mean())  # every process scales by the global share
-                result = compute_pair_losses(logps, lengths, self.cfg.loss, batch_beta, keep, kept_share)
+                result = compute_pair_losses(
+                    logps, lengths, self.cfg.loss, batch_beta, keep, kept_share, decision=self.plan.decision
+                )
                 acc.backward(result.loss.losses.sum() * (self.world / window_pairs))
             if result.steps is not None:
                 self.controller.observe(result.steps)  # ε-DPO's decisions s ∈ {−1, 0, +1}, (B,)
                 if self.decisions is not None:  # a collective: every process's rows, written by the main one
                     ids = torch.tensor([p.index for p in pairs])
-                    self.decisions.add(decision_table(result, lengths, ids, self.cfg.loss))
+                    self.decisions.add(decision_table(result, lengths, ids))
             add_sums(sums, pair_metric_sums(result))
             sums["tokens"] += tokens
         grad_norm = self._clip_gradients()
@@ -407,7 +397,8 @@ class Trainer:
             beta, keep = self.beta, None
             if self.beta_dpo is not None:  # this batch's own margins, every pair kept, statistics unmoved
                 beta, keep = self.beta_dpo.batch(dpo_margins(logps), train=False)
-            add_sums(sums, pair_metric_sums(compute_pair_losses(logps, lengths, self.cfg.loss, beta, keep)))
+            result = compute_pair_losses(logps, lengths, self.cfg.loss, beta, keep, decision=self.plan.decision)
+            add_sums(sums, pair_metric_sums(result))
         self.model.train()
         reduced = reduce_sums(sums, ("pairs", *self.plan.metric_keys))
         return {**pair_means(reduced, prefix="eval/"), "eval/pairs": reduced["pairs"]}

@@ -1,7 +1,8 @@
 """One micro-batch's preference loss from its sequence log-probs: the dispatch over loss types, pure.
 
 No model, no accelerator, no state: β-DPO's batch β and kept pairs are computed by the loop (from margins gathered
-over processes, :class:`epsdpo.control.BetaDPOController`) and passed in.
+over processes, :class:`epsdpo.control.BetaDPOController`) and passed in; ε-DPO's decision arithmetic is the run's
+:class:`~epsdpo.logps.DecisionSpec`, the same object the log-probs were computed with.
 """
 
 from __future__ import annotations
@@ -11,16 +12,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from epsdpo.logps import PerturbedLogps
+from epsdpo.logps import DecisionLogratios, DecisionSpec, PerturbedLogps
 from epsdpo.losses import (
     LossType,
     PreferenceLoss,
     beta_dpo_loss,
     dpo_loss,
-    epsilon_dpo_loss,
     hinge_loss,
     ipo_loss,
     perturbation_steps,
+    perturbed_betas,
 )
 from epsdpo.training.config import LossConfig
 
@@ -32,8 +33,9 @@ class MicroBatchResult:
     loss: PreferenceLoss
     steps: Tensor | None  # ε-DPO decisions, None for other losses
     logps: PerturbedLogps
-    beta: Tensor  # (B,) the β each pair used
+    beta: Tensor  # (B,) the β each pair used (ε-DPO: β̃ = β / (1 + ε s), the one its loss used)
     keep: Tensor | None = None  # β-DPO: the pairs kept by its filtering
+    logratios: DecisionLogratios | None = None  # ε-DPO: the (z, z⁻, z⁺) its decisions compared
 
 
 def dpo_margins(logps: PerturbedLogps) -> Tensor:
@@ -44,16 +46,6 @@ def dpo_margins(logps: PerturbedLogps) -> Tensor:
     return (policy[:b] - policy[b:]) - (reference[:b] - reference[b:])
 
 
-def decision_logratios(logps: PerturbedLogps, cfg: LossConfig) -> tuple[Tensor, Tensor, Tensor]:
-    """(z, z⁻, z⁺), each (B,): chosen − rejected of the decision-side log-probs; with ``decision_precision=
-    published`` each difference is rounded to bf16, as the published trainer subtracts its bf16 sums."""
-    b = logps.policy.shape[0] // 2
-    out = tuple(x[:b] - x[b:] for x in (logps.decision_policy, logps.weaker, logps.stronger))
-    if cfg.published_order:
-        out = tuple(x.to(torch.bfloat16).float() for x in out)
-    return out  # type: ignore[return-value]
-
-
 def compute_pair_losses(
     logps: PerturbedLogps,
     completion_tokens: Tensor,
@@ -61,12 +53,20 @@ def compute_pair_losses(
     beta: float,
     keep: Tensor | None = None,
     kept_share: float | None = None,
+    *,
+    decision: DecisionSpec | None = None,
 ) -> MicroBatchResult:
     """Per-pair losses from the sequence log-probs of 2B rows (0..B−1 chosen, B..2B−1 rejected).
 
     ``completion_tokens`` (2B,) counts each row's completion tokens (IPO's length normalisation). ``beta`` is the
     step's β (for β-DPO the batch's β); ``keep`` (B,) bool, β-DPO only: the pairs its filtering kept, and
     ``kept_share`` the share kept over the whole global batch (when ``keep`` is one process's slice of it).
+    ``decision``, ε-DPO only: the run's :class:`DecisionSpec`, the one ``logps`` were computed with; ``cfg`` gives
+    the loss type and label smoothing, never the decision arithmetic.
+
+    ε-DPO (Lee et al. 2025): z, z⁻, z⁺ from :meth:`DecisionSpec.logratios`, s from
+    :func:`~epsdpo.perturbation_steps` with τ, and the DPO loss at β̃ = β / (1 + ε s)
+    (:func:`~epsdpo.epsilon_dpo_loss`, with β̃ computed once here for the loss, the logs and the decision records).
     """
     kind = cfg.kind
     b = logps.policy.shape[0] // 2
@@ -76,14 +76,16 @@ def compute_pair_losses(
         lengths = completion_tokens.clamp(min=1).to(policy.dtype)
         policy, reference = policy / lengths, reference / lengths
     args = (policy[c], policy[r], reference[c], reference[r])  # each (B,)
-    steps = None
-    pair_beta = torch.full((b,), beta, dtype=torch.float32, device=policy.device)
     if kind is LossType.EPSILON_DPO:
-        z, z_weaker, z_stronger = decision_logratios(logps, cfg)  # each (B,)
-        steps = perturbation_steps(z, z_weaker, z_stronger, tolerance=cfg.decision_tolerance)
-        loss = epsilon_dpo_loss(*args, steps, beta=beta, epsilon=cfg.epsilon, label_smoothing=cfg.label_smoothing)
-        pair_beta = beta / (1.0 + cfg.epsilon * steps.to(torch.float32))
-    elif kind in (LossType.DPO, LossType.CDPO):
+        if decision is None:
+            raise ValueError("loss_type=epsilon_dpo needs the run's DecisionSpec (decision=plan.decision)")
+        logratios = decision.logratios(logps)  # z, z⁻, z⁺, each (B,)
+        steps = perturbation_steps(*logratios, tolerance=decision.tolerance)
+        pair_beta = perturbed_betas(beta, steps, decision.epsilon)  # β̃, (B,) float32
+        loss = dpo_loss(*args, beta=pair_beta.to(policy.dtype), label_smoothing=cfg.label_smoothing)
+        return MicroBatchResult(loss, steps, logps, pair_beta, logratios=logratios)
+    pair_beta = torch.full((b,), beta, dtype=torch.float32, device=policy.device)
+    if kind in (LossType.DPO, LossType.CDPO):
         loss = dpo_loss(*args, beta=beta, label_smoothing=cfg.label_smoothing)
     elif kind is LossType.BETA_DPO:
         if keep is None:
@@ -95,7 +97,7 @@ def compute_pair_losses(
         loss = ipo_loss(*args, beta=beta)
     else:
         loss = hinge_loss(*args, beta=beta)
-    return MicroBatchResult(loss, steps, logps, pair_beta)
+    return MicroBatchResult(loss, None, logps, pair_beta)
 
 
 #: the columns of :func:`decision_table` (and of ``decisions.jsonl``, after ``step``)
@@ -112,15 +114,17 @@ DECISION_COLUMNS = (
 )
 
 
-def decision_table(result: MicroBatchResult, lengths: Tensor, pair_ids: Tensor, cfg: LossConfig) -> Tensor:
-    """(B, len(DECISION_COLUMNS)) float64: every ε-DPO pair's decision and what it was made from.
+def decision_table(result: MicroBatchResult, lengths: Tensor, pair_ids: Tensor) -> Tensor:
+    """(B, len(DECISION_COLUMNS)) float64: every ε-DPO pair's decision and what it was made from, as ``result``'s
+    loss used them (its log-ratios, decisions and β̃; nothing is recomputed).
 
     ``lengths`` (2B,) completion tokens per row; ``pair_ids`` (B,) the pairs' source rows.
     """
-    logps, b = result.logps, pair_ids.shape[0]
-    z, z_weaker, z_stronger = decision_logratios(logps, cfg)
-    margin = dpo_margins(logps)
-    assert result.steps is not None
+    if result.steps is None or result.logratios is None:
+        raise ValueError("decision_table needs an ε-DPO result (its decisions and log-ratios)")
+    b = pair_ids.shape[0]
+    z, z_weaker, z_stronger = result.logratios
+    margin = dpo_margins(result.logps)
     columns = (
         pair_ids.to(z.device),
         result.steps,

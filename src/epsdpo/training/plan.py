@@ -1,5 +1,5 @@
 """The run's plan, decided once before the first step and never changed: which log-prob path, where the reference's
-log-probs come from, which metrics are kept.
+log-probs come from, the decision arithmetic the log-probs and the loss share, which metrics are kept.
 
 :func:`plan_run` is a pure function of the config, the launcher and one fact measured on the model (whether its logits
 are exactly its linear head's output); it refuses combinations that would train wrongly, with the reason. The
@@ -13,11 +13,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 from torch import Tensor, nn
 
 from epsdpo.data import TokenizedPair
-from epsdpo.logps import LMHeadInput
+from epsdpo.logps import DecisionSpec, LMHeadInput, LogpsOptions
 from epsdpo.logps.heads import reference_side
 from epsdpo.training.config import RunConfig
 from epsdpo.training.metrics import PER_PAIR
@@ -45,9 +44,10 @@ class RunPlan:
             read once before training; the reference never runs during it).
         whole_reference_head: keep a whole, frozen copy of the reference's output head (sharded launchers, where a
             module's weight is only a shard outside its forward; and the cache, which needs the head beside it).
-        epsilon: ε passed to the log-probs (0 for losses that do not use the perturbed policies).
-        decision_dtype: None (float32 decisions) or bfloat16 (``decision_precision=bfloat16`` or ``published``).
-        published_order: the decisions in the published trainer's order of bf16 operations.
+        decision: ε-DPO's decision arithmetic (ε, 0 for losses that do not use the perturbed policies; the decision
+            dtype and order of operations; the tolerance τ), built once from the loss config: the same object goes
+            to the log-probs and to the loss.
+        logps: how the log-probs are computed (implementation, chunk size, vocabulary kernel).
         metric_keys: the per-pair metrics this loss reports.
     """
 
@@ -55,9 +55,8 @@ class RunPlan:
     fused: bool
     reference: ReferenceKind
     whole_reference_head: bool
-    epsilon: float
-    decision_dtype: torch.dtype | None
-    published_order: bool
+    decision: DecisionSpec
+    logps: LogpsOptions
     metric_keys: tuple[str, ...]
 
     @property
@@ -105,9 +104,8 @@ def plan_run(cfg: RunConfig, launcher: Launcher, head_is_exact: bool) -> RunPlan
         fused=fused,
         reference=reference,
         whole_reference_head=fused and (sharded or reference == "cache"),
-        epsilon=loss.epsilon if loss.kind.needs_perturbation else 0.0,
-        decision_dtype=loss.decision_dtype,
-        published_order=loss.published_order,
+        decision=loss.decision_spec(),
+        logps=LogpsOptions(t.logps_impl, t.logps_chunk_size, t.logps_kernel),
         metric_keys=keys,
     )
 
