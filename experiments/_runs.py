@@ -19,6 +19,25 @@ from epsdpo.stats import estimate
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def standard_eval(reference_cache_dir: str) -> list[str]:
+    """The ``epsdpo eval`` overrides of the trajectory and selection experiments' protocol: every one of the 110
+    held-out prompts × 2 samples, the bundled held-out pairs, 48 new tokens, sampler seed 0 (so every run shares the
+    reference part cached in ``reference_cache_dir``); ``forward_kl=false`` leaves out KL(π_ref‖π), one of the four
+    log-prob passes."""
+    return [
+        "eval_dataset=bundled",
+        "num_prompts=null",
+        "samples_per_prompt=2",
+        "max_pairs=null",
+        "max_new_tokens=48",
+        "batch_size=32",
+        "seed=0",
+        "disable_tqdm=true",
+        f"reference_cache_dir={reference_cache_dir}",
+        "forward_kl=false",
+    ]
+
+
 def epsdpo_command() -> str:
     """The ``epsdpo`` entry point of the interpreter running the experiment (its virtual environment)."""
     return str(Path(sys.executable).with_name("epsdpo"))

@@ -29,7 +29,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _runs import ROOT, call, commit, epsdpo_command, fmt, grid_main, machine, mean_se, train_seconds
+from _runs import (
+    ROOT,
+    call,
+    commit,
+    epsdpo_command,
+    fmt,
+    grid_main,
+    machine,
+    mean_se,
+    standard_eval,
+    train_seconds,
+)
 
 from epsdpo.stages.evaluate import SUMMARY_KEYS
 
@@ -46,18 +57,7 @@ LABELS = {
     "random": "random (40%)",
     "none": "all pairs",
 }
-EVAL = [
-    "eval_dataset=bundled",
-    "num_prompts=null",
-    "samples_per_prompt=2",
-    "max_pairs=null",
-    "max_new_tokens=48",
-    "batch_size=32",
-    "seed=0",
-    "disable_tqdm=true",
-    "reference_cache_dir=runs/selection_budget/reference_cache",
-    "forward_kl=false",
-]
+EVAL = standard_eval("runs/selection_budget/reference_cache")
 EVAL_KEYS = SUMMARY_KEYS
 #: the paired comparisons of the report: (rule, against)
 COMPARISONS = (("alignment_potential", "random"), ("alignment_potential", "none"), ("alignment_potential", "explicit"))

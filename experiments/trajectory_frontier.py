@@ -58,6 +58,7 @@ from _runs import (
     mean_se,
     reference_text,
     short_machine,
+    standard_eval,
     train_seconds,
 )
 
@@ -74,18 +75,7 @@ CHECKPOINTS = (8, 16, 24, 32, 40, 48, 56, 64)
 #: the evaluation of every checkpoint (the sampler seed is the same for all runs, so all share the reference part).
 #: forward_kl=false: KL(π_ref‖π) is not reported, and leaving it out saves one of the four log-prob passes of each
 #: evaluation (dpo-s0 and eps-s0 were evaluated with it; every other figure is computed the same way).
-EVAL = [
-    "eval_dataset=bundled",
-    "num_prompts=null",
-    "samples_per_prompt=2",
-    "max_pairs=null",
-    "max_new_tokens=48",
-    "batch_size=32",
-    "seed=0",
-    "disable_tqdm=true",
-    "reference_cache_dir=runs/trajectory/reference_cache",
-    "forward_kl=false",
-]
+EVAL = standard_eval("runs/trajectory/reference_cache")
 METHODS: dict[str, list[str]] = {
     "dpo": ["loss_type=dpo"],
     "eps": ["loss_type=epsilon_dpo", "epsilon=0.01", "decision_records=true"],

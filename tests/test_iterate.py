@@ -15,6 +15,7 @@ import yaml
 import epsdpo.recipes.iterate
 from epsdpo.cli import main as cli_main
 from epsdpo.config import ConfigError
+from epsdpo.eval_config import EvalConfig
 from epsdpo.recipes.iterate import (
     STAGES,
     IterateError,
@@ -57,6 +58,18 @@ def test_a_round_evaluation_typo_or_bad_value_fails_when_the_config_is_loaded():
         load_iterate_config({"model": "m", "round_eval": {"num_prompt": 8}})
     with pytest.raises(ConfigError, match=r"iterate.round_eval: .*samples_per_prompt must be >= 1"):
         load_iterate_config({"model": "m"}, ["round_eval={samples_per_prompt: 0}"])
+
+
+def test_the_round_evaluation_is_one_evaluation_config_resolved_at_load():
+    setup = load_iterate_config(
+        {"model": "m", "output_dir": "out", "temperature": 0.7, "round_eval": {"samples_per_prompt": 3}}, ["seed=5"]
+    )
+    ev = setup.round_eval
+    assert isinstance(ev, EvalConfig)
+    # iterate's defaults: the held-out subjects of the same prompts, every prompt, its sampling settings and seed
+    assert (ev.prompts, ev.prompt_split, ev.num_prompts, ev.eval_dataset) == ("bundled", "test", None, "bundled")
+    assert (ev.temperature, ev.seed, ev.samples_per_prompt) == (0.7, 5, 3)  # the user's round_eval wins
+    assert ev.reference_cache_dir == str(Path("out") / "reference_cache")
 
 
 HOOKS = """

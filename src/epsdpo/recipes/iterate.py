@@ -42,6 +42,7 @@ from typing import Any, Literal
 from epsdpo.config import ConfigError, config_to_dict, dump_config, load_config, read_config_source
 from epsdpo.data import load_preference_dataset
 from epsdpo.data.loading import load_rows
+from epsdpo.eval_config import EvalConfig
 from epsdpo.files import read_jsonl_resumable
 from epsdpo.models import initial_model, load_model_for_sampling, load_tokenizer, model_identity
 from epsdpo.recipes.train import train
@@ -134,6 +135,13 @@ class IterateSetup:
 
     iterate: IterateConfig
     run: RunConfig
+    round_eval: EvalConfig = field(init=False)
+
+    def __post_init__(self) -> None:
+        try:  # the rounds' evaluation settings, resolved and checked once, when the config is loaded
+            self.round_eval = load_eval_config(_round_eval_options(self))
+        except ConfigError as err:
+            raise ConfigError(f"iterate.round_eval: {err}") from err
 
     @property
     def output_dir(self) -> Path:
@@ -172,12 +180,7 @@ def load_iterate_config(
             f"dataset={run.data.dataset!r}: iterate generates each round's pairs itself from `prompts`; remove "
             "dataset (eval_dataset, for held-out accuracy, is kept)"
         )
-    setup = IterateSetup(iterate_cfg, run)
-    try:  # the rounds' evaluation settings are checked now, not after a round's sampling and training
-        load_eval_config(_round_eval_options(setup))
-    except ConfigError as err:
-        raise ConfigError(f"iterate.round_eval: {err}") from err
-    return setup
+    return IterateSetup(iterate_cfg, run)
 
 
 def round_prompt_ids(prompt_ids: list[str], rounds: int, mode: str) -> list[list[str]]:
@@ -373,6 +376,7 @@ def _train(setup: IterateSetup, r: int, cfg: RunConfig) -> dict | None:
 
 
 def _round_eval_options(setup: IterateSetup) -> dict[str, Any]:
+    """The round evaluation's ``epsdpo eval`` keys: the defaults below, then the user's ``round_eval``."""
     it, d = setup.iterate, setup.run.data
     held_out = d.eval_dataset or ("bundled" if it.prompts == "bundled" else None)
     return {
@@ -396,15 +400,15 @@ def _round_eval_options(setup: IterateSetup) -> dict[str, Any]:
 
 
 def _evaluate(setup: IterateSetup, r: int, train_dir: Path, original: str, round_dir: Path) -> dict:
-    options = {
-        **_round_eval_options(setup),
-        "run_dir": str(train_dir),
-        "ref_model": original,
-        "output": str(round_dir / "eval.json"),
-        "overwrite": True,
-        "disable_tqdm": setup.run.train.disable_tqdm,
-        "trust_remote_code": setup.run.models.trust_remote_code,
-    }
+    options = dataclasses.replace(
+        setup.round_eval,
+        run_dir=str(train_dir),
+        ref_model=original,
+        output=str(round_dir / "eval.json"),
+        overwrite=True,
+        disable_tqdm=setup.run.train.disable_tqdm,
+        trust_remote_code=setup.run.models.trust_remote_code,
+    )
     result = evaluate(options)
     return {k: result[k] for k in (*SUMMARY_KEYS, "seconds") if k in result}
 
