@@ -36,6 +36,7 @@ from transformers.trainer_callback import ExportableState
 from trl import DPOTrainer
 
 from epsdpo.control import BetaController
+from epsdpo.data import shift_for_logps
 from epsdpo.distributed import sum_across_processes
 from epsdpo.integrations.trl_config import EpsilonDPOConfig, unsupported_options
 from epsdpo.logps import LogpsOptions
@@ -247,7 +248,7 @@ class EpsilonDPOTrainer(DPOTrainer):
         """ε-DPO's loss of one micro-batch (mean over its pairs); observes the decisions when training."""
         train = self.model.training
         ids, attention = inputs["input_ids"], inputs["attention_mask"]  # (2B, T): chosen rows, then rejected
-        labels, mask = ids[:, 1:], inputs["completion_mask"][:, 1:]  # logits[:, t] scores ids[:, t + 1]
+        labels, mask = shift_for_logps(ids, inputs["completion_mask"])
         fused = self._use_fused(ids, attention)
         controller = self.beta_controller
         beta = controller.beta
