@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from epsdpo.config import ConfigError, fields_where, load_config
+from epsdpo.config import ConfigError, config_to_dict, fields_where, load_config
 from epsdpo.control import Rule
 from epsdpo.data.config import DataConfig
 from epsdpo.eval_config import EvalConfig
@@ -350,6 +350,43 @@ def resume_settings(cfg: Any) -> dict[str, tuple[str, ...]]:
         out["fixed"] += tuple(fixed)
         out["allowable"] += tuple(n for n in free if n not in fixed)
     return out
+
+
+@dataclass(frozen=True)
+class ResumeChange:
+    """A setting whose value differs from the one the checkpoint's run used."""
+
+    name: str
+    old: Any
+    new: Any
+    kind: Literal["fixed", "allowed", "refused"]  # fixed: never; allowed: named in resume_allow_changes
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.old!r} → {self.new!r}"
+
+
+def resume_changes(recorded: dict[str, Any], cfg: RunConfig) -> list[ResumeChange]:
+    """The settings of ``cfg`` that differ from ``recorded`` (the checkpoint's run config, as
+    :func:`epsdpo.config.config_to_dict` wrote it), but the free ones; a setting the record lacks (a field added
+    later) is not compared. Each is ``fixed`` (a resume can never change it), ``allowed`` (named in
+    ``resume_allow_changes``) or ``refused``."""
+    settings = resume_settings(cfg)
+    now = config_to_dict(cfg.sections())
+    changes = []
+    for section, values in now.items():
+        before = recorded.get(section) or {}
+        for name, value in values.items():
+            if name in settings["free"] or name not in before or before[name] == value:
+                continue
+            kind = (
+                "fixed"
+                if name in settings["fixed"]
+                else "allowed"
+                if name in cfg.train.resume_allow_changes
+                else "refused"
+            )
+            changes.append(ResumeChange(name, before[name], value, kind))
+    return changes
 
 
 def tokenizer_name(cfg: RunConfig) -> str:
