@@ -153,8 +153,8 @@ def test_rerunning_a_finished_run_with_auto_resume_keeps_its_results(run, capsys
     before = snapshot(run)
     final = json.loads((run / "final" / "final_metrics.json").read_text())
     code, printed = train_cli(capsys, run, "resume_from_checkpoint=auto")
-    assert code == 0 and "done after 4 steps" in printed and f"{final['beta']:.6g}" in printed, printed
-    assert snapshot(run) == before
+    assert code == 0 and "already done (nothing left to train" in printed and "after 4 steps" in printed, printed
+    assert f"β after training = {final['beta']:.6g}" in printed and snapshot(run) == before
     assert {"loss", "rewards/margins", "train_seconds"} <= set(final) and final["train_seconds"] > 0
 
 

@@ -46,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"epsdpo train: error: {err}")
         return 2
     state = "interrupted; checkpoint saved" if result.interrupted else "done"
+    if result.already_finished:
+        state = "already done (nothing left to train; the run is left as it is)"
     print(f"epsdpo train: {state} after {result.global_step} steps, β after training = {result.beta:.6g}")
     print(f"  run directory: {result.output_dir} (config.yaml, metrics.jsonl, checkpoints)")
     if result.final_model_dir is not None:

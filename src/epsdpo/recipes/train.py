@@ -170,7 +170,7 @@ def finished_run(cfg: RunConfig) -> TrainResult | None:
     last = {k: v for k, v in metrics.items() if k not in ("step", "beta", "train_seconds")}
     step, beta, seconds = metrics.get("step", 0), metrics.get("beta", cfg.loss.beta), metrics.get("train_seconds", 0)
     logger.info("%s holds this run, finished after %d steps: nothing to train; final/ is left as it is", out, step)
-    return TrainResult(out, out / "final", step, beta, last, seconds=seconds)
+    return TrainResult(out, out / "final", step, beta, last, seconds=seconds, already_finished=True)
 
 
 def _select(

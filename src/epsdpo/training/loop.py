@@ -95,6 +95,7 @@ class TrainResult:
     eval_metrics: dict[str, Any] | None = None
     plots: list[Path] = field(default_factory=list)
     seconds: float = 0.0
+    already_finished: bool = False  # a finished run asked to resume: nothing was trained or written
 
 
 class _StopFlag:
