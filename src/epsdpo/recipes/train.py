@@ -306,15 +306,6 @@ def prepare_run(
     refuse_restart_over_unfinished_run(cfg, resume)
     sections = cfg.sections()
     set_seed(t.seed)
-    if t.report_to:
-        flat = {
-            f"{section}/{k}": v
-            for section, values in config_to_dict(sections).items()
-            for k, v in values.items()
-            if isinstance(v, int | float | str | bool)
-        }
-        acc.init_trackers(cfg.output_dir.name, config=flat)
-
     tokenizer = load_tokenizer(tokenizer_name(cfg), m.trust_remote_code)
     train_pairs, data_report = load_preference_dataset(cfg.data, tokenizer)
     eval_data = load_eval_dataset(cfg.data, tokenizer)
@@ -329,6 +320,14 @@ def prepare_run(
         if eval_data:
             eval_data[1].write(cfg.output_dir, "data_report_eval.json")
     acc.wait_for_everyone()
+    if t.report_to:
+        flat = {
+            f"{section}/{k}": v
+            for section, values in config_to_dict(sections).items()
+            for k, v in values.items()
+            if isinstance(v, int | float | str | bool)
+        }
+        acc.init_trackers(cfg.output_dir.name, config=flat)
     collate = PreferenceCollator(tokenizer.pad_token_id, cfg.data.pad_to_multiple_of)
 
     models = build_policy_and_reference(m, len(tokenizer), t.seed)
