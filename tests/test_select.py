@@ -169,7 +169,7 @@ def test_reference_identity_follows_ref_model_even_for_a_random_policy():
     from epsdpo.models import model_identity, reference_identity
     from epsdpo.training.config import ModelConfig
 
-    arch = {"model_type": "llama", "hidden_size": 8}
+    arch = {"model_type": "llama", "hidden_size": 8, "num_attention_heads": 2}  # a model transformers can build
     assert reference_identity(ModelConfig(model="x", model_config=arch), 3) == model_identity("x", arch, 3)
     with_ref = ModelConfig(model="x", model_config=arch, ref_model="some/hub-id")
     assert reference_identity(with_ref, 3) == model_identity("some/hub-id") != model_identity("x", arch, 3)

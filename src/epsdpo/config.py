@@ -9,7 +9,8 @@ config is read with :func:`load_config`:
 - ``key=value`` overrides (``max_length=256`` or ``data.max_length=256``) are applied after the file; values are
   read with YAML scalar rules (``true``, ``null``, ``3``, ``[a, b]``) and then coerced to the field's type;
 - every value is checked against its field's annotation (int, float, bool, str, Path, Optional, Literal, list,
-  dict, enum, dataclass); an unknown key is an error that names it and suggests the closest valid name.
+  dict, enum, dataclass); a float must be finite (``nan`` and ``inf`` are refused); an unknown key is an error that
+  names it and suggests the closest valid name.
 
 A field annotated with a dataclass (``eval_options: EvalConfig = field(default_factory=EvalConfig)``, or
 ``EvalConfig | None``) is a *nested config*: it is given as a mapping (``eval_options: {num_prompts: 64}``), built
@@ -30,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import math
 import types
 import typing
 from collections.abc import Collection, Mapping, Sequence
@@ -174,9 +176,10 @@ def coerce_value(value: Any, tp: Any, key: str) -> Any:
         nested = _nested_class(tp)
         if nested is not None and isinstance(value, Mapping):  # its own error (e.g. a typo in a sub-key) is the one
             return coerce_value(value, nested, key)
-        for member in members:
-            if member is type(None):
-                continue
+        candidates = [m for m in members if m is not type(None)]
+        if len(candidates) == 1:  # `X | None`: X's own message (e.g. "not a finite number")
+            return coerce_value(value, candidates[0], key)
+        for member in candidates:
             try:
                 return coerce_value(value, member, key)
             except ConfigError:
@@ -243,13 +246,17 @@ def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
         raise bad
     if tp is float:
         if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 1e-5 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML reads 1e-5 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 raise bad from None
-        raise bad
+        else:
+            raise bad
+        if not math.isfinite(number):  # nan and inf are never a setting: each option's "off" is a number or null
+            raise ConfigError(f"config key {key!r}: {number} is not a finite number; give a number.")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

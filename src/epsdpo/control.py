@@ -147,7 +147,10 @@ class BetaController:
                 f"epsilon={self.epsilon}, rule={self.rule!r}; construct it with the checkpoint's values to resume, "
                 "or pass strict=False to keep the current ones"
             )
-        self._beta = float(state["beta"])
+        beta = float(state["beta"])
+        if not (math.isfinite(beta) and beta > 0):
+            raise ValueError(f"BetaController state has beta={state['beta']!r}; β must be a finite number > 0")
+        self._beta = beta
         self.initial_beta = float(state.get("initial_beta", state["beta"]))
         self._pending = [int(c) for c in state["pending"]]
         self.num_updates = int(state["num_updates"])

@@ -30,6 +30,7 @@ __all__ = [
     "BuiltinModel",
     "build_from_config",
     "cache_dir",
+    "check_model_config",
     "initial_model",
     "load_causal_lm",
     "load_model_for_sampling",
@@ -177,6 +178,43 @@ def load_causal_lm(name_or_path: str, trust_remote_code: bool = False) -> nn.Mod
         dtype=torch.float32,
         use_safetensors=None,
     )
+
+
+def check_model_config(model_config: dict[str, Any]) -> None:
+    """Refuse an architecture mapping that transformers would build differently than written: an unknown
+    ``model_type``, or a key its config class does not know (a typo such as ``num_hidden_layer`` would otherwise be
+    kept as an unused attribute and a default-size model built). Raises ``ValueError`` naming the key and the
+    closest valid one. Keys the class accepts under an older name (``rope_theta``) pass; so do their values' own
+    checks, made by building the config."""
+    import difflib
+    import inspect
+
+    from transformers import CONFIG_MAPPING
+
+    fields = dict(model_config)
+    model_type = fields.pop("model_type", None)
+    if model_type not in CONFIG_MAPPING:
+        close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"model_config: model_type {model_type!r} is not an architecture transformers knows.{hint}")
+    cls = CONFIG_MAPPING[model_type]
+    known = set(cls().to_dict()) | set(inspect.signature(cls.__init__).parameters) | set(cls.attribute_map)
+    try:
+        built = cls(**fields)
+    except Exception as err:  # transformers' own checks raise several kinds (strict dataclass validation errors)
+        reason = str(err).strip().splitlines()[-1].strip()
+        raise ValueError(f"model_config: {cls.__name__} refuses these values: {reason}") from None
+    # an unknown key is kept by the config as a plain attribute, so it shows up in to_dict(); a key consumed
+    # under an older name does not
+    unknown = sorted(k for k in fields if k in built.to_dict() and k not in known)
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, sorted(known - {"self", "kwargs"}), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"model_config: {key!r} is not a field of {cls.__name__} (model_type {model_type!r}), so it would be "
+            f"ignored.{hint}"
+        )
 
 
 def build_from_config(model_config: dict[str, Any], vocab_size: int, seed: int) -> nn.Module:

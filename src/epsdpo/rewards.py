@@ -8,7 +8,8 @@ Three kinds sit behind one :class:`Reward` protocol, chosen by :func:`load_rewar
   model download and is deterministic. The compound score normalises the summed valence x of the text's words to
   x / sqrt(x² + 15), so it lies in [−1, 1];
 - a Hugging Face sequence-classification reward model, by Hub id or local path (:class:`HFRewardModel`);
-- a Python function given as ``"module:function"``, imported (never evaluated) and checked (:class:`CallableReward`).
+- a Python function given as ``"module:function"``, imported and checked (:class:`CallableReward`). The spec is a
+  name, not an expression, but importing the module runs its code: give only a module you trust.
 
 Rewards are batched because the callers (``epsdpo generate`` scoring k samples per prompt, ``epsdpo eval`` scoring
 held-out samples) always have many responses at hand, and a reward model is only fast on batches.
@@ -78,8 +79,9 @@ class CallableReward:
     """A user function ``fn(prompts, responses) -> sequence of floats``, its output checked on every call.
 
     Loaded from a ``"module:function"`` spec (the entry-point syntax; ``"module:object.attribute"`` also works) with
-    :func:`importlib.import_module`, so the spec is a name, never code. Each call checks that the function returned one
-    finite number per response and names the first offending prompt index otherwise.
+    :func:`importlib.import_module`: the spec is a name, not an expression, but the import runs the module's code (give
+    only modules you trust). Each call checks that the function returned one finite number per response and names the
+    first offending prompt index otherwise.
     """
 
     def __init__(self, fn: Callable[[Sequence[str], Sequence[str]], Sequence[float]], name: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from epsdpo.cli import config_and_overrides
     from epsdpo.config import ConfigError
     from epsdpo.data import DataError
-    from epsdpo.recipes.train import train
+    from epsdpo.recipes.train import UnfinishedRunError, train
     from epsdpo.training import TrainingError, load_run_config
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -36,10 +37,17 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_run_config(config, overrides)
         result = train(cfg)
+    except UnfinishedRunError as err:
+        given = [args.config] if args.config is not None else []
+        command = shlex.join(["epsdpo", "train", *given, *args.overrides, "resume_from_checkpoint=auto"])
+        print(f"epsdpo train: error: {err}\n  to resume it: {command}")
+        return 2
     except (ConfigError, DataError, TrainingError, FileNotFoundError) as err:
         print(f"epsdpo train: error: {err}")
         return 2
     state = "interrupted; checkpoint saved" if result.interrupted else "done"
+    if result.already_finished:
+        state = "already done (nothing left to train; the run is left as it is)"
     print(f"epsdpo train: {state} after {result.global_step} steps, β after training = {result.beta:.6g}")
     print(f"  run directory: {result.output_dir} (config.yaml, metrics.jsonl, checkpoints)")
     if result.final_model_dir is not None:

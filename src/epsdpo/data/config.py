@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 TruncationMode = Literal["keep_end", "keep_start"]
@@ -81,7 +81,7 @@ class DataConfig:
     select_ratio: float = 0.4
     select_implicit_weight: float = 1.0
     select_reward: str | None = None
-    select_cache_dir: str | None = None
+    select_cache_dir: str | None = field(default=None, metadata={"resume": False})  # a cache: free on resume
     tokenizer: str | None = None
 
     def __post_init__(self) -> None:

@@ -371,7 +371,7 @@ def _train(setup: IterateSetup, r: int, cfg: RunConfig) -> dict | None:
         "steps": metrics.get("step"),
         "beta_final": metrics.get("beta"),
         "metrics": {k: v for k, v in metrics.items() if k not in ("step", "beta", "train_seconds")},
-        "train_seconds": metrics.get("train_seconds"),  # the loop's wall time (its last invocation, if resumed)
+        "train_seconds": metrics.get("train_seconds"),  # the loop's wall time (all its invocations, if resumed)
     }
 
 

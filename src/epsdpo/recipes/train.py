@@ -12,14 +12,16 @@ verb uses too).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from epsdpo.config import config_to_dict, dump_config
+from epsdpo.config import config_to_dict, dump_config, read_config_source
 from epsdpo.data import DataReport, PreferenceCollator, TokenizedPair, load_eval_dataset, load_preference_dataset
 from epsdpo.distributed import configure_deepspeed, make_accelerator
+from epsdpo.files import cache_key
 from epsdpo.logps.heads import frozen_head_copy, fused_head_matches, output_head
 from epsdpo.machine import cpu_has_native_bf16
 from epsdpo.models import cache_dir, initial_policy_identity, load_tokenizer, reference_identity
@@ -27,15 +29,15 @@ from epsdpo.rundir import publish_evaluation
 from epsdpo.stages.evaluate import evaluate, format_table
 from epsdpo.stages.plots import PLOTS_DIR, plot_reward_vs_kl, plot_training
 from epsdpo.stages.select import select_for_config
-from epsdpo.training.checkpoint import resolve_resume
-from epsdpo.training.config import RunConfig, load_run_config, tokenizer_name
+from epsdpo.training.checkpoint import CheckpointError, check_checkpoint, checkpoint_dirs, resolve_resume
+from epsdpo.training.config import RunConfig, load_run_config, resume_changes, tokenizer_name
 from epsdpo.training.final import save_final_model
 from epsdpo.training.loop import Trainer, TrainingError, TrainResult
 from epsdpo.training.plan import CachedReference, Launcher, LiveReference, PlanError, ReferenceSource, RunPlan, plan_run
 from epsdpo.training.policy import PolicyAndReference, build_policy_and_reference
 from epsdpo.training.refcache import ReferenceHiddenCache, load_or_compute_reference_hidden
 
-__all__ = ["PreparedRun", "prepare_run", "publish_run_evaluation", "train"]
+__all__ = ["PreparedRun", "UnfinishedRunError", "finished_run", "prepare_run", "publish_run_evaluation", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +56,121 @@ def _launcher(accelerator: Any) -> Launcher:
 def _check_output_dir(cfg: RunConfig, resume: Path | None) -> None:
     out = cfg.output_dir
     if resume is None and (out / "final").exists() and not cfg.train.overwrite_output_dir:
+        if cfg.train.resume_from_checkpoint is not None:  # asked to continue it (a longer max_steps): from what?
+            raise TrainingError(
+                f"{out} holds a finished run with no checkpoint to continue from (it saved none: save_steps); "
+                "choose another output_dir, or set overwrite_output_dir=true to train it again"
+            )
         raise TrainingError(
             f"{out} already holds a finished run (final/); choose another output_dir, set "
             "overwrite_output_dir=true, or resume_from_checkpoint=auto to continue it"
         )
+
+
+class UnfinishedRunError(TrainingError):
+    """``output_dir`` holds an unfinished run of ``epsdpo train`` and the command does not resume it; the command
+    line adds the exact command that does (``resume_from_checkpoint=auto``)."""
+
+
+def refuse_restart_over_unfinished_run(cfg: RunConfig, resume: Path | None) -> None:
+    """A run started without ``resume_from_checkpoint`` (and without ``overwrite_output_dir``) over an unfinished
+    run (checkpoints or ``metrics.jsonl``, no ``final/``) would append a second run's steps to the first's: refused,
+    naming how to resume it."""
+    out, t = cfg.output_dir, cfg.train
+    if resume is not None or t.resume_from_checkpoint is not None or t.overwrite_output_dir or (out / "final").exists():
+        return
+    checkpoints = [p.name for p in checkpoint_dirs(out)]
+    if not checkpoints and not (out / "metrics.jsonl").is_file():
+        return
+    found = f"checkpoints {', '.join(checkpoints)}" if checkpoints else "metrics.jsonl but no checkpoint yet"
+    how = (
+        f"resume it from {checkpoints[-1]} with resume_from_checkpoint=auto"
+        if checkpoints
+        else "resume_from_checkpoint=auto starts it again from step 0"
+    )
+    raise UnfinishedRunError(
+        f"{out} holds an unfinished run ({found}); starting another run there would mix the two. To continue it, "
+        f"{how}; to start over, set overwrite_output_dir=true; or choose another output_dir"
+    )
+
+
+def _recorded_config(state: dict[str, Any], checkpoint: Path, out: Path) -> dict[str, Any] | None:
+    """The config the checkpoint's run used: recorded in the checkpoint, else the run directory's ``config.yaml``
+    (a checkpoint written before runs were recorded in it); None when neither is there."""
+    run = state.get("run") or {}
+    if isinstance(run.get("config"), dict):
+        return run["config"]
+    if checkpoint.parent.resolve() == out.resolve() and (out / "config.yaml").is_file():
+        return read_config_source(out / "config.yaml")
+    return None
+
+
+def check_resume(cfg: RunConfig, recorded: dict[str, Any] | None, what: str) -> None:
+    """Refuse to continue ``what`` (a checkpoint, or the finished run) with settings that change the run's meaning,
+    unless ``resume_allow_changes`` names them, and without ``trust_remote_code`` when the run was given it."""
+    if recorded is None:
+        logger.warning("%s records no settings (written by an older epsdpo): they cannot be compared", what)
+        return
+    if (recorded.get("models") or {}).get("trust_remote_code") and not cfg.models.trust_remote_code:
+        raise TrainingError(
+            f"{what} was trained with trust_remote_code=true, which is never taken from a run directory: pass "
+            "trust_remote_code=true on this command to resume it (only if you trust the model's code)"
+        )
+    changes = resume_changes(recorded, cfg)
+    refused = [c for c in changes if c.kind != "allowed"]
+    if not refused:
+        for change in changes:
+            logger.warning("resume of %s: %s (allowed by resume_allow_changes)", what, change)
+        return
+    fixed = [str(c) for c in refused if c.kind == "fixed"]
+    allowable = [c for c in refused if c.kind == "refused"]
+    lines = []
+    if fixed:
+        lines.append(
+            f"cannot change on resume (the checkpoint's optimizer, scheduler, β controller, data order or weights "
+            f"carry them): {'; '.join(fixed)}"
+        )
+    if allowable:
+        names = ",".join(c.name for c in allowable)
+        lines.append(
+            f"change the run's meaning: {'; '.join(map(str, allowable))} (allow them explicitly with "
+            f"resume_allow_changes=[{names}])"
+        )
+    raise TrainingError(
+        f"{what} was run with other settings (old → new). {'. '.join(lines)}. Resume with the run's own settings "
+        "(its config.yaml), or start a new run in another output_dir"
+    )
+
+
+def _check_training_pairs(cfg: RunConfig, state: dict[str, Any] | None, key: str, resume: Path | None) -> None:
+    """A resumed run trains on the pairs its checkpoint's run trained on (unless ``dataset`` changes are allowed)."""
+    recorded = ((state or {}).get("run") or {}).get("data")
+    if recorded is None or recorded == key or "dataset" in cfg.train.resume_allow_changes:
+        return
+    raise TrainingError(
+        f"{resume} was trained on other pairs: the data loaded with these settings differs from the checkpoint's "
+        "(was the data file changed?). Resume with the run's own data, allow it with resume_allow_changes=[dataset], "
+        "or start a new run in another output_dir"
+    )
+
+
+def finished_run(cfg: RunConfig) -> TrainResult | None:
+    """The run in ``output_dir`` when it is finished and this config (with ``resume_from_checkpoint``) asks for
+    nothing more of it: its result, read from ``final/final_metrics.json``; nothing is loaded or written. None
+    when there is no finished run, or when an allowed change (a longer ``max_steps``) asks to continue it."""
+    out = cfg.output_dir
+    metrics_file = out / "final" / "final_metrics.json"
+    if cfg.train.resume_from_checkpoint is None or not metrics_file.is_file():
+        return None
+    recorded = read_config_source(out / "config.yaml") if (out / "config.yaml").is_file() else None
+    check_resume(cfg, recorded, f"the finished run in {out}")
+    if recorded is not None and resume_changes(recorded, cfg):
+        return None  # allowed changes: continue from the newest checkpoint
+    metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+    last = {k: v for k, v in metrics.items() if k not in ("step", "beta", "train_seconds")}
+    step, beta, seconds = metrics.get("step", 0), metrics.get("beta", cfg.loss.beta), metrics.get("train_seconds", 0)
+    logger.info("%s holds this run, finished after %d steps: nothing to train; final/ is left as it is", out, step)
+    return TrainResult(out, out / "final", step, beta, last, seconds=seconds, already_finished=True)
 
 
 def _select(
@@ -182,13 +295,31 @@ def prepare_run(
             "bf16=false is much faster here"
         )
     resume = resolve_resume(t.resume_from_checkpoint, cfg.output_dir)
+    state = None
+    if resume is not None:
+        try:
+            state = check_checkpoint(resume, acc.num_processes)
+        except CheckpointError as err:
+            raise TrainingError(str(err)) from None
+        check_resume(cfg, _recorded_config(state, resume, cfg.output_dir), str(resume))
     _check_output_dir(cfg, resume)
-    sections = {"models": cfg.models, "data": cfg.data, "loss": cfg.loss, "train": cfg.train}
+    refuse_restart_over_unfinished_run(cfg, resume)
+    sections = cfg.sections()
+    set_seed(t.seed)
+    tokenizer = load_tokenizer(tokenizer_name(cfg), m.trust_remote_code)
+    train_pairs, data_report = load_preference_dataset(cfg.data, tokenizer)
+    eval_data = load_eval_dataset(cfg.data, tokenizer)
+    eval_pairs: list[TokenizedPair] = eval_data[0] if eval_data else []
+    pairs_key = cache_key("training pairs", train_pairs)  # before selection, which the settings decide
+    _check_training_pairs(cfg, state, pairs_key, resume)
+    # only now, with every check passed, does the run directory record the settings and data it runs with
     if acc.is_main_process:
         cfg.output_dir.mkdir(parents=True, exist_ok=True)
         dump_config(sections, cfg.output_dir / "config.yaml")
+        data_report.write(cfg.output_dir)
+        if eval_data:
+            eval_data[1].write(cfg.output_dir, "data_report_eval.json")
     acc.wait_for_everyone()
-    set_seed(t.seed)
     if t.report_to:
         flat = {
             f"{section}/{k}": v
@@ -197,12 +328,6 @@ def prepare_run(
             if isinstance(v, int | float | str | bool)
         }
         acc.init_trackers(cfg.output_dir.name, config=flat)
-
-    tokenizer = load_tokenizer(tokenizer_name(cfg), m.trust_remote_code)
-    report_dir = cfg.output_dir if acc.is_main_process else None
-    train_pairs, data_report = load_preference_dataset(cfg.data, tokenizer, report_dir=report_dir)
-    eval_data = load_eval_dataset(cfg.data, tokenizer, report_dir=report_dir)
-    eval_pairs: list[TokenizedPair] = eval_data[0] if eval_data else []
     collate = PreferenceCollator(tokenizer.pad_token_id, cfg.data.pad_to_multiple_of)
 
     models = build_policy_and_reference(m, len(tokenizer), t.seed)
@@ -229,7 +354,8 @@ def prepare_run(
     if models.reference is not None:
         models.reference.to(acc.device)
     reference = _reference_source(cfg, plan, models, {"train": train_pairs, "eval": eval_pairs}, collate, acc)
-    trainer = Trainer(cfg, acc, models, plan, reference, train_pairs, eval_pairs, collate, resume)
+    record = {"config": config_to_dict(sections), "data": pairs_key}
+    trainer = Trainer(cfg, acc, models, plan, reference, train_pairs, eval_pairs, collate, resume, record)
     return PreparedRun(trainer, tokenizer, data_report)
 
 
@@ -269,7 +395,11 @@ def _evaluate_and_plot(cfg: RunConfig, result: TrainResult) -> None:
     """Plots of the run, then (if asked) the evaluation of the final model and the reward-vs-KL plot."""
     t = cfg.train
     if t.eval_after_training:
-        result.eval_metrics = evaluate(dataclasses.replace(t.eval_options, run_dir=str(cfg.output_dir)))
+        # the model code this command was trusted with (trust_remote_code), never more: evaluate() itself does
+        # not take it from the run directory
+        trusted = t.eval_options.trust_remote_code or cfg.models.trust_remote_code
+        options = dataclasses.replace(t.eval_options, run_dir=str(cfg.output_dir), trust_remote_code=trusted)
+        result.eval_metrics = evaluate(options)
         reward_vs_kl = publish_run_evaluation(cfg.output_dir, result.eval_metrics)
         print(format_table(result.eval_metrics))
     if t.plot_after_training:
@@ -281,8 +411,14 @@ def _evaluate_and_plot(cfg: RunConfig, result: TrainResult) -> None:
 def train(
     config: RunConfig | str | Path | dict[str, Any] | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> TrainResult:
-    """Train from a :class:`RunConfig`, a YAML path or a mapping, plus ``key=value`` overrides."""
-    run = prepare_run(config, overrides)
+    """Train from a :class:`RunConfig`, a YAML path or a mapping, plus ``key=value`` overrides.
+
+    A finished run asked to resume with the same settings is left as it is (its result is returned)."""
+    cfg = config if isinstance(config, RunConfig) else load_run_config(config, list(overrides))
+    finished = finished_run(cfg)
+    if finished is not None:
+        return finished
+    run = prepare_run(cfg)
     result = run.trainer.fit()
     acc = run.trainer.accelerator
     if not result.interrupted:

@@ -10,16 +10,20 @@ A checkpoint ``checkpoint-{step}/`` holds:
 - ``trainer_state.json``: step, data position, the BetaController, the world size, written last.
 
 It is written into ``.checkpoint-{step}.partial/`` and renamed into place once every file is there, so a process
-killed at any moment (even SIGKILL) leaves only complete checkpoints under their final names.
+killed at any moment (even SIGKILL) leaves only complete checkpoints under their final names. A checkpoint damaged
+afterwards (a file cut short, deleted or edited) is found by :func:`checkpoint_problem` before anything is loaded,
+and refused with the newest intact checkpoint to resume from instead (:func:`check_checkpoint`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
 import shutil
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -108,6 +112,138 @@ def resolve_resume(spec: str | None, output_dir: Path) -> Path | None:
     return path
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message names it, says why and what to resume from instead."""
+
+
+#: the trainer state's keys and their types; the β controller's and β-DPO's required keys
+_STATE_KEYS = {"global_step": int, "epoch": int, "window": int, "world_size": int, "global_batch": int}
+_CONTROLLER_KEYS = ("beta", "epsilon", "rule", "pending", "num_updates")
+_BETA_DPO_KEYS = ("beta", "alpha", "rho", "momentum", "running_mean", "running_std", "initialized", "last_beta")
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What is wrong with checkpoint ``path``, or None when it is whole; tensors are not loaded: the trainer state
+    is read and checked (keys, types, a finite β > 0, the step its name gives), every file it needs must be there,
+    and each is checked against its own framing (a safetensors header against the file's size, a ``torch.save``
+    archive's directory, which sits at its end), which a file cut short breaks."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"{STATE_FILE} is missing"
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"{STATE_FILE} is not valid JSON ({err}); it was cut short or edited"
+    problem = _state_problem(state, path)
+    if problem is not None:
+        return f"{STATE_FILE}: {problem}"
+    files = ["scheduler.pt", *(f"rng_state_{r}.pt" for r in range(state["world_size"]))]
+    if not (path / "sharded").is_dir():
+        files += [MODEL_FILE, "optimizer.pt"]
+    if (path / REFERENCE_FILE).exists():
+        files.append(REFERENCE_FILE)
+    for name in files:
+        problem = _file_problem(path / name)
+        if problem is not None:
+            return f"{name} {problem}"
+    return None
+
+
+def _state_problem(state: Any, path: Path) -> str | None:
+    if not isinstance(state, dict):
+        return "not a JSON object"
+    for key, kind in _STATE_KEYS.items():
+        value = state.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool) or value < 0:
+            return f"{key} is {value!r}, not a count"
+    if state["global_step"] < 1 or state["world_size"] < 1 or state["global_batch"] < 1:
+        return "global_step, world_size and global_batch must be >= 1"
+    named = _NAME.match(path.name)
+    if named and int(named.group(1)) != state["global_step"]:
+        return f"global_step is {state['global_step']} in a checkpoint named {path.name}"
+    controller = state.get("beta_controller")
+    if not isinstance(controller, dict):
+        return "the β controller's state (beta_controller) is missing"
+    missing = [k for k in _CONTROLLER_KEYS if k not in controller]
+    if missing:
+        return f"the β controller's state lacks {missing}"
+    beta = controller["beta"]
+    if isinstance(beta, bool) or not isinstance(beta, int | float) or not (math.isfinite(beta) and beta > 0):
+        return f"the β controller's β is {beta!r}; β must be a finite number > 0"
+    pending = controller["pending"]
+    if not (isinstance(pending, list) and len(pending) == 3 and all(isinstance(c, int) and c >= 0 for c in pending)):
+        return f"the β controller's pending counts are {pending!r}, not three counts"
+    beta_dpo = state.get("beta_dpo")
+    if beta_dpo is not None:
+        if not isinstance(beta_dpo, dict) or any(k not in beta_dpo for k in _BETA_DPO_KEYS):
+            return f"β-DPO's state lacks {[k for k in _BETA_DPO_KEYS if k not in (beta_dpo or {})]}"
+        last = beta_dpo["last_beta"]
+        if last is not None and not (isinstance(last, int | float) and math.isfinite(last)):
+            return f"β-DPO's last β is {last!r}"
+    return None
+
+
+def _file_problem(path: Path) -> str | None:
+    """Why a checkpoint file cannot be whole (missing, empty, cut short), or None."""
+    if not path.is_file():
+        return "is missing"
+    size = path.stat().st_size
+    if path.suffix == ".safetensors":
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if length < 0 or length > size - 8:
+                return f"is cut short ({size} bytes, less than its own header)"
+            try:
+                header = json.loads(fh.read(length))
+                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+                return "has a damaged header"
+        if 8 + length + end != size:
+            return f"is {size} bytes where its header describes {8 + length + end}: cut short or damaged"
+        return None
+    try:  # torch.save writes a zip archive whose directory is its last part
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError) as err:
+        return f"is cut short or damaged ({size} bytes; {err})"
+    if not members or any(m.header_offset + m.compress_size > size for m in members):
+        return f"is cut short or damaged ({size} bytes)"
+    return None
+
+
+def check_checkpoint(path: Path, world_size: int) -> dict[str, Any]:
+    """The trainer state of checkpoint ``path`` once :func:`checkpoint_problem` finds nothing wrong and it was
+    written by ``world_size`` processes; otherwise a :class:`CheckpointError` that names the newest intact
+    checkpoint of its directory to resume from instead."""
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise damaged_checkpoint(path, problem)
+    state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    if state["world_size"] != world_size:
+        raise CheckpointError(
+            f"{path} was written by {state['world_size']} process(es); resume with the same number of processes "
+            f"(now {world_size})"
+        )
+    return state
+
+
+def damaged_checkpoint(path: Path, problem: str) -> CheckpointError:
+    """The error for a checkpoint that cannot be used: what is wrong, and the newest intact one of its directory."""
+    intact = [p for p in reversed(checkpoint_dirs(path.parent)) if p != path and checkpoint_problem(p) is None]
+    if intact:
+        advice = (
+            f"The newest intact checkpoint is {intact[0]}: resume from it with resume_from_checkpoint={intact[0]} "
+            f"(the steps after it are trained again), and move {path.name} away so that "
+            "resume_from_checkpoint=auto does not pick it again"
+        )
+    else:
+        advice = (
+            f"No intact checkpoint is left in {path.parent}: start the run again (another output_dir, or "
+            "overwrite_output_dir=true)"
+        )
+    return CheckpointError(f"checkpoint {path} cannot be resumed from: {problem}. {advice}.")
+
+
 def write_local_weights(
     directory: Path, model: nn.Module, full_weights: bool, optimizer: torch.optim.Optimizer
 ) -> None:
@@ -165,17 +301,27 @@ def load_checkpoint(
     read_weights: Callable[[Path], None],
     scheduler: Any,
 ) -> dict[str, Any]:
-    """Restore weights and optimizer (``read_weights``), scheduler and this process's RNG; returns the trainer state."""
+    """Restore weights and optimizer (``read_weights``), scheduler and this process's RNG; returns the trainer state.
+
+    Check the checkpoint first (:func:`check_checkpoint`); what still fails to load here (a file whose framing is
+    whole but whose content is not, or weights of another model) raises :class:`CheckpointError` naming the file
+    and the newest intact checkpoint."""
     state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-    read_weights(path)
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng_file = path / f"rng_state_{rank}.pt"
-    if not rng_file.is_file():
-        raise FileNotFoundError(
-            f"{rng_file} is missing: the checkpoint was written by {state.get('world_size')} process(es); resume "
-            "with the same number of processes"
+    world = state.get("world_size", 1)
+    if rank >= world:
+        raise CheckpointError(
+            f"{path} was written by {world} process(es) and has no {rng_file.name}; resume with the same number "
+            "of processes"
         )
-    set_rng_state(torch.load(rng_file, weights_only=True))
+    if not rng_file.is_file():
+        raise damaged_checkpoint(path, f"{rng_file.name} is missing")
+    try:
+        read_weights(path)
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    except Exception as err:  # torch, safetensors and pickle raise many kinds; each means the same here
+        raise damaged_checkpoint(path, f"loading it failed ({type(err).__name__}: {err})") from err
     return state
 
 

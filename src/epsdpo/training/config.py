@@ -6,20 +6,31 @@ over; every field works as a top-level ``key=value`` override (see :mod:`epsdpo.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from epsdpo.config import ConfigError, load_config
+from epsdpo.config import ConfigError, config_to_dict, fields_where, load_config
 from epsdpo.control import Rule
 from epsdpo.data.config import DataConfig
 from epsdpo.eval_config import EvalConfig
 from epsdpo.logps import DecisionSpec, Impl, Kernel
 from epsdpo.logps.decision import DecisionPrecision
 from epsdpo.losses import LossType
+from epsdpo.models import check_model_config
 
 SchedulerName = Literal["cosine", "linear", "constant", "constant_with_warmup"]
+
+#: What a setting is to a resumed run, declared on its field (read with :func:`epsdpo.config.fields_where`):
+#: ``FREE`` settings change nothing the run computes (where files go, logging, speed) and may differ on resume;
+#: ``FIXED`` ones are carried by the checkpoint's own state (optimizer, scheduler, β controller, data order, the
+#: saved weights' shapes), so a resume could not honour another value and refuses it; every other setting changes
+#: the run's meaning and is refused on resume unless named in ``resume_allow_changes`` (see :func:`resume_changes`).
+FREE: dict[str, Any] = {"resume": False}
+FIXED: dict[str, Any] = {"resume_fixed": True}
 
 
 @dataclass
@@ -58,22 +69,22 @@ class ModelConfig:
     """
 
     model: str = "smollm2-135m-instruct"
-    model_config: dict[str, Any] | None = None
+    model_config: dict[str, Any] | None = field(default=None, metadata=FIXED)
     ref_model: str | None = None
-    trust_remote_code: bool = False
+    trust_remote_code: bool = field(default=False, metadata=FREE)  # checked on its own on resume
     bf16: bool = False
-    gradient_checkpointing: bool = False
-    use_lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
+    gradient_checkpointing: bool = field(default=False, metadata=FREE)
+    use_lora: bool = field(default=False, metadata=FIXED)
+    lora_r: int = field(default=16, metadata=FIXED)
+    lora_alpha: int = field(default=32, metadata=FIXED)
     lora_dropout: float = 0.0
-    lora_target_modules: list[str] | str = "all-linear"
-    save_merged_model: bool = False
-    sync_ref_model: bool = False
+    lora_target_modules: list[str] | str = field(default="all-linear", metadata=FIXED)
+    save_merged_model: bool = field(default=False, metadata=FREE)
+    sync_ref_model: bool = field(default=False, metadata=FIXED)
     ref_model_mixup_alpha: float = 0.6
     ref_model_sync_steps: int = 512
-    precompute_ref_hidden_states: bool = False
-    ref_cache_dir: str | None = None
+    precompute_ref_hidden_states: bool = field(default=False, metadata=FREE)
+    ref_cache_dir: str | None = field(default=None, metadata=FREE)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ref_model_mixup_alpha <= 1.0:
@@ -85,10 +96,14 @@ class ModelConfig:
             )
         if self.ref_model_sync_steps < 1:
             raise ValueError(f"ref_model_sync_steps must be >= 1, got {self.ref_model_sync_steps}")
-        if self.model_config is not None and "model_type" not in self.model_config:
-            raise ValueError("model_config needs a 'model_type' (e.g. llama, qwen2) and the architecture's fields")
-        if self.use_lora and self.lora_r < 1:
-            raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
+        if self.model_config is not None:
+            if "model_type" not in self.model_config:
+                raise ValueError("model_config needs a 'model_type' (e.g. llama, qwen2) and the architecture's fields")
+            check_model_config(self.model_config)  # every key a field of the architecture's config class
+        if self.use_lora:
+            _require(self, "lora_r", lambda v: v >= 1, ">= 1")
+            _require(self, "lora_alpha", lambda v: v > 0, "> 0")
+            _require(self, "lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 @dataclass
@@ -120,20 +135,20 @@ class LossConfig:
         beta_dpo_momentum: β-DPO's momentum for the running mean and standard deviation of the margin.
     """
 
-    loss_type: LossType = LossType.EPSILON_DPO
-    beta: float = 0.1
-    epsilon: float = 0.01
+    loss_type: LossType = field(default=LossType.EPSILON_DPO, metadata=FIXED)
+    beta: float = field(default=0.1, metadata=FIXED)
+    epsilon: float = field(default=0.01, metadata=FIXED)
     label_smoothing: float = 0.0
-    beta_update_rule: Rule = "inverse_mean_step"
+    beta_update_rule: Rule = field(default="inverse_mean_step", metadata=FIXED)
     decision_precision: DecisionPrecision = "float32"
     decision_tolerance: float = 0.0
     beta_schedule: str | None = None
     freeze_global_beta: bool = False
     beta_min: float | None = None
     beta_max: float | None = None
-    beta_dpo_alpha: float = 0.6
-    beta_dpo_rho: float = 0.2
-    beta_dpo_momentum: float = 0.9
+    beta_dpo_alpha: float = field(default=0.6, metadata=FIXED)
+    beta_dpo_rho: float = field(default=0.2, metadata=FIXED)
+    beta_dpo_momentum: float = field(default=0.9, metadata=FIXED)
 
     def __post_init__(self) -> None:
         self.loss_type = LossType(self.loss_type)  # a name given in code ("dpo") becomes the enumeration member
@@ -142,15 +157,16 @@ class LossConfig:
         if not 0.0 <= self.beta_dpo_momentum < 1.0:
             raise ValueError(f"beta_dpo_momentum must be in [0, 1), got {self.beta_dpo_momentum}")
         if not (math.isfinite(self.beta) and self.beta > 0):
-            raise ValueError(f"beta must be positive, got {self.beta}")
+            raise ValueError(f"beta must be a finite number > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing > 0 and not self.loss_type.uses_label_smoothing:
             raise ValueError(f"label_smoothing has no meaning for loss_type={self.loss_type.value!r}; set it to 0")
         if self.beta_min is not None and not 0 < self.beta_min <= self.beta:
             raise ValueError(f"beta_min must be in (0, beta={self.beta}], got {self.beta_min}")
-        if self.beta_max is not None and self.beta_max < self.beta:
-            raise ValueError(f"beta_max must be >= beta={self.beta}, got {self.beta_max}")
+        if self.beta_max is not None and not (math.isfinite(self.beta_max) and self.beta_max >= self.beta):
+            raise ValueError(f"beta_max must be >= beta={self.beta} (null: no bound), got {self.beta_max}")
+        _require(self, "beta_dpo_alpha", lambda v: v >= 0, ">= 0")
         if self.beta_schedule is not None and self.freeze_global_beta:
             raise ValueError("beta_schedule and freeze_global_beta both fix the global β; choose one")
         if self.loss_type == "cdpo" and self.label_smoothing == 0:
@@ -188,13 +204,19 @@ class TrainConfig:
         adam_beta1: AdamW β₁.
         adam_beta2: AdamW β₂.
         adam_epsilon: AdamW ε.
-        max_grad_norm: clip the global gradient norm to this; 0 disables clipping.
+        max_grad_norm: clip the global gradient norm to this (> 0); 0 turns clipping off (a negative value is
+            refused: it would flip the gradient).
         logging_steps: write a metrics line every this many optimizer steps.
         eval_steps: evaluate on the held-out pairs every this many steps (0: only at the end; needs eval data).
         save_steps: checkpoint every this many steps (0: no intermediate checkpoints).
         save_total_limit: keep at most this many checkpoints (oldest removed first); None keeps all.
         seed: seeds data order, initialisation of new weights and dropout.
         resume_from_checkpoint: ``auto`` (the latest checkpoint in ``output_dir``, if any), a checkpoint path, or None.
+            A resume refuses settings that differ from the checkpoint's (each named with its old and new value) but
+            those that change nothing computed (where files go, logging, speed); see ``resume_allow_changes``.
+        resume_allow_changes: the settings a resume may change, by name (e.g. ``[max_steps]`` to continue a run
+            for longer; ``[dataset]`` also allows other training pairs). Settings the checkpoint's own state fixes
+            (learning rate, AdamW's, batch sizes, seed, loss_type, β, ε, the β rules, LoRA's shape) cannot be named.
         logps_impl: ``chunked`` (fused, memory-efficient; default) or ``eager`` (full logits, the specification).
         logps_chunk_size: tokens per chunk for the chunked path; None picks ~256 MiB per (chunk, V) buffer.
         logps_kernel: how the chunked path computes each (chunk, V) block's log-sum-exps (float32 decisions):
@@ -216,58 +238,71 @@ class TrainConfig:
         overwrite_output_dir: allow training into a directory that already holds a finished run.
     """
 
-    output_dir: str = "runs/epsdpo"
+    output_dir: str = field(default="runs/epsdpo", metadata=FREE)
     max_steps: int = -1
     num_train_epochs: float = 1.0
-    per_device_train_batch_size: int = 4
-    per_device_eval_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 5e-7
+    per_device_train_batch_size: int = field(default=4, metadata=FIXED)
+    per_device_eval_batch_size: int = field(default=8, metadata=FREE)
+    gradient_accumulation_steps: int = field(default=1, metadata=FIXED)
+    learning_rate: float = field(default=5e-7, metadata=FIXED)
     lr_scheduler_type: SchedulerName = "cosine"
     warmup_ratio: float = 0.1
     warmup_steps: int = 0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
+    weight_decay: float = field(default=0.0, metadata=FIXED)
+    adam_beta1: float = field(default=0.9, metadata=FIXED)
+    adam_beta2: float = field(default=0.999, metadata=FIXED)
+    adam_epsilon: float = field(default=1e-8, metadata=FIXED)
     max_grad_norm: float = 1.0
-    logging_steps: int = 1
-    eval_steps: int = 0
-    save_steps: int = 0
-    save_total_limit: int | None = None
-    seed: int = 42
-    resume_from_checkpoint: str | None = None
-    logps_impl: Impl = "chunked"
-    logps_chunk_size: int | None = None
-    logps_kernel: Kernel = "auto"
-    report_to: list[str] = field(default_factory=list)
-    disable_tqdm: bool = False
-    decision_records: bool = False
-    use_cpu: bool = False
-    plot_after_training: bool = True
-    eval_after_training: bool = False
-    eval_options: EvalConfig = field(default_factory=EvalConfig)
-    overwrite_output_dir: bool = False
+    logging_steps: int = field(default=1, metadata=FREE)
+    eval_steps: int = field(default=0, metadata=FREE)
+    save_steps: int = field(default=0, metadata=FREE)
+    save_total_limit: int | None = field(default=None, metadata=FREE)
+    seed: int = field(default=42, metadata=FIXED)
+    resume_from_checkpoint: str | None = field(default=None, metadata=FREE)
+    resume_allow_changes: list[str] = field(default_factory=list, metadata=FREE)
+    logps_impl: Impl = field(default="chunked", metadata=FREE)
+    logps_chunk_size: int | None = field(default=None, metadata=FREE)
+    logps_kernel: Kernel = field(default="auto", metadata=FREE)
+    report_to: list[str] = field(default_factory=list, metadata=FREE)
+    disable_tqdm: bool = field(default=False, metadata=FREE)
+    decision_records: bool = field(default=False, metadata=FREE)
+    use_cpu: bool = field(default=False, metadata=FREE)
+    plot_after_training: bool = field(default=True, metadata=FREE)
+    eval_after_training: bool = field(default=False, metadata=FREE)
+    eval_options: EvalConfig = field(default_factory=EvalConfig, metadata=FREE)
+    overwrite_output_dir: bool = field(default=False, metadata=FREE)
 
     def __post_init__(self) -> None:
-        for name in (
-            "per_device_train_batch_size",
-            "per_device_eval_batch_size",
-            "gradient_accumulation_steps",
-            "logging_steps",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            _require(self, name, lambda v: v >= 1, ">= 1")
+        _require(self, "logging_steps", lambda v: v >= 1, ">= 1 (a metrics line every this many steps)")
+        _require(self, "eval_steps", lambda v: v >= 0, ">= 1, or 0 to evaluate only at the end")
+        _require(self, "save_steps", lambda v: v >= 0, ">= 1, or 0 for no intermediate checkpoints")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"max_steps must be a positive number of steps or -1 (use epochs), got {self.max_steps}")
-        if self.max_steps == -1 and self.num_train_epochs <= 0:
-            raise ValueError("set max_steps > 0 or num_train_epochs > 0")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        _require(self, "num_train_epochs", lambda v: v > 0, "> 0")
+        _require(self, "learning_rate", lambda v: v > 0, "> 0")
+        _require(self, "warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1)")
+        _require(self, "warmup_steps", lambda v: v >= 0, ">= 0")
+        _require(self, "weight_decay", lambda v: v >= 0, ">= 0 (0: no weight decay)")
+        _require(self, "adam_beta1", lambda v: 0 <= v < 1, "in [0, 1)")
+        _require(self, "adam_beta2", lambda v: 0 <= v < 1, "in [0, 1)")
+        _require(self, "adam_epsilon", lambda v: v > 0, "> 0")
+        # clip_grad_norm_ with a negative threshold multiplies the gradient by a negative factor: training in reverse
+        _require(self, "max_grad_norm", lambda v: v >= 0, "> 0, or 0 to turn clipping off")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ValueError(f"save_total_limit must be >= 1 or null, got {self.save_total_limit}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        # random, NumPy and torch all take it (NumPy only in [0, 2**32))
+        _require(self, "seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)")
+        if self.logps_chunk_size is not None and self.logps_chunk_size < 1:
+            raise ValueError(f"logps_chunk_size must be >= 1 or null (automatic), got {self.logps_chunk_size}")
+
+
+def _require(cfg: Any, name: str, ok: Any, rule: str) -> None:
+    """A ``ValueError`` naming ``name`` and ``rule`` unless the field's value is a finite number that is ``ok``."""
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
 
 
 SECTIONS: dict[str, type] = {"models": ModelConfig, "data": DataConfig, "loss": LossConfig, "train": TrainConfig}
@@ -282,9 +317,76 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        settings = resume_settings(self)
+        for name in self.train.resume_allow_changes:
+            if name in settings["fixed"]:
+                raise ConfigError(
+                    f"resume_allow_changes: {name!r} cannot change on resume: the checkpoint's own state (optimizer, "
+                    "scheduler, β controller, data order or saved weights) carries it; start a new run instead"
+                )
+            if name not in settings["allowable"] and name not in settings["free"]:
+                close = difflib.get_close_matches(name, sorted(settings["allowable"]), n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"resume_allow_changes: {name!r} is not a setting.{hint}")
+
+    def sections(self) -> dict[str, Any]:
+        return {"models": self.models, "data": self.data, "loss": self.loss, "train": self.train}
+
     @property
     def output_dir(self) -> Path:
         return Path(self.train.output_dir)
+
+
+def resume_settings(cfg: Any) -> dict[str, tuple[str, ...]]:
+    """The settings of a run config by what a resume may do with them: ``free`` (may differ), ``fixed`` (never),
+    ``allowable`` (when named in ``resume_allow_changes``); each a tuple of field names, all sections together."""
+    out: dict[str, tuple[str, ...]] = {"free": (), "fixed": (), "allowable": ()}
+    for cls in SECTIONS.values():
+        free = fields_where(cls, "resume", default=True)
+        fixed = fields_where(cls, "resume_fixed", default=False)
+        names = [f.name for f in dataclasses.fields(cls) if f.init]
+        out["free"] += tuple(n for n in names if n not in free)
+        out["fixed"] += tuple(fixed)
+        out["allowable"] += tuple(n for n in free if n not in fixed)
+    return out
+
+
+@dataclass(frozen=True)
+class ResumeChange:
+    """A setting whose value differs from the one the checkpoint's run used."""
+
+    name: str
+    old: Any
+    new: Any
+    kind: Literal["fixed", "allowed", "refused"]  # fixed: never; allowed: named in resume_allow_changes
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.old!r} → {self.new!r}"
+
+
+def resume_changes(recorded: dict[str, Any], cfg: RunConfig) -> list[ResumeChange]:
+    """The settings of ``cfg`` that differ from ``recorded`` (the checkpoint's run config, as
+    :func:`epsdpo.config.config_to_dict` wrote it), but the free ones; a setting the record lacks (a field added
+    later) is not compared. Each is ``fixed`` (a resume can never change it), ``allowed`` (named in
+    ``resume_allow_changes``) or ``refused``."""
+    settings = resume_settings(cfg)
+    now = config_to_dict(cfg.sections())
+    changes = []
+    for section, values in now.items():
+        before = recorded.get(section) or {}
+        for name, value in values.items():
+            if name in settings["free"] or name not in before or before[name] == value:
+                continue
+            kind = (
+                "fixed"
+                if name in settings["fixed"]
+                else "allowed"
+                if name in cfg.train.resume_allow_changes
+                else "refused"
+            )
+            changes.append(ResumeChange(name, before[name], value, kind))
+    return changes
 
 
 def tokenizer_name(cfg: RunConfig) -> str:

@@ -44,6 +44,8 @@ from epsdpo.logps.heads import policy_logps
 from epsdpo.sampling import sample_seed
 from epsdpo.training.checkpoint import (
     REFERENCE_FILE,
+    CheckpointError,
+    check_checkpoint,
     load_checkpoint,
     load_trainable_state,
     read_local_weights,
@@ -58,6 +60,7 @@ from epsdpo.training.metrics import (
     add_sums,
     load_beta_schedule,
     pair_means,
+    read_metrics,
     reduce_sums,
 )
 from epsdpo.training.pair_loss import (
@@ -92,6 +95,7 @@ class TrainResult:
     eval_metrics: dict[str, Any] | None = None
     plots: list[Path] = field(default_factory=list)
     seconds: float = 0.0
+    already_finished: bool = False  # a finished run asked to resume: nothing was trained or written
 
 
 class _StopFlag:
@@ -199,7 +203,10 @@ class Trainer:
             :class:`~epsdpo.training.plan.CachedReference`).
         train_pairs, eval_pairs: tokenized pairs (after selection); eval_pairs may be empty.
         collate: turns pairs into a padded batch.
-        resume_path: the checkpoint to continue from, or None.
+        resume_path: the checkpoint to continue from, or None (a fresh run: ``metrics.jsonl`` and
+            ``decisions.jsonl`` are started empty, so they never hold another run's steps).
+        run_record: what the run is (its config as a mapping, a key of its training pairs), kept in every checkpoint
+            so that a resume can compare (see :func:`epsdpo.recipes.train.prepare_run`).
     """
 
     def __init__(
@@ -213,6 +220,7 @@ class Trainer:
         eval_pairs: list[TokenizedPair],
         collate: PreferenceCollator,
         resume_path: Path | None = None,
+        run_record: dict[str, Any] | None = None,
     ) -> None:
         t, loss = cfg.train, cfg.loss
         self.cfg, self.accelerator, self.models, self.plan, self.reference = cfg, accelerator, models, plan, reference
@@ -275,7 +283,9 @@ class Trainer:
         )
         self.global_step = self.epoch = self.window_in_epoch = 0
         self.last_checkpoint: Path | None = None
-        self.resume_path = resume_path
+        self.resume_path, self.run_record = resume_path, run_record
+        self.seconds_before = 0.0  # the loop's wall time in earlier invocations of a resumed run
+        self._started = time.perf_counter()
         self._resume()
 
     @property
@@ -416,10 +426,10 @@ class Trainer:
             dynamic_ncols=True,
         )
         logged: dict[str, float] = {}
-        last: dict[str, float] = {}
+        last: dict[str, float] = self._logged_before() if self.global_step else {}
         windows = self._windows()
         interrupted = False
-        started = time.perf_counter()
+        self._started = started = time.perf_counter()
         with _StopFlag() as stop:
             while self.global_step < total:
                 step_start = time.perf_counter()
@@ -457,8 +467,24 @@ class Trainer:
             self.beta,
             last,
             interrupted,
-            seconds=time.perf_counter() - started,
+            seconds=self.seconds_before + time.perf_counter() - started,
         )
+
+    def _logged_before(self) -> dict[str, float]:
+        """The last training record (and the held-out one of the same step) in ``metrics.jsonl`` up to the resumed
+        step: what the run ends with when no step is left to take."""
+        if not self.metrics.path.is_file():
+            return {}
+        last: dict[str, float] = {}
+        for record in read_metrics(self.metrics.path):
+            if record.get("step", 0) > self.global_step:
+                continue
+            held_out = any(k.startswith("eval/") for k in record)
+            if not held_out:
+                last = dict(record)
+            elif record.get("step") == last.get("step"):
+                last.update(record)
+        return last
 
     def _log(self, logged: dict[str, float], grad_norm: float, beta: float) -> dict[str, float]:
         """Reduce the sums since the last log over processes and write one metrics.jsonl record."""
@@ -491,25 +517,43 @@ class Trainer:
 
     # ---- checkpoints --------------------------------------------------------------------------------------------
     def _resume(self) -> None:
-        if self.resume_path is None:
+        if self.resume_path is None:  # a fresh run: its metrics files hold its own steps only
+            self.metrics.truncate_after(0)
+            if self.decisions is not None:
+                self.decisions.truncate_after(0)
             return
-        state = load_checkpoint(
-            self.resume_path, rank=self.rank, read_weights=self._read_weights, scheduler=self.scheduler
-        )
-        if state["world_size"] != self.world or state["global_batch"] != self.global_batch:
-            raise TrainingError(
-                f"{self.resume_path} was written by {state['world_size']} process(es) with a global batch of "
-                f"{state['global_batch']} pairs; resume with the same number of processes and batch size "
-                f"(now {self.world} and {self.global_batch})"
+        try:
+            check_checkpoint(self.resume_path, self.world)
+            state = load_checkpoint(
+                self.resume_path, rank=self.rank, read_weights=self._read_weights, scheduler=self.scheduler
             )
-        self.controller.load_state_dict(state["beta_controller"])
-        if self.beta_dpo is not None:
-            self.beta_dpo.load_state_dict(state["beta_dpo"])
+        except CheckpointError as err:
+            raise TrainingError(str(err)) from None
+        if state["global_batch"] != self.global_batch:
+            raise TrainingError(
+                f"{self.resume_path} was written with a global batch of {state['global_batch']} pairs; resume with "
+                f"the same batch size and number of processes (now {self.global_batch} pairs)"
+            )
+        if state["global_step"] > self.schedule.total_steps:
+            raise TrainingError(
+                f"{self.resume_path} is after step {state['global_step']}, past this run's "
+                f"{self.schedule.total_steps} steps; resume with max_steps >= {state['global_step']}"
+            )
+        try:
+            self.controller.load_state_dict(state["beta_controller"])
+            if self.beta_dpo is not None:
+                self.beta_dpo.load_state_dict(state["beta_dpo"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise TrainingError(f"{self.resume_path}: the β controller's state does not fit this run ({err})") from None
         self.global_step, self.epoch, self.window_in_epoch = state["global_step"], state["epoch"], state["window"]
+        self.seconds_before = float(state.get("train_seconds", 0.0))
         self.last_checkpoint = self.resume_path
-        self.metrics.truncate_after(self.global_step)
-        if self.decisions is not None:
-            self.decisions.truncate_after(self.global_step)
+        try:
+            self.metrics.truncate_after(self.global_step)
+            if self.decisions is not None:
+                self.decisions.truncate_after(self.global_step)
+        except ValueError as err:
+            raise TrainingError(str(err)) from None
         logger.info("resumed from %s at step %d (next step's β = %.6g)", self.resume_path, self.global_step, self.beta)
 
     def _write_weights(self, directory: Path) -> None:
@@ -541,6 +585,8 @@ class Trainer:
             "total_steps": self.schedule.total_steps,
             "beta_controller": self.controller.state_dict(),
             "beta_dpo": None if self.beta_dpo is None else self.beta_dpo.state_dict(),
+            "train_seconds": self.seconds_before + time.perf_counter() - self._started,
+            "run": self.run_record,
         }
         path = save_checkpoint(
             self.output_dir,

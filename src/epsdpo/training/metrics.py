@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,7 +13,9 @@ import torch
 from torch import Tensor
 
 from epsdpo.distributed import gather_across_processes, sum_across_processes
-from epsdpo.files import read_jsonl
+from epsdpo.files import read_jsonl, read_jsonl_resumable
+
+logger = logging.getLogger(__name__)
 
 #: sums that are divided by the pair count to give means
 PER_PAIR = (
@@ -53,11 +56,18 @@ def pair_means(sums: Mapping[str, float], prefix: str = "") -> dict[str, float]:
 
 
 def truncate_jsonl_after(path: Path, step: int) -> None:
-    """Drop the records of a JSONL file logged after ``step`` (on resume; nothing when the file does not exist)."""
+    """Drop the records of a JSONL file logged after ``step`` (on resume; nothing when the file does not exist).
+
+    A last line cut short by a kill in mid-write is dropped with a warning (its step is retrained); a broken line
+    before it raises ``ValueError`` naming the file and the line.
+    """
     if not path.is_file():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    kept = [line for line in kept if json.loads(line).get("step", 0) <= step]
+    rows, torn = read_jsonl_resumable(path)  # cuts a torn last line off the file
+    if torn:
+        logger.warning("%s: its last line was cut short (a kill in mid-write); dropped it", path)
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [line for line, row in zip(lines, rows, strict=True) if row.get("step", 0) <= step]
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 

@@ -337,11 +337,16 @@ def load_run_models(cfg: EvalConfig) -> LoadedModels:
         cfg.tokenizer or (str(final) if final.is_dir() else tokenizer_name(run_cfg)), cfg.trust_remote_code
     )
     m = run_cfg.models
+    if m.trust_remote_code and not cfg.trust_remote_code:  # a run directory never grants it (it may come from anyone)
+        print(
+            f"epsdpo eval: {run} was trained with trust_remote_code=true; a run directory never grants it: pass "
+            "trust_remote_code=true to this evaluation if its models need their own code and you trust it",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def initial() -> nn.Module:  # the run's starting point, rebuilt exactly as the trainer built it
-        return initial_model(
-            m.model, m.model_config, len(tokenizer), run_cfg.train.seed, cfg.trust_remote_code or m.trust_remote_code
-        )
+        return initial_model(m.model, m.model_config, len(tokenizer), run_cfg.train.seed, cfg.trust_remote_code)
 
     if cfg.checkpoint is not None:
         policy = checkpoint_policy(run, cfg.checkpoint, m, initial)
