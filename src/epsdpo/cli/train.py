@@ -20,11 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # deferred: argument parsing and `epsdpo --help` never import torch or transformers
-    from epsdpo.cli import config_and_overrides
-    from epsdpo.config import ConfigError
-    from epsdpo.data import DataError
+    from epsdpo.cli import config_and_overrides, error_exit
+    from epsdpo.errors import UserError
     from epsdpo.recipes.train import train
-    from epsdpo.training import TrainingError, load_run_config
+    from epsdpo.training import load_run_config
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config, overrides = config_and_overrides(args.config, args.overrides)
@@ -36,9 +35,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_run_config(config, overrides)
         result = train(cfg)
-    except (ConfigError, DataError, TrainingError, FileNotFoundError) as err:
-        print(f"epsdpo train: error: {err}")
-        return 2
+    except (UserError, OSError) as err:  # a config, data, run directory, model path or disk problem
+        return error_exit(args, "train", err, 2)
     state = "interrupted; checkpoint saved" if result.interrupted else "done"
     print(f"epsdpo train: {state} after {result.global_step} steps, β after training = {result.beta:.6g}")
     print(f"  run directory: {result.output_dir} (config.yaml, metrics.jsonl, checkpoints)")
