@@ -23,7 +23,8 @@ from epsdpo.distributed import configure_deepspeed, make_accelerator
 from epsdpo.logps.heads import frozen_head_copy, fused_head_matches, output_head
 from epsdpo.machine import cpu_has_native_bf16
 from epsdpo.models import cache_dir, initial_policy_identity, load_tokenizer, reference_identity
-from epsdpo.rundir import publish_evaluation
+from epsdpo.rundir import is_train_run, publish_evaluation
+from epsdpo.runlock import claim_run_dir, run_dir_lock
 from epsdpo.stages.evaluate import evaluate, format_table
 from epsdpo.stages.plots import PLOTS_DIR, plot_reward_vs_kl, plot_training
 from epsdpo.stages.select import select_for_config
@@ -181,6 +182,16 @@ def prepare_run(
             "back to a slow generic GEMM (measured 0.2-10 GFLOP/s against 30-40 in float32 on such a machine); "
             "bf16=false is much faster here"
         )
+    # a new or empty directory, an earlier run of ours, or (overwrite_output_dir) an earlier run moved aside first
+    claim_run_dir(
+        cfg.output_dir,
+        overwrite=t.overwrite_output_dir,
+        is_run=is_train_run,
+        what="run of `epsdpo train` (no config.yaml, metrics.jsonl or checkpoint)",
+        resuming=t.resume_from_checkpoint is not None,
+        main=acc.is_main_process,
+    )
+    acc.wait_for_everyone()
     resume = resolve_resume(t.resume_from_checkpoint, cfg.output_dir)
     _check_output_dir(cfg, resume)
     sections = {"models": cfg.models, "data": cfg.data, "loss": cfg.loss, "train": cfg.train}
@@ -281,14 +292,19 @@ def _evaluate_and_plot(cfg: RunConfig, result: TrainResult) -> None:
 def train(
     config: RunConfig | str | Path | dict[str, Any] | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> TrainResult:
-    """Train from a :class:`RunConfig`, a YAML path or a mapping, plus ``key=value`` overrides."""
-    run = prepare_run(config, overrides)
-    result = run.trainer.fit()
-    acc = run.trainer.accelerator
-    if not result.interrupted:
-        result.final_model_dir = _save_final(run, result)
-        if acc.is_main_process:
-            _evaluate_and_plot(run.trainer.cfg, result)
-    acc.wait_for_everyone()
-    acc.end_training()  # last: it also tears down the process group
+    """Train from a :class:`RunConfig`, a YAML path or a mapping, plus ``key=value`` overrides.
+
+    The run holds its directory's lock (:func:`epsdpo.runlock.run_dir_lock`) from before it writes anything until
+    it returns or fails: a second run into the same ``output_dir`` is refused."""
+    cfg = config if isinstance(config, RunConfig) else load_run_config(config, list(overrides))
+    with run_dir_lock(cfg.output_dir):
+        run = prepare_run(cfg)
+        result = run.trainer.fit()
+        acc = run.trainer.accelerator
+        if not result.interrupted:
+            result.final_model_dir = _save_final(run, result)
+            if acc.is_main_process:
+                _evaluate_and_plot(run.trainer.cfg, result)
+        acc.wait_for_everyone()
+        acc.end_training()  # last: it also tears down the process group
     return result

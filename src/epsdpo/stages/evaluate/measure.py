@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import statistics
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from importlib.resources import files
 from pathlib import Path
@@ -61,6 +63,7 @@ from epsdpo.models import (
 )
 from epsdpo.rewards import load_reward
 from epsdpo.rundir import beta_at_step, checkpoint_policy, final_beta
+from epsdpo.runlock import output_file_lock, run_dir_lock
 from epsdpo.sampling import (
     Completion,
     decode_completion,
@@ -435,6 +438,20 @@ def evaluate(
     name, output, samples_path = destination(cfg)
     settings = evaluation_settings(cfg)
     check_overwrite(output, settings, cfg.overwrite)
+    with _output_lock(cfg, output):  # also proves the destination writable, before any sampling
+        return _evaluate(cfg, name, output, samples_path, settings, started)
+
+
+def _output_lock(cfg: EvalConfig, output: Path) -> AbstractContextManager[None]:
+    """The lock of what the evaluation writes: its run directory when it writes into one, else its output file."""
+    if cfg.run_dir is not None and Path(os.path.abspath(output)).is_relative_to(os.path.abspath(cfg.run_dir)):
+        return run_dir_lock(cfg.run_dir, "run_dir")
+    return output_file_lock(output)
+
+
+def _evaluate(
+    cfg: EvalConfig, name: str, output: Path, samples_path: Path, settings: dict[str, Any], started: float
+) -> dict[str, Any]:
     _say(cfg, "eval: loading the policy and the reference")
     loaded = _load_models(cfg)
     prompts = load_prompts(cfg.prompts, cfg.prompt_split, cfg.prompt_column, cfg.num_prompts)
