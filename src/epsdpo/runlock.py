@@ -77,9 +77,9 @@ def check_writable_dir(directory: Path, option: str = "output_dir") -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except (FileExistsError, NotADirectoryError) as err:
+        blocking = next((p for p in (directory, *directory.parents) if p.is_file()), directory)
         raise OutputDirError(
-            f"{option}={str(directory)!r} cannot be created: {err.filename or directory} is a file; give a "
-            "directory path."
+            f"{option}={str(directory)!r} cannot be created: {blocking} is a file; give a directory path."
         ) from err
     except OSError as err:
         raise OutputDirError(
