@@ -10,14 +10,10 @@ import os
 import signal
 import socket
 import subprocess
-import sys
-import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-import epsdpo
 from epsdpo.errors import UserError
 from epsdpo.runlock import (
     BREAK_LOCK_ENV,
@@ -30,53 +26,6 @@ from epsdpo.runlock import (
     run_dir_lock,
 )
 
-SRC = str(Path(epsdpo.__file__).resolve().parents[1])
-
-#: a second process that takes the lock, says so, and holds it until its stdin closes (or a signal ends it)
-HOLDER = textwrap.dedent(
-    """
-    import sys
-    from pathlib import Path
-    from epsdpo.runlock import output_file_lock, run_dir_lock
-    target, kind = Path(sys.argv[1]), sys.argv[2]
-    with (run_dir_lock(target) if kind == "dir" else output_file_lock(target)):
-        print("held", flush=True)
-        sys.stdin.read()
-    print("released", flush=True)
-    """
-)
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": SRC, "RANK": "0"}
-
-
-@pytest.fixture
-def holder() -> Iterator:
-    """Start a second process holding the lock of a directory (``kind="dir"``) or an output file; it is ended after
-    the test."""
-    started: list[subprocess.Popen] = []
-
-    def start(target: Path, kind: str = "dir") -> subprocess.Popen:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", HOLDER, str(target), kind],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=_env(),
-        )
-        started.append(proc)
-        line = proc.stdout.readline()
-        assert line == "held\n", (line, proc.stderr.read() if proc.poll() is not None else "")
-        return proc
-
-    yield start
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-
 
 def _release(proc: subprocess.Popen) -> None:
     proc.stdin.close()
@@ -86,9 +35,11 @@ def _release(proc: subprocess.Popen) -> None:
 
 # ---- a second writer ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("attempt", range(5))  # several times over: a flaky lock would show here
-def test_a_second_process_is_refused_with_the_holders_details_and_may_go_on_once_it_ends(tmp_path, holder, attempt):
+def test_a_second_process_is_refused_with_the_holders_details_and_may_go_on_once_it_ends(
+    tmp_path, lock_holder, attempt
+):
     run = tmp_path / "run"
-    proc = holder(run)
+    proc = lock_holder(run)
     with pytest.raises(RunDirInUseError) as refused, run_dir_lock(run):
         pass
     message = str(refused.value)
@@ -129,9 +80,9 @@ def test_of_processes_racing_for_one_directory_exactly_one_wins(tmp_path, attemp
     assert not (tmp_path / "run" / LOCK_NAME).exists()
 
 
-def test_an_output_file_is_locked_beside_it(tmp_path, holder):
+def test_an_output_file_is_locked_beside_it(tmp_path, lock_holder):
     output = tmp_path / "gen" / "pairs.jsonl"
-    proc = holder(output, "file")
+    proc = lock_holder(output, "file")
     assert (tmp_path / "gen" / ".pairs.jsonl.lock").is_file()
     with pytest.raises(RunDirInUseError, match=rf"{output} is in use by another run: pid {proc.pid}"):
         with output_file_lock(output):
@@ -142,9 +93,9 @@ def test_an_output_file_is_locked_beside_it(tmp_path, holder):
 
 
 # ---- stale and foreign locks --------------------------------------------------------------------------------------
-def test_a_lock_left_by_a_killed_process_on_this_host_is_taken_over_with_a_warning(tmp_path, holder, caplog):
+def test_a_lock_left_by_a_killed_process_on_this_host_is_taken_over_with_a_warning(tmp_path, lock_holder, caplog):
     run = tmp_path / "run"
-    proc = holder(run)
+    proc = lock_holder(run)
     proc.kill()  # SIGKILL: nothing is cleaned up, the lock file stays
     proc.wait()
     assert json.loads((run / LOCK_NAME).read_text())["pid"] == proc.pid
@@ -181,9 +132,9 @@ def test_released_after_an_exception_and_after_ctrl_c(tmp_path):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_process_ended_by_sigterm_or_sigint_releases_the_lock(tmp_path, holder, sig):
+def test_a_process_ended_by_sigterm_or_sigint_releases_the_lock(tmp_path, lock_holder, sig):
     run = tmp_path / "run"
-    proc = holder(run)
+    proc = lock_holder(run)
     proc.send_signal(sig)
     assert proc.wait() != 0
     assert not (run / LOCK_NAME).exists()  # removed, not merely left for a stale takeover
@@ -211,37 +162,9 @@ def test_an_output_dir_that_is_a_file_is_named(tmp_path):
         check_writable_dir(tmp_path / "taken" / "run")
 
 
-@pytest.fixture
-def read_only(tmp_path) -> Iterator[Path]:
-    """A directory nobody can write into: chmod 555, or (as root, whom permissions do not stop) the immutable
-    attribute; skipped where neither holds."""
-    directory = tmp_path / "ro"
-    directory.mkdir()
-    directory.chmod(0o555)
-    immutable = False
-    if os.access(directory, os.W_OK) and _probe(directory):
-        immutable = subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode == 0
-        if not immutable or _probe(directory):
-            if immutable:
-                subprocess.run(["chattr", "-i", str(directory)], check=True)
-            directory.chmod(0o755)
-            pytest.skip("cannot make a read-only directory here (root without chattr)")
-    yield directory
-    if immutable:
-        subprocess.run(["chattr", "-i", str(directory)], check=True)
-    directory.chmod(0o755)
-
-
-def _probe(directory: Path) -> bool:
-    try:
-        (directory / "probe").write_text("")
-    except OSError:
-        return False
-    (directory / "probe").unlink()
-    return True
-
-
-def test_a_read_only_output_dir_is_named(read_only):
+def test_a_read_only_output_dir_is_named(tmp_path, read_only_dir):
+    (tmp_path / "ro").mkdir()
+    read_only = read_only_dir(tmp_path / "ro")
     with pytest.raises(OutputDirError, match=r"output_dir='.*ro' is not writable \(.*\); choose a directory"):
         check_writable_dir(read_only)
     with pytest.raises(OutputDirError, match=r"not writable"), run_dir_lock(read_only / "run"):

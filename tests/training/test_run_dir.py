@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -84,35 +83,15 @@ def test_overwrite_together_with_resume_is_refused(tmp_path, capsys):
 
 
 # ---- the lock -----------------------------------------------------------------------------------------------------
-HOLDER = textwrap.dedent(
-    """
-    import sys
-    from epsdpo.runlock import run_dir_lock
-    with run_dir_lock(sys.argv[1]):
-        print("held", flush=True)
-        sys.stdin.read()
-    """
-)
-
-
-def test_a_second_train_into_a_directory_in_use_is_refused_naming_the_holder(tmp_path, capsys):
+def test_a_second_train_into_a_directory_in_use_is_refused_naming_the_holder(tmp_path, lock_holder, capsys):
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(out)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": SRC, "RANK": "0"},
-    )
-    try:
-        assert proc.stdout.readline() == "held\n"
-        assert cli_main(["train", str(TINY), *tiny_args(out, "max_steps=2")]) == 2
-        printed = capsys.readouterr().out
-        assert f"epsdpo train: error: {out} is in use by another run: pid {proc.pid} on host" in printed, printed
-        assert not (out / "config.yaml").exists() and not (out / "metrics.jsonl").exists()
-    finally:
-        proc.stdin.close()
-        proc.wait()
+    proc = lock_holder(out)
+    assert cli_main(["train", str(TINY), *tiny_args(out, "max_steps=2")]) == 2
+    printed = capsys.readouterr().out
+    assert f"epsdpo train: error: {out} is in use by another run: pid {proc.pid} on host" in printed, printed
+    assert not (out / "config.yaml").exists() and not (out / "metrics.jsonl").exists()
+    proc.stdin.close()
+    assert proc.wait() == 0
     assert cli_main(["train", str(TINY), *tiny_args(out, "max_steps=2")]) == 0  # free again
 
 
