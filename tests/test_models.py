@@ -85,7 +85,9 @@ def test_pad_token_defaults_to_eos(bos_tokenizer: Any, tmp_path: Path) -> None:
 def test_a_model_path_that_does_not_exist_is_named(name: str) -> None:
     from epsdpo.errors import UserError
 
-    with pytest.raises(models.ModelNotFoundError, match=rf"model '{name}': no such directory\. Give an existing") as err:
+    with pytest.raises(
+        models.ModelNotFoundError, match=rf"model '{name}': no such directory\. Give an existing"
+    ) as err:
         resolve_model_path(name)
     assert isinstance(err.value, UserError) and isinstance(err.value, FileNotFoundError)
 
