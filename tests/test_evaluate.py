@@ -448,5 +448,11 @@ def test_eval_into_a_run_dir_in_use_is_refused_before_sampling(tmp_path, lock_ho
     proc = lock_holder(run)
     assert cli_main(["eval", str(run), "num_prompts=1", "disable_tqdm=true"]) == 1
     assert f"{run} is in use by another run: pid {proc.pid}" in capsys.readouterr().out
-    with pytest.raises(Exception, match="in use by another run"):  # the library call is locked too
-        evaluate(run, ["num_prompts=1", "output=" + str(run / "other.json")])
+
+    # an evaluation into its own file may run beside the run's other writers; one into the same file may not
+    output = run / "mine.json"
+    other = lock_holder(output, "file")
+    with pytest.raises(Exception, match=rf"{output} is in use by another run: pid {other.pid}"):
+        evaluate(run, ["num_prompts=1", f"output={output}"])
+    with pytest.raises(AssertionError, match="started loading models"):  # not locked: it gets as far as loading
+        evaluate(run, ["num_prompts=1", f"output={run / 'another.json'}"])

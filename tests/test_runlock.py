@@ -221,3 +221,12 @@ def test_only_the_main_process_moves_anything(tmp_path):
     (tmp_path / "config.yaml").write_text("x")
     assert claim_run_dir(tmp_path, overwrite=True, is_run=_is_run, main=False) is None
     assert (tmp_path / "config.yaml").is_file()
+
+
+def test_log_files_neither_make_a_directory_foreign_nor_are_moved(tmp_path):
+    """A launcher may write this run's log into the directory before the run starts (`… > OUT/train.log`)."""
+    (tmp_path / "train.log").write_text("started\n")
+    assert claim_run_dir(tmp_path, overwrite=False, is_run=_is_run) is None
+    (tmp_path / "config.yaml").write_text("x")
+    moved = claim_run_dir(tmp_path, overwrite=True, is_run=_is_run)
+    assert (moved / "config.yaml").is_file() and (tmp_path / "train.log").read_text() == "started\n"

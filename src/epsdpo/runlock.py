@@ -13,7 +13,8 @@ only the main process of a distributed launch (``RANK`` 0) takes it.
 **Whose directory.** :func:`claim_run_dir` refuses a directory that holds files but no run of the kind expected (so a
 typo in ``output_dir`` cannot mix a run into someone's folder), and with ``overwrite=True`` moves everything an
 earlier run left there into ``OUTPUT_DIR/.replaced-<time>/`` before the new run writes, so nothing of it can be
-resumed, rotated or appended to. Nothing is deleted: remove that folder once it is not needed.
+resumed, rotated or appended to. Nothing is deleted: remove that folder once it is not needed. Log files (``*.log``)
+are left where they are either way: the launcher of the new run may be writing into one.
 """
 
 from __future__ import annotations
@@ -245,10 +246,16 @@ def output_file_lock(output: str | Path, option: str = "output") -> contextlib.A
 
 # ---- whose directory --------------------------------------------------------------------------------------------
 def _contents(directory: Path) -> list[Path]:
-    """What a directory holds but the lock and earlier ``.replaced-*`` folders."""
+    """What a directory holds but the lock, earlier ``.replaced-*`` folders and log files: a ``*.log`` file may be
+    the one the launcher of this very run writes into (``epsdpo train … > OUTPUT_DIR/train.log``), so it neither
+    makes a directory foreign nor is moved aside."""
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.iterdir() if p.name != LOCK_NAME and not p.name.startswith(REPLACED_PREFIX))
+    return sorted(
+        p
+        for p in directory.iterdir()
+        if p.name != LOCK_NAME and not p.name.startswith(REPLACED_PREFIX) and not (p.is_file() and p.suffix == ".log")
+    )
 
 
 def _move_aside(directory: Path, entries: list[Path], what: str) -> Path:

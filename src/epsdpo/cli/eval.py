@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     source, overrides = config_and_overrides(args.source, args.overrides)  # `epsdpo eval model=… ref_model=…`
     try:
         cfg = load_eval_config(source, overrides)
-        publish = cfg.run_dir is not None and cfg.output is None  # the run's headline evaluation, and its plot
+        # the run's headline evaluation and its plot are rewritten: the run directory's lock, taken before sampling
+        publish = cfg.run_dir is not None and cfg.output is None
         with run_dir_lock(cfg.run_dir, "run_dir") if publish else contextlib.nullcontext():
             result = evaluate(cfg)
             if publish:

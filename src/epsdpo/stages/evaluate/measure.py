@@ -31,12 +31,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import statistics
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from importlib.resources import files
 from pathlib import Path
@@ -63,7 +61,7 @@ from epsdpo.models import (
 )
 from epsdpo.rewards import load_reward
 from epsdpo.rundir import beta_at_step, checkpoint_policy, final_beta
-from epsdpo.runlock import output_file_lock, run_dir_lock
+from epsdpo.runlock import output_file_lock
 from epsdpo.sampling import (
     Completion,
     decode_completion,
@@ -438,15 +436,10 @@ def evaluate(
     name, output, samples_path = destination(cfg)
     settings = evaluation_settings(cfg)
     check_overwrite(output, settings, cfg.overwrite)
-    with _output_lock(cfg, output):  # also proves the destination writable, before any sampling
+    # one writer per evaluation file (evaluations into other files of one run may run side by side); taking the
+    # lock also proves the destination writable, before any model is loaded or sampled
+    with output_file_lock(output):
         return _evaluate(cfg, name, output, samples_path, settings, started)
-
-
-def _output_lock(cfg: EvalConfig, output: Path) -> AbstractContextManager[None]:
-    """The lock of what the evaluation writes: its run directory when it writes into one, else its output file."""
-    if cfg.run_dir is not None and Path(os.path.abspath(output)).is_relative_to(os.path.abspath(cfg.run_dir)):
-        return run_dir_lock(cfg.run_dir, "run_dir")
-    return output_file_lock(output)
 
 
 def _evaluate(
