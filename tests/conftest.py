@@ -109,3 +109,88 @@ def bos_tokenizer() -> Any:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     tokenizer.chat_template = BOS_CHAT_TEMPLATE
     return tokenizer
+
+
+#: a second process that takes a lock (a run directory's, or an output file's), says so, and holds it until its
+#: stdin closes or a signal ends it
+LOCK_HOLDER = """
+import sys
+from pathlib import Path
+from epsdpo.runlock import output_file_lock, run_dir_lock
+target, kind = Path(sys.argv[1]), sys.argv[2]
+with (run_dir_lock(target) if kind == "dir" else output_file_lock(target)):
+    print("held", flush=True)
+    sys.stdin.read()
+print("released", flush=True)
+"""
+
+
+@pytest.fixture
+def lock_holder() -> Iterator[Any]:
+    """``lock_holder(path, kind="dir"|"file")``: start a second process holding that lock (ended after the test);
+    returns its ``Popen`` once the lock is held. Close its stdin to release the lock."""
+    import subprocess
+    import sys
+
+    import epsdpo
+
+    src = str(Path(epsdpo.__file__).resolve().parents[1])
+    started: list[subprocess.Popen] = []
+
+    def start(target: Path, kind: str = "dir") -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", LOCK_HOLDER, str(target), kind],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": src, "RANK": "0"},
+        )
+        started.append(proc)
+        line = proc.stdout.readline() if proc.stdout else ""
+        assert line == "held\n", (line, proc.stderr.read() if proc.stderr and proc.poll() is not None else "")
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def _can_write(directory: Path) -> bool:
+    try:
+        (directory / ".probe").write_text("")
+    except OSError:
+        return False
+    (directory / ".probe").unlink()
+    return True
+
+
+@pytest.fixture
+def read_only_dir() -> Iterator[Any]:
+    """``read_only_dir(path)``: make an existing directory unwritable: chmod 555, or, as root (whom permissions do not
+    stop), the immutable attribute (``chattr +i``); skips the test where neither works. Undone after the test."""
+    import subprocess
+
+    made: list[tuple[Path, bool]] = []
+
+    def make(directory: Path) -> Path:
+        directory.chmod(0o555)
+        immutable = False
+        if _can_write(directory):
+            immutable = subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode == 0
+            if immutable and _can_write(directory):
+                subprocess.run(["chattr", "-i", str(directory)], check=True)
+                immutable = False
+            if not immutable:
+                directory.chmod(0o755)
+                pytest.skip("cannot make a directory read-only here (root, and chattr +i is not allowed)")
+        made.append((directory, immutable))
+        return directory
+
+    yield make
+    for directory, immutable in made:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(directory)], check=True)
+        directory.chmod(0o755)

@@ -411,3 +411,48 @@ def test_a_checkpoint_evaluates_as_the_model_it_saved(tmp_path, model_cache_dir,
     assert middle["kl"] != 0.0
     with pytest.raises(FileNotFoundError, match="checkpoint-3"):
         evaluate({**common, "checkpoint": 3})
+
+
+# ---- where an evaluation writes -------------------------------------------------------------------------------------
+def _run_dir_without_training(path: Path) -> Path:
+    """A run directory as far as `epsdpo eval` reads it before sampling: its config.yaml."""
+    from epsdpo.config import dump_config
+    from epsdpo.training import load_run_config
+
+    cfg = load_run_config(TINY, [f"output_dir={path}", f"dataset={TINY_DATA}"])
+    path.mkdir()
+    dump_config({"models": cfg.models, "data": cfg.data, "loss": cfg.loss, "train": cfg.train}, path / "config.yaml")
+    return path
+
+
+@pytest.fixture
+def no_sampling(monkeypatch):
+    """Loading the models (the first step before sampling) fails the test: what is checked must fail before it."""
+    import epsdpo.stages.evaluate.measure as measure
+
+    def refuse(cfg):
+        raise AssertionError("the evaluation started loading models and sampling")
+
+    monkeypatch.setattr(measure, "_load_models", refuse)
+
+
+def test_eval_into_a_read_only_run_dir_fails_before_sampling(tmp_path, read_only_dir, no_sampling, capsys):
+    run = read_only_dir(_run_dir_without_training(tmp_path / "run"))
+    assert cli_main(["eval", str(run), "num_prompts=1", "disable_tqdm=true"]) == 1
+    printed = capsys.readouterr().out
+    assert f"epsdpo eval: error: run_dir='{run}' is not writable" in printed, printed
+
+
+def test_eval_into_a_run_dir_in_use_is_refused_before_sampling(tmp_path, lock_holder, no_sampling, capsys):
+    run = _run_dir_without_training(tmp_path / "run")
+    proc = lock_holder(run)
+    assert cli_main(["eval", str(run), "num_prompts=1", "disable_tqdm=true"]) == 1
+    assert f"{run} is in use by another run: pid {proc.pid}" in capsys.readouterr().out
+
+    # an evaluation into its own file may run beside the run's other writers; one into the same file may not
+    output = run / "mine.json"
+    other = lock_holder(output, "file")
+    with pytest.raises(Exception, match=rf"{output} is in use by another run: pid {other.pid}"):
+        evaluate(run, ["num_prompts=1", f"output={output}"])
+    with pytest.raises(AssertionError, match="started loading models"):  # not locked: it gets as far as loading
+        evaluate(run, ["num_prompts=1", f"output={run / 'another.json'}"])

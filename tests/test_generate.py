@@ -296,3 +296,20 @@ def test_the_sampler_sees_the_raw_logits_whatever_the_generation_config(monkeypa
         for step in range(len(completion.ids)):
             raw = full[len(prompt) - 1 + step]
             assert (seen[step][row] - raw).abs().max() < 1e-4, (row, step)
+
+
+def test_a_second_generate_into_one_output_is_refused(tmp_path, lock_holder, monkeypatch, capsys):
+    """Two runs into one output would each write every pair (each skips only what it read at its start)."""
+    import epsdpo.stages.generate as stage
+
+    output = tmp_path / "pairs.jsonl"
+    proc = lock_holder(output, "file")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the second run started sampling")
+
+    monkeypatch.setattr(stage, "load_model_for_sampling", refuse)
+    assert cli_main(["generate", *settings(tmp_path, output)]) == 1
+    printed = capsys.readouterr().out
+    assert f"epsdpo generate: error: {output} is in use by another run: pid {proc.pid}" in printed, printed
+    assert not output.exists() and not (tmp_path / "pairs.settings.json").exists()

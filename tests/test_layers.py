@@ -15,7 +15,18 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 #: the layers from the bottom up; a module may import from its own layer or one below (longest prefix decides)
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("utilities", ("epsdpo.config", "epsdpo.files", "epsdpo.machine", "epsdpo.distributed", "epsdpo.assets")),
+    (
+        "utilities",
+        (
+            "epsdpo.errors",
+            "epsdpo.config",
+            "epsdpo.files",
+            "epsdpo.runlock",
+            "epsdpo.machine",
+            "epsdpo.distributed",
+            "epsdpo.assets",
+        ),
+    ),
     ("data and rewards", ("epsdpo.data", "epsdpo.rewards")),  # imports nothing of the algorithm
     ("the algorithm", ("epsdpo.losses", "epsdpo.stats", "epsdpo.control", "epsdpo.logps", "epsdpo")),
     ("models and sampling", ("epsdpo.models", "epsdpo.sampling", "epsdpo.eval_config")),

@@ -79,3 +79,21 @@ def test_pad_token_defaults_to_eos(bos_tokenizer: Any, tmp_path: Path) -> None:
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     tokenizer = load_tokenizer(tmp_path)
     assert tokenizer.pad_token == tokenizer.eos_token == "</s>"
+
+
+@pytest.mark.parametrize("name", ["/no/such/model", "./no-such-model", "runs/x/final", "~/no-such-model-dir"])
+def test_a_model_path_that_does_not_exist_is_named(name: str) -> None:
+    from epsdpo.errors import UserError
+
+    with pytest.raises(
+        models.ModelNotFoundError, match=rf"model '{name}': no such directory\. Give an existing"
+    ) as err:
+        resolve_model_path(name)
+    assert isinstance(err.value, UserError) and isinstance(err.value, FileNotFoundError)
+
+
+def test_a_name_that_is_neither_a_directory_nor_a_loadable_hub_id_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for load in (load_tokenizer, models.load_causal_lm):
+        with pytest.raises(models.ModelNotFoundError, match=r"model 'epsdpo-no-such/model' is not a local directory"):
+            load("epsdpo-no-such/model")

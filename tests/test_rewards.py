@@ -384,3 +384,49 @@ def test_options_are_validated(tiny_models):
         HFRewardModel(str(tiny_models["chat2"]), batch_size=0)
     with pytest.raises(TypeError):
         load_reward(str(tiny_models["chat2"]), batchsize=2)
+
+
+WRONG_SIGNATURES = """
+    def one_argument(responses):
+        return [0.0 for _ in responses]
+
+    def three_arguments(prompts, responses, tokenizer):
+        return [0.0 for _ in responses]
+
+    def keyword_only(*, prompts, responses):
+        return [0.0 for _ in responses]
+
+    def with_default_third(prompts, responses, scale=1.0):
+        return [scale for _ in responses]
+
+    def variadic(*args):
+        return [0.0 for _ in args[1]]
+"""
+
+
+@pytest.mark.parametrize(
+    ("function", "message"),
+    [
+        ("one_argument", r"has the signature \(responses\), which cannot be called as fn\(prompts, responses\)"),
+        ("three_arguments", r"has the signature \(prompts, responses, tokenizer\), which .* \(missing a required"),
+        ("keyword_only", r"has the signature \(\*, prompts, responses\), which .* \(too many positional"),
+    ],
+)
+def test_a_hook_with_the_wrong_signature_is_refused_when_loaded(tmp_path, monkeypatch, function, message):
+    from epsdpo.errors import UserError
+    from epsdpo.rewards import RewardHookError
+
+    (tmp_path / "epsdpo_test_signatures.py").write_text(textwrap.dedent(WRONG_SIGNATURES))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "epsdpo_test_signatures", raising=False)
+    with pytest.raises(RewardHookError, match=rf"reward hook 'epsdpo_test_signatures:{function}' {message}") as err:
+        load_reward(f"epsdpo_test_signatures:{function}")
+    assert isinstance(err.value, UserError) and isinstance(err.value, TypeError)
+
+
+@pytest.mark.parametrize("function", ["with_default_third", "variadic"])
+def test_a_hook_that_accepts_two_arguments_is_loaded(tmp_path, monkeypatch, function):
+    (tmp_path / "epsdpo_test_signatures.py").write_text(textwrap.dedent(WRONG_SIGNATURES))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "epsdpo_test_signatures", raising=False)
+    assert len(load_reward(f"epsdpo_test_signatures:{function}")(["p"], ["r"])) == 1

@@ -40,6 +40,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from epsdpo.errors import UserError
+
 __all__ = [
     "ConfigError",
     "coerce_value",
@@ -52,7 +54,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file, key or value that cannot be used; the message names the key and says what to do."""
 
 

@@ -22,12 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from epsdpo.errors import UserError
+
 if TYPE_CHECKING:
     from torch import nn
 
 __all__ = [
     "BUILTIN_MODELS",
     "BuiltinModel",
+    "ModelNotFoundError",
     "build_from_config",
     "cache_dir",
     "check_model_config",
@@ -125,12 +128,49 @@ def _is_current(target: Path, gguf: Path) -> bool:
         return False
 
 
+class ModelNotFoundError(UserError, FileNotFoundError):
+    """A model or tokenizer that is neither a built-in alias, an existing directory nor a loadable Hub id."""
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name that cannot be a Hub id (``org/name``): absolute, relative with ``./``, several folders deep, …"""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") >= 2 or "\\" in name or name in (".", "..")
+
+
+def _not_found(name: str, err: Exception | None = None) -> ModelNotFoundError:
+    aliases = ", ".join(sorted(BUILTIN_MODELS))
+    if err is None:
+        return ModelNotFoundError(
+            f"model {name!r}: no such directory. Give an existing model directory, a Hugging Face Hub id "
+            f"(org/name) or a built-in alias ({aliases})."
+        )
+    return ModelNotFoundError(
+        f"model {name!r} is not a local directory, and loading it as a Hugging Face Hub id failed: {err}. Check the "
+        f"path (or the id, and the network or the offline cache), or use a built-in alias ({aliases})."
+    )
+
+
+@contextlib.contextmanager
+def _explained_load_errors(name: str) -> Iterator[None]:
+    """A name that is no local directory and fails to load as a Hub id becomes one :class:`ModelNotFoundError`."""
+    try:
+        yield
+    except (OSError, ValueError) as err:  # ValueError: huggingface_hub's HFValidationError, a malformed id
+        hub_error = isinstance(err, OSError) or type(err).__name__ == "HFValidationError"
+        if not hub_error or isinstance(err, UserError) or Path(name).exists():
+            raise
+        raise _not_found(name, err) from err
+
+
 def resolve_model_path(name_or_path: str | Path) -> str:
     """A path or id ``from_pretrained`` can load: a built-in alias becomes its cached checkpoint (converted on first
-    use); a local path or a Hugging Face Hub id is returned unchanged."""
+    use); a local path or a Hugging Face Hub id is returned unchanged. A name that can only be a path (absolute,
+    ``./…``, several folders deep) and does not exist raises :class:`ModelNotFoundError`."""
     name = str(name_or_path)
     builtin = BUILTIN_MODELS.get(name.lower())
     if builtin is None:
+        if _looks_like_path(name) and not Path(name).expanduser().exists():
+            raise _not_found(name)
         return name
     gguf = builtin.gguf_path()
     target = cache_dir() / name.lower()
@@ -149,7 +189,9 @@ def load_tokenizer(name_or_path: str | Path, trust_remote_code: bool = False) ->
     """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+    path = resolve_model_path(name_or_path)
+    with _explained_load_errors(path):
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"tokenizer {name_or_path!r} has neither a pad nor an EOS token; set pad_token.")
@@ -172,12 +214,11 @@ def load_causal_lm(name_or_path: str, trust_remote_code: bool = False) -> nn.Mod
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(name_or_path),
-        trust_remote_code=trust_remote_code,
-        dtype=torch.float32,
-        use_safetensors=None,
-    )
+    path = resolve_model_path(name_or_path)
+    with _explained_load_errors(path):
+        return AutoModelForCausalLM.from_pretrained(
+            path, trust_remote_code=trust_remote_code, dtype=torch.float32, use_safetensors=None
+        )
 
 
 def check_model_config(model_config: dict[str, Any]) -> None:

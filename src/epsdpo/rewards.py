@@ -8,8 +8,9 @@ Three kinds sit behind one :class:`Reward` protocol, chosen by :func:`load_rewar
   model download and is deterministic. The compound score normalises the summed valence x of the text's words to
   x / sqrt(x² + 15), so it lies in [−1, 1];
 - a Hugging Face sequence-classification reward model, by Hub id or local path (:class:`HFRewardModel`);
-- a Python function given as ``"module:function"``, imported and checked (:class:`CallableReward`). The spec is a
-  name, not an expression, but importing the module runs its code: give only a module you trust.
+- a Python function given as ``"module:function"``, imported and checked (:class:`CallableReward`): its signature
+  when it is loaded, its output on every call. The spec is a name, not an expression, but importing the module runs
+  its code: give only a module you trust.
 
 Rewards are batched because the callers (``epsdpo generate`` scoring k samples per prompt, ``epsdpo eval`` scoring
 held-out samples) always have many responses at hand, and a reward model is only fast on batches.
@@ -18,6 +19,7 @@ held-out samples) always have many responses at hand, and a reward model is only
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -25,10 +27,12 @@ from difflib import get_close_matches
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from epsdpo.errors import UserError
+
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["CallableReward", "HFRewardModel", "Reward", "SentimentReward", "load_reward"]
+__all__ = ["CallableReward", "HFRewardModel", "Reward", "RewardHookError", "SentimentReward", "load_reward"]
 
 
 @runtime_checkable
@@ -95,7 +99,7 @@ class CallableReward:
         """Import the function that ``spec`` (``"module:function"``) names."""
         module_name, _, attr_path = spec.partition(":")
         if not _is_dotted_name(module_name) or not _is_dotted_name(attr_path):
-            raise ValueError(
+            raise _HookSpecError(
                 f"reward hook {spec!r} is not of the form 'module:function' (e.g. 'my_rewards:length_penalty'); both "
                 "parts must be Python names, dots allowed."
             )
@@ -103,33 +107,71 @@ class CallableReward:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as err:
             if err.name is not None and (module_name == err.name or module_name.startswith(err.name + ".")):
-                raise ModuleNotFoundError(
+                raise _HookModuleNotFound(
                     f"reward hook {spec!r}: module {module_name!r} not found; make it importable (install it, or add "
                     "the folder that holds it to PYTHONPATH).",
                     name=err.name,
                 ) from err
-            raise ImportError(f"reward hook {spec!r}: importing module {module_name!r} failed: {err}") from err
+            raise _HookImportError(f"reward hook {spec!r}: importing module {module_name!r} failed: {err}") from err
         obj: Any = module
         for depth, part in enumerate(attr_path.split(".")):
             if not hasattr(obj, part):
                 owner = module_name if depth == 0 else f"{module_name}:{'.'.join(attr_path.split('.')[:depth])}"
                 close = get_close_matches(part, [n for n in dir(obj) if not n.startswith("_")], n=1)
                 hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise AttributeError(
+                raise _HookAttributeError(
                     f"reward hook {spec!r}: {owner!r} (file {getattr(module, '__file__', None)}) has no attribute "
                     f"{part!r}.{hint}"
                 )
             obj = getattr(obj, part)
         if not callable(obj):
-            raise TypeError(
+            raise RewardHookError(
                 f"reward hook {spec!r}: {attr_path!r} is a {type(obj).__name__}, not a function; point the spec at a "
                 "callable taking (prompts, responses) and returning one float per response."
             )
+        _check_signature(spec, obj)
         return cls(obj, name=spec)
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
         _check_batch(self.name, prompts, responses)
         return _validated_scores(self.name, self.fn(prompts, responses), len(responses))
+
+
+class RewardHookError(UserError, TypeError):
+    """A ``module:function`` reward hook that is not a function of ``(prompts, responses)``."""
+
+
+class _HookSpecError(UserError, ValueError):
+    pass
+
+
+class _HookModuleNotFound(UserError, ModuleNotFoundError):
+    pass
+
+
+class _HookImportError(UserError, ImportError):
+    pass
+
+
+class _HookAttributeError(UserError, AttributeError):
+    pass
+
+
+def _check_signature(spec: str, fn: Callable[..., Any]) -> None:
+    """Refuse, when it is loaded, a hook that cannot be called as ``fn(prompts, responses)`` (rather than after the
+    minutes of sampling that come before the first call)."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins and C extensions have none to read: checked when called
+        return
+    try:
+        signature.bind(["prompt"], ["response"])
+    except TypeError as err:
+        raise RewardHookError(
+            f"reward hook {spec!r} has the signature {signature}, which cannot be called as fn(prompts, responses) "
+            f"({err}); it must take two positional arguments, the prompts and the responses (lists of strings), and "
+            "return one float per response."
+        ) from None
 
 
 def _is_dotted_name(text: str) -> bool:

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from epsdpo.config import read_config_source
+from epsdpo.config import ConfigError, read_config_source
 from epsdpo.files import read_jsonl, write_text_atomically
 from epsdpo.machine import machine_label
 from epsdpo.training.checkpoint import MODEL_FILE, load_trainable_state
@@ -27,6 +27,7 @@ __all__ = [
     "beta_at_step",
     "checkpoint_policy",
     "final_beta",
+    "is_train_run",
     "publish_evaluation",
     "read_eval",
     "read_iterate_summary",
@@ -37,6 +38,20 @@ __all__ = [
 
 #: the stages of an iterate round, in order (``round-r/state.json`` records the finished ones)
 ITERATE_STAGES = ("generate", "select", "train", "evaluate")
+
+
+def is_train_run(directory: Path) -> bool:
+    """Whether ``directory`` holds (part of) a run of ``epsdpo train``: a ``config.yaml`` with its sections, a
+    ``metrics.jsonl``, a checkpoint (complete or partial) or ``final/``."""
+    if (directory / "metrics.jsonl").is_file() or (directory / "final").is_dir():
+        return True
+    if any(directory.glob("checkpoint-*")) or any(directory.glob(".checkpoint-*.partial")):
+        return True
+    try:
+        config = read_config_source(directory / "config.yaml")
+    except (ConfigError, OSError, UnicodeDecodeError):
+        return False
+    return {"models", "train"} <= set(config)
 
 
 def checkpoint_policy(run: Path, step: int, m: Any, initial_model: Callable[[], nn.Module]) -> nn.Module:

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from epsdpo.assets import load_bundled_prompts
 from epsdpo.config import ConfigError
+from epsdpo.data.errors import DataError
 from epsdpo.data.loading import load_rows
 from epsdpo.data.tokenize import inspect_tokenizer
 
@@ -282,6 +283,9 @@ def load_prompts(
     prompts: list[tuple[str, str]] = []
     seen: set[str] = set()
     for index, row in numbered:
+        if source != "bundled" and index in raw.problems:  # a line that could not be read (bad JSON, not UTF-8)
+            problem = raw.problems[index]
+            raise DataError(problem.describe(raw.where(index)), source=raw.source, reason=problem.reason, row=index)
         if not isinstance(row, Mapping) or not isinstance(row.get(column), str) or not row[column].strip():
             raise ValueError(
                 f"{where}: row {index} has no prompt text in column {column!r}; give every row a "

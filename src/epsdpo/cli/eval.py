@@ -8,6 +8,7 @@ prints a table. Exit status: 0 done, 1 a data or model problem, 2 a bad config o
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 
@@ -28,25 +29,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # deferred: argument parsing and `epsdpo --help` never import torch or transformers
-    from epsdpo.cli import config_and_overrides
+    from epsdpo.cli import config_and_overrides, error_exit
     from epsdpo.config import ConfigError
-    from epsdpo.data import DataError
+    from epsdpo.errors import UserError
     from epsdpo.eval_config import load_eval_config
     from epsdpo.recipes.train import publish_run_evaluation
+    from epsdpo.runlock import run_dir_lock
     from epsdpo.stages.evaluate import evaluate, format_table
 
     source, overrides = config_and_overrides(args.source, args.overrides)  # `epsdpo eval model=… ref_model=…`
     try:
         cfg = load_eval_config(source, overrides)
-        result = evaluate(cfg)
-        if cfg.run_dir is not None and cfg.output is None:  # the run's headline evaluation, and its plot, follow
-            publish_run_evaluation(Path(cfg.run_dir), result)
+        # the run's headline evaluation and its plot are rewritten: the run directory's lock, taken before sampling
+        publish = cfg.run_dir is not None and cfg.output is None
+        with run_dir_lock(cfg.run_dir, "run_dir") if publish else contextlib.nullcontext():
+            result = evaluate(cfg)
+            if publish:
+                publish_run_evaluation(Path(str(cfg.run_dir)), result)
     except ConfigError as err:
-        print(f"epsdpo eval: error: {err}")
-        return 2
-    except (DataError, ValueError, OSError) as err:
-        print(f"epsdpo eval: error: {err}")
-        return 1
+        return error_exit(args, "eval", err, 2)
+    except (UserError, ValueError, OSError) as err:
+        return error_exit(args, "eval", err, 1)
     print(format_table(result))
     print(f"written: {result['output']}")
     return 0

@@ -20,19 +20,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # deferred: argument parsing and `epsdpo --help` never import torch or transformers
-    from epsdpo.cli import config_and_overrides
+    from epsdpo.cli import config_and_overrides, error_exit
     from epsdpo.config import ConfigError
-    from epsdpo.data import DataError
+    from epsdpo.errors import UserError
     from epsdpo.stages.generate import generate
 
     config, overrides = config_and_overrides(args.config, args.overrides)
     try:
         summary = generate(config, overrides)
     except ConfigError as err:
-        print(f"epsdpo generate: error: {err}")
-        return 2
-    except (DataError, ValueError, OSError) as err:
-        print(f"epsdpo generate: error: {err}")
-        return 1
+        return error_exit(args, "generate", err, 2)
+    except (UserError, ValueError, OSError) as err:
+        return error_exit(args, "generate", err, 1)
     print(summary.text())
     return 0

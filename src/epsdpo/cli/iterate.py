@@ -24,11 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # deferred: argument parsing and `epsdpo --help` never import torch or transformers
-    from epsdpo.cli import config_and_overrides
-    from epsdpo.config import ConfigError
-    from epsdpo.data import DataError
-    from epsdpo.recipes.iterate import IterateError, iterate
-    from epsdpo.training import TrainingError
+    from epsdpo.cli import config_and_overrides, error_exit
+    from epsdpo.errors import UserError
+    from epsdpo.recipes.iterate import iterate
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config, overrides = config_and_overrides(args.config, args.overrides)
@@ -39,9 +37,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"epsdpo iterate: no config given, running the bundled {config}")
     try:
         result = iterate(config, overrides)
-    except (ConfigError, DataError, TrainingError, IterateError, FileNotFoundError, ValueError) as err:
-        print(f"epsdpo iterate: error: {err}")
-        return 2
+    except (UserError, OSError, ValueError) as err:
+        return error_exit(args, "iterate", err, 2)
     done = len([r for r in result.summary["rounds"] if "train" in r])
     state = "interrupted (rerun the same command to continue)" if result.interrupted else "done"
     print(f"epsdpo iterate: {state}; {done} round(s) trained in {result.output_dir}")

@@ -21,11 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # deferred: argument parsing and `epsdpo --help` never import torch or transformers
-    from epsdpo.cli import config_and_overrides
-    from epsdpo.config import ConfigError
-    from epsdpo.data import DataError
+    from epsdpo.cli import config_and_overrides, error_exit
+    from epsdpo.errors import UserError
     from epsdpo.recipes.train import UnfinishedRunError, train
-    from epsdpo.training import TrainingError, load_run_config
+    from epsdpo.training import load_run_config
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config, overrides = config_and_overrides(args.config, args.overrides)
@@ -40,11 +39,9 @@ def run(args: argparse.Namespace) -> int:
     except UnfinishedRunError as err:
         given = [args.config] if args.config is not None else []
         command = shlex.join(["epsdpo", "train", *given, *args.overrides, "resume_from_checkpoint=auto"])
-        print(f"epsdpo train: error: {err}\n  to resume it: {command}")
-        return 2
-    except (ConfigError, DataError, TrainingError, FileNotFoundError) as err:
-        print(f"epsdpo train: error: {err}")
-        return 2
+        return error_exit(args, "train", UnfinishedRunError(f"{err}\n  to resume it: {command}"), 2)
+    except (UserError, OSError) as err:  # a config, data, run directory, model path or disk problem
+        return error_exit(args, "train", err, 2)
     state = "interrupted; checkpoint saved" if result.interrupted else "done"
     if result.already_finished:
         state = "already done (nothing left to train; the run is left as it is)"

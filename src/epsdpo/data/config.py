@@ -41,6 +41,9 @@ class DataConfig:
         truncation_mode: which end of an over-long prompt to keep (``keep_end``, TRL's default, keeps the text
             nearest the response; a leading BOS is kept either way).
         on_invalid: ``error`` stops at the first invalid row; ``skip`` drops it and counts it by reason.
+        duplicates: what to do with a row that reads as the same pair as an earlier one (equal prompt, chosen,
+            rejected, scores and finish flags): ``keep`` it (the default; counted in the report, with a warning,
+            since it weighs twice in training) or ``drop`` it (counted as dropped, reason ``duplicate``).
         pad_to_multiple_of: pad each batch's length up to a multiple of this (e.g. 8 for tensor cores).
         group_by_length: batch pairs of similar length together (less padding; order stays random across groups).
         selection: train on a selected subset (SPEC §3): ``alignment_potential`` (z(m_ex) − w·z(m_im)), the
@@ -75,6 +78,7 @@ class DataConfig:
     max_completion_length: int | None = None
     truncation_mode: TruncationMode = "keep_end"
     on_invalid: OnInvalid = "error"
+    duplicates: Literal["keep", "drop"] = "keep"
     pad_to_multiple_of: int | None = None
     group_by_length: bool = False
     selection: Literal["none", SelectionMethod] = "none"

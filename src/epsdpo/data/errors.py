@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from epsdpo.errors import UserError
+
 __all__ = ["WHOLE_ROW", "DataError", "RowProblem", "RowRef"]
 
 #: the ``column`` of a problem with the row as a whole (unparseable line, not an object)
@@ -41,7 +43,7 @@ class RowProblem(Exception):
         return f"{where}{column}: {self.problem}. {self.hint}"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Preference data that cannot be used as it is.
 
     Attributes ``source``, ``row`` (``None`` for a whole-dataset problem), ``column`` and ``reason`` repeat what the

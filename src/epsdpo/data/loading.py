@@ -5,13 +5,16 @@ Sources: a local ``.json`` / ``.jsonl`` / ``.parquet`` / ``.csv`` file, a direct
 a ``datasets.Dataset`` / ``DatasetDict``, or a Python list of dicts.
 
 JSON Lines and CSV are parsed here rather than by ``datasets`` so that a malformed line becomes an error (or, with
-``on_invalid=skip``, a counted drop) that names its line, instead of a failure for the whole file.
+``on_invalid=skip``, a counted drop) that names its line, instead of a failure for the whole file; a line that is
+not valid UTF-8 is such a line (``invalid_utf8``). A UTF-8 byte order mark at the start of a text file is dropped.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +26,9 @@ from epsdpo.data.errors import WHOLE_ROW, DataError, RowProblem, RowRef
 __all__ = ["RawRows", "load_rows"]
 
 TEXT_SUFFIXES = {".json", ".jsonl", ".csv"}
+#: the UTF-8 byte order mark some editors put at the start of a file; it is not part of the first row
+BOM = b"\xef\xbb\xbf"
+_SURROGATE = re.compile("[\udc80-\udcff]")
 SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
@@ -58,12 +64,31 @@ def _columns(rows: Sequence[Any]) -> list[str]:
     return list(seen)
 
 
+def _bad_utf8(byte: bytes, column: int | None = None) -> RowProblem:
+    where = f" at column {column}" if column is not None else ""
+    return RowProblem(
+        "invalid_utf8",
+        WHOLE_ROW,
+        f"is not valid UTF-8 (byte {byte!r}{where})",
+        "Save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`), or fix the line.",
+    )
+
+
 def _read_jsonl(path: Path) -> RawRows:
     rows: list[Any] = []
     lines: list[int] = []
     problems: dict[int, RowProblem] = {}
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for line_no, data in enumerate(handle, start=1):
+            if line_no == 1:
+                data = data.removeprefix(BOM)
+            try:
+                line = data.decode("utf-8")
+            except UnicodeDecodeError as err:
+                problems[len(rows)] = _bad_utf8(data[err.start : err.start + 1], err.start + 1)
+                rows.append(None)
+                lines.append(line_no)
+                continue
             if not line.strip():
                 continue  # a blank line holds no row
             try:
@@ -80,8 +105,22 @@ def _read_jsonl(path: Path) -> RawRows:
     return RawRows(str(path), rows, _columns(rows), lines, problems, kind="jsonl")
 
 
+def _decode_whole(path: Path) -> str:
+    """The text of a file read as one value (JSON): invalid UTF-8 is an error naming its line; a BOM is dropped."""
+    data = path.read_bytes().removeprefix(BOM)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(
+            f"{path}, line {line}: not valid UTF-8 (byte {data[err.start : err.start + 1]!r}); save the file as UTF-8.",
+            source=str(path),
+            reason="invalid_utf8",
+        ) from err
+
+
 def _read_json(path: Path, split: str) -> RawRows:
-    text = path.read_text(encoding="utf-8")
+    text = _decode_whole(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -115,16 +154,36 @@ def _read_json(path: Path, split: str) -> RawRows:
     return RawRows(str(path), data, _columns(data), None, kind="json")
 
 
+def _undecodable_byte(values: Any) -> bytes | None:
+    """The first byte that is not UTF-8 in CSV values read with ``surrogateescape`` (it became a lone surrogate)."""
+    for value in values:
+        if isinstance(value, str) and (found := _SURROGATE.search(value)):
+            return bytes([ord(found.group()) - 0xDC00])
+    return None
+
+
 def _read_csv(path: Path) -> RawRows:
     rows: list[Any] = []
     lines: list[int] = []
     problems: dict[int, RowProblem] = {}
-    with path.open(encoding="utf-8", newline="") as handle:
+    # bytes that are not UTF-8 are kept as lone surrogates, so the row they are in can be named (or skipped)
+    text = path.read_bytes().removeprefix(BOM).decode("utf-8", errors="surrogateescape")
+    with io.StringIO(text, newline="") as handle:
         reader = csv.DictReader(handle)
         header = list(reader.fieldnames or [])
+        if _undecodable_byte(header) is not None:
+            raise DataError(
+                f"{path}, line 1: the header is not valid UTF-8; save the file as UTF-8.",
+                source=str(path),
+                reason="invalid_utf8",
+            )
         start = reader.line_num + 1
         for row in reader:
-            if None in row or any(v is None for v in row.values()):
+            byte = _undecodable_byte(row.values())
+            if byte is not None:
+                problems[len(rows)] = _bad_utf8(byte)
+                row = None
+            elif None in row or any(v is None for v in row.values()):
                 problems[len(rows)] = RowProblem(
                     "malformed_csv",
                     WHOLE_ROW,

@@ -2,15 +2,18 @@
 
 Every row read ends up either kept or dropped with a reason: ``report.rows == report.kept + report.n_dropped``.
 With ``on_invalid="error"`` (the default) the first invalid row raises :class:`DataError` naming the source, row
-and column; with ``"skip"`` it is dropped and counted. Truncation never raises: a cut row is kept and counted, a
-pair that cannot be trained on after cutting is dropped and counted. Whole-dataset problems (a missing column, an
-unreadable file, conversational data for a tokenizer without a chat template, no usable pair left) always raise.
+and column; with ``"skip"`` it is dropped and counted. Rows that repeat an earlier row's pair are counted (and
+dropped under ``duplicates="drop"``); duplicates and a mix of plain and chat rows are reported as warnings.
+Truncation never raises: a cut row is kept and counted, a pair that cannot be trained on after cutting is dropped
+and counted. Whole-dataset problems (a missing column, an unreadable file, conversational data for a tokenizer
+without a chat template, no usable pair left) always raise.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +64,44 @@ def _examples(raw: RawRows, config: DataConfig, sink: _Sink, report: DataReport)
             sink(index, problem)
     for example in examples.values():
         report.formats[example.format] += 1
-    return examples
+    plain = report.formats["standard"]
+    chat = sum(n for f, n in report.formats.items() if f != "standard")
+    if plain and chat:
+        report.warnings.append(
+            f"the data mixes {plain} plain-text rows with {chat} chat rows (lists of messages): the plain ones are "
+            "tokenized as they are, the chat ones through the chat template, so training sees two prompt formats. "
+            "Give every row in one format."
+        )
+    return _drop_or_count_duplicates(examples, raw, config, report)
+
+
+def _drop_or_count_duplicates(
+    examples: dict[int, Example], raw: RawRows, config: DataConfig, report: DataReport
+) -> dict[int, Example]:
+    """Rows that read as the same pair as an earlier row: counted, and dropped under ``duplicates=drop``."""
+    first: dict[str, int] = {}
+    kept: dict[int, Example] = {}
+    for index, example in examples.items():
+        key = json.dumps(asdict(example), sort_keys=True, ensure_ascii=False)
+        earlier = first.setdefault(key, index)
+        if earlier != index:
+            report.duplicates += 1
+            message = f"{raw.where(index)}: the same pair as row {earlier}"
+            if config.duplicates == "drop":
+                report.drop("duplicate", message)
+                continue
+            report.note("duplicate", message)
+        kept[index] = example
+    if report.duplicates:
+        done = (
+            "dropped (duplicates=drop)"
+            if config.duplicates == "drop"
+            else "kept, so each weighs more than once in training; set duplicates=drop to drop them"
+        )
+        report.warnings.append(
+            f"{report.duplicates} rows repeat an earlier row's pair (e.g. {report.messages['duplicate'][0]}): {done}."
+        )
+    return kept
 
 
 def _render(
@@ -210,7 +250,9 @@ def load_preference_dataset(
     if report_dir is not None:
         report.write(report_dir, report_name)
     # completions the data itself marks as cut at generation are information, not a problem: no warning for them
-    if warn and (report.dropped or set(report.truncated) - {"chosen_unfinished", "rejected_unfinished"}):
+    if warn and (
+        report.dropped or report.warnings or set(report.truncated) - {"chosen_unfinished", "rejected_unfinished"}
+    ):
         logger.warning("%s", report.summary())
     if not pairs:
         raise DataError(

@@ -32,6 +32,9 @@ class DataReport:
             at generation, which get no end token; ``duplicate_bos_removed`` when a prompt started with two BOS
             tokens).
         formats: format -> rows of that format (``standard``, ``conversational``, ``implicit_prompt``).
+        duplicates: valid rows that read as the same pair as an earlier row (kept or dropped per ``duplicates``).
+        warnings: what the data does that is allowed but probably not meant (plain and chat rows mixed, duplicate
+            rows), one sentence each.
         lengths: ``prompt``/``chosen``/``rejected`` -> token counts before truncation, one per valid row.
         messages: reason -> the first few full messages (row, column, problem) for that reason.
     """
@@ -42,6 +45,8 @@ class DataReport:
     dropped: Counter[str] = field(default_factory=Counter)
     truncated: Counter[str] = field(default_factory=Counter)
     formats: Counter[str] = field(default_factory=Counter)
+    duplicates: int = 0
+    warnings: list[str] = field(default_factory=list)
     lengths: dict[str, list[int]] = field(default_factory=lambda: {"prompt": [], "chosen": [], "rejected": []})
     messages: dict[str, list[str]] = field(default_factory=dict)
 
@@ -51,6 +56,10 @@ class DataReport:
 
     def truncate(self, reason: str, message: str) -> None:
         self.truncated[reason] += 1
+        self._remember(reason, message)
+
+    def note(self, reason: str, message: str) -> None:
+        """Keep an example message for ``reason`` without counting a drop or a change (e.g. a kept duplicate)."""
         self._remember(reason, message)
 
     def _remember(self, reason: str, message: str) -> None:
@@ -80,6 +89,8 @@ class DataReport:
             "dropped_total": self.n_dropped,
             "truncated": dict(sorted(self.truncated.items())),
             "formats": dict(sorted(self.formats.items())),
+            "duplicates": self.duplicates,
+            "warnings": self.warnings,
             "token_lengths_before_truncation": self.length_percentiles(),
             "messages": self.messages,
         }
@@ -96,6 +107,7 @@ class DataReport:
         lines = [f"{self.source}: {self.rows} rows, {self.kept} kept, {self.n_dropped} dropped"]
         if self.formats:
             lines.append("  formats: " + ", ".join(f"{k}={v}" for k, v in sorted(self.formats.items())))
+        lines.extend(f"  warning: {w}" for w in self.warnings)
         for title, counts in (("dropped", self.dropped), ("truncated", self.truncated)):
             for reason, count in sorted(counts.items()):
                 lines.append(f"  {title} {reason}: {count}")

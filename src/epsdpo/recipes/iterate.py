@@ -22,7 +22,9 @@ the evaluation), ``summary.md`` and ``plots/iterate.png`` (gold reward and KL pe
 command skips every recorded stage, so a killed ``iterate`` never redoes a finished generation, selection, training
 or evaluation. Within a stage the stage's own resumption applies: generation appends and skips the prompts already
 written, training continues from its last checkpoint (``save_steps``). The settings are kept in ``iterate.yaml``;
-a rerun with other settings is refused, naming the keys that differ.
+a rerun with other settings is refused, naming the keys that differ. One run writes an output_dir at a time (its
+``.epsdpo.lock``, :mod:`epsdpo.runlock`); ``overwrite_output_dir=true`` moves an earlier run aside into
+``OUTPUT_DIR/.replaced-<time>/`` and starts afresh.
 
 **Prompts per round.** ``round_prompts=split`` (the default) deals the prompts out to the rounds like cards (prompt
 i to round i mod R + 1), so every round sees new prompts from every category; ``all`` gives every round all of them
@@ -42,11 +44,13 @@ from typing import Any, Literal
 from epsdpo.config import ConfigError, config_to_dict, dump_config, load_config, read_config_source
 from epsdpo.data import load_preference_dataset
 from epsdpo.data.loading import load_rows
+from epsdpo.errors import UserError
 from epsdpo.eval_config import EvalConfig
 from epsdpo.files import read_jsonl_resumable
 from epsdpo.models import initial_model, load_model_for_sampling, load_tokenizer, model_identity
 from epsdpo.recipes.train import train
 from epsdpo.rundir import ITERATE_STAGES, read_iterate_summary, read_round_state, write_json
+from epsdpo.runlock import claim_run_dir, run_dir_lock
 from epsdpo.sampling import load_prompts, sample_seed
 from epsdpo.stages.evaluate import SUMMARY_KEYS, evaluate, load_eval_config
 from epsdpo.stages.generate import GenerateConfig, generate
@@ -61,10 +65,10 @@ STAGES = ITERATE_STAGES
 #: keys of the training config whose default differs under ``iterate`` (applied when the config does not set them)
 ITERATE_DEFAULTS = {"selection": "alignment_potential", "select_implicit_weight": 2.5}
 #: settings that may change between a run and its continuation
-FREE_KEYS = ("disable_tqdm",)
+FREE_KEYS = ("disable_tqdm", "overwrite_output_dir")
 
 
-class IterateError(RuntimeError):
+class IterateError(UserError, RuntimeError):
     """An iterate run that cannot go on; the message says why and what to do."""
 
 
@@ -345,8 +349,12 @@ def _round_run_config(setup: IterateSetup, r: int, start: str, original: str, tr
         models=dataclasses.replace(m, model=start, model_config=None, ref_model=ref, save_merged_model=m.use_lora),
         data=dataclasses.replace(run.data, dataset=train_file, selection="none"),
         loss=run.loss,
-        train=dataclasses.replace(
-            run.train, output_dir=str(out), resume_from_checkpoint="auto", eval_after_training=False
+        train=dataclasses.replace(  # overwrite_output_dir is the iterate run's: a round's training continues
+            run.train,
+            output_dir=str(out),
+            resume_from_checkpoint="auto",
+            eval_after_training=False,
+            overwrite_output_dir=False,
         ),
     )
 
@@ -429,6 +437,21 @@ def iterate(
 ) -> IterateResult:
     """Run (or continue) every round; see the module docstring."""
     setup = config if isinstance(config, IterateSetup) else load_iterate_config(config, overrides)
+    with run_dir_lock(setup.output_dir):  # one writer: a second iterate into the same output_dir is refused
+        claim_run_dir(
+            setup.output_dir,
+            overwrite=setup.run.train.overwrite_output_dir,
+            is_run=_is_iterate_run,
+            what="run of `epsdpo iterate` (no iterate.yaml or round-N/)",
+        )
+        return _iterate(setup)
+
+
+def _is_iterate_run(directory: Path) -> bool:
+    return (directory / "iterate.yaml").is_file() or any(p.is_dir() for p in directory.glob("round-*"))
+
+
+def _iterate(setup: IterateSetup) -> IterateResult:
     it, out = setup.iterate, setup.output_dir
     _check_settings(setup)
     say = _Progress(it.rounds)

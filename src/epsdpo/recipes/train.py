@@ -25,7 +25,8 @@ from epsdpo.files import cache_key
 from epsdpo.logps.heads import frozen_head_copy, fused_head_matches, output_head
 from epsdpo.machine import cpu_has_native_bf16
 from epsdpo.models import cache_dir, initial_policy_identity, load_tokenizer, reference_identity
-from epsdpo.rundir import publish_evaluation
+from epsdpo.rundir import is_train_run, publish_evaluation
+from epsdpo.runlock import claim_run_dir, run_dir_lock
 from epsdpo.stages.evaluate import evaluate, format_table
 from epsdpo.stages.plots import PLOTS_DIR, plot_reward_vs_kl, plot_training
 from epsdpo.stages.select import select_for_config
@@ -294,6 +295,16 @@ def prepare_run(
             "back to a slow generic GEMM (measured 0.2-10 GFLOP/s against 30-40 in float32 on such a machine); "
             "bf16=false is much faster here"
         )
+    # a new or empty directory, an earlier run of ours, or (overwrite_output_dir) an earlier run moved aside first
+    claim_run_dir(
+        cfg.output_dir,
+        overwrite=t.overwrite_output_dir,
+        is_run=is_train_run,
+        what="run of `epsdpo train` (no config.yaml, metrics.jsonl or checkpoint)",
+        resuming=t.resume_from_checkpoint is not None,
+        main=acc.is_main_process,
+    )
+    acc.wait_for_everyone()
     resume = resolve_resume(t.resume_from_checkpoint, cfg.output_dir)
     state = None
     if resume is not None:
@@ -413,18 +424,21 @@ def train(
 ) -> TrainResult:
     """Train from a :class:`RunConfig`, a YAML path or a mapping, plus ``key=value`` overrides.
 
-    A finished run asked to resume with the same settings is left as it is (its result is returned)."""
+    A finished run asked to resume with the same settings is left as it is (its result is returned). The run holds
+    its directory's lock (:func:`epsdpo.runlock.run_dir_lock`) from before it writes anything until it returns or
+    fails: a second run into the same ``output_dir`` is refused."""
     cfg = config if isinstance(config, RunConfig) else load_run_config(config, list(overrides))
-    finished = finished_run(cfg)
-    if finished is not None:
-        return finished
-    run = prepare_run(cfg)
-    result = run.trainer.fit()
-    acc = run.trainer.accelerator
-    if not result.interrupted:
-        result.final_model_dir = _save_final(run, result)
-        if acc.is_main_process:
-            _evaluate_and_plot(run.trainer.cfg, result)
-    acc.wait_for_everyone()
-    acc.end_training()  # last: it also tears down the process group
+    with run_dir_lock(cfg.output_dir):
+        finished = finished_run(cfg)
+        if finished is not None:
+            return finished
+        run = prepare_run(cfg)
+        result = run.trainer.fit()
+        acc = run.trainer.accelerator
+        if not result.interrupted:
+            result.final_model_dir = _save_final(run, result)
+            if acc.is_main_process:
+                _evaluate_and_plot(run.trainer.cfg, result)
+        acc.wait_for_everyone()
+        acc.end_training()  # last: it also tears down the process group
     return result

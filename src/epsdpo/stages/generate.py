@@ -27,7 +27,8 @@ reason, in ``OUTPUT.skipped.jsonl``; the settings in ``OUTPUT.settings.json``. A
 both files and skips every prompt already in either (never one twice); a truncated last line left by a kill in
 mid-write is dropped with a message. Batches are fixed slices of the prompt list, and a batch that was only partly
 written is sampled again as a whole and only its missing rows are written, so a resumed run writes exactly what an
-uninterrupted one would (with the same ``batch_size``).
+uninterrupted one would (with the same ``batch_size``). One run writes an output at a time: a second is refused while
+the first holds ``.OUTPUT.lock`` beside it (:mod:`epsdpo.runlock`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from epsdpo.config import ConfigError, fields_where, load_config
 from epsdpo.files import append_jsonl, read_jsonl_resumable
 from epsdpo.models import load_model_for_sampling, load_tokenizer
 from epsdpo.rewards import load_reward
+from epsdpo.runlock import output_file_lock
 from epsdpo.sampling import (
     SamplingConfig,
     decode_completion,
@@ -215,6 +217,11 @@ def generate(
 ) -> GenerateSummary:
     """Sample, score and write preference pairs (see the module docstring); resumes an existing output."""
     cfg = load_generate_config(config, overrides)
+    with output_file_lock(cfg.output):  # one writer: two runs into one output would each write every pair
+        return _generate(cfg)
+
+
+def _generate(cfg: GenerateConfig) -> GenerateSummary:
     started = time.perf_counter()
     output = Path(cfg.output)
     prompts = load_prompts(cfg.prompts, cfg.prompt_split, cfg.prompt_column, cfg.max_prompts)

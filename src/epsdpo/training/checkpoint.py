@@ -10,9 +10,11 @@ A checkpoint ``checkpoint-{step}/`` holds:
 - ``trainer_state.json``: step, data position, the BetaController, the world size, written last.
 
 It is written into ``.checkpoint-{step}.partial/`` and renamed into place once every file is there, so a process
-killed at any moment (even SIGKILL) leaves only complete checkpoints under their final names. A checkpoint damaged
-afterwards (a file cut short, deleted or edited) is found by :func:`checkpoint_problem` before anything is loaded,
-and refused with the newest intact checkpoint to resume from instead (:func:`check_checkpoint`).
+killed at any moment (even SIGKILL) leaves only complete checkpoints under their final names. A write that fails
+for want of space removes the partial directory and raises :class:`epsdpo.errors.DiskFullError` naming the run
+directory; the checkpoints before it are untouched. A checkpoint damaged afterwards (a file cut short, deleted or
+edited) is found by :func:`checkpoint_problem` before anything is loaded, and refused with the newest intact
+checkpoint to resume from instead (:func:`check_checkpoint`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from epsdpo.errors import disk_full_guard
 
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.safetensors"
@@ -273,18 +277,26 @@ def save_checkpoint(
     process too (a collective for sharded states; rank 0 alone writes for unsharded ones)."""
     final = output_dir / f"checkpoint-{step}"
     partial = output_dir / f".checkpoint-{step}.partial"
-    if rank == 0:
+
+    def remove_partial() -> None:  # a failed write (a full disk) leaves no half checkpoint to fill the disk further
         shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    barrier()
-    torch.save(rng_state(), partial / f"rng_state_{rank}.pt")
-    write_weights(partial)
+
+    what = f"checkpoint-{step} (the last complete checkpoint is kept)"
     if rank == 0:
-        torch.save(scheduler.state_dict(), partial / "scheduler.pt")
+        remove_partial()
+        with disk_full_guard(output_dir, what, remove_partial):
+            partial.mkdir(parents=True)
+    barrier()
+    with disk_full_guard(output_dir, what, remove_partial):
+        torch.save(rng_state(), partial / f"rng_state_{rank}.pt")
+        write_weights(partial)
+        if rank == 0:
+            torch.save(scheduler.state_dict(), partial / "scheduler.pt")
     barrier()
     if rank == 0:
-        _write_json(partial / STATE_FILE, trainer_state)  # last: its presence marks the checkpoint complete
-        _fsync_dir(partial)
+        with disk_full_guard(output_dir, what, remove_partial):
+            _write_json(partial / STATE_FILE, trainer_state)  # last: its presence marks the checkpoint complete
+            _fsync_dir(partial)
         if final.exists():  # re-saving a step after a resume: replace the old one
             shutil.rmtree(final)
         os.rename(partial, final)

@@ -235,7 +235,9 @@ class TrainConfig:
         eval_options: the settings of that evaluation, an :class:`~epsdpo.eval_config.EvalConfig` given as a mapping of
             ``epsdpo eval`` keys (e.g. ``{num_prompts: 64, max_new_tokens: 48}``; the others keep their defaults),
             checked when the config is loaded; one key is set with ``eval_options.num_prompts=64``.
-        overwrite_output_dir: allow training into a directory that already holds a finished run.
+        overwrite_output_dir: start a new run in a directory that holds an earlier run (or other files): everything
+            there is first moved into ``OUTPUT_DIR/.replaced-<time>/`` (never resumed or mixed; delete it when not
+            needed). Without it, a finished run is refused and a directory holding files but no run is refused.
     """
 
     output_dir: str = field(default="runs/epsdpo", metadata=FREE)

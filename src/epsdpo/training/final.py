@@ -11,6 +11,7 @@ from torch import nn
 
 from epsdpo import __version__
 from epsdpo.config import config_to_dict
+from epsdpo.errors import disk_full_guard
 from epsdpo.training.config import RunConfig
 
 #: the model card's final metrics, each with the name it is shown under (n is added for the held-out ones)
@@ -107,6 +108,25 @@ def save_final_model(
     in-memory model is merged in place), and ``save_merged_model`` writes nothing more (``final/`` is that model)."""
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
+    with disk_full_guard(final.parent, "the final model", lambda: shutil.rmtree(partial, ignore_errors=True)):
+        _write_final(partial, model, tokenizer, cfg, metrics, steps, beta, seconds, data_report, state_dict)
+    if final.exists():
+        shutil.rmtree(final)
+    partial.rename(final)
+
+
+def _write_final(
+    partial: Path,
+    model: nn.Module,
+    tokenizer: Any,
+    cfg: RunConfig,
+    metrics: dict[str, float],
+    steps: int,
+    beta: float,
+    seconds: float,
+    data_report: dict[str, Any],
+    state_dict: dict[str, Any] | None,
+) -> None:
     if cfg.models.use_lora and cfg.models.sync_ref_model and hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     if state_dict is not None and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
@@ -126,6 +146,3 @@ def save_final_model(
         json.dumps({"step": steps, "beta": beta, "train_seconds": round(seconds, 1), **metrics}, indent=2) + "\n",
         encoding="utf-8",
     )
-    if final.exists():
-        shutil.rmtree(final)
-    partial.rename(final)

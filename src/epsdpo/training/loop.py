@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from epsdpo.control import BetaController, BetaDPOController
 from epsdpo.data import PreferenceCollator, TokenizedPair, batch_indices, shift_for_logps
 from epsdpo.distributed import accumulation_boundary, gather_across_processes, rank_slice
+from epsdpo.errors import UserError
 from epsdpo.logps import PerturbedLogps
 from epsdpo.logps.heads import policy_logps
 from epsdpo.sampling import sample_seed
@@ -78,7 +79,7 @@ from epsdpo.training.schedule import make_scheduler, warmup_steps
 logger = logging.getLogger(__name__)
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training cannot go on; the message names the step and the last good checkpoint."""
 
 

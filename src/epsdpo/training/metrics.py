@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from epsdpo.distributed import gather_across_processes, sum_across_processes
+from epsdpo.errors import disk_full_guard
 from epsdpo.files import read_jsonl, read_jsonl_resumable
 
 logger = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ class DecisionRecords:
         if not self.enabled:
             return
         integer = {"pair", "s", "chosen_tokens", "rejected_tokens"}
-        with open(self.path, "a", encoding="utf-8") as fh:
+        with disk_full_guard(self.path.parent, self.path.name), open(self.path, "a", encoding="utf-8") as fh:
             for row in torch.cat(self._rows).tolist() if self._rows else []:
                 record = {"step": step}
                 record.update({k: int(v) if k in integer else v for k, v in zip(self.columns, row, strict=True)})
@@ -121,7 +122,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        with open(self.path, "a", encoding="utf-8") as fh:
+        with disk_full_guard(self.path.parent, self.path.name), open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(clean) + "\n")
         if self.accelerator is not None:
             step = record.get("step")

@@ -61,6 +61,7 @@ from epsdpo.models import (
 )
 from epsdpo.rewards import load_reward
 from epsdpo.rundir import beta_at_step, checkpoint_policy, final_beta
+from epsdpo.runlock import output_file_lock
 from epsdpo.sampling import (
     Completion,
     decode_completion,
@@ -440,6 +441,15 @@ def evaluate(
     name, output, samples_path = destination(cfg)
     settings = evaluation_settings(cfg)
     check_overwrite(output, settings, cfg.overwrite)
+    # one writer per evaluation file (evaluations into other files of one run may run side by side); taking the
+    # lock also proves the destination writable, before any model is loaded or sampled
+    with output_file_lock(output):
+        return _evaluate(cfg, name, output, samples_path, settings, started)
+
+
+def _evaluate(
+    cfg: EvalConfig, name: str, output: Path, samples_path: Path, settings: dict[str, Any], started: float
+) -> dict[str, Any]:
     _say(cfg, "eval: loading the policy and the reference")
     loaded = _load_models(cfg)
     prompts = load_prompts(cfg.prompts, cfg.prompt_split, cfg.prompt_column, cfg.num_prompts)
