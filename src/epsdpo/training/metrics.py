@@ -17,6 +17,8 @@ from epsdpo.files import read_jsonl
 #: sums that are divided by the pair count to give means
 PER_PAIR = (
     "loss",
+    "loss/preference",
+    "loss/nll",
     "rewards/chosen",
     "rewards/rejected",
     "rewards/margins",
@@ -30,6 +32,7 @@ PER_PAIR = (
     "kl/steps_stronger",
     "kl/steps_kept",
     "kl/pairs_kept",
+    "kto/reference_point",
 )
 
 
