@@ -493,6 +493,14 @@ def kto_loss(
     responses are never compared with each other: each is compared with z₀. ``desirable_weight`` λ_D and
     ``undesirable_weight`` λ_U as TRL names them (1 and 1; the paper asks λ_D n_D / λ_U n_U ∈ [1, 4/3], and paired
     data has n_D = n_U). Rewards are β r(y), as in TRL.
+
+    How this differs from KTO on unpaired data (the paper's setting, TRL's KTOTrainer): there, every example is one
+    (x, y) with a binary label, desirable and undesirable examples come from different prompts in any proportion
+    (hence λ_D, λ_U), and z₀ comes from each example's prompt with another example's completion. Here every prompt
+    brings exactly one desirable and one undesirable completion, the batch is balanced by construction, and z₀ comes
+    from pair i's prompt with *both* completions of pair i + 1 (2B mismatched sequences per micro-batch, averaged
+    over every process; the models run on them without gradient). What is lost against DPO is the pairing itself:
+    KTO never uses that y_w and y_l answer the same prompt.
     """
     chosen = policy_chosen_logps - ref_chosen_logps
     rejected = policy_rejected_logps - ref_rejected_logps

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -220,3 +221,18 @@ def test_kto_reference_point_is_the_mismatched_log_ratio_of_the_batch(tmp_path):
     gaps = trainer._mismatched_logratios(trainer.model, pairs, "train")
     torch.testing.assert_close(gaps, direct[0] - direct[1], atol=1e-4, rtol=1e-4)
     assert gaps.abs().max() > 1e-3  # the policy moved
+
+
+# ---- the method lists -----------------------------------------------------------------------------------------
+
+
+def test_help_readme_and_methods_index_list_every_method(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--help"])
+    help_text = capsys.readouterr().out
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    index = (ROOT / "docs" / "methods" / "README.md").read_text(encoding="utf-8")
+    for kind in LossType:
+        assert re.search(rf"^  {kind.value} +\S", help_text, re.MULTILINE), kind  # one line each
+        assert f"`{kind.value}`" in readme, kind
+        assert re.search(rf"^- \[.*\]\(.*\.md\): .*\b{kind.value}\b", index, re.MULTILINE), kind

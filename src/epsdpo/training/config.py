@@ -105,7 +105,8 @@ class LossConfig:
             scale β; ORPO's λ (as TRL names it); unused by ``slic`` and ``rrhf``. Unset: the method's default,
             2.0 for SimPO (its official code's), 0.1 for the others.
         epsilon: ε-DPO's perturbation size ε: pairs use β/(1+ε), β or β/(1−ε); 0 gives DPO.
-        label_smoothing: cDPO's assumed probability of a flipped label, in [0, 0.5); also usable with ε-DPO.
+        label_smoothing: cDPO's assumed probability of a flipped label, in [0, 0.5); also usable with ε-DPO, SimPO
+            and CPO (the same conservative form on their logits, as TRL's CPOTrainer).
         beta_update_rule: ``inverse_mean_step`` (β ← β/(1+ε·mean s)) or ``mean_beta`` (the paper's β ← mean β̃).
         decision_precision: the arithmetic of ε-DPO's decisions: ``float32`` (the exact rule, default);
             ``published`` (the published trainer's own order of bf16 operations: each mixture as three rounded bf16
@@ -128,11 +129,14 @@ class LossConfig:
         cpo_alpha: CPO's weight of the NLL term on the chosen response (TRL's name; 1 in the paper).
         rpo_alpha: add α · (−log π_θ(y_w|x)/|y_w|) to a reference-based loss (RPO, Pang et al. 2024, arXiv
             2404.19733, which uses 1; TRL's former name); 0: off.
-        rdpo_alpha: R-DPO's α, the weight of the length term α(|y_w| − |y_l|) in the DPO logit.
+        rdpo_alpha: R-DPO's α, the weight of the length term α(|y_w| − |y_l|) in the DPO logit, per token of
+            length difference. The paper tunes it per setting (no single published value); 0.05 is a starting point.
         desirable_weight: KTO's λ_D, the weight of the desirable (chosen) examples (TRL's name).
         undesirable_weight: KTO's λ_U, the weight of the undesirable (rejected) examples (TRL's name).
-        slic_delta: SLiC-HF's margin δ of the calibration hinge, in nats of sequence log-likelihood.
-        slic_lambda: SLiC-HF's weight λ of the NLL term on the chosen response.
+        slic_delta: SLiC-HF's margin δ of the calibration hinge, in nats of sequence log-likelihood (1 in the
+            paper).
+        slic_lambda: SLiC-HF's weight λ of the NLL term on the chosen response (tuned per task in the paper; no
+            single published value).
         rrhf_lambda: RRHF's weight of the NLL term on the chosen response (1 in the paper: L_rank + L_ft).
 
     Options the chosen ``loss_type`` does not use (``epsilon`` for ``simpo``, ``simpo_gamma`` for ``dpo``, …) are
