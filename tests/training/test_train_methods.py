@@ -221,6 +221,23 @@ def test_kto_reference_point_is_the_mismatched_log_ratio_of_the_batch(tmp_path):
     gaps = trainer._mismatched_logratios(trainer.model, pairs, "train")
     torch.testing.assert_close(gaps, direct[0] - direct[1], atol=1e-4, rtol=1e-4)
     assert gaps.abs().max() > 1e-3  # the policy moved
+    # held-out batches: a last batch of one pair borrows the pair before it; a lone pair has nothing to mismatch
+    nine = trainer.train_pairs[:9]
+    borrowed = trainer._mismatched_logratios(trainer.unwrapped, nine[7:9], "train")
+    expected = borrowed.mean().clamp(min=0)
+    assert trainer._eval_reference_point(nine, 8, 16).item() == pytest.approx(expected.item(), abs=1e-6)
+    assert trainer._eval_reference_point(nine[:1], 0, 8).item() == 0.0
+
+
+@pytest.mark.slow
+def test_kto_evaluates_held_out_pairs_with_a_last_batch_of_one(tmp_path):
+    # 64 held-out pairs in batches of 9: the last batch holds one pair
+    result = train(
+        tiny(tmp_path, "loss_type=kto", "max_steps=2", f"eval_dataset={DATA}", "per_device_eval_batch_size=9")
+    )
+    evaluation = read_metrics(result.output_dir / "metrics.jsonl")[-1]
+    assert evaluation["eval/pairs"] == 64 and math.isfinite(evaluation["eval/loss"])
+    assert evaluation["eval/kto/reference_point"] >= 0
 
 
 # ---- the method lists -----------------------------------------------------------------------------------------

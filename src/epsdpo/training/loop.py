@@ -464,7 +464,8 @@ class Trainer:
         """KTO's z₀ for the held-out pairs ``mine[start:stop]``, from their mismatched pairs; a batch of one pair
         borrows the pair before it, and a process holding a single held-out pair uses z₀ = 0 (nothing to
         mismatch it with)."""
-        group = mine[start:stop] if len(mine[start:stop]) >= 2 else mine[max(0, stop - 2) : stop]
+        stop = min(stop, len(mine))
+        group = mine[start:stop] if stop - start >= 2 else mine[max(0, stop - 2) : stop]
         if len(group) < 2:
             return torch.zeros((), device=self.accelerator.device)
         gaps = self._mismatched_logratios(self.unwrapped, group, "eval")
