@@ -12,6 +12,7 @@ Configurations (issue #8):
 Contenders, each in its own process on the same synthetic text pairs (every row exactly the configured length):
   epsdpo-epsilon  epsdpo's Trainer.train_step, loss_type=epsilon_dpo (chunked fused log-probs)
   epsdpo-dpo      the same with loss_type=dpo
+  epsdpo-simpo    the same with loss_type=simpo: no reference model loaded, no reference forward (reference-free)
   epsdpo-epsilon-eager  epsdpo-epsilon with logps_kernel=eager (torch passes over each (chunk, V) block instead of
                   the compiled one-pass kernel the default picks; see epsdpo.logps.vocab)
   epsdpo-epsilon-cached  epsdpo-epsilon with precompute_ref_hidden_states=true: the reference's hidden states are
@@ -75,6 +76,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
 CONTENDERS = (
     "epsdpo-epsilon",
     "epsdpo-dpo",
+    "epsdpo-simpo",
     "epsdpo-epsilon-eager",
     "epsdpo-epsilon-cached",
     "naive-epsilon",
@@ -89,6 +91,9 @@ RATIOS = (
     ("ε-DPO / naive ε-DPO excess memory", "epsdpo-epsilon", "naive-epsilon", "excess_mib", 0.5),
     ("compiled / eager kernel, ε-DPO step time", "epsdpo-epsilon", "epsdpo-epsilon-eager", "median_s", None),
     ("cached reference / not, ε-DPO step time", "epsdpo-epsilon-cached", "epsdpo-epsilon", "median_s", None),
+    ("SimPO / DPO step time", "epsdpo-simpo", "epsdpo-dpo", "median_s", None),
+    ("SimPO / DPO peak memory", "epsdpo-simpo", "epsdpo-dpo", "peak_mib", None),
+    ("SimPO / DPO excess memory", "epsdpo-simpo", "epsdpo-dpo", "excess_mib", None),
 )
 BETA, EPSILON, LR = 0.1, 0.01, 1e-6
 
@@ -225,7 +230,7 @@ def _setup(config: str, contender: str, fp32: bool, device: str) -> tuple[dict[s
     data = work / "pairs.jsonl"
     synthetic_pairs(data, tokenizer, spec["pairs"], spec["tokens"])
     cached = contender == "epsdpo-epsilon-cached"
-    loss = "dpo" if contender == "epsdpo-dpo" else "epsilon_dpo"
+    loss = {"epsdpo-dpo": "dpo", "epsdpo-simpo": "simpo"}.get(contender, "epsilon_dpo")
     kernel = "eager" if contender == "epsdpo-epsilon-eager" else "auto"
     return spec, work, tokenizer, data, run_config(spec, data, work / "run", loss, cached, kernel, device)
 
@@ -448,7 +453,9 @@ def run_child(child_args: list[str], args: argparse.Namespace, label: str) -> di
     failure's last lines printed under ``label``."""
     cmd = [sys.executable, __file__, *child_args, "--warmup", str(args.warmup), "--device", args.device]
     cmd += ["--fp32"] if args.fp32 else []
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    # benchmarks/ first, then whatever the caller had on the path (a checkout's src/ before an installed epsdpo)
+    path = [str(Path(__file__).parent), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:

@@ -19,6 +19,7 @@ from typing import Any
 
 from epsdpo import control, losses
 from epsdpo.data.config import DataConfig
+from epsdpo.losses import LossType
 from epsdpo.stages import select
 from epsdpo.training import reference
 from epsdpo.training.config import LossConfig, ModelConfig
@@ -33,6 +34,8 @@ class Method:
     sources: list[Any]  # functions, classes or modules whose docstrings make the page
     options: list[tuple[type, str]]  # (config dataclass, field)
     example: str
+    line: str = ""  # what it is, in one line (the index)
+    kind: Any = None  # the LossType whose defaults the options table shows (β's default depends on the method)
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -55,9 +58,11 @@ def field_docs(cls: type) -> dict[str, str]:
     return entries
 
 
-def default_of(cls: type, name: str) -> str:
+def default_of(cls: type, name: str, kind: Any = None) -> str:
     field = next(f for f in dataclasses.fields(cls) if f.name == name)
     value = field.default if field.default is not dataclasses.MISSING else field.default_factory()  # type: ignore[misc]
+    if cls is LossConfig and name == "beta" and kind is not None:  # unset β is the method's own default
+        value = kind.default_beta
     value = getattr(value, "value", value)  # an enumeration member (LossType) shows as its name in configs
     return f"`{value!r}`"
 
@@ -83,7 +88,7 @@ def page(method: Method) -> str:
         lines += ["## Options", "", "| key | default | meaning |", "|---|---|---|"]
         for cls, name in method.options:
             text = field_docs(cls).get(name, "").replace("|", "\\|")
-            lines.append(f"| `{name}` | {default_of(cls, name)} | {text} |")
+            lines.append(f"| `{name}` | {default_of(cls, name, method.kind)} | {text} |")
         lines.append("")
     lines += ["## Example", "", "```bash", method.example, "```", ""]
     return "\n".join(lines)
@@ -107,6 +112,9 @@ METHODS: list[Method] = [
             )
         ],
         "epsdpo train configs/tiny.yaml loss_type=epsilon_dpo beta=0.1 epsilon=0.01",
+        line="`loss_type=epsilon_dpo`: DPO with β/(1+ε s) per pair, s from a perturbation test (Lee et al. "
+        "2025, arXiv 2502.13177).",
+        kind=LossType.EPSILON_DPO,
     ),
     Method(
         "dpo",
@@ -114,6 +122,9 @@ METHODS: list[Method] = [
         [losses.dpo_loss],
         [(LossConfig, n) for n in ("loss_type", "beta", "label_smoothing")],
         "epsdpo train configs/tiny.yaml loss_type=cdpo label_smoothing=0.1",
+        line="`dpo`, `cdpo`: the logistic loss on the margin of log-ratios (Rafailov et al. 2023, arXiv "
+        "2305.18290); cDPO with flipped-label smoothing.",
+        kind=LossType.DPO,
     ),
     Method(
         "ipo",
@@ -121,6 +132,9 @@ METHODS: list[Method] = [
         [losses.ipo_loss],
         [(LossConfig, n) for n in ("loss_type", "beta")],
         "epsdpo train configs/tiny.yaml loss_type=ipo beta=0.5",
+        line="`ipo`: a squared regression of the length-normalised margin onto 1/(2β) (Azar et al. 2023, arXiv "
+        "2310.12036).",
+        kind=LossType.IPO,
     ),
     Method(
         "hinge",
@@ -128,6 +142,8 @@ METHODS: list[Method] = [
         [losses.hinge_loss],
         [(LossConfig, n) for n in ("loss_type", "beta")],
         "epsdpo train configs/tiny.yaml loss_type=hinge",
+        line="`hinge`: max(0, 1 − β h) on the DPO margin (SLiC/RSO form, with a reference).",
+        kind=LossType.HINGE,
     ),
     Method(
         "beta-dpo",
@@ -135,6 +151,88 @@ METHODS: list[Method] = [
         [control.BetaDPOController, losses.beta_dpo_weights, losses.beta_dpo_loss],
         [(LossConfig, n) for n in ("loss_type", "beta", "beta_dpo_alpha", "beta_dpo_rho", "beta_dpo_momentum")],
         "epsdpo train configs/tiny.yaml loss_type=beta_dpo beta_dpo_alpha=0.6 beta_dpo_rho=0.2",
+        line="`beta_dpo`: β per batch from its margins, with margin-based filtering (Wu et al. 2024, arXiv "
+        "2407.08639).",
+        kind=LossType.BETA_DPO,
+    ),
+    Method(
+        "simpo",
+        "SimPO: a reference-free, length-normalised reward with a target margin",
+        [losses.simpo_loss],
+        [(LossConfig, n) for n in ("loss_type", "beta", "simpo_gamma", "label_smoothing")],
+        "epsdpo train configs/tiny.yaml loss_type=simpo beta=2.5 simpo_gamma=1.375",
+        line="`simpo`: −log σ(β/|y_w| log π(y_w) − β/|y_l| log π(y_l) − γ), no reference model (Meng et al. 2024, "
+        "arXiv 2405.14734).",
+        kind=LossType.SIMPO,
+    ),
+    Method(
+        "orpo",
+        "ORPO: SFT plus an odds-ratio preference term, no reference",
+        [losses.orpo_loss],
+        [(LossConfig, n) for n in ("loss_type", "beta")],
+        "epsdpo train configs/tiny.yaml loss_type=orpo beta=0.1",
+        line="`orpo`: NLL(y_w) + λ · −log σ(log odds(y_w) − log odds(y_l)), no reference model (Hong et al. 2024, "
+        "arXiv 2403.07691).",
+        kind=LossType.ORPO,
+    ),
+    Method(
+        "cpo",
+        "CPO: DPO's logistic loss without the reference, plus SFT",
+        [losses.cpo_loss],
+        [(LossConfig, n) for n in ("loss_type", "beta", "cpo_alpha", "label_smoothing")],
+        "epsdpo train configs/tiny.yaml loss_type=cpo beta=0.1 cpo_alpha=1.0",
+        line="`cpo`: −log σ(β log π(y_w) − β log π(y_l)) + α NLL(y_w), no reference model (Xu et al. 2024, arXiv "
+        "2401.08417).",
+        kind=LossType.CPO,
+    ),
+    Method(
+        "rdpo",
+        "R-DPO: DPO with a length term",
+        [losses.rdpo_loss],
+        [(LossConfig, n) for n in ("loss_type", "beta", "rdpo_alpha", "rpo_alpha")],
+        "epsdpo train configs/tiny.yaml loss_type=rdpo beta=0.1 rdpo_alpha=0.05",
+        line="`rdpo`: −log σ(β h + α(|y_w| − |y_l|)), DPO regularised against length (Park et al. 2024, arXiv "
+        "2403.19159).",
+        kind=LossType.RDPO,
+    ),
+    Method(
+        "kto",
+        "KTO on paired data",
+        [losses.kto_loss, losses.kto_reference_point],
+        [(LossConfig, n) for n in ("loss_type", "beta", "desirable_weight", "undesirable_weight", "rpo_alpha")],
+        "epsdpo train configs/tiny.yaml loss_type=kto beta=0.1 per_device_train_batch_size=4",
+        line="`kto`: each response against a reference point z₀ from mismatched pairs, a prospect-theory value "
+        "(Ethayarajh et al. 2024, arXiv 2402.01306).",
+        kind=LossType.KTO,
+    ),
+    Method(
+        "slic",
+        "SLiC-HF: a calibration hinge plus a regularising NLL, no reference",
+        [losses.slic_loss],
+        [(LossConfig, n) for n in ("loss_type", "slic_delta", "slic_lambda")],
+        "epsdpo train configs/tiny.yaml loss_type=slic slic_delta=1.0 slic_lambda=0.1",
+        line="`slic`: max(0, δ − log π(y_w) + log π(y_l)) + λ NLL(y_w), no reference model (Zhao et al. 2023, arXiv "
+        "2305.10425).",
+        kind=LossType.SLIC,
+    ),
+    Method(
+        "rrhf",
+        "RRHF: a ranking hinge on length-normalised likelihoods plus SFT, no reference",
+        [losses.rrhf_loss],
+        [(LossConfig, n) for n in ("loss_type", "rrhf_lambda")],
+        "epsdpo train configs/tiny.yaml loss_type=rrhf",
+        line="`rrhf`: max(0, log π(y_l)/|y_l| − log π(y_w)/|y_w|) + λ NLL(y_w), no reference model (Yuan et al. 2023, "
+        "arXiv 2304.05302).",
+        kind=LossType.RRHF,
+    ),
+    Method(
+        "rpo",
+        "RPO: an NLL term on the chosen response for the reference-based losses",
+        [losses.chosen_nll],
+        [(LossConfig, "rpo_alpha")],
+        "epsdpo train configs/tiny.yaml loss_type=dpo rpo_alpha=1.0",
+        line="`rpo_alpha=α` with any reference-based loss: adds α · −log π(y_w)/|y_w| (Pang et al. 2024, arXiv "
+        "2404.19733).",
     ),
     Method(
         "tr-dpo",
@@ -143,6 +241,9 @@ METHODS: list[Method] = [
         [(ModelConfig, n) for n in ("sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps")],
         "epsdpo train configs/tiny.yaml loss_type=dpo sync_ref_model=true ref_model_sync_steps=128 "
         "ref_model_mixup_alpha=0.6",
+        line="`sync_ref_model=true` with any loss: the reference moves toward the policy (Gorbatovski et al. "
+        "2024, arXiv 2404.09656).",
+        kind=None,
     ),
     Method(
         "alignment-potential",
@@ -154,6 +255,9 @@ METHODS: list[Method] = [
         ],
         "epsdpo select configs/tiny.yaml select_ratio=0.4 --out runs/selection\n"
         "epsdpo train configs/tiny.yaml selection=alignment_potential select_ratio=0.4",
+        line="`selection=alignment_potential`: train on the pairs with a large reward margin and a small "
+        "implicit margin (Huang et al. 2025).",
+        kind=None,
     ),
 ]
 
@@ -167,7 +271,7 @@ def index() -> str:
         "One page per method, generated from the docstrings and config documentation in the code.",
         "",
     ]
-    lines += [f"- [{m.title}]({m.slug}.md)" for m in METHODS]
+    lines += [f"- [{m.title}]({m.slug}.md): {m.line}" for m in METHODS]
     return "\n".join(lines) + "\n"
 
 

@@ -6,8 +6,31 @@ import argparse
 import logging
 import shlex
 
+#: every ``loss_type``, one line each (kept here as text: ``epsdpo --help`` imports no torch; a test checks it against
+#: epsdpo.losses.LossType)
+METHODS = """\
+methods (loss_type=…; formulas, papers and defaults: docs/methods/):
+  epsilon_dpo  ε-DPO (default): DPO with a per-pair β/(1+ε s), s from a perturbation test (arXiv 2502.13177)
+  dpo          DPO: −log σ(β h), h the margin of policy/reference log-ratios (arXiv 2305.18290)
+  cdpo         conservative DPO: DPO with label_smoothing, the assumed share of flipped labels
+  ipo          IPO: (h/|y| − 1/(2β))², on length-normalised log-ratios (arXiv 2310.12036)
+  hinge        hinge: max(0, 1 − β h) on the DPO margin (SLiC/RSO form, with a reference)
+  beta_dpo     β-DPO: β per batch from its margins, with margin-based filtering (arXiv 2407.08639)
+  rdpo         R-DPO: −log σ(β h + α(|y_w| − |y_l|)), DPO regularised against length (arXiv 2403.19159)
+  kto          KTO on pairs: each response against z₀ from mismatched pairs (arXiv 2402.01306)
+  simpo        SimPO, no reference: −log σ(β/|y_w| log π(y_w) − β/|y_l| log π(y_l) − γ) (arXiv 2405.14734)
+  orpo         ORPO, no reference: NLL(y_w) + λ · −log σ(log odds ratio) (arXiv 2403.07691)
+  cpo          CPO, no reference: −log σ(β log π(y_w) − β log π(y_l)) + α NLL(y_w) (arXiv 2401.08417)
+  slic         SLiC-HF, no reference: max(0, δ − log π(y_w) + log π(y_l)) + λ NLL(y_w) (arXiv 2305.10425)
+  rrhf         RRHF, no reference: max(0, log π(y_l)/|y_l| − log π(y_w)/|y_w|) + λ NLL(y_w) (arXiv 2304.05302)
+with any loss: rpo_alpha=α adds α NLL(y_w) to a reference-based loss (RPO, arXiv 2404.19733);
+  sync_ref_model=true moves the reference toward the policy (TR-DPO, arXiv 2404.09656)
+"""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = METHODS
     parser.add_argument(
         "config", nargs="?", help="YAML config; omitted: the bundled default (SmolLM2-135M-Instruct, ε-DPO, sentiment)"
     )

@@ -47,8 +47,10 @@ from epsdpo.training.pair_loss import compute_pair_losses, pair_metric_sums
 
 logger = logging.getLogger(__name__)
 
-#: per-pair metrics logged (``loss`` is left to the Trainer, which logs its own)
-METRIC_KEYS = tuple(k for k in PER_PAIR if k not in ("loss", "kl/pairs_kept"))
+#: per-pair metrics logged (``loss`` is left to the Trainer, which logs its own; the others are other losses')
+METRIC_KEYS = tuple(
+    k for k in PER_PAIR if k not in ("loss", "kl/pairs_kept", "loss/preference", "loss/nll", "kto/reference_point")
+)
 
 
 class EpsilonDPOCallback(TrainerCallback, ExportableState):

@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from epsdpo.logps.chunked import chunked_perturbed_logps, default_chunk_size
+from epsdpo.logps.chunked import chunked_perturbed_logps, chunked_policy_logps, default_chunk_size
 from epsdpo.logps.common import DEFAULT_OPTIONS, Impl, LMHeadInput, LogpsOptions, PerturbedLogps
 from epsdpo.logps.decision import DecisionLogratios, DecisionSpec
-from epsdpo.logps.eager import eager_perturbed_logps
+from epsdpo.logps.eager import eager_perturbed_logps, eager_policy_logps
 from epsdpo.logps.vocab import KERNELS, Kernel
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "PerturbedLogps",
     "chunked_perturbed_logps",
     "compute_perturbed_logps",
+    "compute_policy_logps",
     "default_chunk_size",
     "eager_perturbed_logps",
     "perturbed_logps",
@@ -112,6 +113,26 @@ def compute_perturbed_logps(
         return chunked_perturbed_logps(policy_logits, ref_logits, labels, completion_mask, spec, options)
     full = [s.logits() if isinstance(s, LMHeadInput) else s for s in (policy_logits, ref_logits)]
     return eager_perturbed_logps(full[0], full[1], labels, completion_mask, spec)
+
+
+def compute_policy_logps(
+    policy_logits: Tensor | LMHeadInput,
+    labels: Tensor,
+    completion_mask: Tensor,
+    options: LogpsOptions = DEFAULT_OPTIONS,
+) -> Tensor:
+    """The policy's sequence log-probs Σ_t log softmax(f)[y_t] alone, (N,) float32, with gradient: the ``policy``
+    field of :func:`compute_perturbed_logps` without a reference (the reference-free losses), by ``options.impl``."""
+    (nt, vocab) = _shape(policy_logits)
+    if nt != tuple(labels.shape) or completion_mask.shape != labels.shape:
+        raise ValueError(
+            f"shapes disagree: policy (N, T) = {nt}, labels {tuple(labels.shape)}, completion_mask "
+            f"{tuple(completion_mask.shape)}; logits[:, t] must score labels[:, t]"
+        )
+    if options.impl == "chunked":
+        return chunked_policy_logps(policy_logits, labels, completion_mask, options.chunk_size)
+    logits = policy_logits.logits() if isinstance(policy_logits, LMHeadInput) else policy_logits
+    return eager_policy_logps(logits, labels, completion_mask)
 
 
 def perturbed_logps(

@@ -158,47 +158,94 @@ class _FusedPerturbedTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_policy: Tensor, *unused: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        hidden, weight, bias, positions, labels, lse = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        cd = ctx.compute_dtype
-        w = None if weight is None else weight.to(cd)
-        b = None if bias is None else bias.to(cd)
-        grad_hidden = torch.zeros_like(hidden) if need_h else None
-        # Accumulate the head's gradient over chunks in float32 whatever the compute dtype.
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-        num = positions.numel()
-        vocab = hidden.shape[-1] if weight is None else weight.shape[0]
-        buf = torch.empty((min(ctx.chunk_size, num), vocab), dtype=torch.float32, device=positions.device)
-        with torch.autocast(positions.device.type, enabled=False):
-            for start in range(0, num, ctx.chunk_size):
-                sl = slice(start, start + ctx.chunk_size)
-                rows, y, g_up = positions[sl], labels[sl], grad_policy[sl].float()
-                h = hidden[rows]
-                # d log softmax(f)[y] / d f = onehot(y) − softmax(f); scaled by the upstream gradient of each token.
-                grad_logits = _project(buf[: rows.numel()], h, w, b).sub_(lse[sl].unsqueeze(-1)).exp_()
-                grad_logits.mul_(-g_up.unsqueeze(-1))
-                grad_logits.scatter_add_(-1, y.unsqueeze(-1), g_up.unsqueeze(-1))  # (c, V) float32
-                if grad_b is not None:
-                    grad_b += grad_logits.sum(0)
-                if w is None:  # the inputs were logits
-                    if grad_hidden is not None:
-                        grad_hidden[rows] = grad_logits.to(hidden.dtype)
-                    continue
-                gl = grad_logits.to(cd)
-                if grad_hidden is not None:
-                    grad_hidden[rows] = (gl @ w).to(hidden.dtype)
-                if grad_w is not None:
-                    if cd == torch.float32:
-                        grad_w.addmm_(gl.T, h.to(cd))
-                    else:
-                        grad_w += gl.T @ h.to(cd)
         return (
-            grad_hidden,
-            None if grad_w is None else grad_w.to(weight.dtype),
-            None if grad_b is None else grad_b.to(bias.dtype),
+            *_policy_backward(ctx, grad_policy),
             *([None] * 7),  # ref_hidden, ref_weight, ref_bias, positions, labels, spec, options
         )
+
+
+def _policy_backward(ctx: Any, grad_policy: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of the policy's per-token log-probs into (hidden or logits, head weight, head bias), a chunk at a
+    time from the saved log-sum-exps (``ctx`` holds hidden, weight, bias, positions, labels, lse, the compute dtype
+    and the chunk size)."""
+    hidden, weight, bias, positions, labels, lse = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    cd = ctx.compute_dtype
+    w = None if weight is None else weight.to(cd)
+    b = None if bias is None else bias.to(cd)
+    grad_hidden = torch.zeros_like(hidden) if need_h else None
+    # Accumulate the head's gradient over chunks in float32 whatever the compute dtype.
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+    num = positions.numel()
+    vocab = hidden.shape[-1] if weight is None else weight.shape[0]
+    buf = torch.empty((min(ctx.chunk_size, num), vocab), dtype=torch.float32, device=positions.device)
+    with torch.autocast(positions.device.type, enabled=False):
+        for start in range(0, num, ctx.chunk_size):
+            sl = slice(start, start + ctx.chunk_size)
+            rows, y, g_up = positions[sl], labels[sl], grad_policy[sl].float()
+            h = hidden[rows]
+            # d log softmax(f)[y] / d f = onehot(y) − softmax(f); scaled by the upstream gradient of each token.
+            grad_logits = _project(buf[: rows.numel()], h, w, b).sub_(lse[sl].unsqueeze(-1)).exp_()
+            grad_logits.mul_(-g_up.unsqueeze(-1))
+            grad_logits.scatter_add_(-1, y.unsqueeze(-1), g_up.unsqueeze(-1))  # (c, V) float32
+            if grad_b is not None:
+                grad_b += grad_logits.sum(0)
+            if w is None:  # the inputs were logits
+                if grad_hidden is not None:
+                    grad_hidden[rows] = grad_logits.to(hidden.dtype)
+                continue
+            gl = grad_logits.to(cd)
+            if grad_hidden is not None:
+                grad_hidden[rows] = (gl @ w).to(hidden.dtype)
+            if grad_w is not None:
+                if cd == torch.float32:
+                    grad_w.addmm_(gl.T, h.to(cd))
+                else:
+                    grad_w += gl.T @ h.to(cd)
+    return (
+        grad_hidden,
+        None if grad_w is None else grad_w.to(weight.dtype),
+        None if grad_b is None else grad_b.to(bias.dtype),
+    )
+
+
+class _FusedTokenLogps(torch.autograd.Function):
+    """The policy's per-token log-probs of the selected completion tokens alone (the reference-free losses): the
+    policy side of :class:`_FusedPerturbedTokenLogps`, with the same chunks, arithmetic and backward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: Tensor,  # (N*T, H), or (N*T, V) logits when weight is None
+        weight: Tensor | None,  # (V, H)
+        bias: Tensor | None,  # (V,)
+        positions: Tensor,  # (M,)
+        labels: Tensor,  # (M,)
+        chunk_size: int,
+    ) -> Tensor:
+        compute_dtype = _compute_dtype(hidden, weight, bias)
+        w = None if weight is None else weight.to(compute_dtype)
+        b = None if bias is None else bias.to(compute_dtype)
+        num = positions.numel()
+        tokens = torch.empty(num, dtype=torch.float32, device=positions.device)
+        lse = torch.empty(num, dtype=torch.float32, device=positions.device)
+        vocab = hidden.shape[-1] if weight is None else weight.shape[0]
+        shape = (min(chunk_size, num), vocab)
+        f_buf, scratch = (torch.empty(shape, dtype=torch.float32, device=positions.device) for _ in range(2))
+        with torch.autocast(positions.device.type, enabled=False):
+            for start in range(0, num, chunk_size):
+                sl = slice(start, start + chunk_size)
+                rows = positions[sl]
+                f = _project(f_buf[: rows.numel()], hidden[rows], w, b)
+                tokens[sl], lse[sl] = token_logps(f, labels[sl], scratch[: rows.numel()])
+        ctx.save_for_backward(hidden, weight, bias, positions, labels, lse)
+        ctx.compute_dtype, ctx.chunk_size = compute_dtype, chunk_size
+        return tokens
+
+    @staticmethod
+    def backward(ctx: Any, grad_tokens: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        return (*_policy_backward(ctx, grad_tokens), None, None, None)  # positions, labels, chunk_size
 
 
 def _flatten(side: Tensor | LMHeadInput) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -283,4 +330,19 @@ def chunked_sequence_logps(
         stop = min(start + step, positions.shape[0])
         logits = _project(buffer[: stop - start], rows[positions[start:stop]], weight, bias)  # (c, V)
         tokens[start:stop] = token_logps(logits, token_labels[start:stop], logits)[0]
+    return _per_sequence(tokens, sequence, labels.shape[0])
+
+
+def chunked_policy_logps(
+    side: Tensor | LMHeadInput, labels: Tensor, completion_mask: Tensor, chunk_size: int | None = None
+) -> Tensor:
+    """Σ_t log softmax(logits)[y_t] over completion tokens, (N,) float32, *with* gradient: the policy's sequence
+    log-probs alone, for the losses that need no reference (the ``policy`` field of :func:`chunked_perturbed_logps`,
+    to float32 rounding, without computing a reference or perturbed side)."""
+    positions, sequence, token_labels = _completion_tokens(labels, completion_mask)  # each (M,)
+    rows, weight, bias = _flatten(side)
+    vocab = rows.shape[-1] if weight is None else weight.shape[0]
+    tokens = _FusedTokenLogps.apply(
+        rows, weight, bias, positions, token_labels, chunk_size or default_chunk_size(vocab)
+    )
     return _per_sequence(tokens, sequence, labels.shape[0])

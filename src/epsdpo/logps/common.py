@@ -32,6 +32,13 @@ class PerturbedLogps(NamedTuple):
     stronger: Tensor
     decision_policy: Tensor
 
+    @classmethod
+    def policy_only(cls, policy: Tensor) -> PerturbedLogps:
+        """The log-probs of a run without a reference (the reference-free losses): ``policy`` and, detached, its
+        perturbations at ε = 0 (the policy itself); ``reference`` is NaN, as there is none, so any use of it shows."""
+        detached = policy.detach()
+        return cls(policy, torch.full_like(detached, float("nan")), detached, detached, detached)
+
 
 @dataclass(frozen=True)
 class LogpsOptions:

@@ -70,3 +70,9 @@ def eager_perturbed_logps(
             stronger = published(((1 - epsilon) * fb) + (epsilon * gb))
             decision_policy = published(fb)
     return PerturbedLogps(policy, reference, weaker, stronger, decision_policy)
+
+
+def eager_policy_logps(policy_logits: Tensor, labels: Tensor, completion_mask: Tensor) -> Tensor:
+    """The ``policy`` field of :func:`eager_perturbed_logps` alone (with gradient), (N,) float32."""
+    safe_labels = torch.where(completion_mask.bool(), labels, torch.zeros_like(labels))  # -100 → 0, masked out
+    return _sequence_logps(policy_logits, safe_labels, completion_mask.to(torch.float32))

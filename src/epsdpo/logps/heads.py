@@ -25,7 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from epsdpo.logps import DecisionSpec, LMHeadInput, LogpsOptions, PerturbedLogps, compute_perturbed_logps
+from epsdpo.logps import (
+    DecisionSpec,
+    LMHeadInput,
+    LogpsOptions,
+    PerturbedLogps,
+    compute_perturbed_logps,
+    compute_policy_logps,
+)
 from epsdpo.logps.chunked import chunked_sequence_logps
 from epsdpo.logps.common import DEFAULT_OPTIONS
 
@@ -134,6 +141,31 @@ def policy_logps(
         packed = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=0, use_cache=False).logits
     policy, *constants = packed.float().unbind(0)
     return PerturbedLogps(policy, *(x.detach() for x in constants))  # only the policy row carries gradient
+
+
+def policy_only_logps(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    labels: Tensor,
+    mask: Tensor,
+    options: LogpsOptions = DEFAULT_OPTIONS,
+    *,
+    fused: bool,
+) -> PerturbedLogps:
+    """The policy's sequence log-probs with no reference at all (the reference-free losses), through the policy's
+    own forward as in :func:`policy_logps`: :meth:`PerturbedLogps.policy_only` (``reference`` is NaN)."""
+    if not fused:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+        return PerturbedLogps.policy_only(compute_policy_logps(logits, labels, mask, options))
+
+    def in_head(head: nn.Module, hidden: Tensor) -> Tensor:
+        side = LMHeadInput(hidden[:, :-1], head.weight, head.bias)
+        return compute_policy_logps(side, labels, mask, options).unsqueeze(0)  # (1, N) returned as "logits"
+
+    with head_replaced(model, in_head):
+        packed = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=0, use_cache=False).logits
+    return PerturbedLogps.policy_only(packed.float()[0])
 
 
 @torch.no_grad()

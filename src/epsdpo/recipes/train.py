@@ -34,7 +34,16 @@ from epsdpo.training.checkpoint import CheckpointError, check_checkpoint, checkp
 from epsdpo.training.config import RunConfig, load_run_config, resume_changes, tokenizer_name
 from epsdpo.training.final import save_final_model
 from epsdpo.training.loop import Trainer, TrainingError, TrainResult
-from epsdpo.training.plan import CachedReference, Launcher, LiveReference, PlanError, ReferenceSource, RunPlan, plan_run
+from epsdpo.training.plan import (
+    CachedReference,
+    Launcher,
+    LiveReference,
+    NoReference,
+    PlanError,
+    ReferenceSource,
+    RunPlan,
+    plan_run,
+)
 from epsdpo.training.policy import PolicyAndReference, build_policy_and_reference
 from epsdpo.training.refcache import ReferenceHiddenCache, load_or_compute_reference_hidden
 
@@ -224,6 +233,8 @@ def _reference_source(
 ) -> ReferenceSource:
     """The reference side for the plan; for ``cache``, the hidden states are read or computed here (the main
     process computes a missing cache, the others wait and read it), and a frozen reference copy is released."""
+    if plan.reference == "none":  # the reference-free losses
+        return NoReference()
     if plan.reference != "cache":
         # sharded launchers: a whole copy of the head, taken before prepare() shards anything
         head = frozen_head_copy(models.reference or models.policy) if plan.whole_reference_head else None
@@ -341,7 +352,7 @@ def prepare_run(
         acc.init_trackers(cfg.output_dir.name, config=flat)
     collate = PreferenceCollator(tokenizer.pad_token_id, cfg.data.pad_to_multiple_of)
 
-    models = build_policy_and_reference(m, len(tokenizer), t.seed)
+    models = build_policy_and_reference(m, len(tokenizer), t.seed, with_reference=cfg.loss.kind.needs_reference)
     models.policy.to(acc.device)
     if cfg.data.selection != "none":
         train_pairs = _select(cfg, train_pairs, tokenizer, models, acc)

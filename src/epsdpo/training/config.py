@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -112,10 +112,16 @@ class LossConfig:
 
     Attributes:
         loss_type: ``epsilon_dpo`` (default), ``dpo``, ``cdpo`` (DPO with ``label_smoothing``), ``ipo``, ``hinge``,
-            ``beta_dpo`` (β-DPO: batch-level β and margin-based filtering).
-        beta: the KL penalty β (for ε-DPO the initial β₀; it then moves once per optimizer step).
+            ``beta_dpo`` (β-DPO: batch-level β and margin-based filtering), ``rdpo`` (DPO with a length term),
+            ``kto`` (KTO on the pairs' two responses); reference-free (no reference model is loaded): ``simpo``,
+            ``orpo``, ``cpo``, ``slic`` (SLiC-HF), ``rrhf``. One line each: ``epsdpo train --help``; formulas and
+            papers: docs/methods/.
+        beta: the KL penalty β (for ε-DPO the initial β₀; it then moves once per optimizer step); SimPO's reward
+            scale β; ORPO's λ (as TRL names it); unused by ``slic`` and ``rrhf``. Unset: the method's default,
+            2.0 for SimPO (its official code's), 0.1 for the others.
         epsilon: ε-DPO's perturbation size ε: pairs use β/(1+ε), β or β/(1−ε); 0 gives DPO.
-        label_smoothing: cDPO's assumed probability of a flipped label, in [0, 0.5); also usable with ε-DPO.
+        label_smoothing: cDPO's assumed probability of a flipped label, in [0, 0.5); also usable with ε-DPO, SimPO
+            and CPO (the same conservative form on their logits, as TRL's CPOTrainer).
         beta_update_rule: ``inverse_mean_step`` (β ← β/(1+ε·mean s)) or ``mean_beta`` (the paper's β ← mean β̃).
         decision_precision: the arithmetic of ε-DPO's decisions: ``float32`` (the exact rule, default);
             ``published`` (the published trainer's own order of bf16 operations: each mixture as three rounded bf16
@@ -133,10 +139,28 @@ class LossConfig:
         beta_dpo_alpha: β-DPO's α: β_batch = β₀ (1 + α (mean kept margin − running mean margin)).
         beta_dpo_rho: β-DPO's ρ: the fraction of each batch filtered out, sampled by Gaussian weights of the margin.
         beta_dpo_momentum: β-DPO's momentum for the running mean and standard deviation of the margin.
+        simpo_gamma: SimPO's target reward margin γ (TRL's name; the paper quotes γ/β: 0.25 in its code's defaults,
+            so γ = 0.5 at β = 2; 0.55 at β = 2.5 for Llama-3-8B-Instruct).
+        cpo_alpha: CPO's weight of the NLL term on the chosen response (TRL's name; 1 in the paper).
+        rpo_alpha: add α · (−log π_θ(y_w|x)/|y_w|) to a reference-based loss (RPO, Pang et al. 2024, arXiv
+            2404.19733, which uses 1; TRL's former name); 0: off.
+        rdpo_alpha: R-DPO's α, the weight of the length term α(|y_w| − |y_l|) in the DPO logit, per token of
+            length difference. The paper tunes it per setting (no single published value); 0.05 is a starting point.
+        desirable_weight: KTO's λ_D, the weight of the desirable (chosen) examples (TRL's name).
+        undesirable_weight: KTO's λ_U, the weight of the undesirable (rejected) examples (TRL's name).
+        slic_delta: SLiC-HF's margin δ of the calibration hinge, in nats of sequence log-likelihood (1 in the
+            paper).
+        slic_lambda: SLiC-HF's weight λ of the NLL term on the chosen response (tuned per task in the paper; no
+            single published value).
+        rrhf_lambda: RRHF's weight of the NLL term on the chosen response (1 in the paper: L_rank + L_ft).
+
+    Options the chosen ``loss_type`` does not use (``epsilon`` for ``simpo``, ``simpo_gamma`` for ``dpo``, …) are
+    allowed, so that switching ``loss_type`` on a config keeps working; training names them in one warning
+    (:meth:`unused_options`).
     """
 
     loss_type: LossType = field(default=LossType.EPSILON_DPO, metadata=FIXED)
-    beta: float = field(default=0.1, metadata=FIXED)
+    beta: float | None = field(default=None, metadata=FIXED)
     epsilon: float = field(default=0.01, metadata=FIXED)
     label_smoothing: float = 0.0
     beta_update_rule: Rule = field(default="inverse_mean_step", metadata=FIXED)
@@ -149,9 +173,27 @@ class LossConfig:
     beta_dpo_alpha: float = field(default=0.6, metadata=FIXED)
     beta_dpo_rho: float = field(default=0.2, metadata=FIXED)
     beta_dpo_momentum: float = field(default=0.9, metadata=FIXED)
+    simpo_gamma: float = 0.5
+    cpo_alpha: float = 1.0
+    rpo_alpha: float = 0.0
+    rdpo_alpha: float = 0.05
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    slic_delta: float = 1.0
+    slic_lambda: float = 0.1
+    rrhf_lambda: float = 1.0
 
     def __post_init__(self) -> None:
         self.loss_type = LossType(self.loss_type)  # a name given in code ("dpo") becomes the enumeration member
+        if self.beta is None:
+            self.beta = self.loss_type.default_beta
+        for name in ("simpo_gamma", "rdpo_alpha", "slic_delta"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        for name in ("cpo_alpha", "rpo_alpha", "slic_lambda", "rrhf_lambda", "desirable_weight", "undesirable_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be >= 0, got {value}")
         if not 0.0 <= self.beta_dpo_rho < 1.0:
             raise ValueError(f"beta_dpo_rho must be in [0, 1), got {self.beta_dpo_rho}")
         if not 0.0 <= self.beta_dpo_momentum < 1.0:
@@ -160,13 +202,14 @@ class LossConfig:
             raise ValueError(f"beta must be a finite number > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.label_smoothing > 0 and not self.loss_type.uses_label_smoothing:
-            raise ValueError(f"label_smoothing has no meaning for loss_type={self.loss_type.value!r}; set it to 0")
         if self.beta_min is not None and not 0 < self.beta_min <= self.beta:
             raise ValueError(f"beta_min must be in (0, beta={self.beta}], got {self.beta_min}")
         if self.beta_max is not None and not (math.isfinite(self.beta_max) and self.beta_max >= self.beta):
             raise ValueError(f"beta_max must be >= beta={self.beta} (null: no bound), got {self.beta_max}")
         _require(self, "beta_dpo_alpha", lambda v: v >= 0, ">= 0")
+        for name in ("cpo_alpha", "rpo_alpha", "desirable_weight", "undesirable_weight", "slic_delta", "slic_lambda",
+                     "rrhf_lambda"):  # fmt: skip
+            _require(self, name, lambda v: v >= 0, ">= 0")
         if self.beta_schedule is not None and self.freeze_global_beta:
             raise ValueError("beta_schedule and freeze_global_beta both fix the global β; choose one")
         if self.loss_type == "cdpo" and self.label_smoothing == 0:
@@ -183,6 +226,53 @@ class LossConfig:
     @property
     def kind(self) -> LossType:
         return self.loss_type
+
+    @property
+    def nll_weight(self) -> float:
+        """The weight of the chosen response's NLL term added to a reference-based loss (``rpo_alpha``); 0 for the
+        losses whose NLL term is part of their own formula (their weight is ``cpo_alpha``, ``slic_lambda``, …)."""
+        return self.rpo_alpha if self.kind.needs_reference else 0.0
+
+    def unused_options(self) -> list[str]:
+        """``name=value`` of every option set away from its default that ``loss_type`` does not use (empty when
+        none): what training names in its one start-up warning."""
+        unused = []
+        for name, users in LOSS_OPTIONS.items():
+            value = getattr(self, name)
+            default = self.kind.default_beta if name == "beta" else _LOSS_DEFAULTS[name]
+            if self.kind not in users and value != default:
+                unused.append(f"{name}={value}")
+        return unused
+
+
+_L = LossType
+_REFERENCE_BASED = frozenset(k for k in LossType if k.needs_reference)
+#: the options of :class:`LossConfig` that only some losses use, each with the losses that use it
+LOSS_OPTIONS: dict[str, frozenset[LossType]] = {
+    "beta": frozenset(k for k in LossType if k.uses_beta),
+    "epsilon": frozenset({_L.EPSILON_DPO}),
+    "label_smoothing": frozenset(k for k in LossType if k.uses_label_smoothing),
+    "beta_update_rule": frozenset({_L.EPSILON_DPO}),
+    "decision_precision": frozenset({_L.EPSILON_DPO}),
+    "decision_tolerance": frozenset({_L.EPSILON_DPO}),
+    "beta_schedule": frozenset(k for k in LossType if k.uses_beta),
+    "freeze_global_beta": frozenset({_L.EPSILON_DPO}),
+    "beta_min": frozenset({_L.EPSILON_DPO}),
+    "beta_max": frozenset({_L.EPSILON_DPO}),
+    "beta_dpo_alpha": frozenset({_L.BETA_DPO}),
+    "beta_dpo_rho": frozenset({_L.BETA_DPO}),
+    "beta_dpo_momentum": frozenset({_L.BETA_DPO}),
+    "simpo_gamma": frozenset({_L.SIMPO}),
+    "cpo_alpha": frozenset({_L.CPO}),
+    "rpo_alpha": _REFERENCE_BASED,
+    "rdpo_alpha": frozenset({_L.RDPO}),
+    "desirable_weight": frozenset({_L.KTO}),
+    "undesirable_weight": frozenset({_L.KTO}),
+    "slic_delta": frozenset({_L.SLIC}),
+    "slic_lambda": frozenset({_L.SLIC}),
+    "rrhf_lambda": frozenset({_L.RRHF}),
+}
+_LOSS_DEFAULTS = {f.name: f.default for f in fields(LossConfig)}
 
 
 @dataclass

@@ -45,7 +45,13 @@ def model_card(
             if cfg.loss.kind.needs_perturbation
             else f" (β = {cfg.loss.beta})"
         )
-        + ".",
+        + "."
+        + (
+            ""
+            if cfg.loss.kind.needs_reference
+            else " A reference-free loss: no reference model was loaded in training; `epsdpo eval` measures the KL "
+            "from the initial model, which it loads itself."
+        ),
         "",
         f"- base model: `{base}`" + _lora_note(cfg),
         f"- data: `{cfg.data.dataset}` — {data_report.get('kept')} pairs kept of {data_report.get('rows')} rows",

@@ -27,7 +27,7 @@ import math
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,9 @@ from epsdpo.data import PreferenceCollator, TokenizedPair, batch_indices, shift_
 from epsdpo.distributed import accumulation_boundary, gather_across_processes, rank_slice
 from epsdpo.errors import UserError
 from epsdpo.logps import PerturbedLogps
-from epsdpo.logps.heads import policy_logps
+from epsdpo.logps.chunked import chunked_sequence_logps
+from epsdpo.logps.heads import policy_logps, policy_only_logps, reference_side
+from epsdpo.losses import kto_reference_point
 from epsdpo.sampling import sample_seed
 from epsdpo.training.checkpoint import (
     REFERENCE_FILE,
@@ -77,6 +79,17 @@ from epsdpo.training.reference import fold_adapters_into_base, soft_update_refer
 from epsdpo.training.schedule import make_scheduler, warmup_steps
 
 logger = logging.getLogger(__name__)
+
+
+def mismatched_pairs(pairs: list[TokenizedPair]) -> list[TokenizedPair]:
+    """KTO's mismatched prompt–completion pairs: pair i's prompt with the completions of pair (i + 1) mod B, so the
+    collated rows are (x_i, y_w of pair i+1) and (x_i, y_l of pair i+1); needs B >= 2."""
+    if len(pairs) < 2:
+        raise ValueError("mismatched pairs need at least two pairs in the batch")
+    return [
+        replace(p, chosen_ids=q.chosen_ids, rejected_ids=q.rejected_ids)
+        for p, q in zip(pairs, pairs[1:] + pairs[:1], strict=True)
+    ]
 
 
 class TrainingError(UserError, RuntimeError):
@@ -272,6 +285,13 @@ class Trainer:
             if loss.kind.has_batch_beta
             else None
         )
+        unused = loss.unused_options()
+        if unused and accelerator.is_main_process:
+            logger.warning(
+                "loss_type=%s does not use these options, set in the config: %s (ignored)",
+                loss.kind,
+                ", ".join(unused),
+            )
         self.metrics = MetricsWriter(
             self.output_dir / "metrics.jsonl",
             enabled=accelerator.is_main_process,
@@ -308,17 +328,39 @@ class Trainer:
 
     # ---- one step -----------------------------------------------------------------------------------------------
     def _forward(self, model: nn.Module, pairs: list[TokenizedPair], split: str) -> tuple[PerturbedLogps, Tensor, int]:
-        """The five sequence log-probs of a micro-batch's 2B rows, its completion lengths (2B,) and token count."""
+        """The five sequence log-probs of a micro-batch's 2B rows, its completion lengths (2B,) and token count.
+        Without a reference (``plan.reference == "none"``): the policy's alone (:meth:`PerturbedLogps.policy_only`)."""
         plan = self.plan
         batch = {k: v.to(self.accelerator.device) for k, v in self.collate(pairs).items()}
         ids, attention = batch["input_ids"], batch["attention_mask"]  # (2B, T): rows 0..B−1 chosen, B..2B−1 rejected
         labels, mask = shift_for_logps(ids, batch["completion_mask"])  # (2B, T−1): logits[:, t] scores ids[:, t + 1]
+        if plan.reference == "none":  # the reference-free losses: the policy's forward only
+            with self.accelerator.autocast():
+                logps = policy_only_logps(model, ids, attention, labels, mask, plan.logps, fused=plan.fused)
+            return logps, mask.sum(-1), int(attention.sum())
         with self.accelerator.autocast():
             reference = self.reference.side(self.unwrapped, pairs, ids, attention, mask, split)  # no grad
             logps = policy_logps(
                 model, ids, attention, reference, labels, mask, plan.decision, plan.logps, fused=plan.fused
             )  # each field (2B,) float32; only .policy carries gradient
         return logps, mask.sum(-1), int(attention.sum())
+
+    @torch.no_grad()
+    def _mismatched_logratios(self, model: nn.Module, pairs: list[TokenizedPair], split: str) -> Tensor:
+        """KTO: log π_θ(y|x) − log π_ref(y|x) on the mismatched rows of :func:`mismatched_pairs` (2B,), without
+        gradient (KTO's reference point is detached)."""
+        plan, swapped = self.plan, mismatched_pairs(pairs)
+        batch = {k: v.to(self.accelerator.device) for k, v in self.collate(swapped).items()}
+        ids, attention = batch["input_ids"], batch["attention_mask"]
+        labels, mask = shift_for_logps(ids, batch["completion_mask"])
+        chunk = plan.logps.chunk_size
+        with self.accelerator.autocast():
+            ref_side = self.reference.side(self.unwrapped, swapped, ids, attention, mask, split)
+            reference = chunked_sequence_logps(ref_side, labels, mask, chunk)
+            # the policy's own forward (its wrapper's hooks fire); its head is whole unless the run is sharded
+            policy_side = reference_side(model, ids, attention, plan.fused and not plan.sharded)
+            policy = chunked_sequence_logps(policy_side, labels, mask, chunk)
+        return policy - reference
 
     def train_step(self, window: list[list[int]]) -> dict[str, float]:
         """One optimizer step over a window of global micro-batches (lists of pair indices); the local metric sums."""
@@ -341,8 +383,19 @@ class Trainer:
                     batch_beta, kept = self.beta_dpo.batch(margins, generator=generator)
                     keep = rank_slice(kept, self.rank, self.world)  # (B,) this process's pairs
                     kept_share = float(kept.float().mean())  # every process scales by the global share
+                reference_point = None
+                if self.cfg.loss.kind.needs_mismatched_pairs:  # KTO: z₀ over the whole global micro-batch
+                    gaps = gather_across_processes(self._mismatched_logratios(self.model, pairs, "train"))
+                    reference_point = kto_reference_point(gaps, torch.zeros_like(gaps))
                 result = compute_pair_losses(
-                    logps, lengths, self.cfg.loss, batch_beta, keep, kept_share, decision=self.plan.decision
+                    logps,
+                    lengths,
+                    self.cfg.loss,
+                    batch_beta,
+                    keep,
+                    kept_share,
+                    decision=self.plan.decision,
+                    reference_point=reference_point,
                 )
                 acc.backward(result.loss.losses.sum() * (self.world / window_pairs))
             if result.steps is not None:
@@ -405,14 +458,29 @@ class Trainer:
         starts = range(0, len(mine), per_device)
         for start in tqdm(starts, desc=f"held-out pairs ({len(self.eval_pairs)})", disable=quiet, leave=False):
             logps, lengths, _ = self._forward(self.unwrapped, mine[start : start + per_device], "eval")
-            beta, keep = self.beta, None
+            beta, keep, reference_point = self.beta, None, None
             if self.beta_dpo is not None:  # this batch's own margins, every pair kept, statistics unmoved
                 beta, keep = self.beta_dpo.batch(dpo_margins(logps), train=False)
-            result = compute_pair_losses(logps, lengths, self.cfg.loss, beta, keep, decision=self.plan.decision)
+            if self.cfg.loss.kind.needs_mismatched_pairs:
+                reference_point = self._eval_reference_point(mine, start, start + per_device)
+            result = compute_pair_losses(
+                logps, lengths, self.cfg.loss, beta, keep, decision=self.plan.decision, reference_point=reference_point
+            )
             add_sums(sums, pair_metric_sums(result))
         self.model.train()
         reduced = reduce_sums(sums, ("pairs", *self.plan.metric_keys))
         return {**pair_means(reduced, prefix="eval/"), "eval/pairs": reduced["pairs"]}
+
+    def _eval_reference_point(self, mine: list[TokenizedPair], start: int, stop: int) -> Tensor:
+        """KTO's z₀ for the held-out pairs ``mine[start:stop]``, from their mismatched pairs; a batch of one pair
+        borrows the pair before it, and a process holding a single held-out pair uses z₀ = 0 (nothing to
+        mismatch it with)."""
+        stop = min(stop, len(mine))
+        group = mine[start:stop] if stop - start >= 2 else mine[max(0, stop - 2) : stop]
+        if len(group) < 2:
+            return torch.zeros((), device=self.accelerator.device)
+        gaps = self._mismatched_logratios(self.unwrapped, group, "eval")
+        return kto_reference_point(gaps, torch.zeros_like(gaps))
 
     # ---- the loop -----------------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:

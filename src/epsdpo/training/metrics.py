@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 #: sums that are divided by the pair count to give means
 PER_PAIR = (
     "loss",
+    "loss/preference",
+    "loss/nll",
     "rewards/chosen",
     "rewards/rejected",
     "rewards/margins",
@@ -34,6 +36,7 @@ PER_PAIR = (
     "kl/steps_stronger",
     "kl/steps_kept",
     "kl/pairs_kept",
+    "kto/reference_point",
 )
 
 

@@ -23,7 +23,7 @@ from epsdpo.training.metrics import PER_PAIR
 from epsdpo.training.refcache import ReferenceHiddenCache
 
 Launcher = Literal["single", "ddp", "fsdp", "deepspeed"]
-ReferenceKind = Literal["frozen_copy", "adapters_off", "cache"]
+ReferenceKind = Literal["frozen_copy", "adapters_off", "cache", "none"]
 
 
 class PlanError(ValueError):
@@ -40,8 +40,9 @@ class RunPlan:
             inside the head's own forward; False: from the model's full logits (still chunked), for architectures
             whose logits are not ``head(hidden)`` or with ``logps_impl=eager``.
         reference: ``frozen_copy`` (a separate frozen model: full fine-tuning or ``ref_model``), ``adapters_off``
-            (LoRA: the policy with its adapters disabled), or ``cache`` (the reference's hidden states, computed or
-            read once before training; the reference never runs during it).
+            (LoRA: the policy with its adapters disabled), ``cache`` (the reference's hidden states, computed or
+            read once before training; the reference never runs during it), or ``none`` (the reference-free losses:
+            no reference model is loaded, no reference log-probs are computed, no cache is built).
         whole_reference_head: keep a whole, frozen copy of the reference's output head (sharded launchers, where a
             module's weight is only a shard outside its forward; and the cache, which needs the head beside it).
         decision: ε-DPO's decision arithmetic (ε, 0 for losses that do not use the perturbed policies; the decision
@@ -86,18 +87,52 @@ def plan_run(cfg: RunConfig, launcher: Launcher, head_is_exact: bool) -> RunPlan
                 "precompute_ref_hidden_states is not supported with FSDP/DeepSpeed yet (the sharded reference "
                 "would have to run on every process); use DDP or one process"
             )
+    if not loss.kind.needs_reference:
+        needing = [
+            f"{name} ({why})"
+            for name, on, why in (
+                ("sync_ref_model", m.sync_ref_model, "TR-DPO moves a reference toward the policy"),
+                ("precompute_ref_hidden_states", m.precompute_ref_hidden_states, "it caches a reference's states"),
+                ("ref_model", m.ref_model is not None, "it names a reference model"),
+            )
+            if on
+        ]
+        if needing:
+            raise PlanError(
+                f"loss_type={loss.kind.value} trains without a reference model, so these options have nothing to "
+                f"act on: {'; '.join(needing)}. Turn them off, or choose a reference-based loss (e.g. dpo)"
+            )
+    if loss.kind.needs_mismatched_pairs:
+        if m.precompute_ref_hidden_states:
+            raise PlanError(
+                "loss_type=kto runs the reference on mismatched prompt–completion pairs of each batch (its "
+                "reference point z₀), which the reference cache does not hold; set precompute_ref_hidden_states=false"
+            )
+        if t.per_device_train_batch_size < 2:
+            raise PlanError(
+                "loss_type=kto estimates its reference point z₀ from mismatched pairs within each micro-batch, which "
+                "needs per_device_train_batch_size >= 2"
+            )
     reference: ReferenceKind = (
-        "cache"
+        "none"
+        if not loss.kind.needs_reference
+        else "cache"
         if m.precompute_ref_hidden_states
         else "adapters_off"
         if m.use_lora and not m.ref_model
         else "frozen_copy"
     )
     decisions = ("kl/steps_weaker", "kl/steps_stronger", "kl/steps_kept")
+    with_reference = ("logps/ref_chosen", "logps/ref_rejected", "kl/pair_beta")
+    two_terms = ("loss/preference", "loss/nll")
     keys = tuple(
         k
         for k in PER_PAIR
-        if (loss.kind.needs_perturbation or k not in decisions) and (loss.kind.has_batch_beta or k != "kl/pairs_kept")
+        if (loss.kind.needs_perturbation or k not in decisions)
+        and (loss.kind.has_batch_beta or k != "kl/pairs_kept")
+        and (loss.kind.needs_reference or k not in with_reference)
+        and (loss.kind.has_nll_term or loss.nll_weight > 0 or k not in two_terms)
+        and (loss.kind.needs_mismatched_pairs or k != "kto/reference_point")
     )
     return RunPlan(
         launcher=launcher,
@@ -157,4 +192,19 @@ class CachedReference:
         return self.caches[split].side(pairs, mask, *self.head)
 
 
-ReferenceSource = LiveReference | CachedReference
+class NoReference:
+    """The reference-free losses' source: there is no reference; the step never asks for its side."""
+
+    def side(
+        self,
+        policy: nn.Module,
+        pairs: Sequence[TokenizedPair],
+        ids: Tensor,
+        attention: Tensor,
+        mask: Tensor,
+        split: str,
+    ) -> Tensor | LMHeadInput:
+        raise RuntimeError("this run's loss is reference-free (plan.reference == 'none'): it has no reference side")
+
+
+ReferenceSource = LiveReference | CachedReference | NoReference

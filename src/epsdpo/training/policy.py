@@ -60,13 +60,18 @@ class PolicyAndReference:
             yield unwrapped_policy
 
 
-def build_policy_and_reference(cfg: ModelConfig, vocab_size: int, seed: int) -> PolicyAndReference:
-    """Load or build the policy, enable LoRA / gradient checkpointing, and set up the reference."""
+def build_policy_and_reference(
+    cfg: ModelConfig, vocab_size: int, seed: int, with_reference: bool = True
+) -> PolicyAndReference:
+    """Load or build the policy, enable LoRA / gradient checkpointing, and set up the reference.
+
+    ``with_reference`` False (the reference-free losses): no reference is loaded or copied (``reference`` is None
+    and must not be run)."""
     policy = initial_model(cfg.model, cfg.model_config, vocab_size, seed, cfg.trust_remote_code)
     reference: nn.Module | None = None
-    if cfg.ref_model is not None:
+    if with_reference and cfg.ref_model is not None:
         reference = load_causal_lm(cfg.ref_model, cfg.trust_remote_code)
-    elif not cfg.use_lora:
+    elif with_reference and not cfg.use_lora:
         reference = copy.deepcopy(policy)
     if reference is not None:
         reference.requires_grad_(False).eval()
