@@ -113,10 +113,14 @@ def bos_tokenizer() -> Any:
 
 #: a second process that takes a lock (a run directory's, or an output file's), says so, and holds it until its
 #: stdin closes or a signal ends it
+# SIGINT is restored to Python's KeyboardInterrupt first: a test suite started in the background (`cmd &` in a
+# non-interactive shell) hands its children SIGINT ignored, and the holder would then never see a Ctrl-C.
 LOCK_HOLDER = """
+import signal
 import sys
 from pathlib import Path
 from epsdpo.runlock import output_file_lock, run_dir_lock
+signal.signal(signal.SIGINT, signal.default_int_handler)
 target, kind = Path(sys.argv[1]), sys.argv[2]
 with (run_dir_lock(target) if kind == "dir" else output_file_lock(target)):
     print("held", flush=True)
