@@ -62,7 +62,9 @@ def run(args: argparse.Namespace) -> int:
     except UnfinishedRunError as err:
         given = [args.config] if args.config is not None else []
         command = shlex.join(["epsdpo", "train", *given, *args.overrides, "resume_from_checkpoint=auto"])
-        return error_exit(args, "train", UnfinishedRunError(f"{err}\n  to resume it: {command}"), 2)
+        status = error_exit(args, "train", err, 2)  # with --debug it raises the error itself, traceback and all
+        print(f"  to resume it: {command}")
+        return status
     except (UserError, OSError) as err:  # a config, data, run directory, model path or disk problem
         return error_exit(args, "train", err, 2)
     state = "interrupted; checkpoint saved" if result.interrupted else "done"
