@@ -17,7 +17,11 @@ so each run traces its own reward-vs-KL trajectory instead of one point:
 - ``dpo_on_eps_beta``: DPO with the global β replayed step by step from the same seed's ``eps`` run
   (``beta_schedule``, written from that run's committed summary): ε-DPO's drift without its per-pair β̃;
 - ``eps_frozen``: ε-DPO's per-pair β̃ with the global β held at β₀ (``freeze_global_beta``): the per-pair effect alone;
-- ``beta_dpo`` and ``tr_dpo``: the other adaptive baselines.
+- ``beta_dpo`` and ``tr_dpo``: the other adaptive baselines;
+- ``simpo`` and ``orpo``: the reference-free baselines of the ε-DPO paper's main table (#31), SimPO at its paper's
+  Llama-3-8B-Instruct setting (β 2.5, γ/β 0.55: the comparison behind the ε-DPO paper's headline) and ORPO at λ 0.1.
+  Their KL is still measured from the initial model (the evaluation loads it), and their response lengths are
+  reported beside the others' (SimPO's length normalisation changes them).
 
 Every run is ``epsdpo train experiments/trajectory_frontier.yaml KEY=VALUE…`` into ``runs/trajectory/NAME`` and one
 ``epsdpo eval`` per checkpoint (subprocesses, the commands recorded), then one summary
@@ -89,6 +93,10 @@ METHODS: dict[str, list[str]] = {
     "eps_frozen": ["loss_type=epsilon_dpo", "epsilon=0.01", "freeze_global_beta=true", "decision_records=true"],
     "beta_dpo": ["loss_type=beta_dpo"],
     "tr_dpo": ["loss_type=dpo", "sync_ref_model=true", "precompute_ref_hidden_states=false"],
+    # reference-free (#31): SimPO at the SimPO paper's Llama-3-8B-Instruct setting (β 2.5, γ/β 0.55), the one
+    # behind the ε-DPO paper's headline comparison; ORPO at its paper's λ = 0.1 (the config's beta).
+    "simpo": ["loss_type=simpo", "beta=2.5", "simpo_gamma=1.375", "precompute_ref_hidden_states=false"],
+    "orpo": ["loss_type=orpo", "precompute_ref_hidden_states=false"],
 }
 LABELS = {
     "dpo": "DPO",
@@ -98,6 +106,8 @@ LABELS = {
     "eps_frozen": "ε-DPO, global β frozen",
     "beta_dpo": "β-DPO",
     "tr_dpo": "TR-DPO",
+    "simpo": "SimPO (β 2.5, γ/β 0.55)",
+    "orpo": "ORPO (λ 0.1)",
 }
 #: matched-KL comparisons: (method, against) at these KL values (nats), where both trajectories reach them
 COMPARISONS = (
@@ -107,6 +117,10 @@ COMPARISONS = (
     ("eps_published", "dpo"),
     ("beta_dpo", "dpo"),
     ("tr_dpo", "dpo"),
+    ("eps", "simpo"),
+    ("dpo", "simpo"),
+    ("eps", "orpo"),
+    ("dpo", "orpo"),
 )
 MATCHED_KL = (2.0, 4.0, 8.0, 12.0)
 
@@ -278,8 +292,9 @@ def run_one(run: Run) -> dict[str, Any]:
     return finish(run)
 
 
-#: what a summary keeps of each evaluation
-EVAL_KEYS = SUMMARY_KEYS
+#: what a summary keeps of each evaluation (the mean response length in tokens since #31: SimPO's length
+#: normalisation changes it; summaries written before lack it)
+EVAL_KEYS = (*SUMMARY_KEYS, "policy/response_tokens", "reference/response_tokens")
 
 
 def summarise(run: Run, run_dir: Path, commands: dict[str, Any]) -> dict[str, Any]:
@@ -403,6 +418,34 @@ def _excluding_zero(rows: list[dict[str, Any]]) -> str:
     return f"{len(hits)} of {len(with_ci)}" + (f": {named}" if hits else "")
 
 
+def lengths_section(summaries: list[dict[str, Any]]) -> list[str]:
+    """The policies' mean response length (tokens, of at most 48 new) per method and checkpoint, mean ± s.e. over the
+    seeds whose summaries record it (written since #31), beside the reference's."""
+    key = "policy/response_tokens"
+    lines = [
+        "",
+        "## Response lengths (tokens per sample, at most 48; mean over seeds ± s.e. over seeds)",
+        "",
+        "Recorded in the summaries written since the reference-free baselines were added; methods summarised "
+        "before then show —.",
+        "",
+        "| method | n | " + " | ".join(f"step {s}" for s in CHECKPOINTS[::2]) + " |",
+        "|---|---|" + "---|" * len(CHECKPOINTS[::2]),
+    ]
+    refs = [p["reference/response_tokens"] for s in summaries for p in s["trajectory"] if key in p]
+    for method in METHODS:
+        runs = [s for s in summaries if s["method"] == method and key in s["trajectory"][0]]
+        if not runs:
+            if any(s["method"] == method for s in summaries):
+                lines.append(f"| {LABELS[method]} | 0 | " + " | ".join("—" for _ in CHECKPOINTS[::2]) + " |")
+            continue
+        cells = [fmt(*mean_se([r["trajectory"][i][key] for r in runs]), 1) for i in range(0, len(CHECKPOINTS), 2)]
+        lines.append(f"| {LABELS[method]} | {len(runs)} | " + " | ".join(cells) + " |")
+    if refs:
+        lines.append(f"| reference (every run's) | — | {statistics.fmean(refs):.1f} | | | |")
+    return lines
+
+
 def _reference_reward(summary: dict[str, Any]) -> float:
     """The reference's gold reward in a run's evaluations (the same samples at every checkpoint)."""
     return summary["trajectory"][0]["reference/gold_reward"]
@@ -465,6 +508,7 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
             ci = "" if r["ci"] is None else f", [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]"
             cells.append("—" if not r["n"] else f"{fmt(r['diff'], r['se'])}{ci} (n {r['n']}: {per_seed})")
         lines.append(f"| {LABELS[a]} − {LABELS[b]} | " + " | ".join(cells) + " |")
+    lines += lengths_section(summaries)
     lines += ["", "## Decision shares over training (s = +1 / 0 / −1, mean over seeds)", ""]
     lines += ["| method | steps 1–8 | steps 25–32 | steps 57–64 | β after 64 steps |", "|---|---|---|---|---|"]
     for method in ("eps", "eps_published", "eps_frozen"):
