@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job on the embedded default, set-up included: installs everything (scripts/setup.sh), then aligns
+# The main job on the embedded default, set-up included: installs the runtime (scripts/setup.sh), then aligns
 # SmolLM2-135M-Instruct toward positive sentiment with ε-DPO on the bundled on-policy pairs, evaluates it on held-out
 # prompts and plots the run. Extra key=value arguments override the bundled config (e.g. output_dir=runs/mine).
 set -euo pipefail

@@ -98,6 +98,28 @@ def make_accelerator(use_cpu: bool, bf16: bool, report_to: list[str] | None, pro
     )
 
 
+@contextlib.contextmanager
+def deepspeed_left_alone(accelerator: Any) -> Iterator[None]:
+    """In a run that does not use DeepSpeed, keep accelerate from importing it.
+
+    accelerate's ``extract_model_from_parallel`` (behind ``accelerator.unwrap_model`` and transformers'
+    ``save_pretrained``) imports DeepSpeed whenever it is installed, to recognise its engine: for a one-process run that
+    costs seconds and prints DeepSpeed's "Setting accelerator to CPU" warning. For the duration, accelerate is told
+    DeepSpeed is not installed (the engine it would look for cannot be there); a DeepSpeed run is left as it is.
+    """
+    from accelerate.utils import DistributedType, other
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED or not hasattr(other, "is_deepspeed_available"):
+        yield
+        return
+    original = other.is_deepspeed_available
+    other.is_deepspeed_available = lambda: False
+    try:
+        yield
+    finally:
+        other.is_deepspeed_available = original
+
+
 def configure_deepspeed(accelerator: Any, micro_batch: int, max_grad_norm: float) -> None:
     """Fill the DeepSpeed config from the run's settings before ``prepare`` (no data loader is prepared, so
     accelerate cannot infer them), and refuse values that would train differently from what the config says.

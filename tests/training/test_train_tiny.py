@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -180,6 +181,30 @@ def test_sigkill_leaves_complete_checkpoints_and_resume_finishes_like_an_uninter
         read_metrics(reference.output_dir / "metrics.jsonl")
     )
     assert resumed.beta == reference.beta
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed here")
+def test_a_one_process_run_neither_imports_deepspeed_nor_prints_its_warning(tmp_path):
+    """accelerate imports DeepSpeed to unwrap or save a model whenever it is installed; a one-process run (training,
+    final save, evaluation) must not pay for it or print DeepSpeed's accelerator warning."""
+    script = (
+        "import sys\n"
+        "from epsdpo.cli import main\n"
+        "code = main(sys.argv[1:])\n"
+        "print('deepspeed imported:', 'deepspeed' in sys.modules)\n"
+        "sys.exit(code)\n"
+    )
+    args = [str(TINY), f"output_dir={tmp_path / 'one'}", f"dataset={DATA}", "max_steps=2", "disable_tqdm=true"]
+    args += ["plot_after_training=false", "eval_after_training=true", "eval_options.num_prompts=2"]
+    args += ["eval_options.max_new_tokens=4", "eval_options.max_pairs=4"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", script, "train", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "deepspeed imported: False" in out.stdout
+    assert "Setting accelerator" not in out.stdout + out.stderr
+    assert (tmp_path / "one" / "final").is_dir() and (tmp_path / "one" / "eval.json").is_file()
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from typing import Any
 
 from epsdpo.config import config_to_dict, dump_config, read_config_source
 from epsdpo.data import DataReport, PreferenceCollator, TokenizedPair, load_eval_dataset, load_preference_dataset
-from epsdpo.distributed import configure_deepspeed, make_accelerator
+from epsdpo.distributed import configure_deepspeed, deepspeed_left_alone, make_accelerator
 from epsdpo.files import cache_key
 from epsdpo.logps.heads import frozen_head_copy, fused_head_matches, output_head
 from epsdpo.machine import cpu_has_native_bf16
@@ -444,12 +444,13 @@ def train(
         if finished is not None:
             return finished
         run = prepare_run(cfg)
-        result = run.trainer.fit()
         acc = run.trainer.accelerator
-        if not result.interrupted:
-            result.final_model_dir = _save_final(run, result)
-            if acc.is_main_process:
-                _evaluate_and_plot(run.trainer.cfg, result)
+        with deepspeed_left_alone(acc):
+            result = run.trainer.fit()
+            if not result.interrupted:
+                result.final_model_dir = _save_final(run, result)
+                if acc.is_main_process:
+                    _evaluate_and_plot(run.trainer.cfg, result)
         acc.wait_for_everyone()
         acc.end_training()  # last: it also tears down the process group
     return result
