@@ -16,6 +16,7 @@ from torch import nn
 from epsdpo.cli import main as cli_main
 from epsdpo.data import load_preference_dataset
 from epsdpo.rewards import load_reward
+from epsdpo.rundir import headline_decision
 from epsdpo.sampling import encode_prompt, load_prompts
 from epsdpo.stages.evaluate import EvalConfig, evaluate, evaluate_models, format_table
 
@@ -248,7 +249,7 @@ def test_eval_and_plot_a_tiny_training_run_through_the_cli(tmp_path, model_cache
     final_beta = json.loads((run / "final" / "final_metrics.json").read_text())["beta"]
     assert result["beta"] == final_beta  # ε-DPO's implicit reward uses the final β
     # every evaluation is kept under evals/NAME (named by the settings that differ from the run's own evaluation);
-    # eval.json is a copy of the latest, naming it
+    # eval.json is a copy of the headline one (here the first: the run had none), naming it
     first_dir = run / "evals" / result["name"]
     assert result["name"] == "eval_dataset=tiny_preferences.jsonl,num_prompts=3,samples_per_prompt=2,max_new_tokens=8"
     assert len((first_dir / "samples.jsonl").read_text().splitlines()) == 6
@@ -269,10 +270,22 @@ def test_eval_and_plot_a_tiny_training_run_through_the_cli(tmp_path, model_cache
     plot = run / "plots" / "reward_vs_kl.png"
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # redrawn by the eval verb
     common = ["num_prompts=2", "max_new_tokens=4", "disable_tqdm=true"]
+    # another name leaves the headline (and its plot) as it is, and says so
+    plot_bytes = plot.read_bytes()
+    capsys.readouterr()
     assert cli_main(["eval", str(run), *common, "name=second"]) == 0
+    assert "headline evaluation (eval.json, its plot) is unchanged" in capsys.readouterr().out
+    assert json.loads((run / "eval.json").read_text()) == result
+    assert plot.read_bytes() == plot_bytes
+    assert (first_dir / "eval.json").is_file() and (run / "evals" / "second" / "samples.jsonl").is_file()
+    # headline=true makes it the headline
+    assert cli_main(["eval", str(run), *common, "name=second", "headline=true"]) == 0
     latest = json.loads((run / "eval.json").read_text())
     assert latest["name"] == "second" and latest["num_prompts"] == 2
-    assert (first_dir / "eval.json").is_file() and (run / "evals" / "second" / "samples.jsonl").is_file()
+    # an evaluation of a checkpoint never becomes the headline unasked
+    assert headline_decision(run, "after-training", 2, None)[0] is False
+    assert headline_decision(run, "second", None, None)[0] is True  # the headline's own name again
+    assert headline_decision(run, "third", None, None)[0] is False
     # the same name with other settings is refused (nothing written), unless overwrite=true
     capsys.readouterr()
     assert cli_main(["eval", str(run), *common, "seed=5", "name=second"]) == 2

@@ -50,14 +50,19 @@ class EvalConfig(SamplingConfig):
             policies against the same reference with the same settings (a sweep, ``experiments/kl_frontier.py``)
             read it instead of sampling and scoring the reference again. None: always computed.
         name: the evaluation's name. With a run directory every evaluation is kept in ``RUN_DIR/evals/NAME/``
-            (``eval.json``, ``samples.jsonl``); ``RUN_DIR/eval.json`` is a copy of the latest one, naming it, and
-            ``RUN_DIR/plots/reward_vs_kl.png`` is redrawn from it. ``None``: ``after-training`` for the settings of
-            the run's own evaluation (``eval_options``), else the settings that differ from those, e.g.
-            ``num_prompts=64,seed=2``.
+            (``eval.json``, ``samples.jsonl``); ``RUN_DIR/eval.json`` is a copy of the run's headline one, naming
+            it, and ``RUN_DIR/plots/reward_vs_kl.png`` is drawn from it (see ``headline``). ``None``:
+            ``after-training`` for the settings of the run's own evaluation (``eval_options``), else the settings
+            that differ from those, e.g. ``num_prompts=64,seed=2``.
         output: write to this JSON file instead (``…_samples.jsonl`` beside it); ``RUN_DIR/eval.json`` and the plot
             are left alone. Without a run directory the default is ``eval.json``.
         overwrite: replace an earlier evaluation of the same name (or ``output``) that was made with other settings;
             without it that is refused. One with the same settings is replaced (a rerun), and said so.
+        headline: whether the evaluation becomes the run's headline (``RUN_DIR/eval.json``, which the card, the
+            summaries and ``RUN_DIR/plots/reward_vs_kl.png`` read). ``None``: when the run has no headline yet, or when
+            it is the run's own evaluation again (name ``after-training``, or the headline's own name); an evaluation
+            of a checkpoint, or one under another name (``name=quick`` on 16 prompts), is kept in ``RUN_DIR/evals/``
+            and leaves the headline as it is, which is said. ``true``: always; ``false``: never.
         bf16: sample and score under bfloat16 autocast.
         forward_kl: also estimate KL(π_ref‖π) (``kl/forward``) from the reference's samples, which takes the policy's
             log-probs of all of them; false leaves it out (one of the four log-prob passes of an evaluation less).
@@ -77,6 +82,7 @@ class EvalConfig(SamplingConfig):
     name: str | None = field(default=None, metadata={"identifies": False})
     output: str | None = field(default=None, metadata={"identifies": False})
     overwrite: bool = field(default=False, metadata={"identifies": False})
+    headline: bool | None = field(default=None, metadata={"identifies": False})
     bf16: bool = field(default=False, metadata={"reference_part": True})
     forward_kl: bool = True
 

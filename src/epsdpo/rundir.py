@@ -113,6 +113,32 @@ def read_eval(run_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+#: the name of the evaluation the train recipe makes after training (``eval_after_training``)
+AFTER_TRAINING = "after-training"
+
+
+def headline_decision(run: Path, name: str, checkpoint: int | None, headline: bool | None) -> tuple[bool, str]:
+    """Whether an evaluation of ``run`` named ``name`` becomes its headline (``RUN_DIR/eval.json``), and why.
+
+    ``headline`` true or false decides. Unset: yes when the run has no headline yet or when this is the run's own
+    evaluation again (``after-training``, or the headline's own name); no for an evaluation of a checkpoint or one
+    under another name, which must not silently replace the figures the card and the summaries read."""
+    if headline is not None:
+        return headline, "headline=" + str(headline).lower()
+    if checkpoint is not None:
+        return False, f"an evaluation of checkpoint {checkpoint}, not of the final model"
+    path = run / "eval.json"
+    if not path.is_file():
+        return True, "the run had no headline evaluation"
+    try:
+        current = json.loads(path.read_text(encoding="utf-8")).get("name")
+    except (OSError, ValueError):  # unreadable: replaced by a readable one
+        return True, f"{path} could not be read"
+    if name in (AFTER_TRAINING, current):
+        return True, f"the run's own evaluation ({name}) again"
+    return False, f"the run's headline is its evaluation {current!r}"
+
+
 def publish_evaluation(run: Path, result: Mapping[str, Any]) -> Path:
     """Make ``result`` (an evaluation kept under ``RUN_DIR/evals/NAME/``) the run's headline evaluation: a copy in
     ``RUN_DIR/eval.json`` with its files named relative to the run. Returns that file."""

@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from epsdpo.errors import UserError
     from epsdpo.eval_config import load_eval_config
     from epsdpo.recipes.train import publish_run_evaluation
+    from epsdpo.rundir import headline_decision
     from epsdpo.runlock import run_dir_lock
     from epsdpo.stages.evaluate import evaluate, format_table
 
@@ -44,12 +45,20 @@ def run(args: argparse.Namespace) -> int:
         publish = cfg.run_dir is not None and cfg.output is None
         with run_dir_lock(cfg.run_dir, "run_dir") if publish else contextlib.nullcontext():
             result = evaluate(cfg)
+            headline, why = False, ""
             if publish:
-                publish_run_evaluation(Path(str(cfg.run_dir)), result)
+                run_dir = Path(str(cfg.run_dir))
+                headline, why = headline_decision(run_dir, result["name"], cfg.checkpoint, cfg.headline)
+                if headline:
+                    publish_run_evaluation(run_dir, result)
     except ConfigError as err:
         return error_exit(args, "eval", err, 2)
     except (UserError, ValueError, OSError) as err:
         return error_exit(args, "eval", err, 1)
     print(format_table(result))
     print(f"written: {result['output']}")
+    if publish and headline:
+        print(f"the run's headline evaluation is now this one ({why}): {Path(str(cfg.run_dir)) / 'eval.json'}")
+    elif publish:
+        print(f"the run's headline evaluation (eval.json, its plot) is unchanged: {why}; headline=true replaces it")
     return 0

@@ -13,6 +13,7 @@ from typing import Any
 
 from epsdpo.config import ConfigError, fields_where
 from epsdpo.eval_config import EvalConfig
+from epsdpo.rundir import AFTER_TRAINING
 from epsdpo.training.config import load_run_config
 
 __all__ = ["check_overwrite", "destination", "evaluation_settings"]
@@ -87,7 +88,7 @@ def _auto_name(settings: Mapping[str, Any], run_settings: Mapping[str, Any] | No
     keys = sorted(settings, key=lambda k: _NAME_ORDER.index(k) if k in _NAME_ORDER else len(_NAME_ORDER))
     differ = [f"{k}={shown(settings[k])}" for k in keys if k != "run_dir" and settings[k] != base.get(k)]
     if not differ:
-        return "after-training"
+        return AFTER_TRAINING
     name = re.sub(r"[^A-Za-z0-9=,._-]", "_", ",".join(differ))
     if len(name) > 120:
         name = "settings-" + hashlib.sha256(json.dumps(dict(settings), sort_keys=True).encode()).hexdigest()[:10]
