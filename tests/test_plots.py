@@ -9,7 +9,7 @@ import pytest
 
 from epsdpo.cli import main as cli_main
 from epsdpo.rundir import read_metrics_file
-from epsdpo.stages.plots import plot_reward_vs_kl, plot_training
+from epsdpo.stages.plots import plot_reward_vs_kl, plot_training, reference_groups
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -88,6 +88,20 @@ def test_reward_vs_kl_for_several_runs_and_missing_pieces(tmp_path):
         plot_reward_vs_kl([tmp_path / "d"], tmp_path)
     with pytest.raises(FileNotFoundError, match="epsdpo eval"):
         plot_reward_vs_kl([tmp_path / "nothing"], tmp_path)
+
+
+def test_runs_against_different_references_get_one_reference_each():
+    """Two runs of one base model share its star; a run of another base model (or another sampler seed) gets its own:
+    no star at the mean of two references (a point that is no model)."""
+    smol = {"reference": "smollm2", "reference/gold_reward": 0.485, "reference/gold_reward_se": 0.03}
+    other = {"reference": "qwen", "reference/gold_reward": 0.115, "reference/gold_reward_se": 0.02}
+    reseeded = {**smol, "reference/gold_reward": 0.47}
+    groups = reference_groups([("a", smol), ("b", dict(smol)), ("c", other), ("d", reseeded), ("e", {})])
+    assert [(g["name"], g["reward"], g["se"], g["runs"]) for g in groups] == [
+        ("smollm2", 0.485, 0.03, ["a", "b"]),
+        ("qwen", 0.115, 0.02, ["c"]),
+        ("smollm2", 0.47, 0.03, ["d"]),
+    ]
 
 
 def test_cli_writes_per_run_plots_and_the_frontier_beside_the_runs(tmp_path, capsys):

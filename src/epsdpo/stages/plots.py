@@ -10,8 +10,9 @@
   s = +1 / 0 / −1 against the pair's DPO margin (margin deciles over the whole run) and over training.
 - :func:`plot_reward_vs_kl` reads ``eval.json`` of several runs (``epsdpo eval``) and writes ``reward_vs_kl.png``:
   mean gold reward of sampled responses against the estimated KL(π‖π_ref), both ± one standard error (over prompts,
-  :mod:`epsdpo.stats`), one labelled marker per run and the reference model at KL 0 with its own standard error, as
-  in the DPO paper's Figure 2 and ε-DPO's Pareto plot. Each marker's label names the evaluation it shows.
+  :mod:`epsdpo.stats`), one labelled marker per run and each distinct reference model at KL 0 with its own standard
+  error (runs against different references get one each), as in the DPO paper's Figure 2 and ε-DPO's Pareto plot.
+  Each marker's label names the evaluation it shows.
 - :func:`plot_iterate` reads the ``summary.json`` of ``epsdpo iterate`` runs and writes ``iterate.png``: gold-reward
   gain, KL and win rate against the original model per round.
 
@@ -21,7 +22,7 @@ Missing optional metrics leave a panel with a note instead of failing; a run wit
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -194,11 +195,34 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
+def reference_groups(results: Sequence[tuple[str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """The distinct references among labelled evaluations, in order of first appearance: each with its name, its
+    gold reward and standard error, and the labels of the runs measured against it.
+
+    Two evaluations share a reference when they name the same reference model and report the same gold reward for it
+    (the same model, prompts, sampling settings and seed); anything else is another reference, drawn on its own: a
+    mean of two references' rewards would be a point that is no model."""
+    groups: list[dict[str, Any]] = []
+    for label, result in results:
+        reward = _number(result.get("reference/gold_reward"))
+        if reward is None:
+            continue
+        name = str(result.get("reference") or "reference")
+        for group in groups:
+            if group["name"] == name and abs(group["reward"] - reward) <= 1e-9:
+                group["runs"].append(label)
+                break
+        else:
+            se = _number(result.get("reference/gold_reward_se"))
+            groups.append({"name": name, "reward": reward, "se": se, "runs": [label]})
+    return groups
+
+
 def plot_reward_vs_kl(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
     """Write the reward-vs-KL plot of the runs' ``eval.json`` files to ``out`` (a directory or a ``.png`` path).
 
-    The reference point is the mean of the runs' ``reference/gold_reward`` (equal when the runs were evaluated
-    with the same reference, prompts and seeds; the spread is noted in the legend otherwise).
+    Each distinct reference (:func:`reference_groups`) is a star at KL 0 with its standard error; runs evaluated
+    against different references (other base models, prompts or seeds) get one star each, named with its runs.
     """
     plt = _pyplot()
     if not run_dirs:
@@ -208,7 +232,7 @@ def plot_reward_vs_kl(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
         target = target / "reward_vs_kl.png"
     target.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 5), constrained_layout=True)
-    references: list[tuple[float, float | None]] = []
+    evaluated: list[tuple[str, Mapping[str, Any]]] = []
     names: set[str] = set()
     for i, run in enumerate(run_dirs):
         result = read_eval(run)
@@ -226,27 +250,27 @@ def plot_reward_vs_kl(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
             label += " (no s.e. recorded)"
         ax.errorbar(kl, reward, yerr=y_se, xerr=x_se, fmt="o", markersize=7, capsize=4, color=f"C{i % 10}", label=label)
         ax.annotate(label, (kl, reward), textcoords="offset points", xytext=(6, 6), fontsize=8)
-        ref = _number(result.get("reference/gold_reward"))
-        if ref is not None:
-            references.append((ref, _number(result.get("reference/gold_reward_se"))))
-    if references:
-        values = [r for r, _ in references]
-        mean = sum(values) / len(values)
-        spread = max(values) - min(values)
-        note = f" (runs differ by {spread:.3g})" if spread > 1e-9 else ""
-        ses = [se for _, se in references if se is not None]
+        evaluated.append((label.split(" [")[0], result))
+    groups = reference_groups(evaluated)
+    shades = ("black", "0.45", "0.65", "0.3", "0.55")
+    for j, group in enumerate(groups):
+        colour = shades[j % len(shades)]
+        label = "reference"
+        if len(groups) > 1:  # say which runs each one is the reference of
+            runs = ", ".join(group["runs"])
+            label = f"reference {group['name']} (of {runs if len(runs) <= 40 else runs[:37] + '...'})"
         ax.errorbar(
             0.0,
-            mean,
-            yerr=max(ses) if ses else None,
+            group["reward"],
+            yerr=group["se"],
             marker="*",
             markersize=14,
-            color="black",
+            color=colour,
             linestyle="none",
             capsize=4,
-            label=f"reference{note}",
+            label=label,
         )
-        ax.axhline(mean, color="0.6", linestyle=":", linewidth=1)
+        ax.axhline(group["reward"], color=colour, linestyle=":", linewidth=1, alpha=0.6)
     ax.axvline(0.0, color="0.8", linewidth=1)
     ax.set(
         xlabel="KL(π ‖ π_ref) estimated from the policy's samples (nats)",
