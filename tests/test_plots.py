@@ -9,7 +9,13 @@ import pytest
 
 from epsdpo.cli import main as cli_main
 from epsdpo.rundir import read_metrics_file
-from epsdpo.stages.plots import plot_reward_vs_kl, plot_training, reference_groups
+from epsdpo.stages.plots import (
+    plot_reward_vs_kl,
+    plot_training,
+    reference_groups,
+    smoothing_window,
+    trailing_mean,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -88,6 +94,18 @@ def test_reward_vs_kl_for_several_runs_and_missing_pieces(tmp_path):
         plot_reward_vs_kl([tmp_path / "d"], tmp_path)
     with pytest.raises(FileNotFoundError, match="epsdpo eval"):
         plot_reward_vs_kl([tmp_path / "nothing"], tmp_path)
+
+
+def test_the_smoothed_curve_is_a_trailing_mean_ending_on_the_last_steps_mean():
+    assert trailing_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert trailing_mean([2.0, 4.0, 9.0], 1) == [2.0, 4.0, 9.0]
+    assert trailing_mean([2.0, 4.0, 9.0], 5) == [2.0, 3.0, 5.0]
+    assert trailing_mean([], 3) == []
+    losses = [0.69, 0.5, 1.12, 0.4, 0.3, 0.9, 0.2, 1.12]  # the last step's value alone would mislead
+    assert trailing_mean(losses, 4)[-1] == pytest.approx(sum(losses[-4:]) / 4)
+    assert [smoothing_window(n) for n in (1, 7, 8, 32, 64)] == [1, 1, 1, 4, 8]
+    with pytest.raises(ValueError):
+        trailing_mean([1.0], 0)
 
 
 def test_runs_against_different_references_get_one_reference_each():

@@ -58,6 +58,25 @@ def _integer_steps(ax: Any) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
+def smoothing_window(n: int) -> int:
+    """How many logged points the training curves average: an eighth of the run, at least 1 (4 of a 32-step run)."""
+    return max(1, n // 8)
+
+
+def trailing_mean(values: Sequence[float], window: int) -> list[float]:
+    """Each value replaced by the mean of it and the ``window - 1`` before it (fewer at the start): a curve that
+    only looks back, so its last point is the mean over the run's last ``window`` logged steps."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def plot_training(run_dir: str | Path) -> list[Path]:
     """Write ``plots/training_curves.png`` and ``plots/beta.png`` into the run directory; returns their paths."""
     plt = _pyplot()
@@ -69,13 +88,32 @@ def plot_training(run_dir: str | Path) -> list[Path]:
 
     panels = (("loss", "loss"), ("rewards/margins", "reward margin"), ("rewards/accuracies", "preference accuracy"))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), constrained_layout=True)
+    window = smoothing_window(len(records))
     for ax, (key, label) in zip(axes, panels, strict=True):
         steps, values = _series(records, key)
-        if steps:
-            ax.plot(steps, values, color="tab:blue", linewidth=1.2, label="train")
+        if steps:  # one step's few pairs are noisy: the raw values faint, their trailing mean solid
+            if window > 1:
+                ax.plot(steps, values, color="tab:blue", linewidth=0.8, alpha=0.3, label="train, each logging step")
+            ax.plot(
+                steps,
+                trailing_mean(values, window),
+                color="tab:blue",
+                linewidth=1.6,
+                label=f"train, mean of the last {window} logged steps" if window > 1 else "train",
+            )
         eval_steps, eval_values = _series(held_out, f"eval/{key}")
         if eval_steps:
-            ax.plot(eval_steps, eval_values, "o-", color="tab:orange", markersize=5, label="held-out")
+            errors = [r.get(f"eval/{key}_se") for r in held_out if isinstance(r.get(f"eval/{key}"), int | float)]
+            ax.errorbar(
+                eval_steps,
+                eval_values,
+                yerr=errors if all(isinstance(e, int | float) for e in errors) else None,
+                fmt="o-",
+                color="tab:orange",
+                markersize=5,
+                capsize=3,
+                label="held-out pairs",
+            )
         if not steps and not eval_steps:
             _empty(ax, f"no {label} recorded")
         if key == "rewards/accuracies":
@@ -85,7 +123,7 @@ def plot_training(run_dir: str | Path) -> list[Path]:
         _integer_steps(ax)
         if steps or eval_steps:
             ax.legend(loc="best", fontsize=8)
-    fig.suptitle(f"{name}: training curves (per-pair means over each logging interval)")
+    fig.suptitle(f"{name}: training curves (per-pair means over each logging interval; held-out: every eval_steps)")
     curves = out / "training_curves.png"
     fig.savefig(curves, dpi=110)
     plt.close(fig)
