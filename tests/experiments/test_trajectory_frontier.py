@@ -110,7 +110,7 @@ def test_report_is_rebuilt_from_summaries(tf, tmp_path, monkeypatch):
     summaries = [summary(tf, m, s, 0.05) for m in ("dpo", "eps", "eps_frozen") for s in (0, 1)]
     md, png = tf.report(summaries)
     text = md.read_text()
-    assert png.is_file() and "Runs done: 6 of 21" in text and "ε-DPO (float32 decisions) − DPO" in text
+    assert png.is_file() and f"Runs done: 6 of {len(tf.plan())}" in text and "ε-DPO (float32 decisions) − DPO" in text
     assert "0.50 / 0.25 / 0.25" in text and json.dumps(summaries)  # shares over training
     # two seeds with equal differences: a zero-width t interval; the reference's reward is named in the setup
     assert "0.000 ± 0.000, [+0.000, +0.000] (n 2" in text and "the reference's is 0.460)" in text
@@ -147,7 +147,7 @@ def test_tasks_wait_for_their_training_the_replayed_source_and_the_reference(tf)
 
 def test_plan_takes_further_seeds_after_the_grid(tf):
     names = [r.name for r in tf.plan((0, 1, 2, 3))]
-    assert names[: len(tf.plan())] == [r.name for r in tf.plan()] and names[-1] == "tr_dpo-s3"
+    assert names[: len(tf.plan())] == [r.name for r in tf.plan()] and names[-1] == f"{list(tf.METHODS)[-1]}-s3"
 
 
 def test_the_grid_runs_as_parallel_tasks_end_to_end(tf, tiny_model_dir, tmp_path, monkeypatch):
