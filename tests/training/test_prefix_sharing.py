@@ -168,6 +168,19 @@ def test_what_cannot_be_masked_is_named():
     assert shared_prefix_problem(tiny("llama")) is None
     windowed = tiny("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=0)
     assert "sliding-window" in shared_prefix_problem(windowed)
+    from transformers import MistralConfig, MistralForCausalLM
+
+    mistral = MistralForCausalLM(
+        MistralConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
+    assert "sliding-window" in shared_prefix_problem(mistral)
     flash = tiny("llama")
     flash.config._attn_implementation_internal = "flash_attention_2"  # as loaded with that implementation
     assert "flash_attention_2" in shared_prefix_problem(flash)

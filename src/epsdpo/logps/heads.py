@@ -105,10 +105,13 @@ def shared_prefix_problem(model: nn.Module) -> str | None:
     impl = getattr(config, "_attn_implementation", None)
     if impl not in SHARED_PREFIX_ATTENTION:
         return f"attn_implementation={impl!r} takes no custom 4D attention mask (prefix sharing needs sdpa or eager)"
-    layer_types = getattr(config, "layer_types", None) or ()
-    if "sliding_attention" in layer_types or (
-        getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None)
-    ):
+    layer_types = getattr(config, "layer_types", None)
+    windowed = (
+        "sliding_attention" in layer_types  # Qwen2, Gemma, …: declared per layer
+        if layer_types
+        else bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True)  # Mistral
+    )
+    if windowed:
         return "the model has sliding-window attention layers, whose window the shared rows' mask would replace"
     return None
 

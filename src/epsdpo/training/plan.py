@@ -1,9 +1,11 @@
 """The run's plan, decided once before the first step and never changed: which log-prob path, where the reference's
-log-probs come from, the decision arithmetic the log-probs and the loss share, which metrics are kept.
+log-probs come from, the decision arithmetic the log-probs and the loss share, which metrics are kept, whether pairs
+share their prompt.
 
-:func:`plan_run` is a pure function of the config, the launcher and one fact measured on the model (whether its logits
-are exactly its linear head's output); it refuses combinations that would train wrongly, with the reason. The
-reference sources below are the two ways the step obtains the reference's side of :func:`~epsdpo.logps.perturbed_logps`.
+:func:`plan_run` is a pure function of the config, the launcher and two facts measured on the model (whether its
+logits are exactly its linear head's output; why it cannot run shared-prefix rows, if it cannot); it refuses
+combinations that would train wrongly, with the reason. The reference sources below are the two ways the step obtains
+the reference's side of :func:`~epsdpo.logps.perturbed_logps`.
 """
 
 from __future__ import annotations
