@@ -40,7 +40,8 @@ the order reversed every other round (A B C, C B A, A B C, ...). Every ratio is 
 reported as the median over rounds with its range (min–max) and, from 3 rounds, mean ± standard error.
 Separate processes still differ by several percent (memory placement, the allocator); ``--paired A,B`` removes that
 for two epsdpo contenders: both are built in one process and their steps interleaved (A B, B A, ...), giving a
-per-cycle time ratio (its memory cannot be told apart there; the rounds give it).
+per-cycle time ratio (its memory cannot be told apart there; the rounds give it), and the same ratio of the process's
+CPU seconds, which other jobs on a shared machine disturb less than wall time on the CPU.
 """
 
 from __future__ import annotations
@@ -317,19 +318,36 @@ def measure_paired(
     for name in pair:
         for _ in range(warmup):
             steps[name]()
+    flops = {name: step_flops(steps[name]) for name in pair}  # one more step each, counted, not timed
     times: dict[str, list[float]] = {name: [] for name in pair}
+    cpu: dict[str, list[float]] = {name: [] for name in pair}  # CPU seconds of the process (all threads)
     for cycle in range(cycles):
         for name in pair if cycle % 2 == 0 else pair[::-1]:
+            start = time.process_time()
             times[name].append(timed(steps[name], device))
+            cpu[name].append(time.process_time() - start)
     return {
         "config": config,
         "pair": pair,
         "times": times,
+        "cpu_times": cpu,
+        "flops": flops,
         "device": device,
         "versions": versions(),
         "prompt_share": extras[pair[0]]["prompt_share"],
         "prefix_sharing": {name: extras[name]["prefix_sharing"] for name in pair},
     }
+
+
+def step_flops(step: Any) -> float:
+    """The floating-point operations of one call of ``step`` as torch's FlopCounterMode counts them (matmuls and
+    attention, forward and backward; attention counted in full, as if no position were masked): a figure the
+    machine's load cannot disturb."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return float(counter.get_total_flops())
 
 
 def measure(
@@ -569,6 +587,14 @@ def paired_main(args: argparse.Namespace) -> None:
             listed = ", ".join(f"{x:.2f}" for x in t)
             print(f"[{r['config']}]   {name:<22} median step {statistics.median(t):.3f} s  ({listed})")
         print(f"[{r['config']}]   {r['pair'][0]} / {r['pair'][1]} per cycle: {spread(ratios)}")
+        ca, cb = (r["cpu_times"][name] for name in r["pair"])
+        cpu_ratios = [x / y for x, y in zip(ca, cb, strict=True)]
+        fa, fb = (r["flops"][name] for name in r["pair"])
+        print(f"[{r['config']}]   counted GFLOP per step {fa / 1e9:.0f} / {fb / 1e9:.0f} = {fa / fb:.3f}")
+        print(
+            f"[{r['config']}]   CPU seconds (all threads), medians {statistics.median(ca):.2f} / "
+            f"{statistics.median(cb):.2f}; ratio per cycle: {spread(cpu_ratios)}"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
 
