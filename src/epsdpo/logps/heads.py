@@ -310,11 +310,16 @@ def shared_prefix_mismatch(
     ignores the custom mask or the positions fails it."""
     if (problem := shared_prefix_problem(model)) is not None:
         return problem
+    was_training = model.training
+    model.eval()  # dropout would make the two passes differ by more than rounding
     try:
         shared_side = reference_side(model, input_ids, attention_mask, True, shared=shared)
+        unshared_side = reference_side(model, input_ids, attention_mask, True)
     except (TypeError, ValueError) as err:  # e.g. a forward without position_ids
         return f"its forward does not take the shared rows ({err})"
-    unshared = chunked_sequence_logps(reference_side(model, input_ids, attention_mask, True), labels, mask)
+    finally:
+        model.train(was_training)
+    unshared = chunked_sequence_logps(unshared_side, labels, mask)
     with_sharing = chunked_sequence_logps(shared_side, labels, mask)
     device = input_ids.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else shared_side.hidden.dtype
