@@ -3,11 +3,18 @@
     .venv/bin/python benchmarks/step.py                   # both configurations, all contenders, 3 rounds
     .venv/bin/python benchmarks/step.py --configs b --contenders epsdpo-epsilon,epsdpo-dpo,trl-dpo --rounds 4
     .venv/bin/python benchmarks/step.py --configs a,b --paired epsdpo-epsilon,epsdpo-dpo --cycles 10
+    .venv/bin/python benchmarks/step.py --configs a,b,default --paired epsdpo-epsilon,epsdpo-epsilon-unshared
+    .venv/bin/python benchmarks/step.py --configs a --paired epsdpo-epsilon,epsdpo-epsilon-unshared --prompt-share 0.5
     python3 benchmarks/step.py --device cuda --configs a,b        # on a GPU (scripts/gpu_check.sh runs this)
 
 Configurations (issue #8):
   a  SmolLM2-135M-Instruct (offline alias), bf16 autocast, 4 pairs x 256 tokens
   b  a randomly initialised Qwen2-style model, vocabulary 151,936, hidden 256, 4 layers, fp32, 2 pairs x 512 tokens
+  default  the bundled default run (`epsdpo train` without a config: SmolLM2-135M-Instruct with LoRA, fp32, 2
+     micro-batches of 4 bundled sentiment pairs per step), stepping through its own training windows in order
+
+In a and b every row (prompt + one response) is exactly the configured length and ``--prompt-share`` of it is the
+prompt (default 0.25); the default configuration has its data's own prompt share (printed).
 
 Contenders, each in its own process on the same synthetic text pairs (every row exactly the configured length):
   epsdpo-epsilon  epsdpo's Trainer.train_step, loss_type=epsilon_dpo (chunked fused log-probs)
@@ -17,6 +24,7 @@ Contenders, each in its own process on the same synthetic text pairs (every row 
                   the compiled one-pass kernel the default picks; see epsdpo.logps.vocab)
   epsdpo-epsilon-cached  epsdpo-epsilon with precompute_ref_hidden_states=true: the reference's hidden states are
                   computed once before timing (reported: that time and the file's size) and no reference forward runs
+  epsdpo-epsilon-unshared  epsdpo-epsilon with prefix_sharing=false: two rows per pair, the prompt run twice
   naive-epsilon   ε-DPO built like the published code: four full-vocabulary tensors in autograd (naive_epsilon_dpo.py)
   trl-dpo         TRL's DPOTrainer, loss_type="sigmoid" (needs `pip install trl`; skipped if missing)
 
@@ -32,7 +40,8 @@ the order reversed every other round (A B C, C B A, A B C, ...). Every ratio is 
 reported as the median over rounds with its range (min–max) and, from 3 rounds, mean ± standard error.
 Separate processes still differ by several percent (memory placement, the allocator); ``--paired A,B`` removes that
 for two epsdpo contenders: both are built in one process and their steps interleaved (A B, B A, ...), giving a
-per-cycle time ratio (its memory cannot be told apart there; the rounds give it).
+per-cycle time ratio (its memory cannot be told apart there; the rounds give it), and the same ratio of the process's
+CPU seconds, which other jobs on a shared machine disturb less than wall time on the CPU.
 """
 
 from __future__ import annotations
@@ -72,6 +81,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "pairs": 2,
         "tokens": 512,
     },
+    # the bundled default run; "tokens" (its max_length) only scales the reported tokens/s and FLOP/s
+    "default": {"model": "default", "model_config": None, "bf16": False, "pairs": 4, "tokens": 160},
 }
 CONTENDERS = (
     "epsdpo-epsilon",
@@ -79,6 +90,7 @@ CONTENDERS = (
     "epsdpo-simpo",
     "epsdpo-epsilon-eager",
     "epsdpo-epsilon-cached",
+    "epsdpo-epsilon-unshared",
     "naive-epsilon",
     "trl-dpo",
 )
@@ -91,6 +103,7 @@ RATIOS = (
     ("ε-DPO / naive ε-DPO excess memory", "epsdpo-epsilon", "naive-epsilon", "excess_mib", 0.5),
     ("compiled / eager kernel, ε-DPO step time", "epsdpo-epsilon", "epsdpo-epsilon-eager", "median_s", None),
     ("cached reference / not, ε-DPO step time", "epsdpo-epsilon-cached", "epsdpo-epsilon", "median_s", None),
+    ("shared / unshared prefix, ε-DPO step time", "epsdpo-epsilon", "epsdpo-epsilon-unshared", "median_s", None),
     ("SimPO / DPO step time", "epsdpo-simpo", "epsdpo-dpo", "median_s", None),
     ("SimPO / DPO peak memory", "epsdpo-simpo", "epsdpo-dpo", "peak_mib", None),
     ("SimPO / DPO excess memory", "epsdpo-simpo", "epsdpo-dpo", "excess_mib", None),
@@ -98,9 +111,10 @@ RATIOS = (
 BETA, EPSILON, LR = 0.1, 0.01, 1e-6
 
 
-def synthetic_pairs(path: Path, tokenizer: Any, pairs: int, tokens: int) -> None:
-    """Text pairs whose prompt + completion (+ EOS) tokenize to exactly ``tokens`` ids; a quarter is prompt."""
-    prompt_len = tokens // 4
+def synthetic_pairs(path: Path, tokenizer: Any, pairs: int, tokens: int, prompt_share: float = 0.25) -> None:
+    """Text pairs whose prompt + completion (+ EOS) tokenize to exactly ``tokens`` ids, ``prompt_share`` of them the
+    prompt."""
+    prompt_len = max(1, round(tokens * prompt_share))
     completion_len = tokens - prompt_len - 1  # the pipeline appends EOS
 
     def text(word: str, n: int) -> str:
@@ -127,9 +141,26 @@ def run_config(
     cached: bool = False,
     kernel: str = "auto",
     device: str = "cpu",
+    prefix_sharing: bool = True,
 ) -> Any:
     from epsdpo.training import load_run_config
 
+    if spec["model"] == "default":  # the bundled default run, only what a benchmark must change
+        from epsdpo.assets import bundled_config
+
+        default = {
+            "output_dir": str(out_dir),
+            "max_steps": 1000,
+            "disable_tqdm": True,
+            "eval_after_training": False,
+            "plot_after_training": False,
+            "save_steps": 0,
+            "loss_type": loss_type,
+            "logps_kernel": kernel,
+            "use_cpu": device == "cpu",
+            "prefix_sharing": prefix_sharing,
+        }
+        return load_run_config(bundled_config("default"), [f"{k}={v}" for k, v in default.items()])
     overrides = {
         "model": spec["model"],
         "model_config": spec["model_config"],
@@ -153,6 +184,7 @@ def run_config(
         "logps_kernel": kernel,
         "use_cpu": device == "cpu",
         "ref_cache_dir": str(out_dir.parent / "ref_cache"),
+        "prefix_sharing": prefix_sharing,
     }
     return load_run_config({k: v for k, v in overrides.items() if v is not None})
 
@@ -220,7 +252,9 @@ def time_steps(step: Any, warmup: int, steps: int, device: str = "cpu") -> tuple
     return times, before, peak.peak
 
 
-def _setup(config: str, contender: str, fp32: bool, device: str) -> tuple[dict[str, Any], Path, Any, Path, Any]:
+def _setup(
+    config: str, contender: str, fp32: bool, device: str, prompt_share: float = 0.25
+) -> tuple[dict[str, Any], Path, Any, Path, Any]:
     """The configuration's spec, a work directory, the tokenizer, the synthetic pairs and the run config."""
     from epsdpo.models import load_tokenizer
 
@@ -228,15 +262,26 @@ def _setup(config: str, contender: str, fp32: bool, device: str) -> tuple[dict[s
     work = Path(tempfile.mkdtemp(prefix=f"epsdpo-step-{config}-{contender}-"))
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     data = work / "pairs.jsonl"
-    synthetic_pairs(data, tokenizer, spec["pairs"], spec["tokens"])
+    if config != "default":
+        synthetic_pairs(data, tokenizer, spec["pairs"], spec["tokens"], prompt_share)
     cached = contender == "epsdpo-epsilon-cached"
     loss = {"epsdpo-dpo": "dpo", "epsdpo-simpo": "simpo"}.get(contender, "epsilon_dpo")
     kernel = "eager" if contender == "epsdpo-epsilon-eager" else "auto"
-    return spec, work, tokenizer, data, run_config(spec, data, work / "run", loss, cached, kernel, device)
+    sharing = contender != "epsdpo-epsilon-unshared"
+    return spec, work, tokenizer, data, run_config(spec, data, work / "run", loss, cached, kernel, device, sharing)
+
+
+def prompt_share_of(trainer: Any) -> float:
+    """The share of the unshared rows' tokens that is prompt, over the run's training pairs."""
+    pairs = trainer.train_pairs
+    prompt = sum(2 * len(p.prompt_ids) for p in pairs)
+    return prompt / sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
 
 
 def _epsdpo_step(cfg: Any, spec: dict[str, Any], work: Path, cached: bool) -> tuple[Any, Any, dict[str, Any]]:
-    """(one training step as a function, the policy, cache figures) for an epsdpo contender."""
+    """(one training step as a function, the policy, cache figures and the prompt share) for an epsdpo contender;
+    the default configuration steps through its own windows, in order (two contenders built alike see the same
+    windows step by step), the others repeat one window of the synthetic pairs."""
     from epsdpo.recipes.train import prepare_run
 
     start = time.perf_counter()
@@ -246,36 +291,80 @@ def _epsdpo_step(cfg: Any, spec: dict[str, Any], work: Path, cached: bool) -> tu
         extra["cache_build_s"] = time.perf_counter() - start  # the whole preparation, cache included
         extra["cache_mib"] = sum(f.stat().st_size for f in (work / "ref_cache").glob("*.safetensors")) / 2**20
         extra["cache_pairs"] = len(trainer.train_pairs)
+    extra["prompt_share"] = prompt_share_of(trainer)
+    extra["prefix_sharing"] = trainer.plan.prefix_sharing
+    if spec["model"] == "default":
+        windows = trainer._windows()
+        return (lambda: trainer.train_step(next(windows))), trainer.unwrapped, extra
     window = [list(range(spec["pairs"]))]
     return (lambda: trainer.train_step(window)), trainer.unwrapped, extra
 
 
 def measure_paired(
-    config: str, pair: list[str], warmup: int, cycles: int, fp32: bool = False, device: str = "cpu"
+    config: str,
+    pair: list[str],
+    warmup: int,
+    cycles: int,
+    fp32: bool = False,
+    device: str = "cpu",
+    prompt_share: float = 0.25,
 ) -> dict[str, Any]:
     """Child process: two epsdpo contenders built side by side, their steps interleaved A B, B A, A B, ... (a cycle
     is one step of each), so both see the same process and machine state; every step time of each."""
-    steps = {}
+    steps, extras = {}, {}
     for name in pair:
-        spec, work, _, _, cfg = _setup(config, name, fp32, device)
-        steps[name] = _epsdpo_step(cfg, spec, work, name == "epsdpo-epsilon-cached")[0]
+        spec, work, _, _, cfg = _setup(config, name, fp32, device, prompt_share)
+        steps[name], _, extras[name] = _epsdpo_step(cfg, spec, work, name == "epsdpo-epsilon-cached")
     for name in pair:
         for _ in range(warmup):
             steps[name]()
+    flops = {name: step_flops(steps[name]) for name in pair}  # one more step each, counted, not timed
     times: dict[str, list[float]] = {name: [] for name in pair}
+    cpu: dict[str, list[float]] = {name: [] for name in pair}  # CPU seconds of the process (all threads)
     for cycle in range(cycles):
         for name in pair if cycle % 2 == 0 else pair[::-1]:
+            start = time.process_time()
             times[name].append(timed(steps[name], device))
-    return {"config": config, "pair": pair, "times": times, "device": device, "versions": versions()}
+            cpu[name].append(time.process_time() - start)
+    return {
+        "config": config,
+        "pair": pair,
+        "times": times,
+        "cpu_times": cpu,
+        "flops": flops,
+        "device": device,
+        "versions": versions(),
+        "prompt_share": extras[pair[0]]["prompt_share"],
+        "prefix_sharing": {name: extras[name]["prefix_sharing"] for name in pair},
+    }
+
+
+def step_flops(step: Any) -> float:
+    """The floating-point operations of one call of ``step`` as torch's FlopCounterMode counts them (matmuls and
+    attention, forward and backward; attention counted in full, as if no position were masked): a figure the
+    machine's load cannot disturb."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return float(counter.get_total_flops())
 
 
 def measure(
-    config: str, contender: str, warmup: int, steps: int, fp32: bool = False, device: str = "cpu"
+    config: str,
+    contender: str,
+    warmup: int,
+    steps: int,
+    fp32: bool = False,
+    device: str = "cpu",
+    prompt_share: float = 0.25,
 ) -> dict[str, Any]:
     """Child process: build one contender and time it (``fp32``: ignore the configuration's bf16).
 
     Memory: on the CPU the process's resident set size; on CUDA the GPU memory torch allocated."""
-    spec, work, tokenizer, data, cfg = _setup(config, contender, fp32, device)
+    if config == "default" and not contender.startswith("epsdpo"):
+        raise SystemExit("the default configuration runs the epsdpo contenders only")
+    spec, work, tokenizer, data, cfg = _setup(config, contender, fp32, device, prompt_share)
     tokens = 2 * spec["pairs"] * spec["tokens"]
     extra: dict[str, Any] = {}
     if contender.startswith("epsdpo"):
@@ -418,19 +507,27 @@ def main() -> None:
         "--cycles cycles; reports the per-cycle time ratio A/B (memory is not separable there)",
     )
     parser.add_argument("--cycles", type=int, default=8)
+    parser.add_argument(
+        "--prompt-share",
+        type=float,
+        default=0.25,
+        help="configurations a and b: the share of each row (prompt + one response) that is prompt",
+    )
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "CONTENDER"), help=argparse.SUPPRESS)
     parser.add_argument("--paired-child", nargs=2, metavar=("CONFIG", "A,B"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.paired_child:
         config, pair = args.paired_child[0], args.paired_child[1].split(",")
-        result = measure_paired(config, pair, args.warmup, args.cycles, args.fp32, args.device)
+        result = measure_paired(config, pair, args.warmup, args.cycles, args.fp32, args.device, args.prompt_share)
         print("RESULT " + json.dumps(result))
         return
     if args.paired:
         paired_main(args)
         return
     if args.child:
-        result = measure(args.child[0], args.child[1], args.warmup, args.steps, args.fp32, args.device)
+        result = measure(
+            args.child[0], args.child[1], args.warmup, args.steps, args.fp32, args.device, args.prompt_share
+        )
         print("RESULT " + json.dumps(result))
         return
     contenders = args.contenders.split(",")
@@ -452,6 +549,7 @@ def run_child(child_args: list[str], args: argparse.Namespace, label: str) -> di
     """Run this script as a child process with ``child_args`` (and the shared flags); its RESULT, or None with the
     failure's last lines printed under ``label``."""
     cmd = [sys.executable, __file__, *child_args, "--warmup", str(args.warmup), "--device", args.device]
+    cmd += ["--prompt-share", str(args.prompt_share)]
     cmd += ["--fp32"] if args.fp32 else []
     # benchmarks/ first, then whatever the caller had on the path (a checkout's src/ before an installed epsdpo)
     path = [str(Path(__file__).parent), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
@@ -483,11 +581,20 @@ def paired_main(args: argparse.Namespace) -> None:
         a, b = (r["times"][name] for name in r["pair"])
         ratios = [x / y for x, y in zip(a, b, strict=True)]
         versions = ", ".join(f"{k} {v}" for k, v in r["versions"].items())
-        print(f"[{r['config']}] {versions}; {len(ratios)} cycles")
+        sharing = ", ".join(f"{k} prefix_sharing={v}" for k, v in r["prefix_sharing"].items())
+        print(f"[{r['config']}] {versions}; {len(ratios)} cycles; prompt share {r['prompt_share']:.2f}; {sharing}")
         for name, t in zip(r["pair"], (a, b), strict=True):
             listed = ", ".join(f"{x:.2f}" for x in t)
             print(f"[{r['config']}]   {name:<22} median step {statistics.median(t):.3f} s  ({listed})")
         print(f"[{r['config']}]   {r['pair'][0]} / {r['pair'][1]} per cycle: {spread(ratios)}")
+        ca, cb = (r["cpu_times"][name] for name in r["pair"])
+        cpu_ratios = [x / y for x, y in zip(ca, cb, strict=True)]
+        fa, fb = (r["flops"][name] for name in r["pair"])
+        print(f"[{r['config']}]   counted GFLOP per step {fa / 1e9:.0f} / {fb / 1e9:.0f} = {fa / fb:.3f}")
+        print(
+            f"[{r['config']}]   CPU seconds (all threads), medians {statistics.median(ca):.2f} / "
+            f"{statistics.median(cb):.2f}; ratio per cycle: {spread(cpu_ratios)}"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
 

@@ -110,3 +110,17 @@ def test_the_plan_gives_one_spec_to_the_log_probs_and_the_loss(tmp_path, monkeyp
         z_column += result.logratios.z.tolist()
     records = read_decisions(tmp_path / "decisions.jsonl")
     assert [r["z"] for r in records] == z_column
+
+
+def test_prefix_sharing_is_planned_where_exact_and_says_why_not():
+    assert plan_run(cfg(), "single", True).prefix_sharing
+    assert plan_run(cfg(), "ddp", True).prefix_sharing
+    off = plan_run(cfg("prefix_sharing=false"), "single", True)
+    assert not off.prefix_sharing and off.prefix_sharing_off is None  # asked off: nothing to report
+    for plan, why in (
+        (plan_run(cfg(), "single", head_is_exact=False), "fused"),
+        (plan_run(cfg("logps_impl=eager"), "single", True), "fused"),
+        (plan_run(cfg(), "fsdp", True), "FSDP"),
+        (plan_run(cfg(), "single", True, sharing_problem="sliding windows"), "sliding windows"),
+    ):
+        assert not plan.prefix_sharing and why in plan.prefix_sharing_off

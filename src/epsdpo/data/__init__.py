@@ -4,7 +4,7 @@ The trainer calls :func:`load_preference_dataset` (pairs + :class:`DataReport`) 
 :class:`PreferenceCollator`; ``docs/data.md`` describes the formats, the rules and the batch layout.
 """
 
-from epsdpo.data.collate import PreferenceCollator, batch_indices, shift_for_logps
+from epsdpo.data.collate import PreferenceCollator, SharedPrefixBatch, batch_indices, shift_for_logps
 from epsdpo.data.config import DataConfig
 from epsdpo.data.errors import DataError
 from epsdpo.data.pipeline import load_eval_dataset, load_preference_dataset
@@ -16,6 +16,7 @@ __all__ = [
     "DataError",
     "DataReport",
     "PreferenceCollator",
+    "SharedPrefixBatch",
     "TokenizedPair",
     "Truncation",
     "batch_indices",

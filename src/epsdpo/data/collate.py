@@ -12,6 +12,14 @@ Batch layout for B pairs (2B rows, right-padded to length T):
 
 A model's logits at position t predict the token at t + 1; :func:`shift_for_logps` gives the labels and mask that
 line up with ``logits[:, :-1]``.
+
+Prefix sharing (:meth:`PreferenceCollator.shared_prefix`, :class:`SharedPrefixBatch`): each pair is also laid out as
+one row, ``prompt + chosen + rejected``, so the model runs over the prompt once. Its attention mask lets every token
+see the prompt and the earlier tokens of its own response only (the rejected response never sees the chosen one),
+and its positions restart after the prompt (the rejected response's first token has the position the chosen one's
+has), so each response sees exactly what it sees in its own row above. The first token of either response is scored
+by the last prompt position; ``source``/``target`` map each scoring position of the shared rows to its cell of the
+(2B, T−1) grid of :func:`shift_for_logps`, so everything downstream of the hidden states is the unshared arithmetic.
 """
 
 from __future__ import annotations
@@ -20,13 +28,14 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
 from epsdpo.data.tokenize import TokenizedPair
 
-__all__ = ["PreferenceCollator", "batch_indices", "shift_for_logps"]
+__all__ = ["PreferenceCollator", "SharedPrefixBatch", "batch_indices", "shift_for_logps"]
 
 
 def shift_for_logps(input_ids: Tensor, completion_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -44,6 +53,41 @@ def _round_up(length: int, multiple: int | None) -> int:
     if not multiple:
         return length
     return int(math.ceil(length / multiple) * multiple)
+
+
+class SharedPrefixBatch(NamedTuple):
+    """B pairs as B rows ``prompt + chosen + rejected`` (padded to length L), and where their scores go.
+
+    Attributes:
+        input_ids: (B, L) long, the pad id on padding.
+        position_ids: (B, L) long: 0..P−1 on the prompt, P..P+C−1 on the chosen response, P..P+R−1 again on the
+            rejected one (positions restart after the prompt), 0 on padding.
+        allowed: (B, L, L) bool, ``allowed[b, q, k]``: query q may attend to key k: causal, the prompt visible to
+            both responses, neither response visible to the other; a padding position sees itself only (so no
+            softmax row is empty) and is seen by nobody.
+        source: (M,) long, the M scoring positions, as indices into the flattened (B·L) shared rows.
+        target: (M,) long, the cell of the flattened (2B·(T−1)) unshared grid each one fills: the grid of
+            :func:`shift_for_logps` over the same pairs' unshared batch, in its row-major order. The last prompt
+            position appears twice in ``source``: it scores the first token of both responses.
+        grid: (2B, T−1), the unshared grid's shape.
+        tokens: the tokens the model runs over (padding excluded).
+    """
+
+    input_ids: Tensor
+    position_ids: Tensor
+    allowed: Tensor
+    source: Tensor
+    target: Tensor
+    grid: tuple[int, int]
+    tokens: int
+
+    def to(self, device: torch.device | str) -> SharedPrefixBatch:
+        """The same batch with its tensors on ``device``."""
+        moved = {k: getattr(self, k).to(device) for k in ("input_ids", "position_ids", "allowed", "source", "target")}
+        return self._replace(**moved)
+
+
+_PROMPT, _CHOSEN, _REJECTED, _PAD = 0, 1, 2, -1
 
 
 @dataclass(frozen=True)
@@ -84,6 +128,59 @@ class PreferenceCollator:
             "score_rejected": scores([p.score_rejected for p in pairs]),
             "index": torch.tensor([p.index for p in pairs], dtype=torch.long),
         }
+
+    def shared_prefix(
+        self, pairs: Sequence[TokenizedPair], width: int, padding_side: Literal["right", "left"] = "right"
+    ) -> SharedPrefixBatch:
+        """The pairs as shared-prefix rows (:class:`SharedPrefixBatch`); ``width`` is T, the width of the unshared
+        batch ``self(pairs)`` whose shifted grid the scores fill. ``padding_side``: where the padding goes (the
+        mask and positions make either exact; training uses the right)."""
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        b = len(pairs)
+        sizes = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
+        length = _round_up(max(sizes), self.pad_to_multiple_of)
+        input_ids = torch.full((b, length), self.pad_token_id, dtype=torch.long)  # (B, L)
+        position_ids = torch.zeros((b, length), dtype=torch.long)
+        segment = torch.full((b, length), _PAD, dtype=torch.long)
+        source: list[int] = []
+        target: list[int] = []
+        cells = width - 1  # the shifted grid's width
+        for i, p in enumerate(pairs):
+            n_p, n_c, n_r = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
+            if n_p < 1:
+                raise ValueError(f"pair from source row {p.index} has an empty prompt; every prompt keeps one token")
+            off = 0 if padding_side == "right" else length - (n_p + n_c + n_r)
+            row = slice(off, off + n_p + n_c + n_r)
+            input_ids[i, row] = torch.tensor([*p.prompt_ids, *p.chosen_ids, *p.rejected_ids], dtype=torch.long)
+            position_ids[i, row] = torch.cat(
+                [torch.arange(n_p), torch.arange(n_p, n_p + n_c), torch.arange(n_p, n_p + n_r)]
+            )
+            segment[i, row] = torch.tensor([_PROMPT] * n_p + [_CHOSEN] * n_c + [_REJECTED] * n_r)
+            last_prompt = i * length + off + n_p - 1
+            # chosen token k (grid cell P−1+k of row i) is scored at shared position P−1+k
+            for k in range(n_c):
+                source.append(last_prompt + k)
+                target.append(i * cells + n_p - 1 + k)
+            # rejected token k (grid cell P−1+k of row B+i): the last prompt position, then its own positions
+            for k in range(n_r):
+                source.append(last_prompt if k == 0 else last_prompt + n_c + k)
+                target.append((b + i) * cells + n_p - 1 + k)
+        q, k = segment.unsqueeze(2), segment.unsqueeze(1)  # (B, L, 1), (B, 1, L)
+        causal = torch.ones((length, length), dtype=torch.bool).tril()
+        real = (q != _PAD) & (k != _PAD)
+        allowed = causal & real & ((k == _PROMPT) | (k == q))
+        allowed |= torch.eye(length, dtype=torch.bool)  # padding sees itself: no empty softmax row
+        order = torch.tensor(target, dtype=torch.long).argsort()  # the grid's row-major order
+        return SharedPrefixBatch(
+            input_ids,
+            position_ids,
+            allowed,
+            torch.tensor(source, dtype=torch.long)[order],
+            torch.tensor(target, dtype=torch.long)[order],
+            (2 * b, cells),
+            sum(sizes),
+        )
 
 
 def batch_indices(

@@ -19,10 +19,17 @@ from pathlib import Path
 from typing import Any
 
 from epsdpo.config import config_to_dict, dump_config, read_config_source
-from epsdpo.data import DataReport, PreferenceCollator, TokenizedPair, load_eval_dataset, load_preference_dataset
+from epsdpo.data import (
+    DataReport,
+    PreferenceCollator,
+    TokenizedPair,
+    load_eval_dataset,
+    load_preference_dataset,
+    shift_for_logps,
+)
 from epsdpo.distributed import configure_deepspeed, deepspeed_left_alone, make_accelerator
 from epsdpo.files import cache_key
-from epsdpo.logps.heads import frozen_head_copy, fused_head_matches, output_head
+from epsdpo.logps.heads import frozen_head_copy, fused_head_matches, output_head, shared_prefix_mismatch
 from epsdpo.machine import cpu_has_native_bf16
 from epsdpo.models import cache_dir, initial_policy_identity, load_tokenizer, reference_identity
 from epsdpo.rundir import is_train_run, publish_evaluation
@@ -223,6 +230,21 @@ def _head_is_exact(models: PolicyAndReference, pairs: list[TokenizedPair], colla
     return fused_head_matches(models.policy, ids, attention)
 
 
+def _sharing_problem(
+    cfg: RunConfig, models: PolicyAndReference, pairs: list[TokenizedPair], collate: Any, acc: Any
+) -> str | None:
+    """Why the policy cannot run shared-prefix rows exactly (checked once, on the first training pairs under the
+    run's precision), or None; not checked when ``train.prefix_sharing`` is off."""
+    if not cfg.train.prefix_sharing or not pairs:
+        return None
+    batch = collate(pairs[:2])
+    ids, attention = (batch[k].to(acc.device) for k in ("input_ids", "attention_mask"))
+    labels, mask = shift_for_logps(ids, batch["completion_mask"].to(acc.device))
+    shared = collate.shared_prefix(pairs[:2], ids.shape[1]).to(acc.device)
+    with acc.autocast():
+        return shared_prefix_mismatch(models.policy, ids, attention, labels, mask, shared)
+
+
 def _reference_source(
     cfg: RunConfig,
     plan: RunPlan,
@@ -363,11 +385,17 @@ def prepare_run(
         except ValueError as e:
             raise TrainingError(str(e)) from None
     try:
-        plan = plan_run(cfg, launcher, _head_is_exact(models, train_pairs, collate, acc.device))
+        head_is_exact = _head_is_exact(models, train_pairs, collate, acc.device)
+        sharing = _sharing_problem(cfg, models, train_pairs, collate, acc) if head_is_exact else None
+        plan = plan_run(cfg, launcher, head_is_exact, sharing)
     except PlanError as e:
         raise TrainingError(str(e)) from None
     if acc.is_main_process:
         logger.info("plan: %s", plan)
+        if plan.prefix_sharing_off is not None:
+            logger.warning(
+                "prefix sharing is off for this run: %s; each pair runs as two rows", plan.prefix_sharing_off
+            )
     if t.logps_impl == "chunked" and not plan.fused:
         logger.warning(
             "this model's logits are not its linear head's output (soft-capping, scaling or an adapted head): "

@@ -312,6 +312,11 @@ class TrainConfig:
         logps_kernel: how the chunked path computes each (chunk, V) block's log-sum-exps (float32 decisions):
             ``auto`` (Triton on CUDA, torch.compile on the CPU for vocabularies of 16,384 and more, else torch
             passes), ``compiled``, ``triton`` or ``eager``; the same values to float32 rounding (docs/performance.md).
+        prefix_sharing: run each pair as one row, prompt + chosen + rejected, so the prompt goes through the model
+            once (policy and live reference; the rejected response attends to the prompt, never to the chosen one,
+            and its positions restart after the prompt); the same log-probs to float32 rounding. Used where it is
+            exact: the fused log-prob path, one process or DDP, ``sdpa`` or ``eager`` attention without sliding
+            windows, and a check on the first pairs; otherwise the run logs why and uses two rows per pair.
         report_to: experiment trackers through accelerate (``tensorboard``, ``wandb``), if installed.
         disable_tqdm: no progress bar (metrics still go to metrics.jsonl).
         decision_records: ε-DPO: write ``decisions.jsonl``, one line per training pair per step: ``step``, ``pair``
@@ -355,6 +360,7 @@ class TrainConfig:
     logps_impl: Impl = field(default="chunked", metadata=FREE)
     logps_chunk_size: int | None = field(default=None, metadata=FREE)
     logps_kernel: Kernel = field(default="auto", metadata=FREE)
+    prefix_sharing: bool = field(default=True, metadata=FREE)
     report_to: list[str] = field(default_factory=list, metadata=FREE)
     disable_tqdm: bool = field(default=False, metadata=FREE)
     decision_records: bool = field(default=False, metadata=FREE)

@@ -334,14 +334,29 @@ class Trainer:
         batch = {k: v.to(self.accelerator.device) for k, v in self.collate(pairs).items()}
         ids, attention = batch["input_ids"], batch["attention_mask"]  # (2B, T): rows 0..B−1 chosen, B..2B−1 rejected
         labels, mask = shift_for_logps(ids, batch["completion_mask"])  # (2B, T−1): logits[:, t] scores ids[:, t + 1]
+        # prefix sharing: the models run over B rows prompt + chosen + rejected, scored into the same (2B, T−1) grid
+        shared = (
+            self.collate.shared_prefix(pairs, ids.shape[1]).to(self.accelerator.device) if plan.prefix_sharing else None
+        )
         if plan.reference == "none":  # the reference-free losses: the policy's forward only
             with self.accelerator.autocast():
-                logps = policy_only_logps(model, ids, attention, labels, mask, plan.logps, fused=plan.fused)
+                logps = policy_only_logps(
+                    model, ids, attention, labels, mask, plan.logps, fused=plan.fused, shared=shared
+                )
             return logps, mask.sum(-1), int(attention.sum())
         with self.accelerator.autocast():
-            reference = self.reference.side(self.unwrapped, pairs, ids, attention, mask, split)  # no grad
+            reference = self.reference.side(self.unwrapped, pairs, ids, attention, mask, split, shared)  # no grad
             logps = policy_logps(
-                model, ids, attention, reference, labels, mask, plan.decision, plan.logps, fused=plan.fused
+                model,
+                ids,
+                attention,
+                reference,
+                labels,
+                mask,
+                plan.decision,
+                plan.logps,
+                fused=plan.fused,
+                shared=shared,
             )  # each field (2B,) float32; only .policy carries gradient
         return logps, mask.sum(-1), int(attention.sum())
 

@@ -1,9 +1,11 @@
 """The run's plan, decided once before the first step and never changed: which log-prob path, where the reference's
-log-probs come from, the decision arithmetic the log-probs and the loss share, which metrics are kept.
+log-probs come from, the decision arithmetic the log-probs and the loss share, which metrics are kept, whether pairs
+share their prompt.
 
-:func:`plan_run` is a pure function of the config, the launcher and one fact measured on the model (whether its logits
-are exactly its linear head's output); it refuses combinations that would train wrongly, with the reason. The
-reference sources below are the two ways the step obtains the reference's side of :func:`~epsdpo.logps.perturbed_logps`.
+:func:`plan_run` is a pure function of the config, the launcher and two facts measured on the model (whether its
+logits are exactly its linear head's output; why it cannot run shared-prefix rows, if it cannot); it refuses
+combinations that would train wrongly, with the reason. The reference sources below are the two ways the step obtains
+the reference's side of :func:`~epsdpo.logps.perturbed_logps`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from epsdpo.data import TokenizedPair
+from epsdpo.data import SharedPrefixBatch, TokenizedPair
 from epsdpo.logps import DecisionSpec, LMHeadInput, LogpsOptions
 from epsdpo.logps.heads import reference_side
 from epsdpo.training.config import RunConfig
@@ -50,6 +52,8 @@ class RunPlan:
             to the log-probs and to the loss.
         logps: how the log-probs are computed (implementation, chunk size, vocabulary kernel).
         metric_keys: the per-pair metrics this loss reports.
+        prefix_sharing: each pair runs as one shared-prefix row (``train.prefix_sharing`` on and exact here).
+        prefix_sharing_off: why it does not although ``train.prefix_sharing`` asks for it (logged once), else None.
     """
 
     launcher: Launcher
@@ -59,15 +63,18 @@ class RunPlan:
     decision: DecisionSpec
     logps: LogpsOptions
     metric_keys: tuple[str, ...]
+    prefix_sharing: bool = False
+    prefix_sharing_off: str | None = None
 
     @property
     def sharded(self) -> bool:
         return self.launcher in ("fsdp", "deepspeed")
 
 
-def plan_run(cfg: RunConfig, launcher: Launcher, head_is_exact: bool) -> RunPlan:
+def plan_run(cfg: RunConfig, launcher: Launcher, head_is_exact: bool, sharing_problem: str | None = None) -> RunPlan:
     """The plan for ``cfg`` under ``launcher``; ``head_is_exact``: :func:`~epsdpo.logps.heads.fused_head_matches`
-    on the policy (measured once, on real data)."""
+    on the policy (measured once, on real data); ``sharing_problem``: why the policy cannot run shared-prefix rows
+    exactly (:func:`~epsdpo.logps.heads.shared_prefix_mismatch`, measured once), or None."""
     m, loss, t = cfg.models, cfg.loss, cfg.train
     sharded = launcher in ("fsdp", "deepspeed")
     fused = t.logps_impl == "chunked" and head_is_exact
@@ -134,6 +141,15 @@ def plan_run(cfg: RunConfig, launcher: Launcher, head_is_exact: bool) -> RunPlan
         and (loss.kind.has_nll_term or loss.nll_weight > 0 or k not in two_terms)
         and (loss.kind.needs_mismatched_pairs or k != "kto/reference_point")
     )
+    sharing_off = None
+    if t.prefix_sharing:
+        sharing_off = (
+            "it needs the fused log-prob path (logps_impl=chunked and a plain linear output head)"
+            if not fused
+            else "it is not verified under FSDP/DeepSpeed yet"
+            if sharded
+            else sharing_problem
+        )
     return RunPlan(
         launcher=launcher,
         fused=fused,
@@ -142,6 +158,8 @@ def plan_run(cfg: RunConfig, launcher: Launcher, head_is_exact: bool) -> RunPlan
         decision=loss.decision_spec(),
         logps=LogpsOptions(t.logps_impl, t.logps_chunk_size, t.logps_kernel),
         metric_keys=keys,
+        prefix_sharing=t.prefix_sharing and sharing_off is None,
+        prefix_sharing_off=sharing_off,
     )
 
 
@@ -168,9 +186,10 @@ class LiveReference:
         attention: Tensor,
         mask: Tensor,
         split: str,
+        shared: SharedPrefixBatch | None = None,
     ) -> Tensor | LMHeadInput:
         with self._running(policy) as reference:
-            return reference_side(reference, ids, attention, self.fused, self.head)
+            return reference_side(reference, ids, attention, self.fused, self.head, shared)
 
 
 class CachedReference:
@@ -188,7 +207,9 @@ class CachedReference:
         attention: Tensor,
         mask: Tensor,
         split: str,
+        shared: SharedPrefixBatch | None = None,
     ) -> Tensor | LMHeadInput:
+        # the cache holds the unshared grid's cells already: shared rows or not, the same reference side
         return self.caches[split].side(pairs, mask, *self.head)
 
 
@@ -203,6 +224,7 @@ class NoReference:
         attention: Tensor,
         mask: Tensor,
         split: str,
+        shared: SharedPrefixBatch | None = None,
     ) -> Tensor | LMHeadInput:
         raise RuntimeError("this run's loss is reference-free (plan.reference == 'none'): it has no reference side")
 
