@@ -492,21 +492,18 @@ class Trainer:
             chosen.append(both[:b])
             rejected.append(both[b:])
         self.model.train()
-        if keep_scores:
-            self.held_out = self._pair_scores(torch.cat(chosen), torch.cat(rejected))
+        if keep_scores:  # one process only: with several, each scored a slice (and may hold none)
+            self.held_out = self._pair_scores(chosen, rejected) if self.world == 1 else None
         reduced = reduce_sums(sums, ("pairs", *self.plan.metric_keys))
         return {**pair_means(reduced, prefix="eval/"), "eval/pairs": reduced["pairs"]}
 
-    def _pair_scores(self, chosen: Tensor, rejected: Tensor) -> PairScores | None:
-        """The held-out pass's log-probs as :class:`PairScores` (chosen rows, then rejected rows; (P, 2) each: the
-        policy's, the reference's), or None with several processes (each scored a slice). The reference's are left
-        out where they are not the run's reference model's: a reference-free loss (none was run) or TR-DPO's moved
-        reference."""
-        if self.world != 1:
-            return None
+    def _pair_scores(self, chosen: list[Tensor], rejected: list[Tensor]) -> PairScores:
+        """The held-out pass's log-probs as :class:`PairScores` (per batch, (B, 2): the policy's and the reference's
+        of its chosen rows, of its rejected rows). The reference's are left out where they are not the run's
+        reference model's: a reference-free loss (none was run) or TR-DPO's moved reference."""
         m = self.cfg.models
         with_reference = self.plan.reference != "none" and not m.sync_ref_model
-        rows = torch.cat([chosen, rejected])  # (2P, 2)
+        rows = torch.cat([*chosen, *rejected])  # (2P, 2): chosen rows, then rejected rows
         return PairScores(
             key=pairs_key(self.eval_pairs),
             policy=rows[:, 0].tolist(),
