@@ -11,8 +11,8 @@ Runs, one after the other, each in its own process with the given source tree fi
 Each is SmolLM2-135M-Instruct evaluated against itself (policy = reference: the same sampling and scoring work as
 a trained policy's evaluation) with the default's settings (2 samples per prompt and model, 48 new tokens, batch
 size 32, the bundled held-out pairs), on the first ``--num-prompts`` held-out prompts and as many pairs. Prints one
-JSON line per run (wall seconds of the whole command, the evaluation's own ``seconds``, and its figures'
-agreement with the first run) and a summary. A run's own evaluation after training (``epsdpo train``) also takes the
+JSON line per run (wall and CPU seconds of the whole command, the evaluation's own ``seconds``, and its
+figures' agreement with the first run) and a summary. A run's own evaluation after training (``epsdpo train``) also takes the
 held-out pairs from the trainer's pass, which this standalone command cannot show.
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -36,11 +37,19 @@ def run(src: Path, args: list[str], out: Path, cache: Path | None) -> dict:
     command = [sys.executable, "-m", "epsdpo.cli", "eval", *args, f"output={out}", "disable_tqdm=true"]
     if cache is not None:
         command.append(f"reference_cache_dir={cache}")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     result = json.loads(out.read_text(encoding="utf-8"))
-    return {"wall_s": round(wall, 1), "eval_s": round(result["seconds"], 1), "figures": {k: result[k] for k in FIGURES}}
+    return {
+        "wall_s": round(wall, 1),
+        "cpu_s": round(cpu, 1),  # less sensitive than wall time to other jobs on a shared machine
+        "eval_s": round(result["seconds"], 1),
+        "figures": {k: result[k] for k in FIGURES},
+    }
 
 
 def main() -> None:
@@ -68,9 +77,11 @@ def main() -> None:
     base = rows["before"]
     for name, row in rows.items():
         same = {k: abs(row["figures"][k] - base["figures"][k]) for k in FIGURES}
-        print(json.dumps({"run": name, "wall_s": row["wall_s"], "eval_s": row["eval_s"], "abs_diff_vs_before": same}))
+        shown = {k: row[k] for k in ("wall_s", "cpu_s", "eval_s")}
+        print(json.dumps({"run": name, **shown, "abs_diff_vs_before": same}))
     for name in ("after, cold cache", "after, warm cache"):
-        print(f"{name}: {rows[name]['wall_s'] / base['wall_s']:.2f}x the wall time of before")
+        wall, cpu = rows[name]["wall_s"] / base["wall_s"], rows[name]["cpu_s"] / base["cpu_s"]
+        print(f"{name}: {wall:.2f}x the wall time, {cpu:.2f}x the CPU time of before")
 
 
 if __name__ == "__main__":
