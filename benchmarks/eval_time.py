@@ -12,8 +12,8 @@ Each is SmolLM2-135M-Instruct evaluated against itself (policy = reference: the 
 a trained policy's evaluation) with the default's settings (2 samples per prompt and model, 48 new tokens, batch
 size 32, the bundled held-out pairs), on the first ``--num-prompts`` held-out prompts and as many pairs. Prints one
 JSON line per run (wall and CPU seconds of the whole command, the evaluation's own ``seconds``, and its
-figures' agreement with the first run) and a summary. A run's own evaluation after training (``epsdpo train``) also takes the
-held-out pairs from the trainer's pass, which this standalone command cannot show.
+figures' agreement with the first run) and a summary. A run's own evaluation after training (``epsdpo train``)
+also takes the held-out pairs from the trainer's pass, which this standalone command cannot show.
 """
 
 from __future__ import annotations
