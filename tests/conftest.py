@@ -198,3 +198,13 @@ def read_only_dir() -> Iterator[Any]:
         if immutable:
             subprocess.run(["chattr", "-i", str(directory)], check=True)
         directory.chmod(0o755)
+
+
+@pytest.fixture(autouse=True)
+def _own_eval_reference_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's evaluations keep their reference parts in a directory of their own (the default is the user's
+    cache directory, where an entry from another test or another version of the code would be read back)."""
+    import epsdpo.stages.evaluate.measure as measure
+
+    directory = tmp_path_factory.mktemp("eval_reference")
+    monkeypatch.setattr(measure, "default_reference_cache_dir", lambda: directory)

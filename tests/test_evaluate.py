@@ -469,3 +469,153 @@ def test_eval_into_a_run_dir_in_use_is_refused_before_sampling(tmp_path, lock_ho
         evaluate(run, ["num_prompts=1", f"output={output}"])
     with pytest.raises(AssertionError, match="started loading models"):  # not locked: it gets as far as loading
         evaluate(run, ["num_prompts=1", f"output={run / 'another.json'}"])
+
+
+#: what an evaluation measured (not where it went or how long it took)
+def _figures(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in result.items() if k not in ("seconds", "output", "samples_file", "name", "plot")}
+
+
+def test_reference_cache_is_on_by_default_cold_equals_warm_and_a_bad_entry_is_recomputed(
+    tmp_path, tiny_model_dir, monkeypatch, caplog
+):
+    import logging
+
+    import epsdpo.stages.evaluate.measure as ev
+
+    computed = []
+    real = ev.compute_reference_part
+    monkeypatch.setattr(ev, "compute_reference_part", lambda *a, **k: computed.append(1) or real(*a, **k))
+    common = [
+        f"model={tiny_model_dir}",
+        f"ref_model={tiny_model_dir}",
+        "num_prompts=3",
+        "samples_per_prompt=2",
+        "max_new_tokens=6",
+        "disable_tqdm=true",
+        f"eval_dataset={TINY_DATA}",
+        "max_pairs=6",
+    ]
+
+    def run(name: str, *extra: str) -> dict[str, Any]:
+        result = ev.evaluate(None, [*common, *extra, f"output={tmp_path / name}.json"])
+        result["records"] = (tmp_path / f"{name}_samples.jsonl").read_text(encoding="utf-8")
+        return result
+
+    cold = run("cold")
+    entry = Path(cold["reference_cache"])
+    assert entry.parent == ev.default_reference_cache_dir() and entry.is_file() and len(computed) == 1
+    warm = run("warm")
+    assert len(computed) == 1 and _figures(warm) == _figures(cold)  # every figure and every sample's record
+    good = entry.read_text(encoding="utf-8")
+    entry.write_text(good[: len(good) // 2], encoding="utf-8")  # cut short (a full disk, a kill before rename)
+    with caplog.at_level(logging.WARNING, logger="epsdpo.stages.evaluate.measure"):
+        again = run("again")
+    assert "is unusable" in caplog.text
+    assert len(computed) == 2 and _figures(again) == _figures(cold)  # recomputed, not used
+    assert entry.read_text(encoding="utf-8") == good  # and written back whole
+    off = run("off", "reference_cache=false")
+    assert off["reference_cache"] is None and len(computed) == 3
+    assert {k: v for k, v in _figures(off).items() if k != "reference_cache"} == {
+        k: v for k, v in _figures(cold).items() if k != "reference_cache"
+    }
+    # every other kind of unusable entry is refused by the reader, naming what is wrong
+    d, cfg = json.loads(good), EvalConfig(disable_tqdm=True)
+    key, expected = d["key"], (len(d["samples"]), len(d["pair_logps"]))
+    assert ev._read_reference_part(entry, key, expected, cfg) is not None
+    broken = {
+        "not a mapping": ("[1, 2]", "not a format-3 entry"),
+        "another format": (json.dumps({**d, "format": 1}), "not a format-3 entry"),
+        "another key": (json.dumps({**d, "key": "0" * 24}), "not a format-3 entry"),
+        "a field missing": (json.dumps({k: v for k, v in d.items() if k != "rewards"}), "missing rewards"),
+        "a reward missing": (json.dumps({**d, "rewards": d["rewards"][:-1]}), "rewards: not 6 finite numbers"),
+        "pair rows missing": (json.dumps({**d, "pair_logps": d["pair_logps"][:-2]}), "10 pair rows where 6 and 12"),
+        "ids not ints": (json.dumps({**d, "samples": [[["a"], True], *d["samples"][1:]]}), "samples: not a list"),
+        "a NaN log-prob": (json.dumps({**d, "self_logps": [float("nan"), *d["self_logps"][1:]]}), "self_logps: not"),
+    }
+    for what, (text, message) in broken.items():
+        entry.write_text(text, encoding="utf-8")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="epsdpo.stages.evaluate.measure"):
+            assert ev._read_reference_part(entry, key, expected, cfg) is None, what
+        assert message in caplog.text, what
+
+
+def test_the_reference_cache_key_follows_the_weights_not_the_name(tmp_path, tiny_model_dir):
+    """Weights saved again under the same directory (another round's reference, a retrained model) make another
+    key; the same weights read again make the same one."""
+    import shutil
+
+    import epsdpo.stages.evaluate.measure as ev
+
+    model_dir = tmp_path / "reference"
+    shutil.copytree(tiny_model_dir, model_dir)
+    cfg = EvalConfig(model=str(model_dir), ref_model=str(model_dir), num_prompts=2, disable_tqdm=True)
+    prompts = load_prompts("bundled", "test", limit=2)
+
+    def key() -> str:
+        return ev._reference_cache_file(cfg, ev._load_models(cfg), prompts, None)[1]
+
+    first = key()
+    assert key() == first
+    weights = next(model_dir.glob("*.safetensors"))
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1
+    save_file(tensors, weights, metadata={"format": "pt"})
+    assert key() != first
+
+
+@pytest.mark.slow
+def test_a_run_scores_its_held_out_pairs_once_and_reports_one_figure(tmp_path, model_cache_dir, monkeypatch):
+    """The trainer's held-out pass is the evaluation's: the pairs go through the model once, and final_metrics.json,
+    the model card and eval.json report the same accuracy and margin (ε-DPO's margin at β after training in all
+    three), equal to what a separate scoring of the same pairs gives."""
+    import epsdpo.stages.evaluate.measure as ev
+    from epsdpo.recipes.train import train
+    from epsdpo.training.loop import Trainer
+
+    scored: list[str | None] = []
+    real_rows = ev.row_logps
+    monkeypatch.setattr(ev, "row_logps", lambda *a, **k: scored.append(k.get("desc")) or real_rows(*a, **k))
+    forwards: list[tuple[str, int]] = []
+    real_forward = Trainer._forward
+    monkeypatch.setattr(
+        Trainer,
+        "_forward",
+        lambda self, m, pairs, split: forwards.append((split, len(pairs))) or real_forward(self, m, pairs, split),
+    )
+    run = tmp_path / "run"
+    options = "eval_options={num_prompts: 2, max_new_tokens: 4, batch_size: 4, disable_tqdm: true}"
+    result = train(
+        TINY,
+        [
+            f"output_dir={run}",
+            f"dataset={TINY_DATA}",
+            f"eval_dataset={TINY_DATA}",
+            "max_steps=2",
+            "save_steps=0",
+            "disable_tqdm=true",
+            "eval_after_training=true",
+            "plot_after_training=false",
+            options,
+        ],
+    )
+    final = json.loads((run / "final" / "final_metrics.json").read_text(encoding="utf-8"))
+    evaluation = json.loads((run / "eval.json").read_text(encoding="utf-8"))
+    pairs = evaluation["num_pairs"]
+    assert pairs == final["eval/pairs"] > 0
+    assert sum(n for split, n in forwards if split == "eval") == pairs  # through the model once, by the trainer
+    assert not [d for d in scored if d and "held-out pairs" in d]  # and never by the evaluation
+    assert evaluation["preference_accuracy"] == final["eval/rewards/accuracies"]
+    assert evaluation["reward_margin"] == pytest.approx(final["eval/rewards/margins"], rel=1e-5, abs=1e-7)
+    assert evaluation["beta"] == final["beta"] == result.beta
+    card = (run / "final" / "README.md").read_text(encoding="utf-8")
+    assert f"(`eval/rewards/margins`) | {final['eval/rewards/margins']:.4g} |" in card
+    # scored again, apart, by the evaluation itself: the same figures (to float32 rounding)
+    apart = ev.evaluate(run, ["num_prompts=2", "max_new_tokens=4", "batch_size=4", "disable_tqdm=true", "name=apart"])
+    assert [d for d in scored if d and "held-out pairs (policy)" in d]
+    assert apart["preference_accuracy"] == evaluation["preference_accuracy"]
+    assert apart["reward_margin"] == pytest.approx(evaluation["reward_margin"], rel=1e-4, abs=1e-6)

@@ -91,6 +91,44 @@ def test_sampling_follows_the_distribution_and_top_p():
     assert sample_next_tokens(logits, [g], temperature=1e-4).item() == 0
 
 
+def test_the_samplers_log_probs_are_the_scoring_pass_s():
+    """log π of a sample kept by the sampler (temperature 1, no top-p) equals a separate scoring pass of the same
+    (prompt, completion) within float32 rounding: the end token counted when it was drawn, nothing after it, left
+    padding and rows that ran to max_new_tokens included; tempered sampling refuses to keep them."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from epsdpo.logps.scoring import row_logps
+    from epsdpo.sampling import sample_completions
+
+    torch.manual_seed(0)
+    vocab = 50
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config).eval()
+    prompts = [[5, 9, 11], [7], [3, 4, 5, 6, 8, 9, 10], [12, 13]] * 3  # uneven: left padding in the batch
+    ends = [1, 2, 3, 4, 5]  # a tenth of the vocabulary: some rows end early, some run to the limit
+    done = sample_completions(
+        model, prompts, list(range(len(prompts))), max_new_tokens=9, end_ids=ends, pad_id=0, with_logps=True
+    )
+    assert {c.finished for c in done} == {True, False} and any(len(c.ids) < 9 for c in done)
+    scored = row_logps(model, [(p, c.ids) for p, c in zip(prompts, done, strict=True)], 0, kernel="eager")
+    sampled = torch.tensor([c.logp for c in done])
+    torch.testing.assert_close(sampled, scored, rtol=1e-5, atol=2e-5)
+    again = sample_completions(model, prompts, list(range(len(prompts))), max_new_tokens=9, end_ids=ends, pad_id=0)
+    assert again == done and all(c.logp is None for c in again)  # the same draws; nothing kept unless asked
+    with pytest.raises(ValueError, match="temperature=1 and top_p=1"):
+        sample_completions(
+            model, prompts, [0] * 12, max_new_tokens=2, end_ids=ends, pad_id=0, top_p=0.9, with_logps=True
+        )
+
+
 def test_sample_seed_is_stable_and_distinct():
     assert sample_seed(0, "review-001", 0) == sample_seed(0, "review-001", 0)
     values = {sample_seed(s, p, j) for s in (0, 1) for p in ("a", "b") for j in range(3)}

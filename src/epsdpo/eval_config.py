@@ -44,11 +44,16 @@ class EvalConfig(SamplingConfig):
         samples_per_prompt: responses sampled per prompt and model (the policy's and the reference's streams are
             independent).
         beta: β of the implicit reward in ``reward_margin``; default: the run's final β (ε-DPO) or its ``beta``.
-        reference_cache_dir: keep the reference's part of the evaluation (its samples, their rewards and log-probs,
-            its log-probs of the held-out pairs) in this directory, under a key over the reference's identity, the
-            prompts, every sampling and scoring setting, the reward and the pairs' token ids; evaluations of other
-            policies against the same reference with the same settings (a sweep, ``experiments/kl_frontier.py``)
-            read it instead of sampling and scoring the reference again. None: always computed.
+        reference_cache: keep the reference's part of the evaluation (its samples, their rewards and log-probs,
+            its log-probs of the held-out pairs), which no policy changes, under a key over everything that
+            determines it (the reference's weights, dtype and device, the torch and transformers versions, the
+            prompts, every sampling and scoring setting, the seed, the reward and the pairs' token ids); the next
+            evaluation against the same reference with the same settings (another run of the same job, a sweep,
+            ``experiments/kl_frontier.py``) reads it instead of sampling and scoring the reference again. Entries are
+            written atomically; one that cannot be read back whole is computed again. false: always computed,
+            nothing kept.
+        reference_cache_dir: where the cache is kept; ``None``: ``$EPSDPO_CACHE_DIR/eval_reference`` (by default
+            ``~/.cache/epsdpo/eval_reference``).
         name: the evaluation's name. With a run directory every evaluation is kept in ``RUN_DIR/evals/NAME/``
             (``eval.json``, ``samples.jsonl``); ``RUN_DIR/eval.json`` is a copy of the run's headline one, naming
             it, and ``RUN_DIR/plots/reward_vs_kl.png`` is drawn from it (see ``headline``). ``None``:
@@ -78,6 +83,7 @@ class EvalConfig(SamplingConfig):
     max_pairs: int | None = None
     samples_per_prompt: int = field(default=1, metadata={"reference_part": True})
     beta: float | None = None
+    reference_cache: bool = field(default=True, metadata={"identifies": False})
     reference_cache_dir: str | None = None
     name: str | None = field(default=None, metadata={"identifies": False})
     output: str | None = field(default=None, metadata={"identifies": False})

@@ -44,6 +44,7 @@ __all__ = [
     "sample_completions",
     "sample_next_tokens",
     "sample_seed",
+    "samples_the_model",
     "wants_chat_template",
 ]
 
@@ -145,10 +146,22 @@ def sample_next_tokens(
 
 @dataclass(frozen=True)
 class Completion:
-    """One sampled response: its token ids (with the end token when it ended) and whether it ended in time."""
+    """One sampled response: its token ids (with the end token when it ended) and whether it ended in time.
+
+    ``logp``: log π(ids | prompt) under the model that sampled it, summed over ``ids`` (the end token included when
+    it was sampled, nothing after it) from the raw next-token logits the sampler drew from, when it was asked to
+    keep it (``sample_completions(..., with_logps=True)``); not part of the completion's identity (equality)."""
 
     ids: list[int]
     finished: bool
+    logp: float | None = field(default=None, compare=False)
+
+
+def samples_the_model(temperature: float, top_p: float) -> bool:
+    """Whether sampling with these settings draws from the model's own distribution π (temperature 1, no nucleus
+    truncation): then the sampler's own log-softmax of each drawn token is log π of it, and a sample's log-prob need
+    not be scored again (:func:`sample_completions` ``with_logps``)."""
+    return temperature == 1.0 and top_p >= 1.0
 
 
 @torch.inference_mode()
@@ -162,8 +175,14 @@ def sample_completions(
     pad_id: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    with_logps: bool = False,
 ) -> list[Completion]:
     """Sample one completion per row (``prompt_ids[i]``, ``seeds[i]``) in one left-padded batch.
+
+    ``with_logps``: also keep each completion's log π(y | x) (:attr:`Completion.logp`): the sum, over the tokens
+    drawn until and including the end token, of the float32 log-softmax of the raw logits each was drawn from, the
+    same quantity a separate scoring pass (:func:`epsdpo.logps.scoring.row_logps`) computes, to float32 rounding. It
+    is log π only when the settings sample π itself (:func:`samples_the_model`); otherwise it is refused.
 
     The decoding loop is our own (a KV cache, stopping at ``end_ids``), not ``model.generate``: ``generate`` merges
     the model's own ``generation_config`` into the one it is given (a Hub model's ``repetition_penalty``,
@@ -173,6 +192,8 @@ def sample_completions(
     """
     if len(prompt_ids) != len(seeds):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(seeds)} seeds")
+    if with_logps and not samples_the_model(temperature, top_p):
+        raise ValueError("with_logps needs temperature=1 and top_p=1: tempered or truncated draws are not samples of π")
     device = next(model.parameters()).device
     n, width = len(prompt_ids), max(len(ids) for ids in prompt_ids)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
@@ -186,11 +207,15 @@ def sample_completions(
     ends = torch.tensor(sorted(set(end_ids)), dtype=torch.long, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     drawn: list[Tensor] = []  # one (N,) tensor per new position
+    logps = torch.zeros(n, dtype=torch.float32, device=device)  # (N,) Σ log π of the tokens drawn so far
     cache_key, extra = _decoding_kwargs(model)
     out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True, **extra)
     for step in range(max_new_tokens):
         logits = out.logits[:, -1, :]  # (N, V): the raw next-token logits, no processor in between
         tokens = sample_next_tokens(logits, generators, temperature, top_p).to(device)
+        if with_logps:  # the drawn token's log-softmax under π, for the rows still running (not their padding)
+            picked = logits.float().log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)  # (N,)
+            logps += torch.where(done, torch.zeros_like(picked), picked)
         tokens = torch.where(done, torch.full_like(tokens, pad_id), tokens)  # finished rows: padding
         drawn.append(tokens)
         done |= torch.isin(tokens, ends)
@@ -209,9 +234,10 @@ def sample_completions(
         )
     end_set = set(end_ids)
     completions = []
-    for row in torch.stack(drawn, dim=1).tolist():
+    row_logps = logps.tolist() if with_logps else [None] * n
+    for row, logp in zip(torch.stack(drawn, dim=1).tolist(), row_logps, strict=True):
         stop = next((i for i, token in enumerate(row) if token in end_set), None)
-        completions.append(Completion(row if stop is None else row[: stop + 1], stop is not None))
+        completions.append(Completion(row if stop is None else row[: stop + 1], stop is not None, logp))
     return completions
 
 

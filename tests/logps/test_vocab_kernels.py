@@ -143,6 +143,54 @@ def test_kernels_give_the_eager_passes_values_on_a_large_vocabulary(kernel):
         torch.testing.assert_close(b, a, atol=5e-5, rtol=1e-6)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("rows,v", [(1, 1), (7, 1003), (16, 4099)])
+def test_label_kernels_match_the_eager_pass_and_the_log_softmax(kernel, rows, v):
+    """One distribution's label log-probs (scoring a given sequence) by each kernel, against the eager pass."""
+    needs(kernel)
+    f, _, y = block(rows, v, seed=rows + v)
+    spec = f.log_softmax(-1).gather(-1, y[:, None]).squeeze(-1)
+    eager = vocab.label_logps(f.clone(), y, kernel="eager")
+    torch.testing.assert_close(eager, spec, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(vocab.label_logps(f.clone(), y, kernel=kernel), eager, atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("bias", [False, True])
+def test_sequence_scoring_with_a_kernel_matches_the_eager_path(kernel, bias):
+    """chunked_sequence_logps (evaluation's and selection's scoring) per kernel: odd chunks, an empty row, a bias."""
+    from epsdpo.logps.chunked import chunked_sequence_logps
+
+    needs(kernel)
+    policy, _, labels, mask = make_case(3, 11, 1031, 8, seed=5, bias=bias, empty_rows=(1,))
+    policy, _, labels, mask = on_device(policy, policy, labels, mask)
+    eager = chunked_sequence_logps(policy, labels, mask, chunk_size=5, kernel="eager")
+    full = policy.logits().detach().float().log_softmax(-1)  # the specification: the full log-softmax
+    spec = (full.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * mask).sum(-1)
+    torch.testing.assert_close(eager, spec, atol=2e-5, rtol=1e-6)
+    assert eager[1] == 0
+    fast = chunked_sequence_logps(policy, labels, mask, chunk_size=5, kernel=kernel)
+    torch.testing.assert_close(fast, eager, atol=2e-5, rtol=1e-6)
+
+
+def test_label_logps_falls_back_to_eager_when_compiling_fails(monkeypatch):
+    def broken(name):
+        def fail(*args):
+            raise OSError("no C++ compiler")
+
+        return fail
+
+    monkeypatch.setattr(vocab, "_compiled", broken)
+    monkeypatch.setattr(vocab, "_COMPILE_FAILED", [])
+    f, _, y = block(3, vocab.COMPILE_MIN_VOCAB, seed=2, device=torch.device("cpu"))
+    expected = vocab.label_logps(f.clone(), y, kernel="eager")
+    with pytest.warns(RuntimeWarning, match="using the eager passes"):
+        out = vocab.label_logps(f.clone(), y, kernel="auto")
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="logps_kernel=compiled: torch.compile failed"):
+        vocab.label_logps(f.clone(), y, kernel="compiled")
+
+
 def test_auto_resolution():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert vocab.resolve_kernel("auto", cpu, vocab.COMPILE_MIN_VOCAB - 1) == "eager"

@@ -36,7 +36,7 @@ from epsdpo.logps.common import (
     round_to,
 )
 from epsdpo.logps.decision import DecisionSpec
-from epsdpo.logps.vocab import block_logps, resolve_kernel, token_logps
+from epsdpo.logps.vocab import block_logps, label_logps, resolve_kernel, token_logps
 
 # Elements of one (chunk, V) float32 buffer; a chunk holds about four of them at once (f, g, a mixture, scratch).
 # Large enough that the (chunk, H) x (H, V) products run near full GEMM speed: on 2 CPU cores at V = 151,936,
@@ -315,11 +315,16 @@ def chunked_perturbed_logps(
 
 @torch.no_grad()
 def chunked_sequence_logps(
-    side: Tensor | LMHeadInput, labels: Tensor, completion_mask: Tensor, chunk_size: int | None = None
+    side: Tensor | LMHeadInput,
+    labels: Tensor,
+    completion_mask: Tensor,
+    chunk_size: int | None = None,
+    kernel: str = "auto",
 ) -> Tensor:
     """Σ_t log softmax(logits)[y_t] over completion tokens, (N,) float32, without autograd: the plain log-prob that
     evaluation and data selection need, from the same chunked projection as training (never the (N, T, V) logits
-    when ``side`` is an :class:`LMHeadInput`)."""
+    when ``side`` is an :class:`LMHeadInput`) and the same vocabulary kernels (``kernel``,
+    :func:`epsdpo.logps.vocab.label_logps`; ``eager`` is the oracle the others are tested against)."""
     positions, sequence, token_labels = _completion_tokens(labels, completion_mask)  # each (M,)
     rows, weight, bias = _flatten(side)
     vocab = rows.shape[-1] if weight is None else weight.shape[0]
@@ -329,7 +334,7 @@ def chunked_sequence_logps(
     for start in range(0, positions.shape[0], step):
         stop = min(start + step, positions.shape[0])
         logits = _project(buffer[: stop - start], rows[positions[start:stop]], weight, bias)  # (c, V)
-        tokens[start:stop] = token_logps(logits, token_labels[start:stop], logits)[0]
+        tokens[start:stop] = label_logps(logits, token_labels[start:stop], kernel)
     return _per_sequence(tokens, sequence, labels.shape[0])
 
 

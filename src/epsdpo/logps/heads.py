@@ -279,15 +279,17 @@ def completion_logps(
     *,
     fused: bool,
     chunk_size: int | None = None,
+    kernel: str = "auto",
 ) -> Tensor:
     """Σ_t log π(y_t | y_<t) over the completion tokens (``mask``), (N,) float32, without autograd.
 
     The model's own forward with the fused head (its final hidden states and linear head, a chunk of completion
     positions at a time) when ``fused``, else its full logits, still chunked: the same arithmetic as training's
-    reference side. ``labels``/``mask`` are shifted like training's (position t scores token t + 1).
+    reference side, each chunk's log-softmax by training's vocabulary kernel (``kernel``, see
+    :mod:`epsdpo.logps.vocab`). ``labels``/``mask`` are shifted like training's (position t scores token t + 1).
     """
     side = reference_side(model, input_ids, attention_mask, fused)
-    return chunked_sequence_logps(side, labels, mask, chunk_size)
+    return chunked_sequence_logps(side, labels, mask, chunk_size, kernel)
 
 
 #: how far a shared-prefix log-prob may be from the unshared one, per scored token, in the run's compute precision

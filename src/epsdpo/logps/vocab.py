@@ -98,6 +98,10 @@ def _two_lse(f: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     return _lse(f), _lse(g)
 
 
+def _one_lse(f: Tensor) -> Tensor:
+    return _lse(f)
+
+
 def _maxima(f: Tensor, g: Tensor, epsilon: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per row (c, 1): max f, max g, and the max and min of the mixture step ε(f − g)."""
     step = epsilon * (f - g)
@@ -131,7 +135,7 @@ def _mixture_sums(
 #: (ε = 0.01 allows logit differences spanning 4,000 nats); otherwise the block takes the four-exponential form.
 MIXTURE_SPREAD_LIMIT = 40.0
 
-_COMPILABLE = {"two": _two_lse, "four": _four_lse, "maxima": _maxima, "mixture_sums": _mixture_sums}
+_COMPILABLE = {"one": _one_lse, "two": _two_lse, "four": _four_lse, "maxima": _maxima, "mixture_sums": _mixture_sums}
 
 
 @functools.cache
@@ -229,3 +233,39 @@ def block_logps(
                 stacklevel=2,
             )
     return _eager(f, g, labels, epsilon, torch.empty_like(f) if scratch is None else scratch)
+
+
+def label_logps(logits: Tensor, labels: Tensor, kernel: str = "auto") -> Tensor:
+    """log softmax(logits)[label] per row of one float32 (c, V) block of a single model's logits, (c,) float32: what
+    scoring a given sequence needs (evaluation, data selection), by the same kernels as :func:`block_logps`.
+
+    ``logits`` may be overwritten (the eager kernel works in place). ``kernel``: see the module docstring; ``auto``
+    falls back to ``eager``, with one warning, where compiling fails.
+    """
+    chosen = resolve_kernel(kernel, logits.device, logits.shape[-1])
+    if chosen == "triton":
+        if logits.stride(-1) != 1:
+            raise ValueError("the triton kernel needs a row-major block")
+        from epsdpo.logps.triton_kernel import four_lse
+
+        lse = torch.empty((2, logits.shape[0]), dtype=torch.float32, device=logits.device)
+        four_lse(logits, logits, 0.0, lse)  # the same block as both distributions: its second row is unused
+        return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse[0]
+    if chosen == "compiled":
+        try:
+            lse = _compiled("one")(logits)
+            return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse
+        except Exception as error:  # as in block_logps
+            if kernel != "auto":
+                raise RuntimeError(
+                    f"logps_kernel=compiled: torch.compile failed ({type(error).__name__}: {error}); "
+                    "use logps_kernel=eager (or auto, which falls back by itself)"
+                ) from error
+            _COMPILE_FAILED.append(f"{type(error).__name__}: {error}")
+            warnings.warn(
+                f"torch.compile of the vocabulary kernel failed ({_COMPILE_FAILED[0]}); using the eager passes, "
+                "which give the same values more slowly (logps_kernel=eager silences this)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return token_logps(logits, labels, logits)[0]

@@ -449,7 +449,10 @@ def _evaluate_and_plot(cfg: RunConfig, result: TrainResult) -> None:
         # not take it from the run directory
         trusted = t.eval_options.trust_remote_code or cfg.models.trust_remote_code
         options = dataclasses.replace(t.eval_options, run_dir=str(cfg.output_dir), trust_remote_code=trusted)
-        result.eval_metrics = evaluate(options)
+        # the trainer's held-out pass scored the final policy on the held-out pairs: the evaluation of that policy
+        # takes its held-out figures from it rather than scoring the same pairs again
+        final_policy = options.model is None and options.checkpoint is None
+        result.eval_metrics = evaluate(options, held_out=result.held_out if final_policy else None)
         reward_vs_kl = publish_run_evaluation(cfg.output_dir, result.eval_metrics)
         print(format_table(result.eval_metrics))
     if t.plot_after_training:

@@ -43,7 +43,9 @@ from epsdpo.errors import UserError
 from epsdpo.logps import PerturbedLogps
 from epsdpo.logps.chunked import chunked_sequence_logps
 from epsdpo.logps.heads import policy_logps, policy_only_logps, reference_side
+from epsdpo.logps.scoring import PairScores, pairs_key
 from epsdpo.losses import kto_reference_point
+from epsdpo.models import reference_identity
 from epsdpo.sampling import sample_seed
 from epsdpo.training.checkpoint import (
     REFERENCE_FILE,
@@ -110,6 +112,7 @@ class TrainResult:
     plots: list[Path] = field(default_factory=list)
     seconds: float = 0.0
     already_finished: bool = False  # a finished run asked to resume: nothing was trained or written
+    held_out: PairScores | None = None  # the end-of-training held-out pass's log-probs, for the run's evaluation
 
 
 class _StopFlag:
@@ -239,6 +242,7 @@ class Trainer:
         t, loss = cfg.train, cfg.loss
         self.cfg, self.accelerator, self.models, self.plan, self.reference = cfg, accelerator, models, plan, reference
         self.train_pairs, self.eval_pairs, self.collate = train_pairs, eval_pairs, collate
+        self.held_out: PairScores | None = None  # the end-of-training held-out pass's log-probs (evaluate())
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.output_dir = cfg.output_dir
         self.global_batch = t.per_device_train_batch_size * self.world
@@ -457,8 +461,17 @@ class Trainer:
             soft_update_reference(self.unwrapped, self.models.reference, alpha)
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Held-out loss, rewards and accuracy (β̃ for ε-DPO's loss, but the controller is not moved).
+    def evaluate(self, keep_scores: bool = False) -> dict[str, float]:
+        """Held-out loss, rewards and accuracy (the controller is not moved).
+
+        ε-DPO's held-out loss is its loss at β̃ = β / (1 + ε s) per pair, as in training; its held-out rewards
+        (``eval/rewards/*``) are the implicit reward r̂ = β (log π − log π_ref) at the step's β, the one β of the
+        model at this step: after the last step the same figure as the evaluation's ``reward_margin`` (which takes
+        β after training), computed from the same log-probs.
+
+        ``keep_scores``: keep the pairs' sequence log-probs in :attr:`held_out` (:class:`PairScores`), so that the
+        run's evaluation reads its held-out figures from this pass instead of scoring the pairs again (one process
+        only: with several, each holds a slice and the evaluation scores the pairs itself).
 
         No collective runs per batch (processes may hold different numbers of held-out pairs); the sums are reduced
         once at the end.
@@ -469,6 +482,8 @@ class Trainer:
         per_device = self.cfg.train.per_device_eval_batch_size
         mine = self.eval_pairs[self.rank :: self.world]
         sums: dict[str, float] = {}
+        chosen: list[Tensor] = []  # (B, 2): policy and reference log-probs of each batch's chosen rows
+        rejected: list[Tensor] = []
         quiet = self.cfg.train.disable_tqdm or not self.accelerator.is_main_process
         starts = range(0, len(mine), per_device)
         for start in tqdm(starts, desc=f"held-out pairs ({len(self.eval_pairs)})", disable=quiet, leave=False):
@@ -481,10 +496,36 @@ class Trainer:
             result = compute_pair_losses(
                 logps, lengths, self.cfg.loss, beta, keep, decision=self.plan.decision, reference_point=reference_point
             )
+            if result.steps is not None:  # ε-DPO: the held-out implicit reward at the step's β (see above)
+                b = result.loss.losses.shape[0]
+                rewards = beta * (logps.policy.detach() - logps.reference)  # (2B,)
+                loss = result.loss._replace(chosen_rewards=rewards[:b], rejected_rewards=rewards[b:])
+                result = replace(result, loss=loss)
             add_sums(sums, pair_metric_sums(result))
+            b = logps.policy.shape[0] // 2
+            both = torch.stack([logps.policy.detach(), logps.reference], dim=1).float().cpu()  # (2B, 2)
+            chosen.append(both[:b])
+            rejected.append(both[b:])
         self.model.train()
+        if keep_scores:  # one process only: with several, each scored a slice (and may hold none)
+            self.held_out = self._pair_scores(chosen, rejected) if self.world == 1 else None
         reduced = reduce_sums(sums, ("pairs", *self.plan.metric_keys))
         return {**pair_means(reduced, prefix="eval/"), "eval/pairs": reduced["pairs"]}
+
+    def _pair_scores(self, chosen: list[Tensor], rejected: list[Tensor]) -> PairScores:
+        """The held-out pass's log-probs as :class:`PairScores` (per batch, (B, 2): the policy's and the reference's
+        of its chosen rows, of its rejected rows). The reference's are left out where they are not the run's
+        reference model's: a reference-free loss (none was run) or TR-DPO's moved reference."""
+        m = self.cfg.models
+        with_reference = self.plan.reference != "none" and not m.sync_ref_model
+        rows = torch.cat([*chosen, *rejected])  # (2P, 2): chosen rows, then rejected rows
+        return PairScores(
+            key=pairs_key(self.eval_pairs),
+            policy=rows[:, 0].tolist(),
+            reference=rows[:, 1].tolist() if with_reference else None,
+            reference_id=reference_identity(m, self.cfg.train.seed) if with_reference else None,
+            bf16=bool(m.bf16),
+        )
 
     def _eval_reference_point(self, mine: list[TokenizedPair], start: int, stop: int) -> Tensor:
         """KTO's z₀ for the held-out pairs ``mine[start:stop]``, from their mismatched pairs; a batch of one pair
@@ -540,7 +581,7 @@ class Trainer:
                     break
         progress.close()
         if not interrupted:
-            eval_metrics = self.evaluate()
+            eval_metrics = self.evaluate(keep_scores=True)
             if eval_metrics:
                 self.metrics.write({"step": self.global_step, **eval_metrics})
                 last = {**last, **eval_metrics}
@@ -552,6 +593,7 @@ class Trainer:
             last,
             interrupted,
             seconds=self.seconds_before + time.perf_counter() - started,
+            held_out=self.held_out,
         )
 
     def _logged_before(self) -> dict[str, float]:
