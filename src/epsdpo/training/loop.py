@@ -77,6 +77,7 @@ from epsdpo.training.plan import ReferenceSource, RunPlan
 from epsdpo.training.policy import PolicyAndReference
 from epsdpo.training.reference import fold_adapters_into_base, soft_update_reference
 from epsdpo.training.schedule import make_scheduler, warmup_steps
+from epsdpo.training.trackers import Trackers
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ class TrainResult:
     plots: list[Path] = field(default_factory=list)
     seconds: float = 0.0
     already_finished: bool = False  # a finished run asked to resume: nothing was trained or written
+    pushed: Any = None  # where push_to_hub uploaded the run (epsdpo.recipes.hub.PushResult), if it did
 
 
 class _StopFlag:
@@ -221,6 +223,8 @@ class Trainer:
             ``decisions.jsonl`` are started empty, so they never hold another run's steps).
         run_record: what the run is (its config as a mapping, a key of its training pairs), kept in every checkpoint
             so that a resume can compare (see :func:`epsdpo.recipes.train.prepare_run`).
+        trackers: the run's experiment trackers (``report_to``), started by the recipe; every metrics record goes
+            to them too.
     """
 
     def __init__(
@@ -235,6 +239,7 @@ class Trainer:
         collate: PreferenceCollator,
         resume_path: Path | None = None,
         run_record: dict[str, Any] | None = None,
+        trackers: Trackers | None = None,
     ) -> None:
         t, loss = cfg.train, cfg.loss
         self.cfg, self.accelerator, self.models, self.plan, self.reference = cfg, accelerator, models, plan, reference
@@ -295,7 +300,7 @@ class Trainer:
         self.metrics = MetricsWriter(
             self.output_dir / "metrics.jsonl",
             enabled=accelerator.is_main_process,
-            accelerator=accelerator if t.report_to else None,
+            trackers=trackers,
         )
         self.decisions = (
             DecisionRecords(self.output_dir / "decisions.jsonl", DECISION_COLUMNS, accelerator.is_main_process)
