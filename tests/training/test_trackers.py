@@ -89,8 +89,8 @@ def test_trackers_log_finite_numbers_only_and_only_once_started():
         def log_table(self, name, rows, step):
             seen.append((name, {"rows": len(rows)}, step))
 
-        def finish(self):
-            seen.append(("finish", {}, 0))
+        def finish(self, failed=False):
+            seen.append(("finish", {"failed": failed}, 0))
 
         def dashboard(self):
             return "look"
@@ -100,13 +100,13 @@ def test_trackers_log_finite_numbers_only_and_only_once_started():
     group.start({"train": {"max_steps": 2}})
     group.log({"step": 2, "loss": 0.25, "flag": True, "name": "x", "nan": math.nan, "n": 3})
     group.log_table("samples", [{"a": 1}], step=2)
-    group.finish()
+    group.finish(failed=True)
     group.finish()  # once
     assert seen == [
         ("start", {"train": {"max_steps": 2}}, 0),
         ("log", {"loss": 0.25, "n": 3.0}, 2),
         ("samples", {"rows": 1}, 2),
-        ("finish", {}, 0),
+        ("finish", {"failed": True}, 0),
     ]
     assert not Trackers.for_run(["tensorboard"], Path("x"), "p", "r", main=False)  # other processes: nothing
 
@@ -250,3 +250,23 @@ def test_dashboard_commands():
     assert commands["mlflow"] == "mlflow ui --backend-store-uri sqlite:////r/run/mlflow.db"
     assert commands["wandb"].startswith("wandb sync /r/run/wandb/offline-run-*")
     assert trackers_module.TRACKERS.keys() == {"trackio", "tensorboard", "mlflow", "wandb"}
+
+
+@pytest.mark.slow
+def test_a_run_that_fails_closes_its_trackers_marked_failed(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from epsdpo.training import TrainingError
+
+    def fail(self):
+        raise TrainingError("non-finite gradient norm (nan) at step 1")
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr("epsdpo.recipes.train.Trainer.fit", fail)
+    out = tmp_path / "run"
+    cfg = load_run_config(TINY, [f"output_dir={out}", f"dataset={DATA}", "disable_tqdm=true", "report_to=mlflow"])
+    with pytest.raises(TrainingError, match="non-finite"):
+        train(cfg)
+    client = MlflowClient(tracking_uri=f"sqlite:///{(out / 'mlflow.db').resolve()}")
+    (run,) = client.search_runs([client.get_experiment_by_name("epsdpo").experiment_id])
+    assert run.info.status == "FAILED" and run.data.params["train/report_to"] == '["mlflow"]'

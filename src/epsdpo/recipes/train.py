@@ -477,6 +477,7 @@ def train(
             return finished
         run = prepare_run(cfg)
         acc = run.trainer.accelerator
+        failed = True
         try:
             if run.trackers:
                 print("epsdpo train: follow the run live:")
@@ -489,8 +490,9 @@ def train(
                     _evaluate_and_plot(run, result)
                     if cfg.train.push_to_hub:
                         result.pushed = push_run(cfg.output_dir, run.trainer.cfg, token)
+            failed = False
         finally:
-            run.trackers.finish()
+            run.trackers.finish(failed)
         acc.wait_for_everyone()
         acc.end_training()  # last: it also tears down the process group
     return result

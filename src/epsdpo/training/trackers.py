@@ -7,7 +7,7 @@ the same four calls (:class:`Tracker`):
 - ``log(metrics, step)``: every metrics record (the training steps with β, the held-out evaluations, the in-training
   and final evaluations), the numbers only;
 - ``log_table(name, rows, step)``: a table (the final evaluation's sampled responses with their gold rewards);
-- ``finish()``: closes the run (flushes files, marks an MLflow run finished).
+- ``finish(failed)``: closes the run (flushes files; MLflow and wandb mark a run that ended in an error failed).
 
 Each library is an optional extra (``pip install 'epsdpo[trackio]'``, …): :func:`require_trackers` refuses a
 tracker that is not installed when ``epsdpo train`` starts, before any model is loaded. The libraries are imported
@@ -136,8 +136,8 @@ class Tracker(Protocol):
         """Record a table (rows of the same columns)."""
         ...
 
-    def finish(self) -> None:
-        """Close the run."""
+    def finish(self, failed: bool = False) -> None:
+        """Close the run; ``failed``: it ended in an error."""
         ...
 
     def dashboard(self) -> str:
@@ -177,8 +177,8 @@ class TrackioTracker:
 
         self._run.log({name: trackio.Table(dataframe=pd.DataFrame([dict(r) for r in rows]))}, step=step)
 
-    def finish(self) -> None:
-        self._run.finish()
+    def finish(self, failed: bool = False) -> None:
+        self._run.finish()  # trackio keeps no run status
 
     def dashboard(self) -> str:
         where = os.environ.get("TRACKIO_DIR")
@@ -211,7 +211,7 @@ class TensorBoardTracker:
         self._writer.add_text(name, markdown_table(rows), step)
         self._writer.flush()
 
-    def finish(self) -> None:
+    def finish(self, failed: bool = False) -> None:
         self._writer.close()
 
     def dashboard(self) -> str:
@@ -277,8 +277,8 @@ class MLflowTracker:
         data = {c: [r.get(c) for r in rows] for c in columns}
         self._client.log_table(self.run_id, data=data, artifact_file=f"{name}.json")
 
-    def finish(self) -> None:
-        self._client.set_terminated(self.run_id)
+    def finish(self, failed: bool = False) -> None:
+        self._client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
 
     def dashboard(self) -> str:
         return f"mlflow ui --backend-store-uri {shlex.quote(self.uri)}"
@@ -313,8 +313,8 @@ class WandbTracker:
         columns = list(rows[0]) if rows else []
         self._run.log({name: wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])}, step=step)
 
-    def finish(self) -> None:
-        self._run.finish()
+    def finish(self, failed: bool = False) -> None:
+        self._run.finish(exit_code=1 if failed else 0)
 
     def dashboard(self) -> str:
         if self.mode == "offline":
@@ -386,13 +386,13 @@ class Trackers:
         for tracker in self.trackers:
             tracker.log_table(name, rows, step)
 
-    def finish(self) -> None:
-        """Close every tracker's run (once; later calls do nothing)."""
+    def finish(self, failed: bool = False) -> None:
+        """Close every tracker's run (once; later calls do nothing); ``failed``: the run ended in an error."""
         if not self._started:
             return
         self._started = False
         for tracker in self.trackers:
-            tracker.finish()
+            tracker.finish(failed)
 
     def dashboards(self) -> dict[str, str]:
         """Each tracker's command to open its dashboard."""
