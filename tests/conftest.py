@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,15 @@ FIXTURES = Path(__file__).parent / "data" / "fixtures"
 # it is switched on before anything imports Triton. EPSDPO_TEST_DEVICE=cuda (scripts/gpu_check.sh) leaves it off.
 if os.environ.get("EPSDPO_TEST_DEVICE", "cpu") == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The trackers' tests (tests/training/test_trackers.py) write real trackio, wandb and MLflow runs: all of them stay in
+# temporary directories and offline. trackio reads TRACKIO_DIR once, when it is first imported, so it is set here,
+# before any test can import it.
+os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="epsdpo-tests-trackio-")
+atexit.register(shutil.rmtree, os.environ["TRACKIO_DIR"], True)
+os.environ["WANDB_MODE"] = "offline"
+os.environ["WANDB_SILENT"] = "true"
+os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 @pytest.fixture(scope="session")

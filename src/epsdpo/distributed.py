@@ -67,13 +67,14 @@ def deepspeed_requested() -> bool:
     return _env_flag("ACCELERATE_USE_DEEPSPEED")
 
 
-def make_accelerator(use_cpu: bool, bf16: bool, report_to: list[str] | None, project_dir: str) -> Any:
+def make_accelerator(use_cpu: bool, bf16: bool, project_dir: str) -> Any:
     """The run's ``Accelerator`` for whichever launcher started the processes (one process, DDP, FSDP, DeepSpeed).
 
     On a machine without a GPU, DeepSpeed needs ``cpu=False`` (``cpu=True`` silently turns it off in accelerate)
     and an explicit gloo process group; everything else runs with ``cpu=True``, which is what makes accelerate set
     up gloo for several CPU processes (torchrun / accelerate launch). accelerate enables FSDP only on accelerators
-    (GPUs and the like): an FSDP launch on CPUs trains as DDP, which is said in a warning.
+    (GPUs and the like): an FSDP launch on CPUs trains as DDP, which is said in a warning. Experiment trackers are
+    epsdpo's own (:mod:`epsdpo.training.trackers`), not accelerate's.
     """
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
@@ -92,7 +93,6 @@ def make_accelerator(use_cpu: bool, bf16: bool, report_to: list[str] | None, pro
     return Accelerator(
         cpu=cpu,
         mixed_precision="bf16" if bf16 else "no",
-        log_with=report_to or None,
         project_dir=project_dir,
         kwargs_handlers=handlers,
     )

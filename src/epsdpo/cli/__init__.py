@@ -30,6 +30,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "iterate": ("epsdpo.cli.iterate", "rounds of on-policy generation, selection, training and evaluation"),
     "eval": ("epsdpo.cli.eval", "gold reward, KL, win rate and preference accuracy of a trained model"),
     "plot": ("epsdpo.cli.plot", "training curves, β trajectory and the reward-vs-KL frontier as PNGs"),
+    "push": ("epsdpo.cli.push", "upload a finished run's model, card, evaluation and plots to the Hugging Face Hub"),
 }
 
 

@@ -78,4 +78,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  evaluation:    {result.eval_metrics.get('output')} (copied to {result.output_dir / 'eval.json'})")
     for plot in result.plots:
         print(f"  plot:          {plot}")
+    if result.pushed is not None:
+        print(f"  on the Hub:    {result.pushed.url} ({len(result.pushed.files)} files)")
+    elif result.interrupted and cfg.train.push_to_hub:
+        print(f"  not pushed to the Hub (unfinished); when it is done: epsdpo push {result.output_dir}")
     return 130 if result.interrupted else 0

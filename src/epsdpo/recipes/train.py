@@ -28,18 +28,19 @@ from epsdpo.data import (
     shift_for_logps,
 )
 from epsdpo.distributed import configure_deepspeed, deepspeed_left_alone, make_accelerator
-from epsdpo.files import cache_key
+from epsdpo.files import cache_key, read_jsonl
 from epsdpo.logps.heads import frozen_head_copy, fused_head_matches, output_head, shared_prefix_mismatch
 from epsdpo.machine import cpu_has_native_bf16
 from epsdpo.models import cache_dir, initial_policy_identity, load_tokenizer, reference_identity
-from epsdpo.rundir import is_train_run, publish_evaluation
+from epsdpo.recipes.hub import check_can_push, push_run
+from epsdpo.rundir import is_train_run, publish_evaluation, read_eval
 from epsdpo.runlock import claim_run_dir, run_dir_lock
 from epsdpo.stages.evaluate import evaluate, format_table
 from epsdpo.stages.plots import PLOTS_DIR, plot_reward_vs_kl, plot_training
 from epsdpo.stages.select import select_for_config
 from epsdpo.training.checkpoint import CheckpointError, check_checkpoint, checkpoint_dirs, resolve_resume
 from epsdpo.training.config import RunConfig, load_run_config, resume_changes, tokenizer_name
-from epsdpo.training.final import save_final_model
+from epsdpo.training.final import save_final_model, write_model_card
 from epsdpo.training.loop import Trainer, TrainingError, TrainResult
 from epsdpo.training.plan import (
     CachedReference,
@@ -53,6 +54,7 @@ from epsdpo.training.plan import (
 )
 from epsdpo.training.policy import PolicyAndReference, build_policy_and_reference
 from epsdpo.training.refcache import ReferenceHiddenCache, load_or_compute_reference_hidden
+from epsdpo.training.trackers import Trackers, require_trackers
 
 __all__ = ["PreparedRun", "UnfinishedRunError", "finished_run", "prepare_run", "publish_run_evaluation", "train"]
 
@@ -307,6 +309,7 @@ class PreparedRun:
     trainer: Trainer
     tokenizer: Any
     data_report: DataReport
+    trackers: Trackers = dataclasses.field(default_factory=Trackers)
 
 
 def prepare_run(
@@ -321,7 +324,8 @@ def prepare_run(
     # accelerate keeps one AcceleratorState per process and refuses a second run with another precision; reset
     # the per-run part (the process group in PartialState stays) so train() can be called again in one process.
     AcceleratorState._reset_state(reset_partial_state=False)
-    acc = make_accelerator(t.use_cpu, m.bf16, t.report_to, str(cfg.output_dir))
+    require_trackers(t.report_to)  # before anything is loaded (train() checks it even earlier)
+    acc = make_accelerator(t.use_cpu, m.bf16, str(cfg.output_dir))
     if m.bf16 and acc.device.type == "cpu" and not cpu_has_native_bf16():
         logger.warning(
             "bf16=true on a CPU without native bf16 matmuls (no avx512_bf16/amx in /proc/cpuinfo): PyTorch falls "
@@ -364,14 +368,15 @@ def prepare_run(
         if eval_data:
             eval_data[1].write(cfg.output_dir, "data_report_eval.json")
     acc.wait_for_everyone()
-    if t.report_to:
-        flat = {
-            f"{section}/{k}": v
-            for section, values in config_to_dict(sections).items()
-            for k, v in values.items()
-            if isinstance(v, int | float | str | bool)
-        }
-        acc.init_trackers(cfg.output_dir.name, config=flat)
+    trackers = Trackers.for_run(
+        t.report_to,
+        cfg.output_dir,
+        t.project,
+        t.run_name or cfg.output_dir.resolve().name,
+        main=acc.is_main_process,
+        resuming=resume is not None,
+    )
+    trackers.start(config_to_dict(sections))
     collate = PreferenceCollator(tokenizer.pad_token_id, cfg.data.pad_to_multiple_of)
 
     models = build_policy_and_reference(m, len(tokenizer), t.seed, with_reference=cfg.loss.kind.needs_reference)
@@ -405,8 +410,8 @@ def prepare_run(
         models.reference.to(acc.device)
     reference = _reference_source(cfg, plan, models, {"train": train_pairs, "eval": eval_pairs}, collate, acc)
     record = {"config": config_to_dict(sections), "data": pairs_key}
-    trainer = Trainer(cfg, acc, models, plan, reference, train_pairs, eval_pairs, collate, resume, record)
-    return PreparedRun(trainer, tokenizer, data_report)
+    trainer = Trainer(cfg, acc, models, plan, reference, train_pairs, eval_pairs, collate, resume, record, trackers)
+    return PreparedRun(trainer, tokenizer, data_report, trackers)
 
 
 def _save_final(run: PreparedRun, result: TrainResult) -> Path:
@@ -441,8 +446,30 @@ def publish_run_evaluation(run: Path, result: dict[str, Any]) -> Path:
     return plot
 
 
-def _evaluate_and_plot(cfg: RunConfig, result: TrainResult) -> None:
-    """Plots of the run, then (if asked) the evaluation of the final model and the reward-vs-KL plot."""
+#: at most this many sampled responses go to the trackers' table (the samples file keeps them all)
+TRACKER_TABLE_ROWS = 200
+
+
+def _log_final_evaluation(trackers: Trackers, evaluation: dict[str, Any], step: int) -> None:
+    """The final evaluation's figures (as ``final_eval/…``) and a table of its sampled responses with their gold
+    rewards, to the run's trackers."""
+    trackers.log({f"final_eval/{k}": v for k, v in evaluation.items()}, step=step)
+    samples = Path(evaluation["output"]).parent / evaluation["samples_file"]
+    rows = []
+    if samples.is_file():
+        for record in read_jsonl(samples)[:TRACKER_TABLE_ROWS]:
+            rows.append({k: record.get(k) for k in SAMPLE_COLUMNS})
+    trackers.log_table("final_eval/samples", rows, step=step)
+
+
+#: the columns of the trackers' table of sampled responses
+SAMPLE_COLUMNS = ("prompt_id", "prompt", "policy", "policy_reward", "reference", "reference_reward")
+
+
+def _evaluate_and_plot(run: PreparedRun, result: TrainResult) -> None:
+    """Plots of the run, then (if asked) the evaluation of the final model (to the trackers too, and into the model
+    card) and the reward-vs-KL plot."""
+    cfg = run.trainer.cfg
     t = cfg.train
     if t.eval_after_training:
         # the model code this command was trusted with (trust_remote_code), never more: evaluate() itself does
@@ -454,6 +481,9 @@ def _evaluate_and_plot(cfg: RunConfig, result: TrainResult) -> None:
         final_policy = options.model is None and options.checkpoint is None
         result.eval_metrics = evaluate(options, held_out=result.held_out if final_policy else None)
         reward_vs_kl = publish_run_evaluation(cfg.output_dir, result.eval_metrics)
+        if result.final_model_dir is not None:  # the card written with the model could not know the evaluation
+            write_model_card(result.final_model_dir, cfg, run.data_report.to_dict(), read_eval(cfg.output_dir))
+        _log_final_evaluation(run.trackers, result.eval_metrics, result.global_step)
         print(format_table(result.eval_metrics))
     if t.plot_after_training:
         result.plots = plot_training(cfg.output_dir)
@@ -470,18 +500,31 @@ def train(
     its directory's lock (:func:`epsdpo.runlock.run_dir_lock`) from before it writes anything until it returns or
     fails: a second run into the same ``output_dir`` is refused."""
     cfg = config if isinstance(config, RunConfig) else load_run_config(config, list(overrides))
+    require_trackers(cfg.train.report_to)  # a missing extra, or no way to push, found before anything runs
+    token = check_can_push() if cfg.train.push_to_hub else None
     with run_dir_lock(cfg.output_dir):
         finished = finished_run(cfg)
         if finished is not None:
             return finished
         run = prepare_run(cfg)
         acc = run.trainer.accelerator
-        with deepspeed_left_alone(acc):
-            result = run.trainer.fit()
-            if not result.interrupted:
-                result.final_model_dir = _save_final(run, result)
-                if acc.is_main_process:
-                    _evaluate_and_plot(run.trainer.cfg, result)
+        failed = True
+        try:
+            if run.trackers:
+                print("epsdpo train: follow the run live:")
+                for name, command in run.trackers.dashboards().items():
+                    print(f"  {name + ':':<12} {command}")
+            with deepspeed_left_alone(acc):
+                result = run.trainer.fit()
+                if not result.interrupted:
+                    result.final_model_dir = _save_final(run, result)
+                    if acc.is_main_process:
+                        _evaluate_and_plot(run, result)
+                        if cfg.train.push_to_hub:
+                            result.pushed = push_run(cfg.output_dir, run.trainer.cfg, token)
+            failed = False
+        finally:
+            run.trackers.finish(failed)
         acc.wait_for_everyone()
         acc.end_training()  # last: it also tears down the process group
     return result

@@ -21,6 +21,7 @@ from epsdpo.logps import DecisionSpec, Impl, Kernel
 from epsdpo.logps.decision import DecisionPrecision
 from epsdpo.losses import LossType
 from epsdpo.models import check_model_config
+from epsdpo.training.trackers import check_report_to
 
 SchedulerName = Literal["cosine", "linear", "constant", "constant_with_warmup"]
 
@@ -317,7 +318,12 @@ class TrainConfig:
             and its positions restart after the prompt); the same log-probs to float32 rounding. Used where it is
             exact: the fused log-prob path, one process or DDP, ``sdpa`` or ``eager`` attention without sliding
             windows, and a check on the first pairs; otherwise the run logs why and uses two rows per pair.
-        report_to: experiment trackers through accelerate (``tensorboard``, ``wandb``), if installed.
+        report_to: experiment trackers, several at once: ``trackio``, ``tensorboard``, ``mlflow``, ``wandb`` (a list
+            or ``trackio,tensorboard``; ``none``: no tracker). Each receives the config, every logged step's metrics
+            and β, the held-out and final evaluations and a table of sampled responses; each is an optional extra
+            (``pip install 'epsdpo[trackio]'``), checked before any model is loaded. See docs/trackers.md.
+        project: the trackers' project (trackio project, MLflow experiment, wandb project).
+        run_name: the run's name in the trackers; default: the name of ``output_dir``.
         disable_tqdm: no progress bar (metrics still go to metrics.jsonl).
         decision_records: ε-DPO: write ``decisions.jsonl``, one line per training pair per step: ``step``, ``pair``
             (its source row), ``s``, ``z`` (the decision-side log-ratio), ``weaker_gap`` z⁻ − z, ``stronger_gap``
@@ -330,6 +336,14 @@ class TrainConfig:
         eval_options: the settings of that evaluation, an :class:`~epsdpo.eval_config.EvalConfig` given as a mapping of
             ``epsdpo eval`` keys (e.g. ``{num_prompts: 64, max_new_tokens: 48}``; the others keep their defaults),
             checked when the config is loaded; one key is set with ``eval_options.num_prompts=64``.
+        push_to_hub: after training (and the evaluation, if asked), upload the final model (the LoRA adapter; with
+            ``save_merged_model`` the merged model), its tokenizer, the model card, ``eval.json`` and the plots to
+            the Hugging Face Hub repository ``hub_model_id``, with the token of the usual login (``hf auth login``
+            or ``HF_TOKEN``). ``epsdpo push RUN_DIR`` does the same for a finished run.
+        hub_model_id: the Hub repository, ``owner/name`` or ``name`` (under the token's own account); required with
+            ``push_to_hub``.
+        hub_private_repo: create the repository private (true) or public (false); None: the Hub's default for the
+            owner. An existing repository keeps its visibility.
         overwrite_output_dir: start a new run in a directory that holds an earlier run (or other files): everything
             there is first moved into ``OUTPUT_DIR/.replaced-<time>/`` (never resumed or mixed; delete it when not
             needed). Without it, a finished run is refused and a directory holding files but no run is refused.
@@ -361,7 +375,9 @@ class TrainConfig:
     logps_chunk_size: int | None = field(default=None, metadata=FREE)
     logps_kernel: Kernel = field(default="auto", metadata=FREE)
     prefix_sharing: bool = field(default=True, metadata=FREE)
-    report_to: list[str] = field(default_factory=list, metadata=FREE)
+    report_to: list[str] | str = field(default_factory=list, metadata=FREE)
+    project: str = field(default="epsdpo", metadata=FREE)
+    run_name: str | None = field(default=None, metadata=FREE)
     disable_tqdm: bool = field(default=False, metadata=FREE)
     decision_records: bool = field(default=False, metadata=FREE)
     use_cpu: bool = field(default=False, metadata=FREE)
@@ -369,8 +385,18 @@ class TrainConfig:
     eval_after_training: bool = field(default=False, metadata=FREE)
     eval_options: EvalConfig = field(default_factory=EvalConfig, metadata=FREE)
     overwrite_output_dir: bool = field(default=False, metadata=FREE)
+    push_to_hub: bool = field(default=False, metadata=FREE)
+    hub_model_id: str | None = field(default=None, metadata=FREE)
+    hub_private_repo: bool | None = field(default=None, metadata=FREE)
 
     def __post_init__(self) -> None:
+        self.report_to = check_report_to(self.report_to)  # known names (installed: checked when training starts)
+        if not self.project.strip():
+            raise ValueError("project must be a non-empty name (the trackers' project)")
+        if self.hub_model_id is not None:
+            check_hub_model_id(self.hub_model_id)
+        if self.push_to_hub and self.hub_model_id is None:
+            raise ValueError("push_to_hub=true needs hub_model_id=OWNER/NAME (or NAME, under your own account)")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             _require(self, name, lambda v: v >= 1, ">= 1")
         _require(self, "logging_steps", lambda v: v >= 1, ">= 1 (a metrics line every this many steps)")
@@ -394,6 +420,21 @@ class TrainConfig:
         _require(self, "seed", lambda v: 0 <= v < 2**32, "in [0, 2**32)")
         if self.logps_chunk_size is not None and self.logps_chunk_size < 1:
             raise ValueError(f"logps_chunk_size must be >= 1 or null (automatic), got {self.logps_chunk_size}")
+
+
+def check_hub_model_id(repo_id: str) -> None:
+    """A ``ValueError`` unless ``repo_id`` is a valid Hub repository id, ``owner/name`` or ``name`` (the Hub's own
+    rules, as ``huggingface_hub`` checks them)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(
+            f"hub_model_id={repo_id!r} is not a Hub repository id: give OWNER/NAME or NAME (letters, digits, '-', "
+            f"'_', '.'; at most 96 characters; no '--' or '..'): {err}"
+        ) from None
 
 
 def _require(cfg: Any, name: str, ok: Any, rule: str) -> None:

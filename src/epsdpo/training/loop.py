@@ -79,6 +79,7 @@ from epsdpo.training.plan import ReferenceSource, RunPlan
 from epsdpo.training.policy import PolicyAndReference
 from epsdpo.training.reference import fold_adapters_into_base, soft_update_reference
 from epsdpo.training.schedule import make_scheduler, warmup_steps
+from epsdpo.training.trackers import Trackers
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ class TrainResult:
     seconds: float = 0.0
     already_finished: bool = False  # a finished run asked to resume: nothing was trained or written
     held_out: PairScores | None = None  # the end-of-training held-out pass's log-probs, for the run's evaluation
+    pushed: Any = None  # where push_to_hub uploaded the run (epsdpo.recipes.hub.PushResult), if it did
 
 
 class _StopFlag:
@@ -224,6 +226,8 @@ class Trainer:
             ``decisions.jsonl`` are started empty, so they never hold another run's steps).
         run_record: what the run is (its config as a mapping, a key of its training pairs), kept in every checkpoint
             so that a resume can compare (see :func:`epsdpo.recipes.train.prepare_run`).
+        trackers: the run's experiment trackers (``report_to``), started by the recipe; every metrics record goes
+            to them too.
     """
 
     def __init__(
@@ -238,6 +242,7 @@ class Trainer:
         collate: PreferenceCollator,
         resume_path: Path | None = None,
         run_record: dict[str, Any] | None = None,
+        trackers: Trackers | None = None,
     ) -> None:
         t, loss = cfg.train, cfg.loss
         self.cfg, self.accelerator, self.models, self.plan, self.reference = cfg, accelerator, models, plan, reference
@@ -299,7 +304,7 @@ class Trainer:
         self.metrics = MetricsWriter(
             self.output_dir / "metrics.jsonl",
             enabled=accelerator.is_main_process,
-            accelerator=accelerator if t.report_to else None,
+            trackers=trackers,
         )
         self.decisions = (
             DecisionRecords(self.output_dir / "decisions.jsonl", DECISION_COLUMNS, accelerator.is_main_process)

@@ -109,12 +109,13 @@ class DecisionRecords:
 
 
 class MetricsWriter:
-    """Appends one JSON object per logged step to ``metrics.jsonl`` (main process only), and to trackers."""
+    """Appends one JSON object per logged step to ``metrics.jsonl`` (main process only), and passes its numbers to
+    the run's trackers (:class:`~epsdpo.training.trackers.Trackers`, or None)."""
 
-    def __init__(self, path: Path, enabled: bool, accelerator: Any = None) -> None:
+    def __init__(self, path: Path, enabled: bool, trackers: Any = None) -> None:
         self.path = path
         self.enabled = enabled
-        self.accelerator = accelerator
+        self.trackers = trackers
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop lines logged after ``step`` (the resumed run writes them again)."""
@@ -127,9 +128,8 @@ class MetricsWriter:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with disk_full_guard(self.path.parent, self.path.name), open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(clean) + "\n")
-        if self.accelerator is not None:
-            step = record.get("step")
-            self.accelerator.log({k: v for k, v in clean.items() if isinstance(v, int | float)}, step=step)
+        if self.trackers is not None:
+            self.trackers.log(clean)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
