@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -45,13 +46,19 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
-def timed(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> float:
+def timed(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (user + system of the command and its children) of one command: the CPU figure
+    is the one to compare when something else shares the machine."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     with log.open("a", encoding="utf-8") as out:
         out.write(f"$ {' '.join(cmd)}\n")
         out.flush()
         subprocess.run(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, check=True)
-    return round(time.perf_counter() - started, 1)
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return round(wall, 1), round(cpu, 1)
 
 
 def run_figures(run: Path) -> dict[str, Any]:
@@ -75,11 +82,12 @@ def measure(commit: str, work: Path) -> dict[str, Any]:
     env.update(EPSDPO_CACHE_DIR=str(work / f"cache-{commit[:12]}"), HF_HUB_OFFLINE="1")
     log = work / f"main-job-{commit[:12]}.log"
     out: dict[str, Any] = {"commit": commit, "log": str(log)}
-    out["setup_seconds"] = timed(["bash", "scripts/setup.sh"], clone, env, log)
+    out["setup_seconds"], out["setup_cpu_seconds"] = timed(["bash", "scripts/setup.sh"], clone, env, log)
     for name in ("cold", "warm"):
-        seconds = timed(["bash", "scripts/quickstart.sh", f"output_dir=runs/{name}"], clone, env, log)
-        out[name] = {"seconds": seconds, **run_figures(clone / "runs" / name)}
-        print(f"[main_job] {commit[:12]} {name}: {seconds} s", file=sys.stderr, flush=True)
+        load = os.getloadavg()[0]
+        seconds, cpu = timed(["bash", "scripts/quickstart.sh", f"output_dir=runs/{name}"], clone, env, log)
+        out[name] = {"seconds": seconds, "cpu_seconds": cpu, "load_before": load, **run_figures(clone / "runs" / name)}
+        print(f"[main_job] {commit[:12]} {name}: {seconds} s wall, {cpu} s CPU", file=sys.stderr, flush=True)
     out["fresh_clone_seconds"] = round(out["setup_seconds"] + out["cold"]["seconds"], 1)
     return out
 
@@ -101,14 +109,16 @@ def main() -> None:
     results = {"machine": machine(), "runs": [measure(c, work) for c in commits]}
     print(f"machine: {results['machine']}")
     print(
-        "| commit | set-up | main job, empty cache | fresh clone total | train loop | eval | main job, warm | eval, warm |"  # noqa: E501
+        "| commit | set-up | main job, empty cache | fresh clone total | train loop | eval | main job, warm "
+        "| eval, warm | CPU s: set-up / cold / warm |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results["runs"]:
         cold, warm = r["cold"], r["warm"]
         print(
             f"| {r['commit'][:9]} | {r['setup_seconds']} s | {cold['seconds']} s | {r['fresh_clone_seconds']} s | "
-            f"{cold['train_seconds']} s | {cold['eval_seconds']} s | {warm['seconds']} s | {warm['eval_seconds']} s |"
+            f"{cold['train_seconds']} s | {cold['eval_seconds']} s | {warm['seconds']} s | {warm['eval_seconds']} s | "
+            f"{r['setup_cpu_seconds']} / {cold['cpu_seconds']} / {warm['cpu_seconds']} |"
         )
     for r in results["runs"]:
         for name in ("cold", "warm"):

@@ -97,6 +97,10 @@ METHODS: dict[str, list[str]] = {
     # behind the ε-DPO paper's headline comparison; ORPO at its paper's λ = 0.1 (the config's beta).
     "simpo": ["loss_type=simpo", "beta=2.5", "simpo_gamma=1.375", "precompute_ref_hidden_states=false"],
     "orpo": ["loss_type=orpo", "precompute_ref_hidden_states=false"],
+    # ORPO at λ 0.1 stayed within KL 0.6 of the reference with no gain in 64 steps (its NLL term, ~30× the value of
+    # the preference term, holds the policy to the reference's own chosen samples): the second point is λ 1.0, the
+    # upper part of the grid the SimPO paper searched for ORPO (0.1–2.0)
+    "orpo_l1": ["loss_type=orpo", "beta=1.0", "precompute_ref_hidden_states=false"],
 }
 LABELS = {
     "dpo": "DPO",
@@ -108,6 +112,7 @@ LABELS = {
     "tr_dpo": "TR-DPO",
     "simpo": "SimPO (β 2.5, γ/β 0.55)",
     "orpo": "ORPO (λ 0.1)",
+    "orpo_l1": "ORPO (λ 1.0)",
 }
 #: matched-KL comparisons: (method, against) at these KL values (nats), where both trajectories reach them
 COMPARISONS = (
@@ -121,6 +126,8 @@ COMPARISONS = (
     ("dpo", "simpo"),
     ("eps", "orpo"),
     ("dpo", "orpo"),
+    ("eps", "orpo_l1"),
+    ("dpo", "orpo_l1"),
 )
 MATCHED_KL = (2.0, 4.0, 8.0, 12.0)
 
