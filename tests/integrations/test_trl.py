@@ -197,6 +197,7 @@ def test_trl_path_matches_epsdpo_train_decisions_losses_and_beta(tmp_path, smoll
         f"gradient_accumulation_steps={accumulation}",
         "warmup_ratio=0",
         f"decision_tolerance={tolerance}",
+        "prefix_sharing=false",  # the TRL drop-in scores two rows per pair: the same arithmetic, bit for bit
     )
     recorder = Recorder(monkeypatch)
     result = train(cfg)
