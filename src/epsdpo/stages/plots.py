@@ -28,8 +28,17 @@ from typing import Any
 
 from epsdpo.files import read_jsonl
 from epsdpo.rundir import read_eval, read_iterate_summary, read_metrics_file
+from epsdpo.stats import smoothing_window, trailing_mean
 
-__all__ = ["plot_iterate", "plot_reward_vs_kl", "plot_training", "read_eval", "read_metrics_file"]
+__all__ = [
+    "plot_iterate",
+    "plot_reward_vs_kl",
+    "plot_training",
+    "read_eval",
+    "read_metrics_file",
+    "smoothing_window",
+    "trailing_mean",
+]
 
 PLOTS_DIR = "plots"
 
@@ -56,25 +65,6 @@ def _integer_steps(ax: Any) -> None:
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-
-
-def smoothing_window(n: int) -> int:
-    """How many logged points the training curves average: an eighth of the run, at least 1 (4 of a 32-step run)."""
-    return max(1, n // 8)
-
-
-def trailing_mean(values: Sequence[float], window: int) -> list[float]:
-    """Each value replaced by the mean of it and the ``window - 1`` before it (fewer at the start): a curve that
-    only looks back, so its last point is the mean over the run's last ``window`` logged steps."""
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    out, total = [], 0.0
-    for i, value in enumerate(values):
-        total += value
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
-    return out
 
 
 def plot_training(run_dir: str | Path) -> list[Path]:
