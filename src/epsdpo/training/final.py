@@ -346,7 +346,7 @@ def _time_lines(record: dict[str, Any], evaluation: dict[str, Any] | None) -> li
         "saving": "writing `final/`: weights, tokenizer (and `merged/`)",
     }
     rows = [
-        f"| {name.replace('_', ' ')} | {_duration(float(parts[name]))} | {what} |"
+        f"| {name.replace('_', ' ').replace('held out', 'held-out')} | {_duration(float(parts[name]))} | {what} |"
         for name, what in meaning.items()
         if isinstance(parts.get(name), int | float)
     ]
