@@ -251,8 +251,8 @@ def _held_out_lines(cfg: RunConfig, record: dict[str, Any], evaluation: dict[str
     return [
         "## Held-out pairs after the last step",
         "",
-        f"The final policy on {count} held-out pairs (none of them trained on); each figure ± its standard error "
-        "over pairs (the accuracy's a binomial one).",
+        f"The final policy on {count} held-out pairs (`eval_dataset`); each figure ± its standard error over pairs "
+        "(the accuracy's a binomial one).",
         "",
         "| metric | value ± s.e. |",
         "|---|---|",
