@@ -192,7 +192,8 @@ def finished_run(cfg: RunConfig) -> TrainResult | None:
     last = {
         k: v
         for k, v in recorded.items()
-        if isinstance(v, int | float) and k not in ("step", "beta", "train_seconds", "window", "first_step")
+        if isinstance(v, int | float)
+        and k not in ("step", "beta", "train_seconds", "window", "first_step", "last_step")
     }
     step, beta, seconds = metrics.get("step", 0), metrics.get("beta", cfg.loss.beta), metrics.get("train_seconds", 0)
     logger.info("%s holds this run, finished after %d steps: nothing to train; final/ is left as it is", out, step)
