@@ -612,8 +612,15 @@ def test_a_run_scores_its_held_out_pairs_once_and_reports_one_figure(tmp_path, m
     assert evaluation["preference_accuracy"] == final["eval/rewards/accuracies"]
     assert evaluation["reward_margin"] == pytest.approx(final["eval/rewards/margins"], rel=1e-5, abs=1e-7)
     assert evaluation["beta"] == final["beta"] == result.beta
+    # and the same standard errors (over pairs; the accuracy's binomial), given in the card with the figures
+    assert evaluation["preference_accuracy_se"] == pytest.approx(final["eval/rewards/accuracies_se"], rel=1e-6)
+    assert evaluation["reward_margin_se"] == pytest.approx(final["eval/rewards/margins_se"], rel=1e-4, abs=1e-7)
     card = (run / "final" / "README.md").read_text(encoding="utf-8")
-    assert f"(`eval/rewards/margins`) | {final['eval/rewards/margins']:.4g} |" in card
+    margin = f"{final['eval/rewards/margins']:.4g} ± {final['eval/rewards/margins_se']:.2g}"
+    assert f"(`eval/rewards/margins`) | {margin} |" in card
+    assert f"(`preference_accuracy`) | {evaluation['preference_accuracy']:.4g} ± " in card
+    assert f"| {pairs} pairs |" in card and "one scoring of the same pairs" in card
+    assert "| evaluation |" in card and "| held-out pass |" in card
     # scored again, apart, by the evaluation itself: the same figures (to float32 rounding)
     apart = ev.evaluate(run, ["num_prompts=2", "max_new_tokens=4", "batch_size=4", "disable_tqdm=true", "name=apart"])
     assert [d for d in scored if d and "held-out pairs (policy)" in d]

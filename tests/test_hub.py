@@ -70,7 +70,12 @@ def test_the_card_carries_the_metadata_the_hub_reads(tmp_path):
     cfg = load_run_config(
         None, ["use_lora=true", "dataset=trl-lib/ultrafeedback_binarized", "hub_model_id=someone/tiny-epsdpo"]
     )
-    text = model_card(cfg, {"loss": 0.3}, 32, 0.09, 60.0, {"kept": 10, "rows": 12}, EVALUATION)
+    record = {
+        "step": 32,
+        "beta": 0.09,
+        "train_mean_last_steps": {"window": 4, "first_step": 29, "last_step": 32, "loss": 0.3},
+    }
+    text = model_card(cfg, record, {"kept": 10, "rows": 12}, EVALUATION)
     (tmp_path / "README.md").write_text(text)
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"  # the alias's model on the Hub
@@ -93,7 +98,7 @@ def test_the_card_carries_the_metadata_the_hub_reads(tmp_path):
 
 def test_a_card_without_evaluation_has_no_model_index_and_full_models_are_transformers(tmp_path):
     cfg = load_run_config(None, ["loss_type=dpo", "dataset=data/pairs.jsonl"])
-    (tmp_path / "README.md").write_text(model_card(cfg, {}, 3, 0.1, 1.0, {}))
+    (tmp_path / "README.md").write_text(model_card(cfg, {"step": 3, "beta": 0.1}, {}))
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.eval_results is None and card.data.library_name == "transformers"
     assert card.data.datasets is None  # a local file is no Hub dataset

@@ -132,7 +132,52 @@ def test_cli_writes_per_run_plots_and_the_frontier_beside_the_runs(tmp_path, cap
     assert f"{a} is left out" not in printed
     for run in (a, b):
         assert is_png(run / "plots" / "training_curves.png") and is_png(run / "plots" / "beta.png")
+    assert is_png(tmp_path / "runs" / "training_curves_compared.png")  # both runs' curves together
+    assert f"written: {tmp_path / 'runs' / 'training_curves_compared.png'}" in printed
     assert cli_main(["plot", str(a), "--out", str(tmp_path / "figs")]) == 0
     assert is_png(tmp_path / "figs" / "reward_vs_kl.png")
     assert cli_main(["plot", str(tmp_path / "missing")]) == 1
     assert "is not a directory" in capsys.readouterr().out
+
+
+def test_training_curves_of_several_runs_on_shared_axes(tmp_path, monkeypatch):
+    """Each run in its own colour on every panel both runs logged, named in the legend: its smoothed curve (the
+    trailing mean over its own window), its raw values faint, its held-out points."""
+    from matplotlib.figure import Figure
+
+    from epsdpo.stages.plots import plot_training_comparison
+
+    a = write_run(tmp_path / "x" / "seed0")
+    b = write_run(tmp_path / "y" / "seed0", epsilon_dpo=False, held_out=False)
+    drawn: list[Figure] = []
+    real_savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *args, **kw: drawn.append(fig) or real_savefig(fig, *args, **kw))
+    path = plot_training_comparison([a, b], tmp_path / "out")
+    assert path == tmp_path / "out" / "training_curves_compared.png" and is_png(path)
+    axes = drawn[0].axes
+    assert [ax.get_title() for ax in axes] == ["loss", "preference accuracy", "reward margin", "β (KL penalty)"]
+    loss = axes[0]
+    legend = [t.get_text() for t in loss.get_legend().get_texts()]
+    assert legend == ["x/seed0 (mean of 2 steps)", "y/seed0 (mean of 2 steps)"]  # same names: told apart
+    solid = [line for line in loss.get_lines() if line.get_label().startswith(("x/", "y/"))]
+    assert {line.get_color() for line in solid} == {"C0", "C1"}
+    losses = [0.69 - 0.02 * s for s in range(1, 21)]  # write_run's loss per step; 20 steps → window 2
+    assert list(solid[0].get_ydata()) == pytest.approx(trailing_mean(losses, 2))
+    faint = [line for line in loss.get_lines() if line.get_alpha() == 0.25]
+    assert len(faint) == 2 and list(faint[0].get_ydata()) == pytest.approx(losses)
+    # run a's two held-out points (run b has none), in its colour
+    points = [c for c in loss.containers if hasattr(c, "lines")]
+    assert len(points) == 1 and list(points[0].lines[0].get_ydata()) == pytest.approx([0.6, 0.5])
+    # a curve one run lacks is left out (said in the title); none in common is an error
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 0.7}) + "\n")
+    drawn.clear()
+    plot_training_comparison([a, bare], tmp_path / "two.png")
+    assert [ax.get_title() for ax in drawn[0].axes] == ["loss"]
+    assert "not logged by every run: rewards/accuracies, rewards/margins, kl/beta" in drawn[0]._suptitle.get_text()
+    (bare / "metrics.jsonl").write_text(json.dumps({"step": 1, "grad_norm": 0.7}) + "\n")
+    with pytest.raises(ValueError, match="no training curve in common"):
+        plot_training_comparison([a, bare], tmp_path)
+    with pytest.raises(ValueError, match="at least two"):
+        plot_training_comparison([a], tmp_path)

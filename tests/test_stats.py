@@ -77,3 +77,32 @@ def test_t_interval_of_three_seeds_by_hand():
     assert hi - lo > 2 * 1.96 * math.sqrt(0.0007 / 3) * 2  # more than twice as wide as the normal interval
     with pytest.raises(ValueError, match="at least 2 values"):
         t_interval95([0.1])
+
+
+def test_estimate_from_sums_is_the_estimate_of_the_values():
+    from epsdpo.stats import estimate_from_sums
+
+    # 1, 2, 4, 5: n 4, Σx 12, Σx² 46 → mean 3, sample variance (46 − 144/4) / 3 = 10/3, se √(10/12) (as above)
+    est = estimate_from_sums(4, 12.0, 46.0)
+    assert est.mean == 3.0 and est.n == 4 and est.se == pytest.approx(math.sqrt(10 / 12))
+    # a preference accuracy: 3 of 4 pairs right (0/1 values, Σx² = Σx = 3): p = 0.75, binomial se
+    # √(p (1 − p) / (n − 1)) = √(0.1875 / 3) = 0.25, the se of estimate([1, 1, 1, 0])
+    acc = estimate_from_sums(4, 3.0, 3.0)
+    assert acc.mean == 0.75 and acc.se == pytest.approx(0.25)
+    assert acc.se == pytest.approx(estimate([1.0, 1.0, 1.0, 0.0]).se)
+    assert estimate_from_sums(1, 0.4, 0.16) == estimate([0.4])
+    assert estimate_from_sums(3, 3.0, 3.0 - 1e-15).se == 0.0  # rounding below zero variance: floored
+    with pytest.raises(ValueError):
+        estimate_from_sums(0, 0.0, 0.0)
+
+
+def test_the_last_steps_mean_is_the_smoothed_curves_last_point():
+    from epsdpo.stats import last_mean, smoothing_window, trailing_mean
+
+    losses = [0.69, 0.5, 1.12, 0.4, 0.3, 0.9, 0.2, 1.12]
+    # the last 4: 0.3, 0.9, 0.2, 1.12 → 2.52 / 4 = 0.63
+    assert last_mean(losses, 4) == pytest.approx(0.63) == trailing_mean(losses, 4)[-1]
+    assert last_mean([2.0, 4.0], 5) == 3.0
+    assert smoothing_window(32) == 4 and smoothing_window(3) == 1
+    with pytest.raises(ValueError):
+        last_mean([], 1)

@@ -229,10 +229,30 @@ def load_causal_lm(name_or_path: str, trust_remote_code: bool = False) -> nn.Mod
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name_or_path)
+    base = adapter_base(path)
+    if base is not None:  # a LoRA adapter (a run's final/): its base, from the built-in copy when it is one
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(load_causal_lm(base, trust_remote_code), path).merge_and_unload()
     with _explained_load_errors(path):
         return AutoModelForCausalLM.from_pretrained(
             path, trust_remote_code=trust_remote_code, dtype=torch.float32, use_safetensors=None
         )
+
+
+def adapter_base(path: str | Path) -> str | None:
+    """The base model of the LoRA adapter in directory ``path`` (None when it holds no adapter): its
+    ``base_model_name_or_path``, or the built-in alias whose source model that Hub id is, so that an adapter saved
+    with its base's Hub id (what a run's ``final/`` records) loads offline from the built-in copy."""
+    config = Path(path) / "adapter_config.json"
+    if not config.is_file():
+        return None
+    base = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not base:
+        raise ModelNotFoundError(
+            f"{config} names no base model (base_model_name_or_path); set it to the base's Hub id or path"
+        )
+    return next((alias for alias, b in BUILTIN_MODELS.items() if b.hub_id == base), str(base))
 
 
 def check_model_config(model_config: dict[str, Any]) -> None:

@@ -11,6 +11,11 @@ values over the n prompts, ``se = sd / √n`` with the sample standard deviation
   samples per prompt and model every one of the k × k (policy, reference) comparisons of a prompt is a comparison of
   two independent draws; the prompt's value is their mean.
 - :func:`distinct_n`: distinct-n of a set of responses (Li et al. 2016): unique word n-grams / all word n-grams.
+- :func:`estimate_from_sums`: the same mean and standard error when only the values' count, sum and sum of squares
+  are known (a held-out pass split over processes reduces those); for 0/1 values (a preference accuracy over
+  pairs) it is the binomial standard error √(p (1 − p) / (n − 1)).
+- :func:`smoothing_window`, :func:`trailing_mean`, :func:`last_mean`: the one window over which a run's noisy
+  per-step training figures are averaged, for its plotted curves and for the figures it reports at the end.
 """
 
 from __future__ import annotations
@@ -23,11 +28,15 @@ __all__ = [
     "Estimate",
     "distinct_n",
     "estimate",
+    "estimate_from_sums",
     "grouped",
+    "last_mean",
     "one_token_repeated",
     "paired_gain",
+    "smoothing_window",
     "t95",
     "t_interval95",
+    "trailing_mean",
     "win_rate",
 ]
 
@@ -118,6 +127,51 @@ def estimate(values: Sequence[float]) -> Estimate:
         return Estimate(mean, 0.0, 1)
     var = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
     return Estimate(mean, math.sqrt(var / n), n)
+
+
+def estimate_from_sums(n: float, total: float, total_of_squares: float) -> Estimate:
+    """Mean and standard error of ``n`` values given by their sum and sum of squares: the figures
+    :func:`estimate` gives for the values themselves (sample variance (Σx² − (Σx)²/n) / (n − 1), floored at 0
+    against rounding). For 0/1 values Σx² = Σx, and the s.e. is the binomial √(p (1 − p) / (n − 1))."""
+    count = round(n)
+    if count < 1:
+        raise ValueError("no values to average")
+    mean = total / count
+    if count == 1:
+        return Estimate(mean, 0.0, 1)
+    var = max(0.0, (total_of_squares - total * mean) / (count - 1))
+    return Estimate(mean, math.sqrt(var / count), count)
+
+
+def smoothing_window(n: int) -> int:
+    """How many of a run's ``n`` logged training steps its smoothed curves and end-of-run training figures average:
+    an eighth of the run, at least 1 (4 of a 32-step run). One step's figures are means over its few pairs (8 in
+    the default run), too noisy to stand for the run's end on their own."""
+    return max(1, n // 8)
+
+
+def trailing_mean(values: Sequence[float], window: int) -> list[float]:
+    """Each value replaced by the mean of it and the ``window - 1`` before it (fewer at the start): a curve that
+    only looks back, so its last point is the mean over the run's last ``window`` logged steps (:func:`last_mean`)."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def last_mean(values: Sequence[float], window: int) -> float:
+    """The mean of the last ``window`` values (all of them when there are fewer): the smoothed curve's last point."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if not values:
+        raise ValueError("no values to average")
+    tail = values[-window:]
+    return math.fsum(tail) / len(tail)
 
 
 def grouped(values: Sequence[float], k: int) -> list[float]:

@@ -142,7 +142,9 @@ def test_a_longer_max_steps_continues_a_finished_run_when_allowed(run, capsys):
     records = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     final = json.loads((run / "final" / "final_metrics.json").read_text())
-    assert final["step"] == 6 and final["loss"] == records[-1]["loss"] and final["train_seconds"] > 0
+    # six logged steps: the training figures' window is 1 step (smoothing_window), the last one
+    assert final["step"] == 6 and final["train_mean_last_steps"]["loss"] == records[-1]["loss"]
+    assert final["train_seconds"] > 0 and final["train_mean_last_steps"]["window"] == 1
     assert "max_steps: 6" in (run / "config.yaml").read_text()
 
 
@@ -155,7 +157,7 @@ def test_rerunning_a_finished_run_with_auto_resume_keeps_its_results(run, capsys
     code, printed = train_cli(capsys, run, "resume_from_checkpoint=auto")
     assert code == 0 and "already done (nothing left to train" in printed and "after 4 steps" in printed, printed
     assert f"β after training = {final['beta']:.6g}" in printed and snapshot(run) == before
-    assert {"loss", "rewards/margins", "train_seconds"} <= set(final) and final["train_seconds"] > 0
+    assert {"loss", "rewards/margins"} <= set(final["train_mean_last_steps"]) and final["train_seconds"] > 0
 
 
 @pytest.mark.slow

@@ -220,7 +220,7 @@ def test_a_full_disk_while_saving_the_final_model_leaves_no_partial(tmp_path):
 
     final = tmp_path / "run" / "final"
     with pytest.raises(DiskFullError, match=rf"disk full: writing the final model into {final.parent} failed"):
-        save_final_model(Model(), None, final, cfg, {}, 1, 0.1, 1.0, {})
+        save_final_model(Model(), None, final, cfg, {"step": 1, "beta": 0.1}, {})
     assert not final.exists() and not final.with_name("final.partial").exists()
 
 

@@ -374,7 +374,14 @@ def test_eval_metrics_and_tensorboard(tmp_path):
     for r in evals:
         assert {"eval/rewards/accuracies", "eval/rewards/margins", "eval/kl/steps_weaker"} <= set(r)
         assert not any(k.startswith("rewards/") for k in r)  # eval records carry only eval/ keys
+        # each ± its standard error over the held-out pairs; the accuracy's the binomial one
+        p, n = r["eval/rewards/accuracies"], r["eval/pairs"]
+        assert r["eval/rewards/accuracies_se"] == pytest.approx(math.sqrt(p * (1 - p) / (n - 1)))
+        assert r["eval/loss_se"] > 0 and r["eval/rewards/margins_se"] > 0
     assert evals[-1]["eval/loss"] < evals[0]["eval/loss"] < math.log(2)  # held-out loss falls as training goes
-    assert "eval/loss" in (result.final_model_dir / "final_metrics.json").read_text()
+    final = json.loads((result.final_model_dir / "final_metrics.json").read_text())
+    assert {k: v for k, v in final.items() if k.startswith("eval/")} == {
+        k: v for k, v in evals[-1].items() if k != "step"
+    }
     events = list((result.output_dir).rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0

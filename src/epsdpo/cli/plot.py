@@ -1,8 +1,10 @@
 """``epsdpo plot RUN_DIR [RUN_DIR …] [--out DIR]``: training curves, β trajectory and reward-vs-KL PNGs.
 
-Per run with ``metrics.jsonl``: ``RUN_DIR/plots/training_curves.png`` and ``RUN_DIR/plots/beta.png``. For the runs
-with an ``eval.json`` (from ``epsdpo eval``): ``reward_vs_kl.png`` in ``--out``, by default ``RUN_DIR/plots/`` for
-a single run and the first run's parent directory (e.g. ``runs/``) for several. Directories of ``epsdpo iterate``
+Per run with ``metrics.jsonl``: ``RUN_DIR/plots/training_curves.png`` and ``RUN_DIR/plots/beta.png``; with several
+such runs also ``training_curves_compared.png``: their smoothed loss, accuracy, margin and β (the curves every run
+logged) on shared axes, one colour per run. For the runs with an ``eval.json`` (from ``epsdpo eval``):
+``reward_vs_kl.png``. Both go to ``--out``, by default ``RUN_DIR/plots/`` for a single run and the first run's parent
+directory (e.g. ``runs/``) for several. Directories of ``epsdpo iterate``
 (with ``iterate.yaml``) give ``iterate.png`` instead: gain, KL and win rate against the original model per round,
 all of them in one figure. Exit status: 0 done, 1 a missing or unreadable file.
 """
@@ -21,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out",
         type=Path,
         default=None,
-        help="where reward_vs_kl.png goes (default: RUN_DIR/plots for one run, else the first run's parent directory)",
+        help="where reward_vs_kl.png and training_curves_compared.png go (default: RUN_DIR/plots for one run, else "
+        "the first run's parent directory)",
     )
 
 
@@ -40,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
             return 1
         print(f"written: {plot_iterate(iterated, args.out)}")
         return 0
+    out = args.out or (runs[0] / PLOTS_DIR if len(runs) == 1 else runs[0].resolve().parent)
     try:
         for run_dir in runs:
             if not run_dir.is_dir():
@@ -48,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
                 written.extend(plot_training(run_dir))
             else:
                 print(f"note: {run_dir} has no metrics.jsonl; no training curves for it")
+        written.extend(_compare_training(runs, out))
         evaluated = [r for r in runs if (r / "eval.json").is_file()]
         for run_dir in runs:
             if run_dir not in evaluated:
@@ -56,7 +61,6 @@ def run(args: argparse.Namespace) -> int:
                     f"`epsdpo eval {run_dir}`)"
                 )
         if evaluated:
-            out = args.out or (runs[0] / PLOTS_DIR if len(runs) == 1 else runs[0].resolve().parent)
             written.append(plot_reward_vs_kl(evaluated, out))
         else:
             print("note: no run has an eval.json, so there is no reward-vs-KL plot")
@@ -66,3 +70,13 @@ def run(args: argparse.Namespace) -> int:
     for path in written:
         print(f"written: {path}")
     return 0
+
+
+def _compare_training(runs: list[Path], out: Path) -> list[Path]:
+    """``training_curves_compared.png`` of the runs with a ``metrics.jsonl``, when there are two or more."""
+    from epsdpo.stages.plots import plot_training_comparison
+
+    logged = [r for r in runs if (r / "metrics.jsonl").is_file()]
+    if len(logged) < 2:
+        return []
+    return [plot_training_comparison(logged, out)]

@@ -25,14 +25,12 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from epsdpo.errors import UserError
-from epsdpo.models import hub_model_name
 from epsdpo.rundir import read_eval
 from epsdpo.stages.plots import PLOTS_DIR
 from epsdpo.training.config import RunConfig
-from epsdpo.training.final import ModelKind, final_kind, write_model_card
+from epsdpo.training.final import ModelKind, final_kind, name_adapter_base, write_model_card
 
 __all__ = ["HubError", "PushResult", "check_can_push", "push_run", "staged_upload"]
 
@@ -124,14 +122,9 @@ def staged_upload(run: Path, cfg: RunConfig) -> Iterator[tuple[Path, ModelKind]]
 
 
 def _name_base_on_the_hub(adapter_config: Path, cfg: RunConfig) -> None:
-    """An adapter's base named by its Hub id (a built-in alias's source model), not by a path on this machine."""
-    hub_id = None if cfg.models.model_config is not None else hub_model_name(cfg.models.model)
-    if hub_id is None:
-        return
-    config: dict[str, Any] = json.loads(adapter_config.read_text(encoding="utf-8"))
-    config["base_model_name_or_path"] = hub_id
-    adapter_config.unlink()  # a hard link: the run's own file is left as it is
-    adapter_config.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    """An adapter's base named by its Hub id, not by a path on this machine (a run saved before ``final/`` recorded
+    it so): the staged copy is replaced, the run's own file (a hard link to it) is left as it is."""
+    name_adapter_base(adapter_config, cfg)
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:

@@ -33,14 +33,14 @@ from epsdpo.logps.heads import frozen_head_copy, fused_head_matches, output_head
 from epsdpo.machine import cpu_has_native_bf16
 from epsdpo.models import cache_dir, initial_policy_identity, load_tokenizer, reference_identity
 from epsdpo.recipes.hub import check_can_push, push_run
-from epsdpo.rundir import is_train_run, publish_evaluation, read_eval
+from epsdpo.rundir import is_train_run, publish_evaluation, read_eval, read_metrics_file
 from epsdpo.runlock import claim_run_dir, run_dir_lock
 from epsdpo.stages.evaluate import evaluate, format_table
 from epsdpo.stages.plots import PLOTS_DIR, plot_reward_vs_kl, plot_training
 from epsdpo.stages.select import select_for_config
 from epsdpo.training.checkpoint import CheckpointError, check_checkpoint, checkpoint_dirs, resolve_resume
 from epsdpo.training.config import RunConfig, load_run_config, resume_changes, tokenizer_name
-from epsdpo.training.final import save_final_model, write_model_card
+from epsdpo.training.final import TRAIN_MEANS, final_record, save_final_model, write_model_card
 from epsdpo.training.loop import Trainer, TrainingError, TrainResult
 from epsdpo.training.plan import (
     CachedReference,
@@ -186,7 +186,15 @@ def finished_run(cfg: RunConfig) -> TrainResult | None:
     if recorded is not None and resume_changes(recorded, cfg):
         return None  # allowed changes: continue from the newest checkpoint
     metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
-    last = {k: v for k, v in metrics.items() if k not in ("step", "beta", "train_seconds")}
+    # the held-out figures and the training figures' means over the last steps (final_record), flat
+    means = metrics.get(TRAIN_MEANS) if isinstance(metrics.get(TRAIN_MEANS), dict) else {}
+    recorded = {**means, **metrics}
+    last = {
+        k: v
+        for k, v in recorded.items()
+        if isinstance(v, int | float)
+        and k not in ("step", "beta", "train_seconds", "window", "first_step", "last_step")
+    }
     step, beta, seconds = metrics.get("step", 0), metrics.get("beta", cfg.loss.beta), metrics.get("train_seconds", 0)
     logger.info("%s holds this run, finished after %d steps: nothing to train; final/ is left as it is", out, step)
     return TrainResult(out, out / "final", step, beta, last, seconds=seconds, already_finished=True)
@@ -421,17 +429,18 @@ def _save_final(run: PreparedRun, result: TrainResult) -> Path:
     # Under FSDP/DeepSpeed every process takes part in gathering the full weights; rank 0 writes them.
     state_dict = acc.get_state_dict(trainer.model) if trainer.plan.sharded else None
     if acc.is_main_process:
-        save_final_model(
-            trainer.unwrapped,
-            run.tokenizer,
-            final,
-            trainer.cfg,
-            result.last_metrics,
+        logged = (trainer.output_dir / "metrics.jsonl").is_file()
+        records = read_metrics_file(trainer.output_dir)[0] if logged else []
+        record = final_record(
             result.global_step,
             result.beta,
+            [r for r in records if r.get("step", 0) <= result.global_step],
+            result.last_metrics,
             result.seconds,
-            run.data_report.to_dict(),
-            state_dict=state_dict,
+            result.held_out_seconds,
+        )
+        save_final_model(
+            trainer.unwrapped, run.tokenizer, final, trainer.cfg, record, run.data_report.to_dict(), state_dict
         )
     acc.wait_for_everyone()
     return final

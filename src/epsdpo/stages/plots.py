@@ -8,6 +8,8 @@
   has a constant β).
 - with ``decisions.jsonl`` (``decision_records=true``), also ``RUN_DIR/plots/decisions.png``: the shares of
   s = +1 / 0 / −1 against the pair's DPO margin (margin deciles over the whole run) and over training.
+- :func:`plot_training_comparison` compares several runs' training curves (loss, accuracy, margin, β) on shared
+  axes, one colour per run: ``training_curves_compared.png``.
 - :func:`plot_reward_vs_kl` reads ``eval.json`` of several runs (``epsdpo eval``) and writes ``reward_vs_kl.png``:
   mean gold reward of sampled responses against the estimated KL(π‖π_ref), both ± one standard error (over prompts,
   :mod:`epsdpo.stats`), one labelled marker per run and each distinct reference model at KL 0 with its own standard
@@ -28,8 +30,18 @@ from typing import Any
 
 from epsdpo.files import read_jsonl
 from epsdpo.rundir import read_eval, read_iterate_summary, read_metrics_file
+from epsdpo.stats import smoothing_window, trailing_mean
 
-__all__ = ["plot_iterate", "plot_reward_vs_kl", "plot_training", "read_eval", "read_metrics_file"]
+__all__ = [
+    "plot_iterate",
+    "plot_reward_vs_kl",
+    "plot_training",
+    "plot_training_comparison",
+    "read_eval",
+    "read_metrics_file",
+    "smoothing_window",
+    "trailing_mean",
+]
 
 PLOTS_DIR = "plots"
 
@@ -56,25 +68,6 @@ def _integer_steps(ax: Any) -> None:
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-
-
-def smoothing_window(n: int) -> int:
-    """How many logged points the training curves average: an eighth of the run, at least 1 (4 of a 32-step run)."""
-    return max(1, n // 8)
-
-
-def trailing_mean(values: Sequence[float], window: int) -> list[float]:
-    """Each value replaced by the mean of it and the ``window - 1`` before it (fewer at the start): a curve that
-    only looks back, so its last point is the mean over the run's last ``window`` logged steps."""
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    out, total = [], 0.0
-    for i, value in enumerate(values):
-        total += value
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
-    return out
 
 
 def plot_training(run_dir: str | Path) -> list[Path]:
@@ -131,6 +124,99 @@ def plot_training(run_dir: str | Path) -> list[Path]:
     if (run / "decisions.jsonl").is_file():
         written.append(plot_decisions(run / "decisions.jsonl", out / "decisions.png", name))
     return written
+
+
+#: the training curves :func:`plot_training_comparison` compares across runs, each with its panel's title; β is
+#: drawn as logged (it is not noisy), the others smoothed as in each run's own plot
+COMPARED_CURVES = (
+    ("loss", "loss"),
+    ("rewards/accuracies", "preference accuracy"),
+    ("rewards/margins", "reward margin"),
+    ("kl/beta", "β (KL penalty)"),
+)
+
+#: the file :func:`plot_training_comparison` writes
+COMPARISON_PNG = "training_curves_compared.png"
+
+
+def run_labels(run_dirs: Sequence[str | Path]) -> list[str]:
+    """A short, distinct name per run: its directory's name, or its last two path parts where names repeat
+    (``a/seed0`` and ``b/seed0``)."""
+    paths = [Path(r).resolve() for r in run_dirs]
+    names = [p.name for p in paths]
+    return [f"{p.parent.name}/{p.name}" if names.count(p.name) > 1 else p.name for p in paths]
+
+
+def plot_training_comparison(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
+    """``training_curves_compared.png`` (in the directory ``out``, or the ``.png`` path ``out``): several runs'
+    training curves on shared axes, one colour per run, named in the legend. One panel per curve of
+    :data:`COMPARED_CURVES` that every run logged (a curve some run lacks is left out, with a note in the title):
+    each run's trailing mean over its own :func:`~epsdpo.stats.smoothing_window` solid, its raw per-step values
+    faint, its held-out points (± s.e. where recorded) as markers in its colour; β as logged."""
+    if len(run_dirs) < 2:
+        raise ValueError("compare at least two run directories")
+    plt = _pyplot()
+    labels = run_labels(run_dirs)
+    runs = [read_metrics_file(r) for r in run_dirs]
+    has = [{k for record in records for k in record} for records, _ in runs]
+    panels = [(key, title) for key, title in COMPARED_CURVES if all(key in keys for keys in has)]
+    shown = {key for key, _ in panels}
+    missing = [key for key, _ in COMPARED_CURVES if key not in shown and any(key in keys for keys in has)]
+    if not panels:
+        raise ValueError(
+            f"the runs {', '.join(labels)} have no training curve in common "
+            f"({', '.join(k for k, _ in COMPARED_CURVES)})"
+        )
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.9), constrained_layout=True, squeeze=False)
+    for i, (label, (records, held_out)) in enumerate(zip(labels, runs, strict=True)):
+        colour = f"C{i % 10}"
+        window = smoothing_window(len(records))
+        for ax, (key, _) in zip(axes[0], panels, strict=True):
+            steps, values = _series(records, key)
+            if key == "kl/beta" or window == 1:
+                ax.plot(steps, values, color=colour, linewidth=1.5, label=label)
+            else:
+                ax.plot(steps, values, color=colour, linewidth=0.7, alpha=0.25)
+                ax.plot(
+                    steps,
+                    trailing_mean(values, window),
+                    color=colour,
+                    linewidth=1.6,
+                    label=f"{label} (mean of {window} steps)",
+                )
+            eval_steps, eval_values = _series(held_out, f"eval/{key}")
+            if eval_steps:
+                errors = [r.get(f"eval/{key}_se") for r in held_out if isinstance(r.get(f"eval/{key}"), int | float)]
+                ax.errorbar(
+                    eval_steps,
+                    eval_values,
+                    yerr=errors if all(isinstance(e, int | float) for e in errors) else None,
+                    fmt="o",
+                    color=colour,
+                    markersize=5,
+                    markeredgecolor="black",
+                    markeredgewidth=0.6,
+                    capsize=3,
+                )
+    for ax, (key, title) in zip(axes[0], panels, strict=True):
+        if key == "rewards/accuracies":
+            ax.set_ylim(-0.02, 1.02)
+        ax.set(title=title, xlabel="optimizer step", ylabel=title)
+        ax.grid(alpha=0.3)
+        _integer_steps(ax)
+    axes[0][0].legend(loc="best", fontsize=8)
+    note = f"; not logged by every run: {', '.join(missing)}" if missing else ""
+    fig.suptitle(
+        "training curves compared (solid: trailing mean; faint: each logging step; dots: held-out pairs ± s.e.)" + note,
+        fontsize=10,
+    )
+    target = Path(out)
+    if target.suffix.lower() != ".png":
+        target = target / COMPARISON_PNG
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+    return target
 
 
 def read_decisions(path: str | Path) -> list[dict[str, Any]]:

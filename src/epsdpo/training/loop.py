@@ -60,9 +60,11 @@ from epsdpo.training.checkpoint import (
 )
 from epsdpo.training.config import RunConfig
 from epsdpo.training.metrics import (
+    SQUARE_SUMS,
     DecisionRecords,
     MetricsWriter,
     add_sums,
+    held_out_figures,
     load_beta_schedule,
     pair_means,
     read_metrics,
@@ -74,6 +76,7 @@ from epsdpo.training.pair_loss import (
     decision_table,
     dpo_margins,
     pair_metric_sums,
+    pair_square_sums,
 )
 from epsdpo.training.plan import ReferenceSource, RunPlan
 from epsdpo.training.policy import PolicyAndReference
@@ -111,10 +114,11 @@ class TrainResult:
     interrupted: bool = False
     eval_metrics: dict[str, Any] | None = None
     plots: list[Path] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # the loop's wall time (steps, periodic held-out passes, checkpoints; every invocation)
     already_finished: bool = False  # a finished run asked to resume: nothing was trained or written
     held_out: PairScores | None = None  # the end-of-training held-out pass's log-probs, for the run's evaluation
     pushed: Any = None  # where push_to_hub uploaded the run (epsdpo.recipes.hub.PushResult), if it did
+    held_out_seconds: float = 0.0  # the wall time of the held-out pass after the last step (not in ``seconds``)
 
 
 class _StopFlag:
@@ -467,7 +471,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, keep_scores: bool = False) -> dict[str, float]:
-        """Held-out loss, rewards and accuracy (the controller is not moved).
+        """Held-out loss, rewards and accuracy, the loss, margin and accuracy each with its standard error over
+        pairs (``eval/KEY_se``, :func:`~epsdpo.training.metrics.held_out_figures`); the controller is not moved.
 
         ε-DPO's held-out loss is its loss at β̃ = β / (1 + ε s) per pair, as in training; its held-out rewards
         (``eval/rewards/*``) are the implicit reward r̂ = β (log π − log π_ref) at the step's β, the one β of the
@@ -507,6 +512,7 @@ class Trainer:
                 loss = result.loss._replace(chosen_rewards=rewards[:b], rejected_rewards=rewards[b:])
                 result = replace(result, loss=loss)
             add_sums(sums, pair_metric_sums(result))
+            add_sums(sums, pair_square_sums(result))  # for the figures' standard errors over pairs
             b = logps.policy.shape[0] // 2
             both = torch.stack([logps.policy.detach(), logps.reference], dim=1).float().cpu()  # (2B, 2)
             chosen.append(both[:b])
@@ -514,8 +520,7 @@ class Trainer:
         self.model.train()
         if keep_scores:  # one process only: with several, each scored a slice (and may hold none)
             self.held_out = self._pair_scores(chosen, rejected) if self.world == 1 else None
-        reduced = reduce_sums(sums, ("pairs", *self.plan.metric_keys))
-        return {**pair_means(reduced, prefix="eval/"), "eval/pairs": reduced["pairs"]}
+        return held_out_figures(reduce_sums(sums, ("pairs", *self.plan.metric_keys, *SQUARE_SUMS)))
 
     def _pair_scores(self, chosen: list[Tensor], rejected: list[Tensor]) -> PairScores:
         """The held-out pass's log-probs as :class:`PairScores` (per batch, (B, 2): the policy's and the reference's
@@ -585,6 +590,8 @@ class Trainer:
                     interrupted = True
                     break
         progress.close()
+        loop_seconds = self.seconds_before + time.perf_counter() - started
+        held_out_started = time.perf_counter()
         if not interrupted:
             eval_metrics = self.evaluate(keep_scores=True)
             if eval_metrics:
@@ -597,8 +604,9 @@ class Trainer:
             self.beta,
             last,
             interrupted,
-            seconds=self.seconds_before + time.perf_counter() - started,
+            seconds=loop_seconds,
             held_out=self.held_out,
+            held_out_seconds=time.perf_counter() - held_out_started if self.eval_pairs and not interrupted else 0.0,
         )
 
     def _logged_before(self) -> dict[str, float]:

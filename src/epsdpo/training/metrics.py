@@ -15,6 +15,7 @@ from torch import Tensor
 from epsdpo.distributed import gather_across_processes, sum_across_processes
 from epsdpo.errors import disk_full_guard
 from epsdpo.files import read_jsonl, read_jsonl_resumable
+from epsdpo.stats import estimate_from_sums, last_mean, smoothing_window
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,52 @@ def pair_means(sums: Mapping[str, float], prefix: str = "") -> dict[str, float]:
     if pairs <= 0:
         return {}
     return {f"{prefix}{k}": sums[k] / pairs for k in PER_PAIR if k in sums}
+
+
+#: the held-out figures reported ± a standard error over pairs (``eval/KEY_se``), each with the sum of squares
+#: its pass adds (:func:`epsdpo.training.pair_loss.pair_square_sums`); the accuracy's values are 0/1 (Σx² = Σx)
+WITH_SE = {"loss": "loss_sq", "rewards/margins": "rewards/margins_sq", "rewards/accuracies": "rewards/accuracies"}
+
+#: the sums of squares a held-out pass reduces besides its sums
+SQUARE_SUMS = ("loss_sq", "rewards/margins_sq")
+
+
+def held_out_figures(sums: Mapping[str, float]) -> dict[str, float]:
+    """A held-out pass's record from its reduced sums: the per-pair means (``eval/KEY``), the standard errors over
+    pairs of the loss, margin and accuracy (``eval/KEY_se``: the spread of the per-pair values, the accuracy's a
+    binomial s.e.; :func:`epsdpo.stats.estimate_from_sums`, the figures ``epsdpo eval`` gives for the same pairs)
+    and the pair count (``eval/pairs``). Empty without pairs."""
+    means = pair_means(sums, prefix="eval/")
+    if not means:
+        return {}
+    out = dict(means)
+    for key, squares in WITH_SE.items():
+        if key in sums and squares in sums:
+            out[f"eval/{key}_se"] = estimate_from_sums(sums["pairs"], sums[key], sums[squares]).se
+    out["eval/pairs"] = sums["pairs"]
+    return out
+
+
+#: keys of a training record that are not per-step figures to average
+_NOT_FIGURES = ("step", "epoch")
+
+
+def last_steps_means(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's training figures at its end: each figure's mean over its last logged steps, the window of the
+    plotted curves (:func:`epsdpo.stats.smoothing_window` of the number of logged steps), with the window and the
+    steps it spans (``{"window": k, "first_step": a, "last_step": b, "loss": …, …}``); {} without records. One
+    step's figures are means over its few pairs, too noisy to stand for the run's end alone."""
+    records = [r for r in records if "step" in r and not any(k.startswith("eval/") for k in r)]
+    if not records:
+        return {}
+    window = smoothing_window(len(records))
+    tail = records[-window:]
+    out: dict[str, Any] = {"window": len(tail), "first_step": tail[0]["step"], "last_step": tail[-1]["step"]}
+    for key in tail[-1]:
+        values = [r.get(key) for r in tail]
+        if key not in _NOT_FIGURES and all(isinstance(v, int | float) and math.isfinite(v) for v in values):
+            out[key] = last_mean([float(v) for v in values], len(values))  # type: ignore[arg-type]
+    return out
 
 
 def truncate_jsonl_after(path: Path, step: int) -> None:

@@ -266,3 +266,15 @@ def pair_metric_sums(result: MicroBatchResult) -> dict[str, float]:
         sums["kl/steps_stronger"] = float((result.steps == -1).sum())
         sums["kl/steps_kept"] = float((result.steps == 0).sum())
     return sums
+
+
+def pair_square_sums(result: MicroBatchResult) -> dict[str, float]:
+    """Sums of squares over the micro-batch's pairs of the figures a held-out pass reports ± a standard error over
+    pairs (:data:`epsdpo.training.metrics.WITH_SE`): the loss and the implicit reward margin (the accuracy is 0/1,
+    its sum of squares is its sum)."""
+    loss = result.loss
+    margins = (loss.chosen_rewards - loss.rejected_rewards).double()
+    return {
+        "loss_sq": float(loss.losses.detach().double().square().sum()),
+        "rewards/margins_sq": float(margins.square().sum()),
+    }
