@@ -417,6 +417,24 @@ def _reference_range(summaries: list[dict[str, Any]]) -> str:
     return f"{values[0]:.3f}" if len(values) == 1 else f"{values[0]:.3f}–{values[-1]:.3f} depending on the machine"
 
 
+def _short_of_matched_kl(summaries: list[dict[str, Any]]) -> list[str]:
+    """A line for each method none of whose runs reaches the first matched KL (its comparisons are all —): how far its
+    runs went, and their gold reward there, so that "—" reads as a result rather than a gap."""
+    out = []
+    for method in METHODS:
+        runs = [s for s in summaries if s["method"] == method]
+        if not runs or any(max(p["kl"] for p in r["trajectory"]) >= MATCHED_KL[0] for r in runs):
+            continue
+        top = max(p["kl"] for r in runs for p in r["trajectory"])
+        rewards = [p["policy/gold_reward"] for r in runs for p in r["trajectory"]]
+        out.append(
+            f"- {LABELS[method]}: no run reaches KL {MATCHED_KL[0]:g} in {CHECKPOINTS[-1]} steps ({len(runs)} run{'s' * (len(runs) > 1)}; "
+            f"KL at most {top:.2f} at any checkpoint, the policy's gold reward {min(rewards):.3f}–{max(rewards):.3f} "
+            f"against the reference's {_reference_range(runs)}), so it has no matched-KL comparison."
+        )
+    return ["", *out] if out else []
+
+
 def _excluding_zero(rows: list[dict[str, Any]]) -> str:
     """Which comparisons' intervals exclude 0, out of how many cells have one."""
     with_ci = [r for r in rows if r["ci"] is not None]
@@ -515,6 +533,7 @@ def report(summaries: list[dict[str, Any]]) -> tuple[Path, Path]:
             ci = "" if r["ci"] is None else f", [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]"
             cells.append("—" if not r["n"] else f"{fmt(r['diff'], r['se'])}{ci} (n {r['n']}: {per_seed})")
         lines.append(f"| {LABELS[a]} − {LABELS[b]} | " + " | ".join(cells) + " |")
+    lines += _short_of_matched_kl(summaries)
     lines += lengths_section(summaries)
     lines += ["", "## Decision shares over training (s = +1 / 0 / −1, mean over seeds)", ""]
     lines += ["| method | steps 1–8 | steps 25–32 | steps 57–64 | β after 64 steps |", "|---|---|---|---|---|"]

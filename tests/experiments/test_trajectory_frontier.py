@@ -116,6 +116,16 @@ def test_report_is_rebuilt_from_summaries(tf, tmp_path, monkeypatch):
     assert "0.000 ± 0.000, [+0.000, +0.000] (n 2" in text and "the reference's is 0.460)" in text
 
 
+def test_report_says_how_far_a_method_that_never_reaches_the_matched_kl_went(tf, tmp_path, monkeypatch):
+    monkeypatch.setattr(tf, "RESULTS", tmp_path)
+    orpo = summary(tf, "orpo", 0, 0.05)
+    for point, kl, reward in zip(orpo["trajectory"], [0.3, 0.5, 1.2, 0.4, 0.5, 0.6, 0.3, 0.2], [0.44, 0.5] * 4):
+        point["kl"], point["policy/gold_reward"] = kl, reward
+    text = tf.report([summary(tf, "dpo", 0, 0.05), orpo])[0].read_text()
+    assert "- ORPO (λ 0.1): no run reaches KL 2 in 64 steps (1 run; KL at most 1.20 at any checkpoint" in text
+    assert "gold reward 0.440–0.500 against the reference's 0.460)" in text and "- DPO: no run" not in text
+
+
 def test_report_names_each_machines_reference_samples(tf, tmp_path, monkeypatch):
     monkeypatch.setattr(tf, "RESULTS", tmp_path)
     summaries = [summary(tf, m, 0, 0.05) for m in ("dpo", "eps")]
