@@ -428,7 +428,8 @@ def _short_of_matched_kl(summaries: list[dict[str, Any]]) -> list[str]:
         top = max(p["kl"] for r in runs for p in r["trajectory"])
         rewards = [p["policy/gold_reward"] for r in runs for p in r["trajectory"]]
         out.append(
-            f"- {LABELS[method]}: no run reaches KL {MATCHED_KL[0]:g} in {CHECKPOINTS[-1]} steps ({len(runs)} run{'s' * (len(runs) > 1)}; "
+            f"- {LABELS[method]}: no run reaches KL {MATCHED_KL[0]:g} in {CHECKPOINTS[-1]} steps "
+            f"({len(runs)} run{'s' * (len(runs) > 1)}; "
             f"KL at most {top:.2f} at any checkpoint, the policy's gold reward {min(rewards):.3f}–{max(rewards):.3f} "
             f"against the reference's {_reference_range(runs)}), so it has no matched-KL comparison."
         )

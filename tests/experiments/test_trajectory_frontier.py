@@ -119,7 +119,8 @@ def test_report_is_rebuilt_from_summaries(tf, tmp_path, monkeypatch):
 def test_report_says_how_far_a_method_that_never_reaches_the_matched_kl_went(tf, tmp_path, monkeypatch):
     monkeypatch.setattr(tf, "RESULTS", tmp_path)
     orpo = summary(tf, "orpo", 0, 0.05)
-    for point, kl, reward in zip(orpo["trajectory"], [0.3, 0.5, 1.2, 0.4, 0.5, 0.6, 0.3, 0.2], [0.44, 0.5] * 4):
+    kls = [0.3, 0.5, 1.2, 0.4, 0.5, 0.6, 0.3, 0.2]
+    for point, kl, reward in zip(orpo["trajectory"], kls, [0.44, 0.5] * 4, strict=True):
         point["kl"], point["policy/gold_reward"] = kl, reward
     text = tf.report([summary(tf, "dpo", 0, 0.05), orpo])[0].read_text()
     assert "- ORPO (λ 0.1): no run reaches KL 2 in 64 steps (1 run; KL at most 1.20 at any checkpoint" in text
