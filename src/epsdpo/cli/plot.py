@@ -2,7 +2,9 @@
 
 Per run with ``metrics.jsonl``: ``RUN_DIR/plots/training_curves.png`` and ``RUN_DIR/plots/beta.png``. For the runs
 with an ``eval.json`` (from ``epsdpo eval``): ``reward_vs_kl.png`` in ``--out``, by default ``RUN_DIR/plots/`` for
-a single run and the first run's parent directory (e.g. ``runs/``) for several. Directories of ``epsdpo iterate``
+a single run and the first run's parent directory (e.g. ``runs/``) for several. For the runs trained with
+``eval_generation``: ``trajectory.png`` in the same place, their reward-vs-KL trajectories during training (gold
+reward against KL at each in-training evaluation, both ± s.e., labelled by step). Directories of ``epsdpo iterate``
 (with ``iterate.yaml``) give ``iterate.png`` instead: gain, KL and win rate against the original model per round,
 all of them in one figure. Exit status: 0 done, 1 a missing or unreadable file.
 """
@@ -21,13 +23,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out",
         type=Path,
         default=None,
-        help="where reward_vs_kl.png goes (default: RUN_DIR/plots for one run, else the first run's parent directory)",
+        help="where reward_vs_kl.png and trajectory.png go (default: RUN_DIR/plots for one run, else the first run's "
+        "parent directory)",
     )
 
 
 def run(args: argparse.Namespace) -> int:
     # deferred: argument parsing and `epsdpo --help` never import torch or transformers
-    from epsdpo.stages.plots import PLOTS_DIR, plot_reward_vs_kl, plot_training
+    from epsdpo.rundir import read_generation_evaluations
+    from epsdpo.stages.plots import PLOTS_DIR, plot_reward_vs_kl, plot_training, plot_trajectory
 
     runs = [Path(r) for r in args.runs]
     written: list[Path] = []
@@ -48,6 +52,11 @@ def run(args: argparse.Namespace) -> int:
                 written.extend(plot_training(run_dir))
             else:
                 print(f"note: {run_dir} has no metrics.jsonl; no training curves for it")
+        out = args.out or (runs[0] / PLOTS_DIR if len(runs) == 1 else runs[0].resolve().parent)
+        trained = [r for r in runs if (r / "metrics.jsonl").is_file()]
+        live = [r for r in trained if read_generation_evaluations(r)]
+        if live:
+            written.append(plot_trajectory(live, out))
         evaluated = [r for r in runs if (r / "eval.json").is_file()]
         for run_dir in runs:
             if run_dir not in evaluated:
@@ -56,7 +65,6 @@ def run(args: argparse.Namespace) -> int:
                     f"`epsdpo eval {run_dir}`)"
                 )
         if evaluated:
-            out = args.out or (runs[0] / PLOTS_DIR if len(runs) == 1 else runs[0].resolve().parent)
             written.append(plot_reward_vs_kl(evaluated, out))
         else:
             print("note: no run has an eval.json, so there is no reward-vs-KL plot")
