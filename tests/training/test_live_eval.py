@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -242,4 +245,43 @@ def test_stop_at_kl_ends_the_run_as_a_finished_one(tmp_path):
     resumed = train(live(tmp_path, "x", f"output_dir={result.output_dir}", "max_steps=6", "save_steps=0",
                          "learning_rate=0.05", "stop_at_kl=0.05", "resume_from_checkpoint=auto"))  # fmt: skip
     assert resumed.global_step == stop and (result.output_dir / "final" / "final_metrics.json").is_file()
-    assert max(r["step"] for r in read_metrics(result.output_dir / "metrics.jsonl")) == stop
+    records = read_metrics(result.output_dir / "metrics.jsonl")
+    assert max(r["step"] for r in records) == stop
+    assert [s for s in steps_of(records, "eval/") if s == stop] == [stop]  # measured once, kept, not written again
+    assert [s for s in steps_of(records, "gen/") if s == stop] == [stop]
+
+
+# ---- two processes ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_processes_evaluate_on_the_main_process_without_a_collective_mismatch(tmp_path):
+    """torchrun, 2 processes (gloo): only the main process samples, the other waits at the barrier; the run ends (no
+    hang), records each evaluation once, and its last one is ``epsdpo eval`` of the final model's."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    run = tmp_path / "two"
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "epsdpo.cli", "train", str(TINY)]
+    cmd += [
+        f"output_dir={run}",
+        f"dataset={DATA}",
+        f"eval_dataset={DATA}",
+        "per_device_train_batch_size=2",
+        "per_device_eval_batch_size=16",
+        "disable_tqdm=true",
+        "plot_after_training=false",
+        "max_steps=4",
+        "save_steps=0",
+        "eval_steps=2",
+        "eval_generation=true",
+        "eval_generation_prompts=3",
+        OPTIONS,
+        f"eval_options.reference_cache_dir={tmp_path / 'eval_reference'}",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = read_metrics(run / "metrics.jsonl")
+    assert steps_of(records, "gen/") == [0, 2, 4] and steps_of(records, "eval/") == [0, 2, 4]
+    last = read_generation_evaluations(run)[-1]
+    options = ["max_new_tokens=8", "batch_size=4", "samples_per_prompt=2", "num_prompts=3", "disable_tqdm=true"]
+    after = evaluate(run, [*options, "name=same-settings", f"reference_cache_dir={tmp_path / 'eval_reference'}"])
+    for key in ("gen/gold_reward", "gen/kl", "gen/win_rate", "gen/distinct_2", "gen/gold_reward_gain_se"):
+        assert last[key] == pytest.approx(generation_record(after)[key], rel=1e-5, abs=1e-6), key

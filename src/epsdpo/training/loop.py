@@ -778,12 +778,16 @@ class Trainer:
     def _budget_passed_before(self) -> bool:
         """On resume: whether the run ended at its KL budget at the resumed step (its ``gen/`` record there, kept in
         ``metrics.jsonl``, is above ``stop_at_kl``): then no step is left to take. Read by the main process and
-        shared (a collective every process reaches)."""
+        shared (a collective every process reaches). Also notes a held-out record already written at that step."""
         passed = False
         budget = self.cfg.train.stop_at_kl
-        if budget is not None and self.accelerator.is_main_process and self.metrics.path.is_file():
+        if self.accelerator.is_main_process and self.metrics.path.is_file():
             for record in read_metrics(self.metrics.path):
-                if record.get("step") == self.global_step and "gen/kl" in record:
+                if record.get("step") != self.global_step:
+                    continue
+                if any(k.startswith("eval/") for k in record):  # measured already: not written again at the end
+                    self._held_out_step = self.global_step
+                if budget is not None and "gen/kl" in record:
                     passed = self._passes_kl_budget(record)
         return bool(reduce_sums({"kl": float(passed)}, ("kl",))["kl"])
 
