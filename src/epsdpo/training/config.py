@@ -381,7 +381,7 @@ class TrainConfig:
     logging_steps: int = field(default=1, metadata=FREE)
     eval_steps: int = field(default=0, metadata=FREE)
     eval_generation: bool = field(default=False, metadata=FREE)
-    eval_generation_prompts: int = field(default=16, metadata=FREE)
+    eval_generation_prompts: int = field(default=8, metadata=FREE)
     stop_at_kl: float | None = None
     save_steps: int = field(default=0, metadata=FREE)
     save_total_limit: int | None = field(default=None, metadata=FREE)
