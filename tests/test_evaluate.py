@@ -554,7 +554,8 @@ def test_the_reference_cache_key_follows_the_weights_not_the_name(tmp_path, tiny
     prompts = load_prompts("bundled", "test", limit=2)
 
     def key() -> str:
-        return ev._reference_cache_file(cfg, ev._load_models(cfg), prompts, None)[1]
+        loaded = ev._load_models(cfg)
+        return ev._reference_cache_file(cfg, loaded.reference, loaded.reference_id, loaded.tokenizer, prompts, None)[1]
 
     first = key()
     assert key() == first

@@ -30,6 +30,7 @@ __all__ = [
     "is_train_run",
     "publish_evaluation",
     "read_eval",
+    "read_generation_evaluations",
     "read_iterate_summary",
     "read_metrics_file",
     "read_round_state",
@@ -94,14 +95,27 @@ def final_beta(run: Path, run_cfg: Any) -> float:
 
 
 def read_metrics_file(run_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The training records and the held-out (``eval/``) records of ``RUN_DIR/metrics.jsonl``."""
+    """The training records and the held-out (``eval/``) records of ``RUN_DIR/metrics.jsonl`` (the in-training
+    generation evaluations, ``gen/``, are neither: :func:`read_generation_evaluations`)."""
+    train, held_out = [], []
+    for record in _metrics_records(run_dir):
+        if any(k.startswith("gen/") for k in record):
+            continue
+        (held_out if any(k.startswith("eval/") for k in record) else train).append(record)
+    return train, held_out
+
+
+def read_generation_evaluations(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The in-training generation evaluations (``eval_generation``) of ``RUN_DIR/metrics.jsonl``: one record per
+    evaluated step, with its ``gen/`` figures, in step order."""
+    return [r for r in _metrics_records(run_dir) if any(k.startswith("gen/") for k in r)]
+
+
+def _metrics_records(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; give the run directory of `epsdpo train` (it holds metrics.jsonl)")
-    train, held_out = [], []
-    for record in read_jsonl(path):
-        (held_out if any(k.startswith("eval/") for k in record) else train).append(record)
-    return train, held_out
+    return read_jsonl(path)
 
 
 def read_eval(run_dir: str | Path) -> dict[str, Any]:

@@ -230,4 +230,4 @@ def test_beta_dpo_evaluates_an_uneven_split_without_hanging(tmp_path):
     # 33 pairs over 2 processes in batches of 4: 5 batches on one, 4 on the other
     run, _ = two_processes(tmp_path, "two", *args, "per_device_train_batch_size=2")
     evals = [r for r in read_metrics(run / "metrics.jsonl") if "eval/pairs" in r]
-    assert [r["step"] for r in evals] == [2, 4] and all(r["eval/pairs"] == 33 for r in evals)
+    assert [r["step"] for r in evals] == [0, 2, 4] and all(r["eval/pairs"] == 33 for r in evals)

@@ -144,6 +144,8 @@ def tracked_run(tmp_path_factory):
                 "run_name=tiny-tracked",
                 "eval_after_training=true",
                 "eval_options={num_prompts: 4, max_new_tokens: 6, batch_size: 4}",
+                "eval_generation=true",
+                "eval_generation_prompts=2",
             ],
         )
         printed = io.StringIO()
@@ -163,10 +165,11 @@ def test_trackio_receives_config_steps_beta_evaluations_and_the_samples_table(tr
 
     cfg, result, records, _ = tracked_run
     logs = SQLiteStorage.get_logs(cfg.train.project, "tiny-tracked")
-    for key in ("loss", "kl/beta", "rewards/accuracies", "eval/loss"):
+    for key in ("loss", "kl/beta", "rewards/accuracies", "eval/loss", "gen/kl", "gen/gold_reward", "gen/win_rate"):
         logged = {row["step"]: row[key] for row in logs if key in row}
         assert logged == pytest.approx(_series(records, key)), key
     assert sorted({row["step"] for row in logs if "loss" in row}) == [1, 2, 3, 4]
+    assert sorted({row["step"] for row in logs if "gen/kl" in row}) == [0, 2, 4]  # the in-training evaluations
     final = [row for row in logs if "final_eval/kl" in row]
     assert len(final) == 1 and final[0]["step"] == 4
     assert final[0]["final_eval/kl"] == pytest.approx(result.eval_metrics["kl"])
@@ -188,7 +191,8 @@ def test_tensorboard_event_files_hold_every_scalar_the_config_and_the_table(trac
     cfg, result, records, _ = tracked_run
     events = EventAccumulator(str(result.output_dir / "tensorboard" / "tiny-tracked"), size_guidance={"tensors": 0})
     events.Reload()
-    for key in ("loss", "kl/beta", "eval/loss", "eval/rewards/accuracies", "final_eval/kl", "final_eval/win_rate"):
+    keys = ("loss", "kl/beta", "eval/loss", "eval/rewards/accuracies", "gen/kl", "final_eval/kl", "final_eval/win_rate")
+    for key in keys:
         logged = {e.step: e.value for e in events.Scalars(key)}
         expected = _series(records, key) if not key.startswith("final_eval/") else {4: result.eval_metrics[key[11:]]}
         assert logged == pytest.approx(expected, rel=1e-6), key
@@ -208,7 +212,7 @@ def test_mlflow_holds_params_metric_histories_the_table_and_a_finished_run(track
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.run_name == "tiny-tracked" and run.info.status == "FINISHED"
     assert run.data.params["train/max_steps"] == "4" and run.data.params["loss/loss_type"] == "epsilon_dpo"
-    for key in ("loss", "kl/beta", "eval/loss"):
+    for key in ("loss", "kl/beta", "eval/loss", "gen/kl", "gen/gold_reward_se"):
         history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
         assert history == pytest.approx(_series(records, key)), key
     assert run.data.metrics["final_eval/kl"] == pytest.approx(result.eval_metrics["kl"])

@@ -370,15 +370,17 @@ def test_eval_metrics_and_tensorboard(tmp_path):
     )
     records = read_metrics(result.output_dir / "metrics.jsonl")
     evals = [r for r in records if "eval/loss" in r]
-    assert [r["step"] for r in evals] == [2, 4]  # every eval_steps, and once at the end
+    assert [r["step"] for r in evals] == [0, 2, 4]  # before the first step, every eval_steps, and once at the end
     for r in evals:
         assert {"eval/rewards/accuracies", "eval/rewards/margins", "eval/kl/steps_weaker"} <= set(r)
         assert not any(k.startswith("rewards/") for k in r)  # eval records carry only eval/ keys
+    assert evals[0]["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)  # step 0: the policy is the reference
+    for r in evals[1:]:
         # each ± its standard error over the held-out pairs; the accuracy's the binomial one
         p, n = r["eval/rewards/accuracies"], r["eval/pairs"]
         assert r["eval/rewards/accuracies_se"] == pytest.approx(math.sqrt(p * (1 - p) / (n - 1)))
         assert r["eval/loss_se"] > 0 and r["eval/rewards/margins_se"] > 0
-    assert evals[-1]["eval/loss"] < evals[0]["eval/loss"] < math.log(2)  # held-out loss falls as training goes
+    assert evals[-1]["eval/loss"] < evals[1]["eval/loss"] < math.log(2)  # held-out loss falls as training goes
     final = json.loads((result.final_model_dir / "final_metrics.json").read_text())
     assert {k: v for k, v in final.items() if k.startswith("eval/")} == {
         k: v for k, v in evals[-1].items() if k != "step"

@@ -3,8 +3,10 @@
 Per run with ``metrics.jsonl``: ``RUN_DIR/plots/training_curves.png`` and ``RUN_DIR/plots/beta.png``; with several
 such runs also ``training_curves_compared.png``: their smoothed loss, accuracy, margin and β (the curves every run
 logged) on shared axes, one colour per run. For the runs with an ``eval.json`` (from ``epsdpo eval``):
-``reward_vs_kl.png``. Both go to ``--out``, by default ``RUN_DIR/plots/`` for a single run and the first run's parent
-directory (e.g. ``runs/``) for several. Directories of ``epsdpo iterate``
+``reward_vs_kl.png``. For the runs trained with ``eval_generation``: ``trajectory.png``, their reward-vs-KL
+trajectories during training (gold reward against KL at each in-training evaluation, both ± s.e., labelled by step).
+All go to ``--out``, by default ``RUN_DIR/plots/`` for a single run and the first run's parent directory (e.g.
+``runs/``) for several. Directories of ``epsdpo iterate``
 (with ``iterate.yaml``) give ``iterate.png`` instead: gain, KL and win rate against the original model per round,
 all of them in one figure. Exit status: 0 done, 1 a missing or unreadable file.
 """
@@ -23,14 +25,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out",
         type=Path,
         default=None,
-        help="where reward_vs_kl.png and training_curves_compared.png go (default: RUN_DIR/plots for one run, else "
-        "the first run's parent directory)",
+        help="where reward_vs_kl.png, trajectory.png and training_curves_compared.png go (default: RUN_DIR/plots for "
+        "one run, else the first run's parent directory)",
     )
 
 
 def run(args: argparse.Namespace) -> int:
     # deferred: argument parsing and `epsdpo --help` never import torch or transformers
-    from epsdpo.stages.plots import PLOTS_DIR, plot_reward_vs_kl, plot_training
+    from epsdpo.rundir import read_generation_evaluations
+    from epsdpo.stages.plots import PLOTS_DIR, plot_reward_vs_kl, plot_training, plot_trajectory
 
     runs = [Path(r) for r in args.runs]
     written: list[Path] = []
@@ -53,6 +56,10 @@ def run(args: argparse.Namespace) -> int:
             else:
                 print(f"note: {run_dir} has no metrics.jsonl; no training curves for it")
         written.extend(_compare_training(runs, out))
+        trained = [r for r in runs if (r / "metrics.jsonl").is_file()]
+        live = [r for r in trained if read_generation_evaluations(r)]
+        if live:
+            written.append(plot_trajectory(live, out))
         evaluated = [r for r in runs if (r / "eval.json").is_file()]
         for run_dir in runs:
             if run_dir not in evaluated:

@@ -33,10 +33,11 @@ from epsdpo.logps.heads import frozen_head_copy, fused_head_matches, output_head
 from epsdpo.machine import cpu_has_native_bf16
 from epsdpo.models import cache_dir, initial_policy_identity, load_tokenizer, reference_identity
 from epsdpo.recipes.hub import check_can_push, push_run
+from epsdpo.recipes.live_eval import LiveGenerationEvaluation, evaluation_reference
 from epsdpo.rundir import is_train_run, publish_evaluation, read_eval, read_metrics_file
 from epsdpo.runlock import claim_run_dir, run_dir_lock
 from epsdpo.stages.evaluate import evaluate, format_table
-from epsdpo.stages.plots import PLOTS_DIR, plot_reward_vs_kl, plot_training
+from epsdpo.stages.plots import PLOTS_DIR, plot_reward_vs_kl, plot_training, plot_trajectory
 from epsdpo.stages.select import select_for_config
 from epsdpo.training.checkpoint import CheckpointError, check_checkpoint, checkpoint_dirs, resolve_resume
 from epsdpo.training.config import RunConfig, load_run_config, resume_changes, tokenizer_name
@@ -416,9 +417,22 @@ def prepare_run(
         )
     if models.reference is not None:
         models.reference.to(acc.device)
+    generation_eval = None
+    if t.eval_generation:
+        if plan.sharded:
+            raise TrainingError(
+                f"eval_generation samples the live policy on the main process, which a sharded policy ({launcher}) "
+                "cannot do alone; train with DDP or one process, or evaluate checkpoints afterwards with "
+                "`epsdpo eval RUN_DIR checkpoint=N`"
+            )
+        if acc.is_main_process:  # only the main process samples; taken before the reference source may release
+            # the frozen copy (precompute_ref_hidden_states)
+            generation_eval = LiveGenerationEvaluation(cfg, tokenizer, evaluation_reference(cfg, models, acc.device))
     reference = _reference_source(cfg, plan, models, {"train": train_pairs, "eval": eval_pairs}, collate, acc)
     record = {"config": config_to_dict(sections), "data": pairs_key}
-    trainer = Trainer(cfg, acc, models, plan, reference, train_pairs, eval_pairs, collate, resume, record, trackers)
+    trainer = Trainer(
+        cfg, acc, models, plan, reference, train_pairs, eval_pairs, collate, resume, record, trackers, generation_eval
+    )
     return PreparedRun(trainer, tokenizer, data_report, trackers)
 
 
@@ -496,8 +510,26 @@ def _evaluate_and_plot(run: PreparedRun, result: TrainResult) -> None:
         print(format_table(result.eval_metrics))
     if t.plot_after_training:
         result.plots = plot_training(cfg.output_dir)
+        if t.eval_generation:  # the reward-vs-KL trajectory of the in-training evaluations
+            result.plots.append(plot_trajectory([cfg.output_dir], cfg.output_dir / PLOTS_DIR))
         if result.eval_metrics is not None:
             result.plots.append(reward_vs_kl)
+
+
+def _say_where_to_look(run: PreparedRun) -> None:
+    """Where to follow the run while it trains: each tracker's dashboard command, and with the in-training
+    generation evaluation, the command that draws its reward-vs-KL trajectory so far."""
+    t = run.trainer.cfg.train
+    if not run.trackers and not t.eval_generation:
+        return
+    print("epsdpo train: follow the run live:")
+    for name, command in run.trackers.dashboards().items():
+        print(f"  {name + ':':<12} {command}")
+    if t.eval_generation:
+        print(
+            f"  {'trajectory:':<12} epsdpo plot {run.trainer.output_dir}  (gold reward against KL, every "
+            f"{t.eval_steps} steps, from metrics.jsonl)"
+        )
 
 
 def train(
@@ -519,12 +551,12 @@ def train(
         acc = run.trainer.accelerator
         failed = True
         try:
-            if run.trackers:
-                print("epsdpo train: follow the run live:")
-                for name, command in run.trackers.dashboards().items():
-                    print(f"  {name + ':':<12} {command}")
+            if acc.is_main_process:
+                _say_where_to_look(run)
             with deepspeed_left_alone(acc):
                 result = run.trainer.fit()
+                if result.stopped_at_kl is not None and acc.is_main_process:
+                    print(f"epsdpo train: {result.stopped_at_kl}")
                 if not result.interrupted:
                     result.final_model_dir = _save_final(run, result)
                     if acc.is_main_process:

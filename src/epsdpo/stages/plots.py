@@ -15,6 +15,9 @@
   :mod:`epsdpo.stats`), one labelled marker per run and each distinct reference model at KL 0 with its own standard
   error (runs against different references get one each), as in the DPO paper's Figure 2 and ε-DPO's Pareto plot.
   Each marker's label names the evaluation it shows.
+- :func:`plot_trajectory` reads the in-training generation evaluations of one or several runs (``gen/`` records of
+  ``metrics.jsonl``, ``eval_generation``) and writes ``trajectory.png``: each run's path through the reward-vs-KL
+  plane, gold reward against KL(π‖π_ref), both ± one standard error, each point labelled with its step.
 - :func:`plot_iterate` reads the ``summary.json`` of ``epsdpo iterate`` runs and writes ``iterate.png``: gold-reward
   gain, KL and win rate against the original model per round.
 
@@ -29,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from epsdpo.files import read_jsonl
-from epsdpo.rundir import read_eval, read_iterate_summary, read_metrics_file
+from epsdpo.rundir import read_eval, read_generation_evaluations, read_iterate_summary, read_metrics_file
 from epsdpo.stats import smoothing_window, trailing_mean
 
 __all__ = [
@@ -37,7 +40,9 @@ __all__ = [
     "plot_reward_vs_kl",
     "plot_training",
     "plot_training_comparison",
+    "plot_trajectory",
     "read_eval",
+    "read_generation_evaluations",
     "read_metrics_file",
     "smoothing_window",
     "trailing_mean",
@@ -404,6 +409,60 @@ def plot_reward_vs_kl(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
     if len(names) == 1:  # one evaluation shown: say which (several: each label says its own)
         (only,) = names
         ax.set_title(f"Reward vs KL on held-out prompts\nevaluation: {only}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+    return target
+
+
+def plot_trajectory(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
+    """Write ``trajectory.png``, the runs' reward-vs-KL trajectories during training, to ``out`` (a directory or a
+    ``.png`` path): per run, its in-training generation evaluations (``gen/gold_reward`` against ``gen/kl``, both ±
+    one standard error) joined in step order, each point labelled with its step. A run's step-0 point is its
+    reference's own draw against itself (KL ≈ 0); runs evaluated on other prompts or settings are not comparable
+    point for point, which the legend's prompt counts help to see. ``ValueError`` for a run without such records."""
+    plt = _pyplot()
+    if not run_dirs:
+        raise ValueError("give at least one run directory with in-training generation evaluations")
+    target = Path(out)
+    if target.suffix.lower() != ".png":
+        target = target / "trajectory.png"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7.5, 5.5), constrained_layout=True)
+    for i, run in enumerate(run_dirs):
+        records = [
+            r
+            for r in read_generation_evaluations(run)
+            if _number(r.get("gen/kl")) is not None and _number(r.get("gen/gold_reward")) is not None
+        ]
+        if not records:
+            raise ValueError(
+                f"{run}: metrics.jsonl holds no in-training generation evaluation (gen/ records); train with "
+                "eval_generation=true eval_steps=N"
+            )
+        colour = f"C{i % 10}"
+        kls = [float(r["gen/kl"]) for r in records]
+        rewards = [float(r["gen/gold_reward"]) for r in records]
+        x_se = [_number(r.get("gen/kl_se")) or 0.0 for r in records]
+        y_se = [_number(r.get("gen/gold_reward_se")) or 0.0 for r in records]
+        prompts = records[-1].get("gen/num_prompts")
+        label = Path(run).resolve().name + (f" ({int(prompts)} prompts)" if isinstance(prompts, int | float) else "")
+        ax.errorbar(
+            kls, rewards, xerr=x_se, yerr=y_se, fmt="o-", color=colour, markersize=5, capsize=3, linewidth=1.2,
+            alpha=0.9, label=label,
+        )  # fmt: skip
+        for record, kl, reward in zip(records, kls, rewards, strict=True):
+            ax.annotate(
+                str(record.get("step")), (kl, reward), textcoords="offset points", xytext=(5, 4), fontsize=7,
+                color=colour,
+            )  # fmt: skip
+    ax.axvline(0.0, color="0.8", linewidth=1)
+    ax.set(
+        xlabel="KL(π ‖ π_ref) estimated from the policy's samples (nats)",
+        ylabel="gold reward of sampled responses (mean ± s.e.)",
+        title="Reward vs KL during training (labels: optimizer step)",
+    )
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.savefig(target, dpi=110)

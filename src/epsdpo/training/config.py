@@ -298,7 +298,21 @@ class TrainConfig:
         max_grad_norm: clip the global gradient norm to this (> 0); 0 turns clipping off (a negative value is
             refused: it would flip the gradient).
         logging_steps: write a metrics line every this many optimizer steps.
-        eval_steps: evaluate on the held-out pairs every this many steps (0: only at the end; needs eval data).
+        eval_steps: evaluate on the held-out pairs before the first step (step 0) and every this many steps (0: only
+            at the end; needs eval data).
+        eval_generation: also evaluate the live policy by generation at step 0, every ``eval_steps`` steps and at the
+            last step, inside the training process: on the first ``eval_generation_prompts`` held-out prompts it
+            samples and measures gold reward, KL(π‖π_ref) from its own samples, the win rate against the reference's
+            samples and distinct-2, each as ``epsdpo eval`` defines and computes them (its code, with
+            ``eval_options``' sampling and scoring settings), and writes one ``gen/…`` record per evaluation to
+            ``metrics.jsonl`` and the trackers. The reference's side is computed once per run (or read from the
+            evaluation's reference cache). Needs ``eval_steps``; one process or DDP (not FSDP/DeepSpeed), not with
+            ``sync_ref_model`` (TR-DPO's reference moves). See docs/training.md.
+        eval_generation_prompts: how many held-out prompts each in-training evaluation samples on (the first ones of
+            ``eval_options``' prompts; ``eval_options.samples_per_prompt`` responses each).
+        stop_at_kl: a KL budget in nats: when an in-training evaluation measures KL(π‖π_ref) above it, the run ends
+            after that step as a finished run (a checkpoint, ``final/``, the evaluation and plots), saying the step,
+            the KL ± s.e. and the budget. Needs ``eval_generation``; null: no budget.
         save_steps: checkpoint every this many steps (0: no intermediate checkpoints).
         save_total_limit: keep at most this many checkpoints (oldest removed first); None keeps all.
         seed: seeds data order, initialisation of new weights and dropout.
@@ -366,6 +380,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     logging_steps: int = field(default=1, metadata=FREE)
     eval_steps: int = field(default=0, metadata=FREE)
+    eval_generation: bool = field(default=False, metadata=FREE)
+    eval_generation_prompts: int = field(default=8, metadata=FREE)
+    stop_at_kl: float | None = None
     save_steps: int = field(default=0, metadata=FREE)
     save_total_limit: int | None = field(default=None, metadata=FREE)
     seed: int = field(default=42, metadata=FIXED)
@@ -401,6 +418,18 @@ class TrainConfig:
             _require(self, name, lambda v: v >= 1, ">= 1")
         _require(self, "logging_steps", lambda v: v >= 1, ">= 1 (a metrics line every this many steps)")
         _require(self, "eval_steps", lambda v: v >= 0, ">= 1, or 0 to evaluate only at the end")
+        _require(self, "eval_generation_prompts", lambda v: v >= 1 and v == int(v), "a whole number >= 1")
+        if self.eval_generation and not self.eval_steps:
+            raise ValueError(
+                "eval_generation=true evaluates at step 0, every eval_steps steps and at the last step: set "
+                "eval_steps=N (N >= 1, e.g. eval_steps=8)"
+            )
+        if self.stop_at_kl is not None:
+            _require(self, "stop_at_kl", lambda v: v > 0, "a KL budget > 0 in nats (or null: no budget)")
+            if not self.eval_generation:
+                raise ValueError(
+                    "stop_at_kl needs the KL measured during training: set eval_generation=true and eval_steps=N"
+                )
         _require(self, "save_steps", lambda v: v >= 0, ">= 1, or 0 for no intermediate checkpoints")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"max_steps must be a positive number of steps or -1 (use epochs), got {self.max_steps}")
@@ -457,6 +486,12 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        if self.train.eval_generation and self.models.sync_ref_model:
+            raise ConfigError(
+                "eval_generation cannot be used with sync_ref_model: TR-DPO moves the reference during training, so "
+                "the in-training KL would be measured against a moving reference; evaluate checkpoints with "
+                "`epsdpo eval RUN_DIR checkpoint=N` instead"
+            )
         settings = resume_settings(self)
         for name in self.train.resume_allow_changes:
             if name in settings["fixed"]:

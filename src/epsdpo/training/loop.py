@@ -15,6 +15,12 @@ Per optimizer step (a *window* of ``gradient_accumulation_steps`` micro-batches)
    ``controller.step()`` reduces them over processes and moves β for the next step;
 6. metrics are summed locally and reduced across processes once per logging step.
 
+Around the steps (:meth:`Trainer.fit`): with ``eval_steps`` the held-out pairs are measured at step 0 and every
+``eval_steps`` steps; with ``eval_generation`` the recipe's generation evaluator (a callable: the training library
+never imports the evaluation stage above it) measures the live policy at step 0, every ``eval_steps`` steps and at
+the last step, on the main process, in eval mode, without gradients and with the random state saved and restored,
+so that the run trains exactly as it would without it; ``stop_at_kl`` ends the run when a measured KL passes it.
+
 How the run computes its log-probs (fused head or full logits; live reference or cache) is a frozen
 :class:`~epsdpo.training.plan.RunPlan` decided before the loop. What happens around the loop (data selection, the
 reference cache, the final model and its card, the evaluation, the plots) is :mod:`epsdpo.recipes.train`.
@@ -26,7 +32,7 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -119,6 +125,13 @@ class TrainResult:
     held_out: PairScores | None = None  # the end-of-training held-out pass's log-probs, for the run's evaluation
     pushed: Any = None  # where push_to_hub uploaded the run (epsdpo.recipes.hub.PushResult), if it did
     held_out_seconds: float = 0.0  # the wall time of the held-out pass after the last step (not in ``seconds``)
+    stopped_at_kl: str | None = None  # why the run ended before max_steps (stop_at_kl), said to the user
+
+
+#: the recipe's in-training generation evaluation: called with the live (unwrapped) policy, in eval mode and without
+#: gradients, on the main process only; returns one ``metrics.jsonl`` record's ``gen/…`` figures (``gen/kl`` and
+#: ``gen/kl_se`` among them, which ``stop_at_kl`` reads)
+GenerationEvaluator = Callable[[nn.Module], dict[str, Any]]
 
 
 class _StopFlag:
@@ -232,6 +245,8 @@ class Trainer:
             so that a resume can compare (see :func:`epsdpo.recipes.train.prepare_run`).
         trackers: the run's experiment trackers (``report_to``), started by the recipe; every metrics record goes
             to them too.
+        generation_eval: the in-training generation evaluation (``eval_generation``): required on the main process
+            when it is on; the other processes pass None (they only wait for it).
     """
 
     def __init__(
@@ -247,11 +262,18 @@ class Trainer:
         resume_path: Path | None = None,
         run_record: dict[str, Any] | None = None,
         trackers: Trackers | None = None,
+        generation_eval: GenerationEvaluator | None = None,
     ) -> None:
         t, loss = cfg.train, cfg.loss
         self.cfg, self.accelerator, self.models, self.plan, self.reference = cfg, accelerator, models, plan, reference
         self.train_pairs, self.eval_pairs, self.collate = train_pairs, eval_pairs, collate
         self.held_out: PairScores | None = None  # the end-of-training held-out pass's log-probs (evaluate())
+        if t.eval_generation and accelerator.is_main_process and generation_eval is None:
+            raise ValueError("eval_generation=true: the main process needs the generation evaluator (generation_eval)")
+        self.generation_eval = generation_eval
+        self.stopped_at_kl: str | None = None  # set when a measured KL passed stop_at_kl (main process)
+        self.kl_budget_passed = False  # on every process: the run has ended at its KL budget
+        self._held_out_step: int | None = None  # the step of the last held-out record written
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.output_dir = cfg.output_dir
         self.global_batch = t.per_device_train_batch_size * self.world
@@ -565,8 +587,13 @@ class Trainer:
         windows = self._windows()
         interrupted = False
         self._started = started = time.perf_counter()
+        if self.global_step == 0:  # a fresh run: the curves and the trajectory start before the first update
+            if t.eval_steps:
+                self._write_held_out(self.evaluate())
+            if t.eval_generation:
+                self._evaluate_generation()
         with _StopFlag() as stop:
-            while self.global_step < total:
+            while self.global_step < total and not self.kl_budget_passed:
                 step_start = time.perf_counter()
                 step_sums = self.train_step(next(windows))
                 elapsed = time.perf_counter() - step_start
@@ -581,10 +608,15 @@ class Trainer:
                     progress.set_postfix(loss=f"{last['loss']:.4f}", beta_next=f"{shown:.4g}", refresh=False)
                     logged = {}
                 if t.eval_steps and self.global_step % t.eval_steps == 0 and self.global_step < total:
-                    self.metrics.write({"step": self.global_step, **self.evaluate()})
+                    self._write_held_out(self.evaluate())
+                passed = False
+                if t.eval_generation and (self.global_step % t.eval_steps == 0 or self.global_step == total):
+                    passed = self._evaluate_generation()
                 progress.update(1)
-                stopping = bool(reduce_sums({"stop": float(stop.signal is not None)}, ("stop",))["stop"])
-                if (t.save_steps and self.global_step % t.save_steps == 0) or stopping:
+                flags = reduce_sums({"stop": float(stop.signal is not None), "kl": float(passed)}, ("stop", "kl"))
+                stopping = bool(flags["stop"])
+                self.kl_budget_passed = bool(flags["kl"]) and self.global_step < total
+                if (t.save_steps and self.global_step % t.save_steps == 0) or stopping or self.kl_budget_passed:
                     self._save()
                 if stopping:
                     interrupted = True
@@ -592,10 +624,13 @@ class Trainer:
         progress.close()
         loop_seconds = self.seconds_before + time.perf_counter() - started
         held_out_started = time.perf_counter()
+        if self.stopped_at_kl is not None:
+            logger.warning("%s", self.stopped_at_kl)
         if not interrupted:
             eval_metrics = self.evaluate(keep_scores=True)
             if eval_metrics:
-                self.metrics.write({"step": self.global_step, **eval_metrics})
+                if self._held_out_step != self.global_step:  # not measured at this step already (a KL stop)
+                    self._write_held_out(eval_metrics)
                 last = {**last, **eval_metrics}
         return TrainResult(
             self.output_dir,
@@ -607,7 +642,59 @@ class Trainer:
             seconds=loop_seconds,
             held_out=self.held_out,
             held_out_seconds=time.perf_counter() - held_out_started if self.eval_pairs and not interrupted else 0.0,
+            stopped_at_kl=self.stopped_at_kl,
         )
+
+    def _write_held_out(self, metrics: dict[str, float]) -> None:
+        """One held-out record at this step (nothing without held-out pairs)."""
+        if metrics:
+            self.metrics.write({"step": self.global_step, **metrics})
+            self._held_out_step = self.global_step
+
+    def _evaluate_generation(self) -> bool:
+        """The in-training generation evaluation of the live policy at this step, one ``gen/`` record; whether its
+        KL passed ``stop_at_kl`` (on the main process; False elsewhere: the loop's stop flags reduce it).
+
+        Only the main process samples: the others wait at the barrier after it, so every process reaches the same
+        collectives. The policy runs unwrapped (no DDP hook), in eval mode, without gradients; the random state of
+        the CPU (and of this process's GPU) is forked, so that nothing the evaluation draws moves the training's
+        streams (its own sampling draws from per-sample generators already)."""
+        acc = self.accelerator
+        passed = False
+        if acc.is_main_process and self.generation_eval is not None:
+            started = time.perf_counter()
+            device = acc.device
+            cuda = (
+                [] if device.type != "cuda" else [torch.cuda.current_device() if device.index is None else device.index]
+            )
+            with torch.random.fork_rng(devices=cuda), torch.no_grad():
+                self.model.eval()
+                try:
+                    metrics = self.generation_eval(self.unwrapped)
+                finally:
+                    self.model.train()
+            record = {"step": self.global_step, **metrics, "gen/seconds": time.perf_counter() - started}
+            self.metrics.write(record)
+            passed = self._passes_kl_budget(record)
+        acc.wait_for_everyone()
+        return passed
+
+    def _passes_kl_budget(self, record: dict[str, Any]) -> bool:
+        """Whether a ``gen/`` record after a step measured a KL above ``stop_at_kl``; sets the message that says so."""
+        budget, kl = self.cfg.train.stop_at_kl, record.get("gen/kl")
+        if budget is None or not isinstance(kl, int | float) or self.global_step == 0 or not kl > budget:
+            return False
+        se = record.get("gen/kl_se")
+        spread = f" ± {se:.3g}" if isinstance(se, int | float) else ""
+        total = self.schedule.total_steps
+        self.stopped_at_kl = (
+            f"stop_at_kl: after step {self.global_step} the measured KL(π‖π_ref) is {kl:.4g}{spread} nats, above "
+            f"the budget stop_at_kl={budget:g}; the run ends here, at step {self.global_step} of {total} (a "
+            "checkpoint, the final model, the evaluation and plots are written as at a normal end)"
+            if self.global_step < total
+            else None
+        )
+        return True
 
     def _logged_before(self) -> dict[str, float]:
         """The last training record (and the held-out one of the same step) in ``metrics.jsonl`` up to the resumed
@@ -616,7 +703,7 @@ class Trainer:
             return {}
         last: dict[str, float] = {}
         for record in read_metrics(self.metrics.path):
-            if record.get("step", 0) > self.global_step:
+            if record.get("step", 0) > self.global_step or any(k.startswith("gen/") for k in record):
                 continue
             held_out = any(k.startswith("eval/") for k in record)
             if not held_out:
@@ -693,7 +780,24 @@ class Trainer:
                 self.decisions.truncate_after(self.global_step)
         except ValueError as err:
             raise TrainingError(str(err)) from None
+        self.kl_budget_passed = self._budget_passed_before()
         logger.info("resumed from %s at step %d (next step's β = %.6g)", self.resume_path, self.global_step, self.beta)
+
+    def _budget_passed_before(self) -> bool:
+        """On resume: whether the run ended at its KL budget at the resumed step (its ``gen/`` record there, kept in
+        ``metrics.jsonl``, is above ``stop_at_kl``): then no step is left to take. Read by the main process and
+        shared (a collective every process reaches). Also notes a held-out record already written at that step."""
+        passed = False
+        budget = self.cfg.train.stop_at_kl
+        if self.accelerator.is_main_process and self.metrics.path.is_file():
+            for record in read_metrics(self.metrics.path):
+                if record.get("step") != self.global_step:
+                    continue
+                if any(k.startswith("eval/") for k in record):  # measured already: not written again at the end
+                    self._held_out_step = self.global_step
+                if budget is not None and "gen/kl" in record:
+                    passed = self._passes_kl_budget(record)
+        return bool(reduce_sums({"kl": float(passed)}, ("kl",))["kl"])
 
     def _write_weights(self, directory: Path) -> None:
         if self.plan.sharded:  # a collective: accelerate writes each process's shard of model and optimizer

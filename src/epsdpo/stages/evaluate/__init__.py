@@ -7,16 +7,25 @@
 """
 
 from epsdpo.eval_config import EvalConfig, load_eval_config
-from epsdpo.stages.evaluate.measure import ReferencePart, compute_reference_part, evaluate, evaluate_models
+from epsdpo.stages.evaluate.measure import (
+    ReferenceModel,
+    ReferencePart,
+    compute_reference_part,
+    evaluate,
+    evaluate_models,
+    reference_part_for,
+)
 from epsdpo.stages.evaluate.report import SUMMARY_KEYS, format_table
 
 __all__ = [
     "SUMMARY_KEYS",
     "EvalConfig",
+    "ReferenceModel",
     "ReferencePart",
     "compute_reference_part",
     "evaluate",
     "evaluate_models",
     "format_table",
     "load_eval_config",
+    "reference_part_for",
 ]

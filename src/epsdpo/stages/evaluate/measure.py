@@ -41,6 +41,7 @@ for the caller (the ``train`` recipe, the ``eval`` verb: :func:`epsdpo.rundir.pu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -48,7 +49,7 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from importlib.resources import files
 from pathlib import Path
@@ -94,18 +95,29 @@ from epsdpo.training.config import load_run_config, tokenizer_name
 
 __all__ = [
     "LoadedModels",
+    "ReferenceModel",
     "ReferencePart",
     "compute_reference_part",
     "default_reference_cache_dir",
     "evaluate",
     "evaluate_models",
     "load_run_models",
+    "reference_part_for",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: the layout of a reference cache entry; a change of what it holds or how a field is computed bumps it
 REFERENCE_CACHE_FORMAT = 3
+
+#: the reference an evaluation runs: a module, or a function returning a context that yields the module to run as the
+#: reference while it is open (a LoRA policy with its adapters disabled, as training runs it: no second copy held)
+ReferenceModel = nn.Module | Callable[[], contextlib.AbstractContextManager[nn.Module]]
+
+
+def _reference_module(reference: ReferenceModel) -> contextlib.AbstractContextManager[nn.Module]:
+    """A context yielding the module to run as the reference."""
+    return contextlib.nullcontext(reference) if isinstance(reference, nn.Module) else reference()
 
 
 def _sample_all(
@@ -286,7 +298,7 @@ def compute_reference_part(
 
 def evaluate_models(
     policy: nn.Module,
-    reference: nn.Module,
+    reference: ReferenceModel,
     tokenizer: Any,
     prompts: Sequence[tuple[str, str]],
     reward: Any,
@@ -299,6 +311,7 @@ def evaluate_models(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The metrics of the module docstring for loaded models; also one record per sampled (prompt, j).
 
+    ``reference``: a module, or a function returning a context that yields it (:data:`ReferenceModel`);
     ``prompts``: ``(prompt_id, text)``; ``reward``: a :class:`epsdpo.rewards.Reward`; ``pairs``: held-out
     :class:`TokenizedPair` s (or None); ``beta``: β of the implicit reward; ``reference_part``: the reference's part,
     computed earlier with the same settings (:func:`compute_reference_part`), or None to compute it here;
@@ -308,7 +321,10 @@ def evaluate_models(
     if pair_scores is not None and (not pairs or pair_scores.key != pairs_key(pairs)):
         raise ValueError("pair_scores were computed for other held-out pairs than these")
     given_ref = None if pair_scores is None else pair_scores.reference
-    ref_side = reference_part or compute_reference_part(reference, tokenizer, prompts, reward, cfg, pairs, given_ref)
+    ref_side = reference_part
+    if ref_side is None:
+        with _reference_module(reference) as ref_module:
+            ref_side = compute_reference_part(ref_module, tokenizer, prompts, reward, cfg, pairs, given_ref)
     expected = (len(prompts) * cfg.samples_per_prompt, None if not pairs else 2 * len(pairs))
     got = (len(ref_side.samples), None if ref_side.pair_logps is None else len(ref_side.pair_logps))
     if got != expected:
@@ -339,7 +355,8 @@ def evaluate_models(
         if cfg.forward_kl
         else None
     )
-    lp_ref_own = row_logps(reference, own, pad, **opts, desc="eval: log-probs (reference on the policy's samples)")
+    with _reference_module(reference) as ref_module:
+        lp_ref_own = row_logps(ref_module, own, pad, **opts, desc="eval: log-probs (reference on the policy's samples)")
     lp_ref_theirs = torch.tensor(ref_side.self_logps)
     kl_values = (lp_pol_own - lp_ref_own).tolist()  # y ~ π: log π − log π_ref
     metrics: dict[str, Any] = {}
@@ -570,18 +587,10 @@ def _evaluate(
     pairs, pairs_source = _held_out_pairs(cfg, loaded.data, loaded.tokenizer)
     reward = load_reward(cfg.reward)
     scores = _usable_scores(held_out, pairs, cfg, loaded.reference_id)
-    part, cache_file = None, None
-    expected = (len(prompts) * cfg.samples_per_prompt, 2 * len(pairs) if pairs else None)
-    if cfg.reference_cache:
-        cache_file, key = _reference_cache_file(cfg, loaded, prompts, pairs)
-        part = _read_reference_part(cache_file, key, expected, cfg)
-    if part is None:
-        given = None if scores is None else scores.reference
-        part = compute_reference_part(loaded.reference, loaded.tokenizer, prompts, reward, cfg, pairs, given)
-        if cache_file is not None:  # concurrent writers each rename a complete file of their own
-            entry = {"format": REFERENCE_CACHE_FORMAT, "key": key, **part.to_dict()}
-            write_text_atomically(cache_file, json.dumps(entry))
-            _say(cfg, f"eval: reference part written to the cache: {cache_file}", info=True)
+    given = None if scores is None else scores.reference
+    part, cache_file = reference_part_for(
+        loaded.reference, loaded.reference_id, loaded.tokenizer, prompts, reward, cfg, pairs, given
+    )
     metrics, records = evaluate_models(
         loaded.policy,
         loaded.reference,
@@ -686,8 +695,42 @@ def _reward_identity(spec: str) -> str:
     return _weights_identity(model_identity(spec))
 
 
+def reference_part_for(
+    reference: ReferenceModel,
+    reference_id: str,
+    tokenizer: Any,
+    prompts: Sequence[tuple[str, str]],
+    reward: Any,
+    cfg: EvalConfig,
+    pairs: Sequence[Any] | None = None,
+    pair_logps: Sequence[float] | None = None,
+) -> tuple[ReferencePart, Path | None]:
+    """The reference's part of an evaluation and the cache file it was read from or written to (None with
+    ``reference_cache=false``): read from the cache on a hit, else computed (:func:`compute_reference_part`) and,
+    with the cache on, written there. ``reference_id``: what determines the reference's weights
+    (:func:`~epsdpo.models.reference_identity`); ``pair_logps``: as in :func:`compute_reference_part`."""
+    expected = (len(prompts) * cfg.samples_per_prompt, 2 * len(pairs) if pairs else None)
+    with _reference_module(reference) as module:
+        cache_file, key, part = None, "", None
+        if cfg.reference_cache:
+            cache_file, key = _reference_cache_file(cfg, module, reference_id, tokenizer, prompts, pairs)
+            part = _read_reference_part(cache_file, key, expected, cfg)
+        if part is None:
+            part = compute_reference_part(module, tokenizer, prompts, reward, cfg, pairs, pair_logps)
+            if cache_file is not None:  # concurrent writers each rename a complete file of their own
+                entry = {"format": REFERENCE_CACHE_FORMAT, "key": key, **part.to_dict()}
+                write_text_atomically(cache_file, json.dumps(entry))
+                _say(cfg, f"eval: reference part written to the cache: {cache_file}", info=True)
+    return part, cache_file
+
+
 def _reference_cache_file(
-    cfg: EvalConfig, loaded: LoadedModels, prompts: Sequence[tuple[str, str]], pairs: Sequence[Any] | None
+    cfg: EvalConfig,
+    reference: nn.Module,
+    reference_id: str,
+    tokenizer: Any,
+    prompts: Sequence[tuple[str, str]],
+    pairs: Sequence[Any] | None,
 ) -> tuple[Path, str]:
     """The cache file of the reference's part and its key: a digest of everything that determines the part.
 
@@ -699,19 +742,19 @@ def _reference_cache_file(
     pairs' length limits)."""
     import transformers
 
-    param = next(loaded.reference.parameters())
+    param = next(reference.parameters())
     determines = {
         "format": REFERENCE_CACHE_FORMAT,
-        "reference": _weights_identity(loaded.reference_id),
+        "reference": _weights_identity(reference_id),
         "dtype": str(param.dtype),
         "device": param.device.type,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "prompts": list(prompts),
         "reward": _reward_identity(cfg.reward),
-        "prompt_ids": _encoded_prompts(loaded.tokenizer, prompts, cfg),
-        "pad": loaded.tokenizer.pad_token_id,
-        "end_ids": list(end_token_ids(loaded.tokenizer)),
+        "prompt_ids": _encoded_prompts(tokenizer, prompts, cfg),
+        "pad": tokenizer.pad_token_id,
+        "end_ids": list(end_token_ids(tokenizer)),
         "settings": {k: getattr(cfg, k) for k in fields_where(cfg, "reference_part", default=False)},
         "pairs": None if not pairs else [[p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in pairs],
     }
