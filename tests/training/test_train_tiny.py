@@ -76,7 +76,8 @@ def test_tiny_config_learns_and_moves_beta(tmp_path):
     final = result.final_model_dir
     assert final is not None and (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file()
     card = (final / "README.md").read_text()
-    assert "epsilon_dpo" in card and "β after training" in card and "β used by the last step" in card
+    assert "epsilon_dpo" in card and "β after training" in card
+    assert "## Training figures: mean over the last 3 logged steps (steps 22–24)" in card  # not the last step's
     assert (result.output_dir / "config.yaml").is_file() and (result.output_dir / "data_report.json").is_file()
     assert {p.name for p in result.plots} == {"training_curves.png", "beta.png"}  # training draws its own curves
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in result.plots)

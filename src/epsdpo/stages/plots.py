@@ -65,6 +65,17 @@ def _series(records: Sequence[dict[str, Any]], key: str) -> tuple[list[float], l
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def _held_out_series(
+    held_out: Sequence[dict[str, Any]], key: str
+) -> tuple[list[float], list[float], list[float] | None]:
+    """The held-out records' steps and values of ``eval/{key}``, with their standard errors where every point has one
+    (else None: no error bars)."""
+    points = [r for r in held_out if isinstance(r.get(f"eval/{key}"), int | float) and "step" in r]
+    errors = [r.get(f"eval/{key}_se") for r in points]
+    steps, values = [r["step"] for r in points], [r[f"eval/{key}"] for r in points]
+    return steps, values, errors if all(isinstance(e, int | float) for e in errors) else None
+
+
 def _empty(ax: Any, message: str) -> None:
     ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="0.4")
 
@@ -99,13 +110,12 @@ def plot_training(run_dir: str | Path) -> list[Path]:
                 linewidth=1.6,
                 label=f"train, mean of the last {window} logged steps" if window > 1 else "train",
             )
-        eval_steps, eval_values = _series(held_out, f"eval/{key}")
+        eval_steps, eval_values, errors = _held_out_series(held_out, key)
         if eval_steps:
-            errors = [r.get(f"eval/{key}_se") for r in held_out if isinstance(r.get(f"eval/{key}"), int | float)]
             ax.errorbar(
                 eval_steps,
                 eval_values,
-                yerr=errors if all(isinstance(e, int | float) for e in errors) else None,
+                yerr=errors,
                 fmt="o-",
                 color="tab:orange",
                 markersize=5,
@@ -189,13 +199,12 @@ def plot_training_comparison(run_dirs: Sequence[str | Path], out: str | Path) ->
                     linewidth=1.6,
                     label=f"{label} (mean of {window} steps)",
                 )
-            eval_steps, eval_values = _series(held_out, f"eval/{key}")
+            eval_steps, eval_values, errors = _held_out_series(held_out, key)
             if eval_steps:
-                errors = [r.get(f"eval/{key}_se") for r in held_out if isinstance(r.get(f"eval/{key}"), int | float)]
                 ax.errorbar(
                     eval_steps,
                     eval_values,
-                    yerr=errors if all(isinstance(e, int | float) for e in errors) else None,
+                    yerr=errors,
                     fmt="o",
                     color=colour,
                     markersize=5,
