@@ -51,6 +51,15 @@ __all__ = [
 PLOTS_DIR = "plots"
 
 
+def _png_target(out: str | Path, default_name: str) -> Path:
+    """``out`` itself when it names a ``.png`` file, else ``out / default_name``; its folder is created."""
+    target = Path(out)
+    if target.suffix.lower() != ".png":
+        target = target / default_name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target
+
+
 def _pyplot() -> Any:
     import matplotlib
 
@@ -224,10 +233,7 @@ def plot_training_comparison(run_dirs: Sequence[str | Path], out: str | Path) ->
         "training curves compared (solid: trailing mean; faint: each logging step; dots: held-out pairs ± s.e.)" + note,
         fontsize=10,
     )
-    target = Path(out)
-    if target.suffix.lower() != ".png":
-        target = target / COMPARISON_PNG
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = _png_target(out, COMPARISON_PNG)
     fig.savefig(target, dpi=110)
     plt.close(fig)
     return target
@@ -365,10 +371,7 @@ def plot_reward_vs_kl(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
     plt = _pyplot()
     if not run_dirs:
         raise ValueError("give at least one run directory with an eval.json")
-    target = Path(out)
-    if target.suffix.lower() != ".png":
-        target = target / "reward_vs_kl.png"
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = _png_target(out, "reward_vs_kl.png")
     fig, ax = plt.subplots(figsize=(7, 5), constrained_layout=True)
     evaluated: list[tuple[str, Mapping[str, Any]]] = []
     names: set[str] = set()
@@ -434,10 +437,7 @@ def plot_trajectory(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
     plt = _pyplot()
     if not run_dirs:
         raise ValueError("give at least one run directory with in-training generation evaluations")
-    target = Path(out)
-    if target.suffix.lower() != ".png":
-        target = target / "trajectory.png"
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = _png_target(out, "trajectory.png")
     fig, ax = plt.subplots(figsize=(7.5, 5.5), constrained_layout=True)
     for i, run in enumerate(run_dirs):
         records = [
