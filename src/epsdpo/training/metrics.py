@@ -64,8 +64,8 @@ def pair_means(sums: Mapping[str, float], prefix: str = "") -> dict[str, float]:
 #: its pass adds (:func:`epsdpo.training.pair_loss.pair_square_sums`); the accuracy's values are 0/1 (Σx² = Σx)
 WITH_SE = {"loss": "loss_sq", "rewards/margins": "rewards/margins_sq", "rewards/accuracies": "rewards/accuracies"}
 
-#: the sums of squares a held-out pass reduces besides its sums
-SQUARE_SUMS = ("loss_sq", "rewards/margins_sq")
+#: the sums of squares a held-out pass reduces besides its sums (the accuracy's is its own sum)
+SQUARE_SUMS = tuple(squares for key, squares in WITH_SE.items() if squares != key)
 
 
 def held_out_figures(sums: Mapping[str, float]) -> dict[str, float]:
