@@ -6,15 +6,24 @@
     .venv/bin/python benchmarks/step.py --configs a,b,default --paired epsdpo-epsilon,epsdpo-epsilon-unshared
     .venv/bin/python benchmarks/step.py --configs a --paired epsdpo-epsilon,epsdpo-epsilon-unshared --prompt-share 0.5
     python3 benchmarks/step.py --device cuda --configs a,b        # on a GPU (scripts/gpu_check.sh runs this)
+    python3 benchmarks/step.py --device cuda --configs 1.5b,1.5b-lora --contenders epsdpo-epsilon,epsdpo-dpo,trl-dpo
+    .venv/bin/python benchmarks/step.py --configs 1.5b-lora --layers 1 --rounds 1 --steps 1   # CPU dry run
 
 Configurations (issue #8):
   a  SmolLM2-135M-Instruct (offline alias), bf16 autocast, 4 pairs x 256 tokens
   b  a randomly initialised Qwen2-style model, vocabulary 151,936, hidden 256, 4 layers, fp32, 2 pairs x 512 tokens
   default  the bundled default run (`epsdpo train` without a config: SmolLM2-135M-Instruct with LoRA, fp32, 2
      micro-batches of 4 bundled sentiment pairs per step), stepping through its own training windows in order
+Realistic sizes (issue #34; for a GPU), randomly initialised from public architectures, bf16 autocast, rows of
+prompt 256 + response 512 tokens:
+  1.5b       Qwen2.5-1.5B's architecture (1.54B parameters, vocabulary 151,936), full fine-tuning, 4 pairs a step
+  1.5b-lora  the same with LoRA (rank 16, alpha 32, every linear layer but the head: the bundled default's adapters)
+  8b-lora    Llama-3.1-8B's architecture (8.03B parameters, vocabulary 128,256, untied head), LoRA, 2 pairs a step
+``--layers N`` builds any of them with N decoder layers (a dry run of their code paths on a small machine).
 
-In a and b every row (prompt + one response) is exactly the configured length and ``--prompt-share`` of it is the
-prompt (default 0.25); the default configuration has its data's own prompt share (printed).
+In the synthetic configurations every row (prompt + one response) is exactly the configured length and
+``--prompt-share`` of it is the prompt (default: the configuration's, else 0.25); the default configuration has its
+data's own prompt share (printed).
 
 Contenders, each in its own process on the same synthetic text pairs (every row exactly the configured length):
   epsdpo-epsilon  epsdpo's Trainer.train_step, loss_type=epsilon_dpo (chunked fused log-probs)
@@ -26,12 +35,15 @@ Contenders, each in its own process on the same synthetic text pairs (every row 
                   computed once before timing (reported: that time and the file's size) and no reference forward runs
   epsdpo-epsilon-unshared  epsdpo-epsilon with prefix_sharing=false: two rows per pair, the prompt run twice
   naive-epsilon   ε-DPO built like the published code: four full-vocabulary tensors in autograd (naive_epsilon_dpo.py)
-  trl-dpo         TRL's DPOTrainer, loss_type="sigmoid" (needs `pip install trl`; skipped if missing)
+  trl-dpo         TRL's DPOTrainer, loss_type="sigmoid" (needs `pip install trl`; skipped if missing), on the same
+                  model (with LoRA the same adapters, its reference the adapter-disabled base)
+  trl-dpo-liger   the same with use_liger_kernel=True (Liger's layer kernels; needs `pip install liger-kernel`)
 
 Reported per contender: median step time after warm-up, tokens/s (all rows, prompt included), peak resident memory
 during the timed steps and its excess over the resident size before them (model, optimizer state, allocator), and
 achieved model FLOP/s — 8 x tokens x (non-embedding parameters + the head's V x H), i.e. policy forward + backward and
-reference forward, the same useful work for every contender — as a fraction of this machine's measured matmul peak for
+reference forward (6 x with LoRA: no weight gradients of the frozen base), the same useful work for every
+contender — as a fraction of this machine's measured matmul peak for
 the dtype (a 2048^3 matmul).
 
 Contenders timed one after another drift (the same code gave ε-DPO / DPO = 1.13 in one run and 0.95 in another on
@@ -62,6 +74,35 @@ import torch
 
 from logps_memory import PeakRSS  # the same resident-memory sampler (benchmarks/ is on sys.path)
 
+#: the architecture of Qwen2.5-1.5B (its public config.json: 1.54B parameters, the head tied to the embedding)
+QWEN25_1_5B: dict[str, Any] = {
+    "model_type": "qwen2",
+    "vocab_size": 151_936,
+    "hidden_size": 1536,
+    "intermediate_size": 8960,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32_768,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1_000_000.0,
+    "tie_word_embeddings": True,
+}
+#: the architecture of Llama-3.1-8B (its public config.json: 8.03B parameters, an untied head; its long-context RoPE
+#: scaling is left out, as it changes no cost at 768 tokens)
+LLAMA31_8B: dict[str, Any] = {
+    "model_type": "llama",
+    "vocab_size": 128_256,
+    "hidden_size": 4096,
+    "intermediate_size": 14_336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 131_072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500_000.0,
+    "tie_word_embeddings": False,
+}
 CONFIGS: dict[str, dict[str, Any]] = {
     "a": {"model": "smollm2-135m-instruct", "model_config": None, "bf16": True, "pairs": 4, "tokens": 256},
     "b": {
@@ -83,6 +124,34 @@ CONFIGS: dict[str, dict[str, Any]] = {
     },
     # the bundled default run; "tokens" (its max_length) only scales the reported tokens/s and FLOP/s
     "default": {"model": "default", "model_config": None, "bf16": False, "pairs": 4, "tokens": 160},
+    # realistic sizes (issue #34), randomly initialised from public architectures, bf16 autocast, rows of chat length:
+    # prompt 256 + response 512 tokens
+    "1.5b": {
+        "model": "qwen2.5-1.5b-architecture-random",
+        "model_config": QWEN25_1_5B,
+        "bf16": True,
+        "pairs": 4,
+        "tokens": 768,
+        "prompt_share": 256 / 768,
+    },
+    "1.5b-lora": {
+        "model": "qwen2.5-1.5b-architecture-random",
+        "model_config": QWEN25_1_5B,
+        "bf16": True,
+        "pairs": 4,
+        "tokens": 768,
+        "prompt_share": 256 / 768,
+        "lora": True,
+    },
+    "8b-lora": {
+        "model": "llama-3.1-8b-architecture-random",
+        "model_config": LLAMA31_8B,
+        "bf16": True,
+        "pairs": 2,
+        "tokens": 768,
+        "prompt_share": 256 / 768,
+        "lora": True,
+    },
 }
 CONTENDERS = (
     "epsdpo-epsilon",
@@ -93,13 +162,18 @@ CONTENDERS = (
     "epsdpo-epsilon-unshared",
     "naive-epsilon",
     "trl-dpo",
+    "trl-dpo-liger",
 )
 #: (name, numerator, denominator, what is compared, target): each computed within a round
 RATIOS = (
     ("ε-DPO / DPO step time", "epsdpo-epsilon", "epsdpo-dpo", "median_s", 1.03),
-    ("ε-DPO / DPO peak memory", "epsdpo-epsilon", "epsdpo-dpo", "peak_mib", 1.05),
-    ("ε-DPO / TRL DPO step time", "epsdpo-epsilon", "trl-dpo", "median_s", 0.9),
-    ("ε-DPO / TRL DPO peak memory", "epsdpo-epsilon", "trl-dpo", "peak_mib", 0.8),
+    ("ε-DPO / DPO peak memory", "epsdpo-epsilon", "epsdpo-dpo", "peak_mib", 1.02),
+    ("ε-DPO / TRL DPO step time", "epsdpo-epsilon", "trl-dpo", "median_s", 0.8),
+    ("ε-DPO / TRL DPO peak memory", "epsdpo-epsilon", "trl-dpo", "peak_mib", 0.7),
+    ("ε-DPO / TRL DPO + Liger step time", "epsdpo-epsilon", "trl-dpo-liger", "median_s", 0.8),
+    ("ε-DPO / TRL DPO + Liger peak memory", "epsdpo-epsilon", "trl-dpo-liger", "peak_mib", 0.7),
+    ("DPO / TRL DPO step time", "epsdpo-dpo", "trl-dpo", "median_s", None),
+    ("DPO / TRL DPO peak memory", "epsdpo-dpo", "trl-dpo", "peak_mib", None),
     ("ε-DPO / naive ε-DPO excess memory", "epsdpo-epsilon", "naive-epsilon", "excess_mib", 0.5),
     ("compiled / eager kernel, ε-DPO step time", "epsdpo-epsilon", "epsdpo-epsilon-eager", "median_s", None),
     ("cached reference / not, ε-DPO step time", "epsdpo-epsilon-cached", "epsdpo-epsilon", "median_s", None),
@@ -186,14 +260,19 @@ def run_config(
         "ref_cache_dir": str(out_dir.parent / "ref_cache"),
         "prefix_sharing": prefix_sharing,
     }
+    if spec.get("lora"):  # the bundled default's adapters: rank 16 on every linear layer but the head
+        overrides |= {"use_lora": True, "lora_r": 16, "lora_alpha": 32, "lora_target_modules": "all-linear"}
     return load_run_config({k: v for k, v in overrides.items() if v is not None})
 
 
-def model_flops(model: torch.nn.Module, tokens: int) -> float:
+def model_flops(model: torch.nn.Module, tokens: int, lora: bool = False) -> float:
+    """The useful work of one step: 2 FLOPs a weight a token for the policy's forward, 2 for the backward's
+    activation gradients, 2 for its weight gradients (not with LoRA: the base weights are frozen) and 2 for the
+    reference's forward; the embedding is a lookup, the head a product."""
     embedding = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
     non_embedding = sum(p.numel() for p in model.parameters() if p is not embedding and p is not head)
-    return 8.0 * tokens * (non_embedding + head.numel())
+    return (6.0 if lora else 8.0) * tokens * (non_embedding + head.numel())
 
 
 def sync(device: str) -> None:
@@ -252,23 +331,37 @@ def time_steps(step: Any, warmup: int, steps: int, device: str = "cpu") -> tuple
     return times, before, peak.peak
 
 
-def _setup(
-    config: str, contender: str, fp32: bool, device: str, prompt_share: float = 0.25
-) -> tuple[dict[str, Any], Path, Any, Path, Any]:
-    """The configuration's spec, a work directory, the tokenizer, the synthetic pairs and the run config."""
+def resolve_spec(
+    config: str, fp32: bool = False, prompt_share: float | None = None, layers: int | None = None
+) -> dict[str, Any]:
+    """A configuration as run: float32 instead of its bf16 with ``fp32``, ``prompt_share`` instead of its own (0.25
+    unless it names one), ``layers`` decoder layers instead of its architecture's (every layer's shapes kept: a
+    realistic configuration's code paths on a machine too small for the whole model, e.g. a CPU dry run)."""
+    if config not in CONFIGS:
+        raise SystemExit(f"unknown configuration {config!r}; known: {', '.join(CONFIGS)}")
+    spec = {**CONFIGS[config], "bf16": CONFIGS[config]["bf16"] and not fp32}
+    spec["prompt_share"] = prompt_share if prompt_share is not None else spec.get("prompt_share", 0.25)
+    if layers is not None:
+        if spec["model_config"] is None:
+            raise SystemExit(f"--layers needs a configuration built from an architecture; {config!r} loads a model")
+        spec["model_config"] = {**spec["model_config"], "num_hidden_layers": layers}
+    return spec
+
+
+def _setup(config: str, spec: dict[str, Any], contender: str, device: str) -> tuple[Path, Any, Path, Any]:
+    """A work directory, the tokenizer, the synthetic pairs and the run config of one contender."""
     from epsdpo.models import load_tokenizer
 
-    spec = {**CONFIGS[config], "bf16": CONFIGS[config]["bf16"] and not fp32}
     work = Path(tempfile.mkdtemp(prefix=f"epsdpo-step-{config}-{contender}-"))
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     data = work / "pairs.jsonl"
     if config != "default":
-        synthetic_pairs(data, tokenizer, spec["pairs"], spec["tokens"], prompt_share)
+        synthetic_pairs(data, tokenizer, spec["pairs"], spec["tokens"], spec["prompt_share"])
     cached = contender == "epsdpo-epsilon-cached"
     loss = {"epsdpo-dpo": "dpo", "epsdpo-simpo": "simpo"}.get(contender, "epsilon_dpo")
     kernel = "eager" if contender == "epsdpo-epsilon-eager" else "auto"
     sharing = contender != "epsdpo-epsilon-unshared"
-    return spec, work, tokenizer, data, run_config(spec, data, work / "run", loss, cached, kernel, device, sharing)
+    return work, tokenizer, data, run_config(spec, data, work / "run", loss, cached, kernel, device, sharing)
 
 
 def prompt_share_of(trainer: Any) -> float:
@@ -301,19 +394,13 @@ def _epsdpo_step(cfg: Any, spec: dict[str, Any], work: Path, cached: bool) -> tu
 
 
 def measure_paired(
-    config: str,
-    pair: list[str],
-    warmup: int,
-    cycles: int,
-    fp32: bool = False,
-    device: str = "cpu",
-    prompt_share: float = 0.25,
+    config: str, spec: dict[str, Any], pair: list[str], warmup: int, cycles: int, device: str = "cpu"
 ) -> dict[str, Any]:
     """Child process: two epsdpo contenders built side by side, their steps interleaved A B, B A, A B, ... (a cycle
     is one step of each), so both see the same process and machine state; every step time of each."""
     steps, extras = {}, {}
     for name in pair:
-        spec, work, _, _, cfg = _setup(config, name, fp32, device, prompt_share)
+        work, _, _, cfg = _setup(config, spec, name, device)
         steps[name], _, extras[name] = _epsdpo_step(cfg, spec, work, name == "epsdpo-epsilon-cached")
     for name in pair:
         for _ in range(warmup):
@@ -351,20 +438,16 @@ def step_flops(step: Any) -> float:
 
 
 def measure(
-    config: str,
-    contender: str,
-    warmup: int,
-    steps: int,
-    fp32: bool = False,
-    device: str = "cpu",
-    prompt_share: float = 0.25,
+    config: str, spec: dict[str, Any], contender: str, warmup: int, steps: int, device: str = "cpu"
 ) -> dict[str, Any]:
-    """Child process: build one contender and time it (``fp32``: ignore the configuration's bf16).
+    """Child process: build one contender (``spec``: the configuration as :func:`resolve_spec` resolved it) and time
+    it.
 
     Memory: on the CPU the process's resident set size; on CUDA the GPU memory torch allocated."""
-    if config == "default" and not contender.startswith("epsdpo"):
-        raise SystemExit("the default configuration runs the epsdpo contenders only")
-    spec, work, tokenizer, data, cfg = _setup(config, contender, fp32, device, prompt_share)
+    why = not_applicable(config, spec, contender)
+    if why:
+        raise SystemExit(f"{contender} in {config}: {why}")
+    work, tokenizer, data, cfg = _setup(config, spec, contender, device)
     tokens = 2 * spec["pairs"] * spec["tokens"]
     extra: dict[str, Any] = {}
     if contender.startswith("epsdpo"):
@@ -388,13 +471,17 @@ def measure(
 
         times, before, peak = time_steps(naive, warmup, steps, device)
     else:
-        times, before, peak, model = _trl(cfg, spec, data, tokenizer, warmup, steps, device)
-    flops = model_flops(model, tokens)
+        liger = contender == "trl-dpo-liger"
+        times, before, peak, model = _trl(cfg, spec, data, tokenizer, warmup, steps, device, liger)
+    flops = model_flops(model, tokens, bool(spec.get("lora")))
     median = statistics.median(times)
     return {
         "config": config,
         "contender": contender,
         "bf16": spec["bf16"],
+        "lora": bool(spec.get("lora")),
+        "layers": (spec["model_config"] or {}).get("num_hidden_layers"),
+        "prompt_share": spec["prompt_share"],
         "times": times,
         "median_s": median,
         "tokens_per_s": tokens / median,
@@ -424,9 +511,18 @@ def versions() -> dict[str, str]:
 
 
 def _trl(
-    cfg: Any, spec: dict[str, Any], data: Path, tokenizer: Any, warmup: int, steps: int, device: str = "cpu"
+    cfg: Any,
+    spec: dict[str, Any],
+    data: Path,
+    tokenizer: Any,
+    warmup: int,
+    steps: int,
+    device: str = "cpu",
+    liger: bool = False,
 ) -> tuple:
-    """TRL's DPOTrainer on the same pairs; step times from a callback."""
+    """TRL's DPOTrainer on the same pairs and the same model (with LoRA: the same adapters, the reference the
+    adapter-disabled base, as TRL does for a PEFT model); ``liger``: its ``use_liger_kernel`` option (Liger's layer
+    kernels; TRL keeps its own fused head). Step times from a callback."""
     from datasets import load_dataset
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
@@ -468,8 +564,10 @@ def _trl(
         gradient_checkpointing=False,
         dataloader_num_workers=0,
         seed=0,
+        use_liger_kernel=liger,
     )
-    # the same frozen reference as the other contenders (a config-built model has no name TRL could reload)
+    # the same frozen reference as the other contenders (a config-built model has no name TRL could reload); None
+    # with LoRA, where the policy is a PEFT model and TRL disables its adapters for the reference
     trainer = DPOTrainer(
         model=model,
         ref_model=models.reference,
@@ -486,7 +584,7 @@ def _trl(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", default="a,b", help="comma-separated: a, b")
+    parser.add_argument("--configs", default="a,b", help=f"comma-separated, of: {', '.join(CONFIGS)}")
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
@@ -510,31 +608,48 @@ def main() -> None:
     parser.add_argument(
         "--prompt-share",
         type=float,
-        default=0.25,
-        help="configurations a and b: the share of each row (prompt + one response) that is prompt",
+        default=None,
+        help="the share of each synthetic row (prompt + one response) that is prompt; default: the configuration's "
+        "(1/3 for the realistic sizes: 256 + 512 tokens), else 0.25",
+    )
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="build the configuration's architecture with this many decoder layers (every layer's shapes kept): its "
+        "code paths on a machine too small for the whole model, e.g. a CPU dry run of 1.5b or 8b-lora",
     )
     parser.add_argument("--child", nargs=2, metavar=("CONFIG", "CONTENDER"), help=argparse.SUPPRESS)
     parser.add_argument("--paired-child", nargs=2, metavar=("CONFIG", "A,B"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.paired_child:
         config, pair = args.paired_child[0], args.paired_child[1].split(",")
-        result = measure_paired(config, pair, args.warmup, args.cycles, args.fp32, args.device, args.prompt_share)
-        print("RESULT " + json.dumps(result))
+        spec = resolve_spec(config, args.fp32, args.prompt_share, args.layers)
+        print("RESULT " + json.dumps(measure_paired(config, spec, pair, args.warmup, args.cycles, args.device)))
         return
     if args.paired:
         paired_main(args)
         return
     if args.child:
-        result = measure(
-            args.child[0], args.child[1], args.warmup, args.steps, args.fp32, args.device, args.prompt_share
-        )
-        print("RESULT " + json.dumps(result))
+        spec = resolve_spec(args.child[0], args.fp32, args.prompt_share, args.layers)
+        print("RESULT " + json.dumps(measure(args.child[0], spec, args.child[1], args.warmup, args.steps, args.device)))
         return
     contenders = args.contenders.split(",")
+    unknown = [c for c in contenders if c not in CONTENDERS]
+    if unknown:
+        raise SystemExit(f"unknown contender(s) {', '.join(unknown)}; known: {', '.join(CONTENDERS)}")
     results = []
     for config in args.configs.split(","):
+        spec = resolve_spec(config, args.fp32, args.prompt_share, args.layers)
+        runnable = []
+        for contender in contenders:
+            why = not_applicable(config, spec, contender)
+            if why:
+                print(f"[{config}] {contender}: skipped ({why})")
+            else:
+                runnable.append(contender)
         for round_ in range(args.rounds):
-            for contender in contenders if round_ % 2 == 0 else contenders[::-1]:
+            for contender in runnable if round_ % 2 == 0 else runnable[::-1]:
                 label = f"[{config}] round {round_ + 1}, {contender}"
                 result = run_child(["--child", config, contender, "--steps", str(args.steps)], args, label)
                 if result is not None:
@@ -545,11 +660,27 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
 
 
+def not_applicable(config: str, spec: dict[str, Any], contender: str) -> str | None:
+    """Why ``contender`` cannot run in this configuration or environment, or None."""
+    import importlib.util
+
+    if config == "default" and not contender.startswith("epsdpo"):
+        return "the default configuration runs the epsdpo contenders only"
+    if contender == "naive-epsilon" and spec.get("lora"):
+        return "the naive ε-DPO trains all weights; it has no LoRA form"
+    if contender.startswith("trl") and importlib.util.find_spec("trl") is None:
+        return "TRL is not installed (pip install trl)"
+    if contender == "trl-dpo-liger" and importlib.util.find_spec("liger_kernel") is None:
+        return "Liger-Kernel is not installed (pip install liger-kernel)"
+    return None
+
+
 def run_child(child_args: list[str], args: argparse.Namespace, label: str) -> dict[str, Any] | None:
     """Run this script as a child process with ``child_args`` (and the shared flags); its RESULT, or None with the
     failure's last lines printed under ``label``."""
     cmd = [sys.executable, __file__, *child_args, "--warmup", str(args.warmup), "--device", args.device]
-    cmd += ["--prompt-share", str(args.prompt_share)]
+    cmd += ["--prompt-share", str(args.prompt_share)] if args.prompt_share is not None else []
+    cmd += ["--layers", str(args.layers)] if args.layers is not None else []
     cmd += ["--fp32"] if args.fp32 else []
     # benchmarks/ first, then whatever the caller had on the path (a checkout's src/ before an installed epsdpo)
     path = [str(Path(__file__).parent), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
@@ -629,7 +760,7 @@ def report(results: list[dict[str, Any]]) -> None:
     memory = "GPU memory allocated by torch" if "cuda" in devices else "resident set size"
     print(f"\n{machine_label()}, {os.cpu_count()} cores; {dtypes}; on {devices}; {' / '.join(seen)}; memory: {memory}")
     header = (
-        f"{'cfg':<4}{'contender':<23}{'rounds':>7}{'step s':>8}{'tok/s':>9}{'peak MiB':>10}{'excess MiB':>11}"
+        f"{'cfg':<10}{'contender':<23}{'rounds':>7}{'step s':>8}{'tok/s':>9}{'peak MiB':>10}{'excess MiB':>11}"
         f"{'GFLOP/s':>9}{'% peak':>8}"
     )
     print("medians over rounds:\n" + header)
@@ -642,7 +773,7 @@ def report(results: list[dict[str, Any]]) -> None:
             return statistics.median(r[key] for r in rs)
 
         print(
-            f"{config:<4}{contender:<23}{len(rs):>7}{med('median_s'):>8.2f}{med('tokens_per_s'):>9.0f}"
+            f"{config:<10}{contender:<23}{len(rs):>7}{med('median_s'):>8.2f}{med('tokens_per_s'):>9.0f}"
             f"{med('peak_mib'):>10.0f}{med('excess_mib'):>11.0f}{med('model_gflops_per_s'):>9.1f}"
             f"{100 * med('model_gflops_per_s') / med('peak_gflops_per_s'):>7.1f}%"
         )

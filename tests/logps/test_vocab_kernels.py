@@ -132,6 +132,29 @@ def test_chunked_with_kernel_matches_the_eager_specification_with_gradients(kern
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("epsilon", [0.0, 0.01])
+def test_chunked_with_kernel_under_bf16_autocast_matches_the_eager_path_with_gradients(kernel, epsilon):
+    """float32 weights under bf16 autocast (how training runs with ``bf16=true``, on a GPU too): the products in
+    bf16, each kernel's block work in float32; the same as the eager path under the same autocast."""
+    needs(kernel)
+    policy, ref, labels, mask = make_case(4, 9, 301, 16, seed=13, bias=True, empty_rows=(1,))
+    policy, ref, labels, mask = on_device(policy, ref, labels, mask)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        eager = perturbed_logps(policy, ref, labels, mask, epsilon, impl="eager")
+        fast = perturbed_logps(policy, ref, labels, mask, epsilon, impl="chunked", chunk_size=5, kernel=kernel)
+    with torch.autocast(DEVICE.type, enabled=False):
+        exact = perturbed_logps(policy, ref, labels, mask, epsilon, impl="eager")
+    for name in eager._fields:
+        assert getattr(fast, name).dtype == torch.float32, name
+        torch.testing.assert_close(getattr(fast, name), getattr(eager, name), atol=1e-4, rtol=1e-5, msg=name)
+    assert (exact.reference - eager.reference).abs().max() > 1e-4  # the products really ran in bf16
+    up = torch.randn(4, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    for ge, gf in zip(grads(eager, policy, up), grads(fast, policy, up), strict=True):
+        assert gf.dtype == torch.float32
+        torch.testing.assert_close(gf, ge, atol=2e-2, rtol=2e-2)  # bf16 products rounded per chunk vs once
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_kernels_give_the_eager_passes_values_on_a_large_vocabulary(kernel):
     """The path training takes on a production-size head: 151,936 tokens, several chunks, float32."""
     needs(kernel)

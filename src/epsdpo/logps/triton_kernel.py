@@ -51,8 +51,16 @@ def _four_lse_kernel(f_ptr, g_ptr, out_ptr, stride, vocab, rows, epsilon, MIX: t
         tl.store(out_ptr + 3 * rows + row, m_s + tl.log(s_s))
 
 
-def four_lse(f: Tensor, g: Tensor, epsilon: float, out: Tensor, block: int = 4096) -> None:
+#: the launch: columns a program loads per iteration, and warps per program (Triton's default); on a GPU
+#: ``benchmarks/vocab_passes.py --device cuda --triton-sweep`` times the alternatives
+BLOCK = 4096
+NUM_WARPS = 4
+
+
+def four_lse(f: Tensor, g: Tensor, epsilon: float, out: Tensor, block: int = BLOCK, num_warps: int = NUM_WARPS) -> None:
     """Write the rows' log-sum-exps into ``out`` ((4, c) float32, or (2, c) when ε = 0)."""
     rows, vocab = f.shape
     if rows:
-        _four_lse_kernel[(rows,)](f, g, out, f.stride(0), vocab, rows, float(epsilon), MIX=epsilon != 0.0, BLOCK=block)
+        _four_lse_kernel[(rows,)](
+            f, g, out, f.stride(0), vocab, rows, float(epsilon), MIX=epsilon != 0.0, BLOCK=block, num_warps=num_warps
+        )

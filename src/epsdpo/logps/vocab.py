@@ -176,14 +176,14 @@ def triton_available() -> bool:
     return True
 
 
-def _triton_block(f: Tensor, g: Tensor, labels: Tensor, epsilon: float, block: int = 4096) -> BlockLogps:
+def _triton_block(f: Tensor, g: Tensor, labels: Tensor, epsilon: float) -> BlockLogps:
     rows = f.shape[0]
     if f.stride(-1) != 1 or g.stride(-1) != 1 or f.stride(0) != g.stride(0):
         raise ValueError("the triton kernel needs row-major f and g blocks with the same row stride")
     from epsdpo.logps.triton_kernel import four_lse
 
     out = torch.empty((2 if epsilon == 0.0 else 4, rows), dtype=torch.float32, device=f.device)
-    four_lse(f, g, epsilon, out, block)
+    four_lse(f, g, epsilon, out)
     return _from_lse(f, g, labels, epsilon, tuple(out))
 
 
