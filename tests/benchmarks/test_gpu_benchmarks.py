@@ -74,6 +74,7 @@ def test_lora_configurations_train_adapters_in_both_contenders(step, tmp_path):
     assert "no LoRA form" in step.not_applicable("1.5b-lora", spec, "naive-epsilon")
     assert step.not_applicable("1.5b", step.resolve_spec("1.5b"), "naive-epsilon") is None
     assert step.not_applicable("default", step.resolve_spec("default"), "trl-dpo") is not None
+    assert step.not_applicable("1.5b", step.resolve_spec("1.5b"), "trl-dpo-liger", "cpu") is not None  # GPU kernels
 
 
 def test_model_flops_count_no_weight_gradients_under_lora(step):
