@@ -103,6 +103,7 @@ LLAMA31_8B: dict[str, Any] = {
     "rope_theta": 500_000.0,
     "tie_word_embeddings": False,
 }
+CHAT_ROWS: dict[str, Any] = {"bf16": True, "tokens": 768, "prompt_share": 256 / 768}
 CONFIGS: dict[str, dict[str, Any]] = {
     "a": {"model": "smollm2-135m-instruct", "model_config": None, "bf16": True, "pairs": 4, "tokens": 256},
     "b": {
@@ -126,31 +127,20 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "default": {"model": "default", "model_config": None, "bf16": False, "pairs": 4, "tokens": 160},
     # realistic sizes (issue #34), randomly initialised from public architectures, bf16 autocast, rows of chat length:
     # prompt 256 + response 512 tokens
-    "1.5b": {
-        "model": "qwen2.5-1.5b-architecture-random",
-        "model_config": QWEN25_1_5B,
-        "bf16": True,
-        "pairs": 4,
-        "tokens": 768,
-        "prompt_share": 256 / 768,
-    },
+    "1.5b": {"model": "qwen2.5-1.5b-architecture-random", "model_config": QWEN25_1_5B, "pairs": 4, **CHAT_ROWS},
     "1.5b-lora": {
         "model": "qwen2.5-1.5b-architecture-random",
         "model_config": QWEN25_1_5B,
-        "bf16": True,
         "pairs": 4,
-        "tokens": 768,
-        "prompt_share": 256 / 768,
         "lora": True,
+        **CHAT_ROWS,
     },
     "8b-lora": {
         "model": "llama-3.1-8b-architecture-random",
         "model_config": LLAMA31_8B,
-        "bf16": True,
         "pairs": 2,
-        "tokens": 768,
-        "prompt_share": 256 / 768,
         "lora": True,
+        **CHAT_ROWS,
     },
 }
 CONTENDERS = (
@@ -654,10 +644,14 @@ def main() -> None:
                 result = run_child(["--child", config, contender, "--steps", str(args.steps)], args, label)
                 if result is not None:
                     results.append({**result, "round": round_ + 1})
-                    print(f"{label}: {result['median_s']:.2f} s", flush=True)
+                    print(
+                        f"{label}: {result['median_s']:.2f} s, {result['tokens_per_s']:.0f} tokens/s, peak "
+                        f"{result['peak_mib']:.0f} MiB",
+                        flush=True,
+                    )
+                    if args.json:  # after every contender: a run stopped at a time limit keeps what finished
+                        Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     report(results)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
 
 
 def not_applicable(config: str, spec: dict[str, Any], contender: str, device: str = "cpu") -> str | None:

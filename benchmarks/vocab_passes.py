@@ -153,8 +153,8 @@ def main() -> None:
         from epsdpo.logps.triton_kernel import four_lse
 
         out = torch.empty((4, args.rows), dtype=torch.float32, device=device)
-        for block in (1024, 2048, 4096, 8192, 16384):
-            for warps in (2, 4, 8, 16):
+        for block in (2048, 4096, 8192, 16384):
+            for warps in (4, 8, 16):
                 for method, e in (("DPO", 0.0), ("ε-DPO", eps)):
                     sweep[f"block {block:>5}, {warps:>2} warps, {method}"] = lambda b=block, w=warps, e=e: four_lse(
                         f0, g0, e, out, b, w

