@@ -100,6 +100,7 @@ print(" ".join(wheel for mod, wheel in need.items() if importlib.util.find_spec(
 PY
         )
         local wheels=()
+        mkdir -p "$site"
         for name in $missing; do
             wheels+=(.gpu/1/"$name"-*.whl)
         done
