@@ -4,8 +4,9 @@
 #
 #   bash scripts/gpu_check.sh STAGE [STAGE ...]
 #
-# Stages (each item runs under its own time limit, chosen so that call1 and call2 each end inside the device tool's
-# 600 s a command, start-up included; a failing item is logged and the next one runs):
+# Stages (each item runs under its own time limit; a failing item is logged and the next one runs). The limits are
+# chosen for the device tool: call1's add up to 410 s and call2's to 330 s, so that both calls together, with the
+# machine's start, stay inside a session's 15 device-minutes even when every item runs to its limit:
 #   setup    CUDA present; the wheels of .gpu/1 installed into /tmp/site when a package is missing (no network);
 #            the versions used (torch, Triton, transformers, TRL, ...) and the GPU (nvidia-smi)
 #   kernels  tests/logps/test_vocab_kernels.py on the GPU (EPSDPO_TEST_DEVICE=cuda: the compiled Triton kernel and
@@ -127,20 +128,20 @@ PY
 }
 
 stage_kernels() {
-    item parity_device 150 env EPSDPO_TEST_DEVICE="$dev" "$py" -m pytest -q -p no:cacheprovider \
+    item parity_device 120 env EPSDPO_TEST_DEVICE="$dev" "$py" -m pytest -q -p no:cacheprovider \
         tests/logps/test_vocab_kernels.py
-    item vocab_passes_b 75 "$py" benchmarks/vocab_passes.py --device "$dev" "${vocab[@]}"
-    item vocab_passes_a 75 "$py" benchmarks/vocab_passes.py --device "$dev" --rows 1365 --vocab 49152 \
+    item vocab_passes_b 60 "$py" benchmarks/vocab_passes.py --device "$dev" "${vocab[@]}"
+    item vocab_passes_a 60 "$py" benchmarks/vocab_passes.py --device "$dev" --rows 1365 --vocab 49152 \
         --hidden 576 "${vocab[@]}"
 }
 
 stage_lora() {
-    item step_lora 240 "$py" benchmarks/step.py --device "$dev" --configs 1.5b-lora "${rounds[@]}" "${shrink[@]}" \
+    item step_lora 170 "$py" benchmarks/step.py --device "$dev" --configs 1.5b-lora "${rounds[@]}" "${shrink[@]}" \
         --contenders epsdpo-epsilon,epsdpo-dpo,trl-dpo,trl-dpo-liger --json "$out/step_lora.json"
 }
 
 stage_full() {
-    item step_full 240 "$py" benchmarks/step.py --device "$dev" --configs 1.5b "${one_round[@]}" "${shrink[@]}" \
+    item step_full 90 "$py" benchmarks/step.py --device "$dev" --configs 1.5b "${one_round[@]}" "${shrink[@]}" \
         --contenders epsdpo-epsilon,epsdpo-dpo,trl-dpo --json "$out/step_full.json"
 }
 
@@ -183,11 +184,11 @@ stage_smollm2() {
         else
             reference=default-8steps-published-bf16-cpu check=--shares-only # its CPU shares of s
         fi
-        item "train_bf16_$regime" 130 "$py" -m epsdpo.cli train "${common[@]}" decision_precision="$regime" \
+        item "train_bf16_$regime" 100 "$py" -m epsdpo.cli train "${common[@]}" decision_precision="$regime" \
             output_dir="$runs/bf16-$regime"
         "$py" benchmarks/decision_agreement.py --record "$runs/bf16-$regime" \
             --command "epsdpo train ${common[*]} decision_precision=$regime" >/dev/null
-        item "agree_$regime" 30 "$py" benchmarks/decision_agreement.py "benchmarks/reference_runs/$reference" \
+        item "agree_$regime" 20 "$py" benchmarks/decision_agreement.py "benchmarks/reference_runs/$reference" \
             "$runs/bf16-$regime" "$check" --json "$out/agree_$regime.json"
     done
 }
