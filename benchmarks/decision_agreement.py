@@ -84,6 +84,8 @@ from typing import Any
 
 import yaml
 
+from epsdpo.files import read_jsonl
+
 #: unit roundoff (half a unit in the last place, relative) of each arithmetic
 UNIT_ROUNDOFF = {"float32": 2.0**-24, "bfloat16": 2.0**-8}
 GAPS = ("weaker_gap", "stronger_gap")
@@ -536,12 +538,6 @@ class Run:
     provenance: dict[str, Any]
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    from epsdpo.files import read_jsonl
-
-    return read_jsonl(path)
-
-
 def load_run(path: str | Path, config_path: str | Path | None = None) -> Run:
     """A run from its directory, or from its ``decisions.jsonl`` with the other files beside it."""
     path = Path(path)
@@ -553,10 +549,10 @@ def load_run(path: str | Path, config_path: str | Path | None = None) -> Run:
         raise FileNotFoundError(f"{config_file}: no config to read the run's regime from; give --config-a/--config-b")
     config = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
     metrics_file = directory / "metrics.jsonl"
-    metrics = _read_jsonl(metrics_file) if metrics_file.is_file() else []
+    metrics = read_jsonl(metrics_file) if metrics_file.is_file() else []
     provenance_file = directory / "provenance.json"
     provenance = json.loads(provenance_file.read_text(encoding="utf-8")) if provenance_file.is_file() else {}
-    return Run(path, RunRecords(_read_jsonl(decisions), metrics, Regime.from_config(config)), config, provenance)
+    return Run(path, RunRecords(read_jsonl(decisions), metrics, Regime.from_config(config)), config, provenance)
 
 
 def _git_commit() -> str | None:

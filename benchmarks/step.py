@@ -59,6 +59,7 @@ CPU seconds, which other jobs on a shared machine disturb less than wall time on
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -104,6 +105,12 @@ LLAMA31_8B: dict[str, Any] = {
     "tie_word_embeddings": False,
 }
 CHAT_ROWS: dict[str, Any] = {"bf16": True, "tokens": 768, "prompt_share": 256 / 768}
+QWEN_1_5B_RUN: dict[str, Any] = {
+    "model": "qwen2.5-1.5b-architecture-random",
+    "model_config": QWEN25_1_5B,
+    "pairs": 4,
+    **CHAT_ROWS,
+}
 CONFIGS: dict[str, dict[str, Any]] = {
     "a": {"model": "smollm2-135m-instruct", "model_config": None, "bf16": True, "pairs": 4, "tokens": 256},
     "b": {
@@ -127,14 +134,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "default": {"model": "default", "model_config": None, "bf16": False, "pairs": 4, "tokens": 160},
     # realistic sizes (issue #34), randomly initialised from public architectures, bf16 autocast, rows of chat length:
     # prompt 256 + response 512 tokens
-    "1.5b": {"model": "qwen2.5-1.5b-architecture-random", "model_config": QWEN25_1_5B, "pairs": 4, **CHAT_ROWS},
-    "1.5b-lora": {
-        "model": "qwen2.5-1.5b-architecture-random",
-        "model_config": QWEN25_1_5B,
-        "pairs": 4,
-        "lora": True,
-        **CHAT_ROWS,
-    },
+    "1.5b": QWEN_1_5B_RUN,
+    "1.5b-lora": {**QWEN_1_5B_RUN, "lora": True},
     "8b-lora": {
         "model": "llama-3.1-8b-architecture-random",
         "model_config": LLAMA31_8B,
@@ -439,6 +440,7 @@ def measure(
         raise SystemExit(f"{contender} in {config}: {why}")
     work, tokenizer, data, cfg = _setup(config, spec, contender, device)
     tokens = 2 * spec["pairs"] * spec["tokens"]
+    lora = bool(spec.get("lora"))
     extra: dict[str, Any] = {}
     if contender.startswith("epsdpo"):
         step, model, extra = _epsdpo_step(cfg, spec, work, contender == "epsdpo-epsilon-cached")
@@ -463,13 +465,13 @@ def measure(
     else:
         liger = contender == "trl-dpo-liger"
         times, before, peak, model = _trl(cfg, spec, data, tokenizer, warmup, steps, device, liger)
-    flops = model_flops(model, tokens, bool(spec.get("lora")))
+    flops = model_flops(model, tokens, lora)
     median = statistics.median(times)
     return {
         "config": config,
         "contender": contender,
         "bf16": spec["bf16"],
-        "lora": bool(spec.get("lora")),
+        "lora": lora,
         "layers": (spec["model_config"] or {}).get("num_hidden_layers"),
         "prompt_share": spec["prompt_share"],
         "times": times,
@@ -656,8 +658,6 @@ def main() -> None:
 
 def not_applicable(config: str, spec: dict[str, Any], contender: str, device: str = "cpu") -> str | None:
     """Why ``contender`` cannot run in this configuration, on this device or in this environment, or None."""
-    import importlib.util
-
     if config == "default" and not contender.startswith("epsdpo"):
         return "the default configuration runs the epsdpo contenders only"
     if contender == "naive-epsilon" and spec.get("lora"):

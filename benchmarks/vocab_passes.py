@@ -191,7 +191,8 @@ def main() -> None:
         t_alg = timed_rounds(algebraic, args.repeats, sync)
         t_sweep = timed_rounds(sweep, args.repeats, sync) if sweep else {}
         copy_bw = copy_bandwidth(device, sync)
-    sheet = datasheet_bandwidth(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else machine_label()
+    sheet = datasheet_bandwidth(device_name) if device.type == "cuda" else None
     min_bytes = 2 * args.rows * args.vocab * 4  # f and g, float32, read once
     copy_ms = t_passes["copy back the two blocks (subtracted below)"]
     copy1 = t_passes.pop("copy alone")
@@ -213,10 +214,9 @@ def main() -> None:
     for k in kernels:
         dpo, eps_ms = block_ms[f"{k} DPO"], block_ms[f"{k} ε-DPO"]
         print(f"  {k}: ε-DPO − DPO per block {eps_ms - dpo:7.1f} ms (ratio {eps_ms / dpo:.2f})")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else machine_label()
     print(
         f"  bandwidth: f and g read once = {min_bytes / 1e6:.0f} MB a block; device-to-device copy measured "
-        f"{copy_bw / 1e9:.0f} GB/s (read + written); datasheet: {sheet[1] if sheet else f'not known for {name}'}"
+        f"{copy_bw / 1e9:.0f} GB/s (read + written); datasheet: {sheet[1] if sheet else f'not known for {device_name}'}"
     )
     for k in kernels:
         for method in ("DPO", "ε-DPO"):
